@@ -1,0 +1,175 @@
+//! The `shoal` binary: parses arguments and wires the crates together. No logic lives
+//! here (STYLE.md, "Thin binary").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Shoal: a Kubernetes-compatible container orchestrator for very large clusters.
+#[derive(Parser, Debug)]
+#[command(name = "shoal", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `shoal_store=debug`).
+    /// The `RUST_LOG` environment variable overrides it.
+    #[arg(long, global = true, default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a store member that serves the etcd v3 API (KV, Watch, Lease, Cluster,
+    /// Maintenance). With no --initial-cluster it is a single-member cluster.
+    Server(ServerArgs),
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum WalIo {
+    /// One io_uring submission per group commit: a write linked to an fdatasync.
+    Uring,
+    /// Plain pwrite + fdatasync system calls.
+    Std,
+}
+
+#[derive(Parser, Debug)]
+struct ServerArgs {
+    /// Name of this member, unique in the cluster (shown by `etcdctl member list`).
+    #[arg(long, default_value = "default")]
+    name: String,
+    /// Directory holding the write-ahead log and snapshots (created if missing; locked
+    /// while the member runs). Defaults to `<name>.shoal` in the current directory.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address the etcd v3 gRPC API listens on.
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    etcd_addr: SocketAddr,
+    /// Address peers reach this member on (raft transport).
+    #[arg(long, default_value = "127.0.0.1:2380")]
+    peer_addr: SocketAddr,
+    /// Every member of the cluster as `name=host:port,...` (peer addresses), this one
+    /// included. Omit for a single-member cluster.
+    #[arg(long)]
+    initial_cluster: Option<String>,
+    /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`.
+    /// Empty disables it.
+    #[arg(long, default_value = "127.0.0.1:2381")]
+    metrics_addr: String,
+    /// Executor threads serving clients, each accepting its own connections through
+    /// SO_REUSEPORT. Defaults to the number of CPUs.
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Space quota in bytes: past it, writes fail with "database space exceeded" and a
+    /// NOSPACE alarm is raised until space is freed (compaction) and the alarm disarmed.
+    #[arg(long, default_value_t = 8 << 30)]
+    quota_backend_bytes: u64,
+    /// Largest request accepted, in bytes; larger ones fail with "request is too large".
+    #[arg(long, default_value_t = 3 << 19)]
+    max_request_bytes: usize,
+    /// Write a snapshot (and drop the log it covers) after this many log entries.
+    #[arg(long, default_value_t = 100_000)]
+    snapshot_count: u64,
+    /// Seconds between progress notifications to idle watchers that asked for them.
+    #[arg(long, default_value_t = 600)]
+    watch_progress_notify_interval: u64,
+    /// How the write-ahead log is appended.
+    #[arg(long, value_enum, default_value_t = WalIo::Uring)]
+    wal_io: WalIo,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().or_else(|_| tracing_subscriber::EnvFilter::try_new(&cli.log));
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("shoal: invalid --log filter {:?}: {e}", cli.log);
+            std::process::exit(2);
+        }
+    };
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let res = match cli.cmd {
+        Command::Server(a) => server(a),
+    };
+    if let Err(e) = res {
+        eprintln!("shoal: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Parses `--initial-cluster` and checks that this member is in it.
+fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAddr)>> {
+    let mut out: Vec<(String, SocketAddr)> = Vec::new();
+    for part in spec.split(',').filter(|p| !p.is_empty()) {
+        let (n, a) = part.split_once('=').with_context(|| format!("--initial-cluster entry {part:?} is not name=host:port"))?;
+        let a = a.trim_start_matches("http://");
+        let addr: SocketAddr = a.parse().with_context(|| format!("--initial-cluster entry {part:?}: {a:?} is not host:port"))?;
+        if out.iter().any(|(x, _)| x == n) {
+            bail!("--initial-cluster names member {n:?} twice");
+        }
+        out.push((n.to_string(), addr));
+    }
+    if !out.iter().any(|(n, _)| n == name) {
+        bail!("--initial-cluster does not contain this member's --name {name:?}");
+    }
+    Ok(out)
+}
+
+fn server(a: ServerArgs) -> anyhow::Result<()> {
+    if let Some(spec) = &a.initial_cluster {
+        let members = parse_cluster(spec, &a.name)?;
+        if members.len() > 1 {
+            bail!("--initial-cluster lists {} members, but this build only runs single-member stores (replication is not available yet)", members.len());
+        }
+    }
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "" => None,
+        s => Some(s.parse::<SocketAddr>().with_context(|| format!("--metrics-addr {s:?} is not host:port"))?),
+    };
+    let threads = a.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads == 0 || threads > 1024 {
+        bail!("--threads must be between 1 and 1024, got {threads}");
+    }
+    let store = shoal_store::StoreConfig {
+        name: a.name.clone(),
+        client_urls: vec![format!("http://{}", a.etcd_addr)],
+        peer_urls: vec![format!("http://{}", a.peer_addr)],
+        quota_bytes: a.quota_backend_bytes,
+        max_request_bytes: a.max_request_bytes,
+        snapshot_entries: a.snapshot_count,
+        progress_interval: Duration::from_secs(a.watch_progress_notify_interval.max(1)),
+    };
+    store.validate().map_err(anyhow::Error::msg)?;
+    let opts = shoal_store::server::ServerOptions {
+        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.shoal", a.name))),
+        etcd_addr: a.etcd_addr,
+        peer_addr: a.peer_addr,
+        metrics_addr,
+        threads,
+        uring: matches!(a.wal_io, WalIo::Uring),
+        store,
+    };
+    let _running = shoal_store::server::start(opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,82 @@
+//! Running a store member as a server process: data directory, member, one executor per
+//! core serving the etcd API, metrics endpoint, background duties.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::disk::{DirLock, Disk, RealDisk};
+use crate::member::{Member, StoreConfig};
+
+/// Everything `shoal server` needs.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    pub data_dir: PathBuf,
+    pub etcd_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    /// Executor threads serving clients (each accepts its own connections).
+    pub threads: usize,
+    /// Append the log with io_uring (else write + fdatasync).
+    pub uring: bool,
+    pub store: StoreConfig,
+}
+
+/// A started server: its member and the addresses it listens on.
+pub struct Running {
+    pub member: Arc<Member>,
+    pub etcd_addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    _lock: DirLock,
+}
+
+/// Opens the member and starts serving on background threads; returns once listening.
+pub fn start(opts: ServerOptions) -> anyhow::Result<Running> {
+    let dir = Member::member_dir(&opts.data_dir);
+    std::fs::create_dir_all(&dir).with_context(|| format!("while creating data directory {}", dir.display()))?;
+    let lock = DirLock::acquire(&dir).with_context(|| format!("while locking data directory {}", dir.display()))?;
+    let disk: Arc<dyn Disk> = Arc::new(RealDisk::open(&dir, opts.uring).with_context(|| format!("while opening {}", dir.display()))?);
+    let listeners = crate::etcd::bind_reuseport(opts.etcd_addr, opts.threads.max(1))
+        .with_context(|| format!("while binding the etcd client address {} (is the port in use?)", opts.etcd_addr))?;
+    let etcd_addr = listeners[0].local_addr()?;
+    let metrics_listener = match opts.metrics_addr {
+        Some(a) => Some(std::net::TcpListener::bind(a).with_context(|| format!("while binding the metrics address {a}"))?),
+        None => None,
+    };
+    let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
+    let member = Member::open(opts.store.clone(), disk).context("while opening the store")?;
+
+    for (i, l) in listeners.into_iter().enumerate() {
+        let m = member.clone();
+        std::thread::Builder::new().name(format!("etcd-serve-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a current-thread runtime");
+            rt.block_on(async move {
+                if let Err(e) = crate::etcd::serve(m, l).await {
+                    tracing::error!(error = %e, "etcd API server stopped");
+                }
+            });
+        })?;
+    }
+
+    let m = member.clone();
+    std::thread::Builder::new().name("store-background".into()).spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a current-thread runtime");
+        rt.block_on(async move {
+            m.spawn_background();
+            if let Some(l) = metrics_listener {
+                let mut reg = prometheus_client::registry::Registry::with_prefix("etcd");
+                m.metrics.register(&mut reg);
+                l.set_nonblocking(true).expect("setting a socket non-blocking");
+                let l = tokio::net::TcpListener::from_std(l).expect("registering the metrics listener");
+                let mm = m.clone();
+                crate::http::serve_metrics(l, Arc::new(reg), Arc::new(move || !mm.is_failed())).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        });
+    })?;
+    tracing::info!(name = %opts.store.name, etcd = %etcd_addr, metrics = ?metrics_addr, threads = opts.threads, "shoal store serving");
+    Ok(Running { member, etcd_addr, metrics_addr, _lock: lock })
+}

@@ -1,0 +1,416 @@
+//! The watch hub: delivers every applied event to the watchers whose key range it
+//! matches, in revision order, exactly once.
+//!
+//! Each event is encoded once (with and without its previous value) into shared bytes;
+//! every watcher's response references those bytes (see `WatchResponseRaw`). Watchers are
+//! either *synced* (they get events as they are applied) or *lagging* (started in the
+//! past, or their stream's queue was full): a lagging watcher is caught up from the MVCC
+//! history, under the state lock, and becomes synced in the same step, so no event is
+//! skipped or sent twice. Architecture Invariant: a watcher's `next_rev` only grows, and
+//! only events with revision `>= next_rev` are sent to it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use shoal_proto::etcdserverpb::ResponseHeader;
+use shoal_proto::shoalstore::WatchResponseRaw;
+use tokio::sync::mpsc;
+
+use crate::error::StoreError;
+use crate::mvcc::{Event, EventKind, KeyRange, Rev};
+use crate::state::{event_to_pb, State};
+
+/// What a stream's queue carries.
+pub type WatchItem = Result<WatchResponseRaw, tonic::Status>;
+
+/// Identity stamped on every response header.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HeaderInfo {
+    pub cluster_id: u64,
+    pub member_id: u64,
+}
+
+/// One registered watcher.
+struct Watcher {
+    stream: u64,
+    watch_id: i64,
+    range: KeyRange,
+    prev_kv: bool,
+    no_put: bool,
+    no_delete: bool,
+    fragment: bool,
+    progress_notify: bool,
+    /// Lowest revision not yet sent.
+    next_rev: Rev,
+    lagging: bool,
+    /// Set when events were sent since the last progress tick.
+    active: bool,
+}
+
+struct StreamEntry {
+    tx: mpsc::Sender<WatchItem>,
+    /// A progress request arrived while some watcher lagged: answer once synced.
+    progress_pending: bool,
+}
+
+#[derive(Default)]
+struct Inner {
+    watchers: HashMap<(u64, i64), Watcher>,
+    streams: HashMap<u64, StreamEntry>,
+    lagging: usize,
+}
+
+/// Parameters of a new watcher (from a `WatchCreateRequest`).
+#[derive(Clone, Debug)]
+pub struct WatchSpec {
+    pub range: KeyRange,
+    pub start_rev: Rev,
+    pub prev_kv: bool,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub fragment: bool,
+    pub progress_notify: bool,
+}
+
+/// An event encoded for the wire, lazily in each of its two forms.
+struct Encoded<'a> {
+    rev: Rev,
+    ev: &'a Event,
+    plain: Option<Bytes>,
+    with_prev: Option<Bytes>,
+}
+
+impl Encoded<'_> {
+    fn get(&mut self, prev: bool) -> Bytes {
+        let slot = if prev && self.ev.prev.is_some() { &mut self.with_prev } else { &mut self.plain };
+        if slot.is_none() {
+            let mut pb = event_to_pb(self.ev);
+            if !prev {
+                pb.prev_kv = None;
+            }
+            *slot = Some(Bytes::from(pb.encode_to_vec()));
+        }
+        slot.clone().expect("filled above")
+    }
+}
+
+pub struct WatchHub {
+    inner: Mutex<Inner>,
+    next_stream: AtomicU64,
+    header: HeaderInfo,
+    /// Largest response before fragmenting (the request size limit, as etcd).
+    max_bytes: usize,
+    pub events_sent: AtomicU64,
+}
+
+impl WatchHub {
+    pub fn new(header: HeaderInfo, max_bytes: usize) -> WatchHub {
+        WatchHub { inner: Mutex::new(Inner::default()), next_stream: AtomicU64::new(1), header, max_bytes, events_sent: AtomicU64::new(0) }
+    }
+
+    pub fn header(&self, rev: Rev) -> Option<ResponseHeader> {
+        Some(ResponseHeader { cluster_id: self.header.cluster_id, member_id: self.header.member_id, revision: rev, raft_term: 0 })
+    }
+
+    /// Registers a client stream; its responses go to `tx`.
+    pub fn open_stream(&self, tx: mpsc::Sender<WatchItem>) -> u64 {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.inner.lock().streams.insert(id, StreamEntry { tx, progress_pending: false });
+        id
+    }
+
+    /// Drops a stream and all its watchers.
+    pub fn close_stream(&self, stream: u64) {
+        let mut g = self.inner.lock();
+        g.streams.remove(&stream);
+        let before = g.watchers.len();
+        let mut lag = 0;
+        g.watchers.retain(|_, w| {
+            let keep = w.stream != stream;
+            if !keep && w.lagging {
+                lag += 1;
+            }
+            keep
+        });
+        g.lagging -= lag;
+        let _ = before;
+    }
+
+    pub fn watcher_count(&self) -> usize {
+        self.inner.lock().watchers.len()
+    }
+
+    pub fn has_watcher(&self, stream: u64, watch_id: i64) -> bool {
+        self.inner.lock().watchers.contains_key(&(stream, watch_id))
+    }
+
+    /// Adds a watcher. The caller has already queued the `created` response. Past start
+    /// revisions are replayed from `state` before this returns, or later if the stream
+    /// queue is full.
+    pub fn add(&self, state: &RwLock<State>, stream: u64, watch_id: i64, spec: WatchSpec) {
+        let st = state.read();
+        let mut g = self.inner.lock();
+        let cur = st.mvcc.rev();
+        let lagging = spec.start_rev > 0 && spec.start_rev <= cur;
+        let w = Watcher {
+            stream,
+            watch_id,
+            range: spec.range,
+            prev_kv: spec.prev_kv,
+            no_put: spec.no_put,
+            no_delete: spec.no_delete,
+            fragment: spec.fragment,
+            progress_notify: spec.progress_notify,
+            next_rev: if lagging { spec.start_rev } else { cur + 1 },
+            lagging,
+            active: false,
+        };
+        g.watchers.insert((stream, watch_id), w);
+        if lagging {
+            g.lagging += 1;
+            self.catch_up(&st, &mut g, Some((stream, watch_id)));
+        }
+    }
+
+    /// Removes a watcher; returns whether it existed.
+    pub fn cancel(&self, stream: u64, watch_id: i64) -> bool {
+        let mut g = self.inner.lock();
+        match g.watchers.remove(&(stream, watch_id)) {
+            Some(w) => {
+                if w.lagging {
+                    g.lagging -= 1;
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Delivers events just applied (ordered by revision) to synced watchers.
+    pub fn publish(&self, events: &[(Rev, Event)]) {
+        if events.is_empty() {
+            return;
+        }
+        let mut enc: Vec<Encoded> = events.iter().map(|(rev, ev)| Encoded { rev: *rev, ev, plain: None, with_prev: None }).collect();
+        let mut g = self.inner.lock();
+        let Inner { watchers, streams, lagging } = &mut *g;
+        let mut dead = Vec::new();
+        let mut out: Vec<Bytes> = Vec::new();
+        for (key, w) in watchers.iter_mut() {
+            if w.lagging {
+                continue;
+            }
+            out.clear();
+            let mut last_rev = 0;
+            for e in enc.iter_mut() {
+                if e.rev < w.next_rev || !w.range.contains(&e.ev.kv.key) {
+                    continue;
+                }
+                if (w.no_put && e.ev.kind == EventKind::Put) || (w.no_delete && e.ev.kind == EventKind::Delete) {
+                    last_rev = e.rev;
+                    continue;
+                }
+                out.push(e.get(w.prev_kv));
+                last_rev = e.rev;
+            }
+            if last_rev == 0 {
+                continue;
+            }
+            let Some(s) = streams.get(&w.stream) else {
+                dead.push(*key);
+                continue;
+            };
+            if out.is_empty() {
+                w.next_rev = last_rev + 1;
+                continue;
+            }
+            let responses = self.responses(w, last_rev, std::mem::take(&mut out));
+            match s.tx.try_reserve_many(responses.len()) {
+                Ok(permits) => {
+                    for (p, r) in permits.zip(responses) {
+                        self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                        p.send(Ok(r));
+                    }
+                    w.next_rev = last_rev + 1;
+                    w.active = true;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    // The client reads slower than we write: catch it up from history later.
+                    w.lagging = true;
+                    *lagging += 1;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*key),
+            }
+        }
+        for k in dead {
+            if let Some(w) = watchers.remove(&k) {
+                if w.lagging {
+                    *lagging -= 1;
+                }
+            }
+        }
+    }
+
+    /// Splits a watcher's events into responses (fragmenting only when asked).
+    fn responses(&self, w: &Watcher, rev: Rev, events: Vec<Bytes>) -> Vec<WatchResponseRaw> {
+        let base = WatchResponseRaw { header: self.header(rev), watch_id: w.watch_id, ..Default::default() };
+        let total: usize = events.iter().map(|e| e.len() + 4).sum();
+        if !w.fragment || total <= self.max_bytes {
+            return vec![WatchResponseRaw { events, ..base }];
+        }
+        let mut out = Vec::new();
+        let mut cur = Vec::new();
+        let mut size = 0;
+        for e in events {
+            if size + e.len() + 4 > self.max_bytes && !cur.is_empty() {
+                out.push(WatchResponseRaw { events: std::mem::take(&mut cur), fragment: true, ..base.clone() });
+                size = 0;
+            }
+            size += e.len() + 4;
+            cur.push(e);
+        }
+        out.push(WatchResponseRaw { events: cur, fragment: false, ..base });
+        out
+    }
+
+    /// Catches up lagging watchers from history. Call periodically; cheap when none lag.
+    pub fn resync(&self, state: &RwLock<State>) {
+        if self.inner.lock().lagging == 0 {
+            return;
+        }
+        let st = state.read();
+        let mut g = self.inner.lock();
+        self.catch_up(&st, &mut g, None);
+    }
+
+    /// Replays history to lagging watchers (all, or one) while the caller holds the
+    /// state lock, so no apply can slip between the replay and becoming synced.
+    fn catch_up(&self, st: &State, g: &mut Inner, only: Option<(u64, i64)>) {
+        let cur = st.mvcc.rev();
+        let compact = st.mvcc.compact_rev();
+        let keys: Vec<(u64, i64)> = match only {
+            Some(k) => vec![k],
+            None => g.watchers.iter().filter(|(_, w)| w.lagging).map(|(k, _)| *k).collect(),
+        };
+        for key in keys {
+            let Inner { watchers, streams, lagging } = &mut *g;
+            let Some(w) = watchers.get_mut(&key) else { continue };
+            let Some(s) = streams.get(&w.stream) else { continue };
+            if w.next_rev < compact {
+                // History is gone: cancel the watcher with the compaction revision (etcd).
+                let resp = WatchResponseRaw {
+                    header: self.header(cur),
+                    watch_id: w.watch_id,
+                    canceled: true,
+                    compact_revision: compact,
+                    cancel_reason: StoreError::Compacted { compact_rev: compact }.to_string(),
+                    ..Default::default()
+                };
+                if s.tx.try_send(Ok(resp)).is_ok() {
+                    watchers.remove(&key);
+                    *lagging -= 1;
+                }
+                continue;
+            }
+            let evs = match st.mvcc.events_between(&w.range, w.next_rev, cur, w.prev_kv) {
+                Ok(e) => e,
+                Err(_) => continue,
+            };
+            let filtered: Vec<Bytes> = evs
+                .iter()
+                .filter(|(_, e)| !(w.no_put && e.kind == EventKind::Put) && !(w.no_delete && e.kind == EventKind::Delete))
+                .map(|(rev, e)| Encoded { rev: *rev, ev: e, plain: None, with_prev: None }.get(w.prev_kv))
+                .collect();
+            let responses = if filtered.is_empty() { vec![] } else { self.chunked(w, cur, filtered) };
+            match s.tx.try_reserve_many(responses.len().max(1)) {
+                Ok(permits) => {
+                    for (p, r) in permits.zip(responses) {
+                        self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+                        p.send(Ok(r));
+                    }
+                    w.next_rev = cur + 1;
+                    w.lagging = false;
+                    w.active = true;
+                    *lagging -= 1;
+                }
+                Err(_) => {} // still full (or closed: the stream's own close removes it)
+            }
+        }
+        // Progress requests that waited for every watcher of their stream to sync.
+        let pending: Vec<u64> = g.streams.iter().filter(|(_, s)| s.progress_pending).map(|(k, _)| *k).collect();
+        for sid in pending {
+            if !g.watchers.values().any(|w| w.stream == sid && w.lagging) {
+                if let Some(s) = g.streams.get_mut(&sid) {
+                    let resp = WatchResponseRaw { header: self.header(cur), watch_id: -1, ..Default::default() };
+                    if s.tx.try_send(Ok(resp)).is_ok() {
+                        s.progress_pending = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// History replays are split into bounded responses (fragment flag only if asked,
+    /// but never one unbounded message).
+    fn chunked(&self, w: &Watcher, rev: Rev, events: Vec<Bytes>) -> Vec<WatchResponseRaw> {
+        if w.fragment {
+            return self.responses(w, rev, events);
+        }
+        let mut out = Vec::new();
+        let mut cur = Vec::new();
+        let mut size = 0;
+        for e in events {
+            // Whole revisions cannot be told apart here; etcd likewise splits history
+            // replays by count, not by revision.
+            if size + e.len() > self.max_bytes && !cur.is_empty() {
+                out.push(WatchResponseRaw { header: self.header(rev), watch_id: w.watch_id, events: std::mem::take(&mut cur), ..Default::default() });
+                size = 0;
+            }
+            size += e.len();
+            cur.push(e);
+        }
+        out.push(WatchResponseRaw { header: self.header(rev), watch_id: w.watch_id, events: cur, ..Default::default() });
+        out
+    }
+
+    /// Answers a progress request: the current revision, once every watcher of the stream
+    /// is synced (so the client may trust that no older event is still coming).
+    pub fn request_progress(&self, state: &RwLock<State>, stream: u64) {
+        let st = state.read();
+        let mut g = self.inner.lock();
+        let synced = !g.watchers.values().any(|w| w.stream == stream && w.lagging);
+        if let Some(s) = g.streams.get_mut(&stream) {
+            if synced {
+                let resp = WatchResponseRaw { header: self.header(st.mvcc.rev()), watch_id: -1, ..Default::default() };
+                if s.tx.try_send(Ok(resp)).is_err() {
+                    s.progress_pending = true;
+                }
+            } else {
+                s.progress_pending = true;
+            }
+        }
+    }
+
+    /// Sends a progress notification to idle synced watchers that asked for them.
+    pub fn progress_tick(&self, state: &RwLock<State>) {
+        let st = state.read();
+        let rev = st.mvcc.rev();
+        let mut g = self.inner.lock();
+        let Inner { watchers, streams, .. } = &mut *g;
+        for w in watchers.values_mut() {
+            if !w.progress_notify || w.lagging {
+                continue;
+            }
+            if std::mem::take(&mut w.active) {
+                continue;
+            }
+            if let Some(s) = streams.get(&w.stream) {
+                let resp = WatchResponseRaw { header: self.header(rev), watch_id: w.watch_id, ..Default::default() };
+                let _ = s.tx.try_send(Ok(resp));
+            }
+        }
+    }
+}
