@@ -1,0 +1,153 @@
+//! Helpers for integration tests that run the real `shoal` binary and real clients.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `shoal server` process, killed (SIGKILL) when dropped.
+pub struct Server {
+    pub child: Option<Child>,
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub etcd: SocketAddr,
+    pub peer: SocketAddr,
+    pub metrics: SocketAddr,
+    pub extra: Vec<String>,
+    pub log: PathBuf,
+}
+
+impl Server {
+    /// Starts a single-member server with its data in `dir`.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
+        let mut s = Server {
+            child: None,
+            name: name.into(),
+            data_dir: dir.join(name),
+            etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            log: dir.join(format!("{name}.log")),
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn command(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"));
+        c.arg("server")
+            .args(["--name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .args(["--etcd-addr", &self.etcd.to_string()])
+            .args(["--peer-addr", &self.peer.to_string()])
+            .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(&self.extra);
+        c
+    }
+
+    /// (Re)starts the process and waits until the etcd port accepts connections.
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawning shoal");
+        self.child = Some(child);
+        let t = Instant::now();
+        while TcpStream::connect(self.etcd).is_err() {
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("shoal exited with {st} before listening; log:\n{}", self.log_text());
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "shoal did not start listening; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL, like a crash: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn endpoint(&self) -> String {
+        self.etcd.to_string()
+    }
+
+    /// Runs etcdctl against this server.
+    pub fn etcdctl(&self, args: &[&str]) -> Output {
+        etcdctl(&self.endpoint(), args, None)
+    }
+
+    /// Runs etcdctl and returns stdout, failing the test on a non-zero exit.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.etcdctl(args);
+        assert!(o.status.success(), "etcdctl {args:?} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// Runs etcdctl expecting failure; returns stderr.
+    pub fn err(&self, args: &[&str]) -> String {
+        let o = self.etcdctl(args);
+        assert!(!o.status.success(), "etcdctl {args:?} unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8(o.stderr).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs `etcdctl` (v3 API) against `endpoint`, with optional stdin.
+pub fn etcdctl(endpoint: &str, args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut c = Command::new("etcdctl");
+    c.env("ETCDCTL_API", "3")
+        .args(["--endpoints", endpoint, "--command-timeout", "10s", "--dial-timeout", "5s"])
+        .args(args)
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("etcdctl must be installed (scripts/deps.sh installs etcd-client)");
+    if let Some(data) = stdin {
+        child.stdin.take().unwrap().write_all(data).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Parses etcdctl `-w json` output.
+pub fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+/// Decodes a base64 field of etcdctl's JSON output.
+pub fn b64(v: &serde_json::Value) -> String {
+    let s = v.as_str().unwrap_or("");
+    let table = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut bits = 0u32;
+    let mut n = 0;
+    let mut out = Vec::new();
+    for c in s.bytes().filter(|c| *c != b'=') {
+        let v = table.iter().position(|t| *t == c).expect("base64") as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
