@@ -221,8 +221,8 @@ struct SimFile {
 #[derive(Clone, Default)]
 pub struct SimDisk {
     files: Arc<Mutex<BTreeMap<String, SimFile>>>,
-    /// When set, the next append writes its bytes but fails before they are durable.
-    fail_sync: Arc<Mutex<bool>>,
+    /// Appends left before one writes its bytes but fails before they are durable.
+    fail_sync: Arc<Mutex<Option<usize>>>,
 }
 
 impl SimDisk {
@@ -233,13 +233,19 @@ impl SimDisk {
     /// Makes the next append write its data but return an error before syncing, as a
     /// process killed between write and fsync would leave it.
     pub fn fail_next_sync(&self) {
-        *self.fail_sync.lock() = true;
+        self.fail_after(0);
+    }
+
+    /// Like [`SimDisk::fail_next_sync`], but lets `n` appends succeed first.
+    pub fn fail_after(&self, n: usize) {
+        *self.fail_sync.lock() = Some(n);
     }
 
     /// Loses power: every file keeps its durable bytes plus a seeded-random prefix of
     /// what was written after them, the last 0..16 bytes of which are garbage (a torn
     /// sector).
     pub fn power_loss(&self, seed: u64) {
+        *self.fail_sync.lock() = None;
         let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut next = move || {
             rng ^= rng << 13;
@@ -273,9 +279,13 @@ impl DiskFile for SimHandle {
         let f = files.get_mut(&self.name).ok_or_else(|| io::Error::other("file removed"))?;
         f.written.extend_from_slice(data);
         let mut fail = self.disk.fail_sync.lock();
-        if *fail {
-            *fail = false;
-            return Err(io::Error::other("simulated crash before fsync"));
+        match *fail {
+            Some(0) => {
+                *fail = None;
+                return Err(io::Error::other("simulated crash before fsync"));
+            }
+            Some(n) => *fail = Some(n - 1),
+            None => {}
         }
         f.durable = f.written.clone();
         Ok(())

@@ -334,6 +334,14 @@ impl Committer {
     }
 
     fn commit(&mut self, batch: &mut Vec<Proposal>, events: &mut Vec<(i64, crate::mvcc::Event)>) {
+        if self.failed.load(Ordering::Relaxed) {
+            // After a failed append the log's tail is unknown: append nothing more.
+            for p in batch.drain(..) {
+                self.metrics.proposals_failed.inc();
+                let _ = p.reply.send(Err(StoreError::Stopped));
+            }
+            return;
+        }
         let first = self.wal.last_index() + 1;
         let t = Instant::now();
         let res = self.wal.append(batch.iter().enumerate().map(|(i, p)| (first + i as u64, p.data.as_slice())));
