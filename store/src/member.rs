@@ -400,7 +400,10 @@ impl Committer {
         }
         // New entries go to a fresh segment so that every older one is covered by the snapshot.
         if let Err(e) = self.wal.roll() {
-            tracing::warn!(error = %e, "rolling the write-ahead log failed; snapshot postponed");
+            // A half-created segment may now exist: appending elsewhere would leave the
+            // log in an order recovery cannot trust, so the member stops taking writes.
+            tracing::error!(error = %e, "starting a new write-ahead log segment failed; the member stops accepting writes");
+            self.failed.store(true, Ordering::Relaxed);
             return;
         }
         self.snapshot_running.store(true, Ordering::Release);

@@ -112,6 +112,7 @@ impl Wal {
         let mut report = RecoveryReport { segments: segments.len(), ..Default::default() };
         let mut last_index = after;
         let mut open_len = MAGIC.len() as u64;
+        let mut recreate_last = false;
         let nsegs = segments.len();
         for (si, (_, name)) in segments.iter().enumerate() {
             let path = disk.path_of(name).display().to_string();
@@ -119,10 +120,11 @@ impl Wal {
             let data = disk.read(name).map_err(|e| io(name, e))?;
             let is_last = si + 1 == nsegs;
             if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
-                if is_last && data.len() < MAGIC.len() && MAGIC.starts_with(&data) {
-                    // Crashed while creating the segment.
+                if is_last && data.len() <= MAGIC.len() {
+                    // Crashed while creating the segment: its header never became durable.
+                    tracing::warn!(file = %path, bytes = data.len(), "recreating a segment whose creation was interrupted");
                     report.truncated = Some((path.clone(), 0, data.len() as u64));
-                    open_len = MAGIC.len() as u64;
+                    recreate_last = true;
                     break;
                 }
                 return Err(corrupt(0, "bad segment header".into()));
@@ -170,7 +172,13 @@ impl Wal {
             last_index = e.index;
         }
         let (segments, file) = if let Some((_, name)) = segments.last() {
-            let file = disk.open_append(name, open_len).map_err(|e| io(name, e))?;
+            let file = if recreate_last {
+                let mut f = disk.open_append(name, 0).map_err(|e| io(name, e))?;
+                f.append_durable(MAGIC).map_err(|e| io(name, e))?;
+                f
+            } else {
+                disk.open_append(name, open_len).map_err(|e| io(name, e))?
+            };
             (segments, file)
         } else {
             let name = seg_name(last_index + 1);
@@ -315,6 +323,23 @@ mod tests {
         }
         // Nothing was deleted.
         assert_eq!(d.read(&name).unwrap(), data);
+    }
+
+    #[test]
+    fn interrupted_segment_creation_is_recreated() {
+        let d = SimDisk::new();
+        let (mut w, _, _) = open(&d, 0).unwrap();
+        w.append([(1, &b"x"[..])]).unwrap();
+        drop(w);
+        // A second segment whose header write never became durable: garbage bytes.
+        d.write_atomic(&seg_name(2), b"SHO\x01").unwrap();
+        let (mut w, e, r) = open(&d, 0).unwrap();
+        assert_eq!(e.len(), 1);
+        assert!(r.truncated.is_some());
+        w.append([(2, &b"y"[..])]).unwrap();
+        drop(w);
+        let (_, e, _) = open(&d, 0).unwrap();
+        assert_eq!(e.len(), 2);
     }
 
     #[test]
