@@ -1,1 +1,64 @@
-fn main() {}
+//! `loadgen`: Shoal's load generator. Each scenario shows progress, prints a human
+//! table, and prints one JSON object as its very last line (format in BENCHMARKS.md).
+
+mod procs;
+mod store;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Benchmarks Shoal against the systems it replaces, side by side in one run.
+#[derive(Parser, Debug)]
+#[command(name = "loadgen", version, about)]
+struct Cli {
+    /// Also write the final JSON result to this file (default: target/loadgen/<scenario>.json).
+    #[arg(long, global = true)]
+    out: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// etcd v3 workloads (put, get, txn, watch fan-out, mix) against Shoal and a real etcd.
+    Store(store::StoreArgs),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("loadgen: error: starting the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let res = rt.block_on(async {
+        match cli.cmd {
+            Cmd::Store(a) => store::run(a).await,
+        }
+    });
+    match res {
+        Ok(v) => {
+            let line = v.to_string();
+            let name = v["scenario"].as_str().unwrap_or("result").replace('/', "-");
+            let out = cli.out.unwrap_or_else(|| PathBuf::from(format!("target/loadgen/{name}.json")));
+            if let Some(dir) = out.parent() {
+                let _ = std::fs::create_dir_all(dir);
+            }
+            if let Err(e) = std::fs::write(&out, format!("{line}\n")) {
+                eprintln!("loadgen: warning: could not write {}: {e}", out.display());
+            }
+            println!("{line}");
+        }
+        Err(e) => {
+            eprintln!("loadgen: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}

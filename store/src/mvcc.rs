@@ -139,6 +139,9 @@ pub struct RangeOpts {
     /// <= 0 = current revision.
     pub rev: Rev,
     pub count_only: bool,
+    /// Read "now" as this revision instead of the committed one: a txn reading the
+    /// writes it made at the revision it is writing.
+    pub cur: Option<Rev>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -208,11 +211,12 @@ impl Mvcc {
         self.keys.len()
     }
 
-    fn check_read_rev(&self, rev: Rev) -> Result<Rev, StoreError> {
+    fn check_read_rev(&self, rev: Rev, cur: Option<Rev>) -> Result<Rev, StoreError> {
+        let cur = cur.unwrap_or(self.rev);
         if rev <= 0 {
-            return Ok(self.rev);
+            return Ok(cur);
         }
-        if rev > self.rev {
+        if rev > cur {
             return Err(StoreError::FutureRev);
         }
         if rev < self.compact_rev {
@@ -235,7 +239,7 @@ impl Mvcc {
 
     /// Reads the live keys of `range` at a revision. Keys come in ascending order.
     pub fn range(&self, range: &KeyRange, opts: &RangeOpts) -> Result<RangeResult, StoreError> {
-        let rev = self.check_read_rev(opts.rev)?;
+        let rev = self.check_read_rev(opts.rev, opts.cur)?;
         let mut out = RangeResult { rev: self.rev, ..Default::default() };
         for (k, h) in self.keys.range::<[u8], _>(range.bounds()) {
             if let Some(v) = Self::visible(h, rev) {
@@ -309,10 +313,11 @@ impl Mvcc {
         }
         let mut freed = 0u64;
         self.keys.retain(|k, h| {
-            // Keep the newest version at or before `rev` (what a read at `rev` sees),
-            // unless it is a tombstone, and everything after it.
+            // Keep the newest version at or before `rev` (what a read at `rev` sees) and
+            // everything after it. A tombstone older than `rev` goes; one exactly at `rev`
+            // stays, because reads and watches from `rev` must still see that delete.
             let Some(i) = h.iter().rposition(|v| v.mod_rev <= rev) else { return true };
-            let drop_to = if h[i].is_tombstone() { i + 1 } else { i };
+            let drop_to = if h[i].is_tombstone() && h[i].mod_rev < rev { i + 1 } else { i };
             for v in h.drain(..drop_to) {
                 freed += version_cost(k, &v);
             }

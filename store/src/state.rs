@@ -115,40 +115,73 @@ fn validate_put(p: &PutRequest) -> Result<(), StoreError> {
 }
 
 fn validate_txn(t: &TxnRequest) -> Result<(), StoreError> {
+    validate_txn_shape(t)?;
+    // Success and failure are exclusive, so each is checked on its own.
+    branch_writes(&t.success)?;
+    branch_writes(&t.failure)?;
+    Ok(())
+}
+
+/// Per-op checks of a txn and every txn nested in it.
+fn validate_txn_shape(t: &TxnRequest) -> Result<(), StoreError> {
     if t.compare.len() > MAX_TXN_OPS || t.success.len() > MAX_TXN_OPS || t.failure.len() > MAX_TXN_OPS {
         return Err(StoreError::TooManyOps);
     }
     for c in &t.compare {
         validate_key(&c.key)?;
     }
-    for ops in [&t.success, &t.failure] {
-        let mut puts: Vec<Bytes> = Vec::new();
-        let mut dels: Vec<KeyRange> = Vec::new();
-        for op in ops.iter() {
-            match &op.request {
-                Some(request_op::Request::RequestRange(r)) => validate_key(&r.key)?,
-                Some(request_op::Request::RequestPut(p)) => {
-                    validate_put(p)?;
-                    puts.push(p.key.clone());
-                }
-                Some(request_op::Request::RequestDeleteRange(d)) => {
-                    validate_key(&d.key)?;
-                    dels.push(KeyRange::from_etcd(&d.key, &d.range_end));
-                }
-                Some(request_op::Request::RequestTxn(inner)) => validate_txn(inner)?,
-                None => return Err(StoreError::Internal("empty txn operation".into())),
-            }
-        }
-        let mut sorted = puts.clone();
-        sorted.sort();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(StoreError::DuplicateKey);
-        }
-        if puts.iter().any(|k| dels.iter().any(|d| d.contains(k))) {
-            return Err(StoreError::DuplicateKey);
+    for op in t.success.iter().chain(&t.failure) {
+        match &op.request {
+            Some(request_op::Request::RequestRange(r)) => validate_key(&r.key)?,
+            Some(request_op::Request::RequestPut(p)) => validate_put(p)?,
+            Some(request_op::Request::RequestDeleteRange(d)) => validate_key(&d.key)?,
+            Some(request_op::Request::RequestTxn(inner)) => validate_txn_shape(inner)?,
+            None => return Err(StoreError::Internal("empty txn operation".into())),
         }
     }
     Ok(())
+}
+
+/// The keys one branch (with everything nested in it) may put and the ranges it may
+/// delete. A key written twice, or written and deleted, on any path through the branch
+/// is a duplicate (etcd: "duplicate key given in txn request"). The two branches of a
+/// nested txn may write the same key: only one of them runs.
+fn branch_writes(ops: &[RequestOp]) -> Result<(BTreeSet<Bytes>, Vec<KeyRange>), StoreError> {
+    let mut dels: Vec<KeyRange> = ops
+        .iter()
+        .filter_map(|op| match &op.request {
+            Some(request_op::Request::RequestDeleteRange(d)) => Some(KeyRange::from_etcd(&d.key, &d.range_end)),
+            _ => None,
+        })
+        .collect();
+    let mut puts: BTreeSet<Bytes> = BTreeSet::new();
+    let deleted = |dels: &[KeyRange], k: &[u8]| dels.iter().any(|d| d.contains(k));
+    for op in ops {
+        let Some(request_op::Request::RequestTxn(inner)) = &op.request else { continue };
+        let (then_puts, then_dels) = branch_writes(&inner.success)?;
+        let (else_puts, else_dels) = branch_writes(&inner.failure)?;
+        for k in &then_puts {
+            if puts.contains(k) || deleted(&dels, k) {
+                return Err(StoreError::DuplicateKey);
+            }
+        }
+        for k in &else_puts {
+            if (puts.contains(k) && !then_puts.contains(k)) || deleted(&dels, k) {
+                return Err(StoreError::DuplicateKey);
+            }
+        }
+        puts.extend(then_puts);
+        puts.extend(else_puts);
+        dels.extend(then_dels);
+        dels.extend(else_dels);
+    }
+    for op in ops {
+        let Some(request_op::Request::RequestPut(p)) = &op.request else { continue };
+        if !puts.insert(p.key.clone()) || deleted(&dels, &p.key) {
+            return Err(StoreError::DuplicateKey);
+        }
+    }
+    Ok((puts, dels))
 }
 
 impl State {
@@ -184,12 +217,17 @@ impl State {
                 if txn_writes(t) {
                     self.check_space(txn_bytes(t))?;
                 }
-                let succeeded = t.compare.iter().all(|c| self.compare(c));
+                // Every compare, nested ones included, is evaluated against the state
+                // before the txn (etcd), then every operation on that path is checked,
+                // and only then does anything change: a txn fails whole or not at all.
+                let mut path = Vec::new();
+                self.txn_path(t, &mut path);
+                let succeeded = path[0];
                 let ops = if succeeded { &t.success } else { &t.failure };
-                self.check_txn_ops(ops)?;
+                self.check_txn_ops(ops, &path, &mut 1)?;
                 let wrev = self.mvcc.begin_write();
                 let mut wrote = false;
-                let responses = self.do_txn_ops(wrev, ops, events, &mut wrote)?;
+                let responses = self.do_txn_ops(wrev, ops, &path, &mut 1, events, &mut wrote);
                 self.mvcc.end_write(wrote);
                 Ok(Applied::Txn(TxnResponse { header: header(self.mvcc.rev()), succeeded, responses }))
             }
@@ -283,8 +321,20 @@ impl State {
         Ok(())
     }
 
-    /// Checks every put of a txn branch first, so a failing txn changes nothing.
-    fn check_txn_ops(&self, ops: &[RequestOp]) -> Result<(), StoreError> {
+    /// The branch every txn on the path takes, in depth-first order (this txn first).
+    fn txn_path(&self, t: &TxnRequest, path: &mut Vec<bool>) {
+        let ok = t.compare.iter().all(|c| self.compare(c));
+        path.push(ok);
+        for op in if ok { &t.success } else { &t.failure } {
+            if let Some(request_op::Request::RequestTxn(inner)) = &op.request {
+                self.txn_path(inner, path);
+            }
+        }
+    }
+
+    /// Checks every operation on a txn's path against the state before the txn, so a
+    /// failing txn changes nothing. `at` walks `path` in the order `txn_path` filled it.
+    fn check_txn_ops(&self, ops: &[RequestOp], path: &[bool], at: &mut usize) -> Result<(), StoreError> {
         for op in ops {
             match &op.request {
                 Some(request_op::Request::RequestPut(p)) => self.check_put(p)?,
@@ -297,8 +347,9 @@ impl State {
                     }
                 }
                 Some(request_op::Request::RequestTxn(t)) => {
-                    let ok = t.compare.iter().all(|c| self.compare(c));
-                    self.check_txn_ops(if ok { &t.success } else { &t.failure })?;
+                    let ok = path[*at];
+                    *at += 1;
+                    self.check_txn_ops(if ok { &t.success } else { &t.failure }, path, at)?;
                 }
                 _ => {}
             }
@@ -353,15 +404,20 @@ impl State {
         resp
     }
 
-    fn do_txn_ops(&mut self, wrev: Rev, ops: &[RequestOp], events: &mut Vec<(Rev, Event)>, wrote: &mut bool) -> Result<Vec<ResponseOp>, StoreError> {
+    /// Runs the operations of a checked txn path. Cannot fail: `check_txn_ops` ran first.
+    fn do_txn_ops(&mut self, wrev: Rev, ops: &[RequestOp], path: &[bool], at: &mut usize, events: &mut Vec<(Rev, Event)>, wrote: &mut bool) -> Vec<ResponseOp> {
         use response_op::Response;
         let mut out = Vec::with_capacity(ops.len());
         for op in ops {
             let resp = match &op.request {
                 Some(request_op::Request::RequestRange(r)) => {
-                    let mut rr = range(&self.mvcc, r)?;
                     // Reads inside a txn see the txn's own earlier writes.
-                    rr.header = header(if *wrote { wrev } else { self.mvcc.rev() });
+                    let cur = if *wrote { wrev } else { self.mvcc.rev() };
+                    let mut rr = range_at(&self.mvcc, r, Some(cur)).unwrap_or_else(|e| {
+                        debug_assert!(false, "txn range failed after its checks passed: {e}");
+                        RangeResponse::default()
+                    });
+                    rr.header = header(cur);
                     Response::ResponseRange(rr)
                 }
                 Some(request_op::Request::RequestPut(p)) => {
@@ -377,11 +433,12 @@ impl State {
                     Response::ResponseDeleteRange(r)
                 }
                 Some(request_op::Request::RequestTxn(t)) => {
-                    let succeeded = t.compare.iter().all(|c| self.compare(c));
-                    let inner = self.do_txn_ops(wrev, if succeeded { &t.success } else { &t.failure }, events, wrote)?;
+                    let succeeded = path[*at];
+                    *at += 1;
+                    let inner = self.do_txn_ops(wrev, if succeeded { &t.success } else { &t.failure }, path, at, events, wrote);
                     Response::ResponseTxn(TxnResponse { header: header(wrev), succeeded, responses: inner })
                 }
-                None => return Err(StoreError::Internal("empty txn operation".into())),
+                None => continue,
             };
             out.push(ResponseOp { response: Some(resp) });
         }
@@ -391,7 +448,7 @@ impl State {
                 set_header_rev(r, self.mvcc.rev());
             }
         }
-        Ok(out)
+        out
     }
 
     /// Evaluates one compare of a txn against the current state. Over a range, every key
@@ -493,6 +550,11 @@ fn txn_bytes(t: &TxnRequest) -> usize {
 
 /// A full etcd range request over an index: revision, sort, filters, limit, keys/count only.
 pub fn range(mvcc: &Mvcc, r: &RangeRequest) -> Result<RangeResponse, StoreError> {
+    range_at(mvcc, r, None)
+}
+
+/// [`range`], reading "now" as revision `cur` when given (a txn reading its own writes).
+fn range_at(mvcc: &Mvcc, r: &RangeRequest, cur: Option<Rev>) -> Result<RangeResponse, StoreError> {
     use range_request::{SortOrder, SortTarget};
     let krange = KeyRange::from_etcd(&r.key, &r.range_end);
     let mut order = SortOrder::try_from(r.sort_order).unwrap_or(SortOrder::None);
@@ -505,7 +567,7 @@ pub fn range(mvcc: &Mvcc, r: &RangeRequest) -> Result<RangeResponse, StoreError>
     let limit = if r.limit < 0 { 0 } else { r.limit as usize };
     // Sorting or filtering needs every key first; the limit applies afterwards.
     let fetch_limit = if sorted || filtered || limit == 0 { 0 } else { limit };
-    let res = mvcc.range(&krange, &RangeOpts { limit: fetch_limit, rev: r.revision, count_only: r.count_only })?;
+    let res = mvcc.range(&krange, &RangeOpts { limit: fetch_limit, rev: r.revision, count_only: r.count_only, cur })?;
     let mut kvs = res.kvs;
     if filtered {
         kvs.retain(|kv| {

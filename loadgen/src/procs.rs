@@ -1,0 +1,111 @@
+//! Starting the systems under test on loopback: a real etcd (Debian `etcd-server`) and
+//! Shoal, each in a temporary data directory, and reading their CPU time.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A server process the load generator started; killed when dropped.
+pub struct Proc {
+    pub endpoint: SocketAddr,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn wait_listening(child: &mut Child, addr: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while TcpStream::connect(addr).is_err() {
+        if let Some(st) = child.try_wait()? {
+            bail!("{what} exited with {st} before listening on {addr}");
+        }
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("{what} did not listen on {addr} within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Where the data directories go: `dir` if given (a real disk matters for fsync), else /var/tmp.
+fn tempdir(base: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
+    let base = base.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("/var/tmp"));
+    tempfile::Builder::new().prefix("loadgen-").tempdir_in(&base).with_context(|| format!("while creating a data directory under {}", base.display()))
+}
+
+/// Starts a single-member etcd with fsync on (its default).
+pub fn start_etcd(bin: &str, base: Option<&Path>) -> anyhow::Result<Proc> {
+    let dir = tempdir(base)?;
+    let (c, p) = (free_port()?, free_port()?);
+    let client = format!("http://127.0.0.1:{c}");
+    let peer = format!("http://127.0.0.1:{p}");
+    let mut child = Command::new(bin)
+        .args(["--name", "lg", "--data-dir"])
+        .arg(dir.path().join("etcd"))
+        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+        .args(["--initial-cluster", &format!("lg={peer}"), "--log-level", "error"])
+        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("while starting {bin} (install Debian etcd-server, or pass --etcd-bin)"))?;
+    let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
+    wait_listening(&mut child, endpoint, "etcd")?;
+    Ok(Proc { endpoint, child, _dir: dir })
+}
+
+/// Starts a single-member Shoal store.
+pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String]) -> anyhow::Result<Proc> {
+    let dir = tempdir(base)?;
+    let (c, p) = (free_port()?, free_port()?);
+    let mut child = Command::new(bin)
+        .args(["server", "--name", "lg", "--data-dir"])
+        .arg(dir.path().join("shoal"))
+        .args(["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", ""])
+        .args(["--log", "warn"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
+    let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
+    wait_listening(&mut child, endpoint, "shoal")?;
+    Ok(Proc { endpoint, child, _dir: dir })
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc/PID/stat.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some(ticks / if hz > 0.0 { hz } else { 100.0 })
+}
+
+/// The `shoal` binary beside this one (same cargo target directory).
+pub fn default_shoal_bin() -> PathBuf {
+    std::env::current_exe().ok().and_then(|p| p.parent().map(|d| d.join("shoal"))).unwrap_or_else(|| PathBuf::from("shoal"))
+}
