@@ -12,6 +12,8 @@ use anyhow::{bail, Context};
 pub struct Proc {
     pub endpoint: SocketAddr,
     child: Child,
+    /// How it was started, to start it again on the same data.
+    cmd: Vec<std::ffi::OsString>,
     _dir: tempfile::TempDir,
 }
 
@@ -52,44 +54,51 @@ pub fn start_etcd(bin: &str, base: Option<&Path>) -> anyhow::Result<Proc> {
     let (c, p) = (free_port()?, free_port()?);
     let client = format!("http://127.0.0.1:{c}");
     let peer = format!("http://127.0.0.1:{p}");
-    let mut child = Command::new(bin)
-        .args(["--name", "lg", "--data-dir"])
-        .arg(dir.path().join("etcd"))
-        .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-        .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
-        .args(["--initial-cluster", &format!("lg={peer}"), "--log-level", "error"])
-        .args(["--quota-backend-bytes", &(8u64 << 30).to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("while starting {bin} (install Debian etcd-server, or pass --etcd-bin)"))?;
+    let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "--name".into(), "lg".into(), "--data-dir".into(), dir.path().join("etcd").into()];
+    for a in [
+        "--listen-client-urls", &client, "--advertise-client-urls", &client, "--listen-peer-urls", &peer,
+        "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("lg={peer}"), "--log-level", "error",
+        "--quota-backend-bytes", &(8u64 << 30).to_string(),
+    ] {
+        cmd.push(a.into());
+    }
+    let mut child = spawn(&cmd).with_context(|| format!("while starting {bin} (install Debian etcd-server, or pass --etcd-bin)"))?;
     let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
     wait_listening(&mut child, endpoint, "etcd")?;
-    Ok(Proc { endpoint, child, _dir: dir })
+    Ok(Proc { endpoint, child, cmd, _dir: dir })
 }
 
 /// Starts a single-member Shoal store.
 pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String]) -> anyhow::Result<Proc> {
     let dir = tempdir(base)?;
     let (c, p) = (free_port()?, free_port()?);
-    let mut child = Command::new(bin)
-        .args(["server", "--name", "lg", "--data-dir"])
-        .arg(dir.path().join("shoal"))
-        .args(["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", ""])
-        .args(["--log", "warn"])
-        .args(extra)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
+    let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), "lg".into(), "--data-dir".into(), dir.path().join("shoal").into()];
+    for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--log", "warn"] {
+        cmd.push(a.into());
+    }
+    cmd.extend(extra.iter().map(Into::into));
+    let mut child = spawn(&cmd).with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
     let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
     wait_listening(&mut child, endpoint, "shoal")?;
-    Ok(Proc { endpoint, child, _dir: dir })
+    Ok(Proc { endpoint, child, cmd, _dir: dir })
+}
+
+fn spawn(cmd: &[std::ffi::OsString]) -> std::io::Result<Child> {
+    Command::new(&cmd[0]).args(&cmd[1..]).stdout(Stdio::null()).stderr(Stdio::null()).spawn()
 }
 
 impl Proc {
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGKILL (a crash: no shutdown code runs), then the same command again on the same
+    /// data. Returns once the process has been started; the caller measures readiness.
+    pub fn kill9_and_restart(&mut self) -> anyhow::Result<()> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = spawn(&self.cmd)?;
+        Ok(())
     }
 }
 

@@ -34,6 +34,9 @@ pub enum Scenario {
     Watch,
     /// Kubernetes-like mix: 60% get, 30% read-then-CAS update, 10% list of 50 keys.
     Mix,
+    /// Write --recovery-keys keys, kill -9 the server, restart it: seconds until it
+    /// serves a read again (with every key present).
+    Recovery,
     /// Every scenario above in turn.
     All,
 }
@@ -67,6 +70,9 @@ pub struct StoreArgs {
     /// Puts in lock step in the watch scenario.
     #[arg(long, default_value_t = 200)]
     pub puts: usize,
+    /// Keys written before the kill in the recovery scenario.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub recovery_keys: usize,
     /// Systems to measure: `shoal`, `etcd`, or both (started here on loopback).
     #[arg(long, value_enum, default_value_t = Target::Both)]
     pub target: Target,
@@ -107,6 +113,7 @@ pub struct Figures {
     pub cpu_us_per_op: Option<f64>,
     pub lost: u64,
     pub duplicated: u64,
+    pub recovery_s: Option<f64>,
 }
 
 impl Figures {
@@ -258,7 +265,7 @@ async fn closed_loop(t: &Target_, a: &StoreArgs, scenario: Scenario) -> anyhow::
                                 .is_ok()
                         }
                     }
-                    Scenario::Watch | Scenario::All => unreachable!("not a closed-loop scenario"),
+                    Scenario::Watch | Scenario::Recovery | Scenario::All => unreachable!("not a closed-loop scenario"),
                 };
                 if ok {
                     lat.push(s.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -423,7 +430,68 @@ async fn watch_fanout(t: &Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
         cpu_us_per_op: cpu,
         lost: (a.watchers as u64 * n as u64).saturating_sub(received),
         duplicated: dup.load(Ordering::Relaxed),
+        recovery_s: None,
     })
+}
+
+/// Writes `recovery_keys` keys (txns of 100 puts), kills the server with SIGKILL,
+/// restarts it on the same data and measures the time until a read succeeds.
+async fn recovery(mut t: Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
+    let chans = channels(&t.endpoint, 4).await?;
+    let value = Bytes::from(vec![b'r'; a.value_size]);
+    let n = a.recovery_keys;
+    let pb = bar(n as u64, format!("{} writing keys", t.name));
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..8 {
+        let mut kv = KvClient::new(chans[c % chans.len()].clone());
+        let (next, value, pb) = (next.clone(), value.clone(), pb.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let start = next.fetch_add(100, Ordering::Relaxed);
+                if start >= n {
+                    return anyhow::Ok(());
+                }
+                let ops = (start..(start + 100).min(n))
+                    .map(|i| RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: key(i), value: value.clone(), ..Default::default() })) })
+                    .collect();
+                kv.txn(TxnRequest { compare: vec![], success: ops, failure: vec![] }).await?;
+                pb.inc(100);
+            }
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    pb.finish_and_clear();
+    drop(chans);
+    let proc_ = t._proc.as_mut().expect("recovery runs on a server it started");
+    let t0 = Instant::now();
+    proc_.kill9_and_restart()?;
+    t.pid = Some(proc_.pid());
+    // Ready = a linearizable read of the last key answers with its value.
+    let last = key(n.saturating_sub(1));
+    let secs = loop {
+        if t0.elapsed() > Duration::from_secs(600) {
+            bail!("{} did not serve within 600 s after restart", t.name);
+        }
+        let attempt = async {
+            let ch = Channel::from_shared(format!("http://{}", t.endpoint))?.connect().await?;
+            let r = KvClient::new(ch).range(RangeRequest { key: last.clone(), ..Default::default() }).await?;
+            anyhow::Ok(r.into_inner().kvs.len())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), attempt).await {
+            Ok(Ok(1)) => break t0.elapsed().as_secs_f64(),
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    };
+    let ch = channels(&t.endpoint, 1).await?;
+    let all = KvClient::new(ch[0].clone())
+        .range(RangeRequest { key: Bytes::from_static(b"/lg/k/"), range_end: Bytes::from_static(b"/lg/k0"), count_only: true, ..Default::default() })
+        .await?
+        .into_inner();
+    let lost = (n as u64).saturating_sub(all.count as u64);
+    Ok(Figures { system: t.name.clone(), ops: n as u64, secs, recovery_s: Some(secs), lost, ..Default::default() })
 }
 
 fn scenario_name(s: Scenario) -> &'static str {
@@ -434,6 +502,7 @@ fn scenario_name(s: Scenario) -> &'static str {
         Scenario::Txn => "txn",
         Scenario::Watch => "watch",
         Scenario::Mix => "mix",
+        Scenario::Recovery => "recovery",
         Scenario::All => "all",
     }
 }
@@ -459,6 +528,9 @@ pub async fn run(a: StoreArgs) -> anyhow::Result<Value> {
         };
         for sys in systems {
             // A fresh server per case, so cases do not inherit each other's data.
+            if sc == Scenario::Recovery && sys == "endpoint" {
+                bail!("the recovery scenario starts and kills its own servers; it cannot use --endpoint");
+            }
             let t = match (sys, &a.endpoint) {
                 ("endpoint", Some(e)) => Target_ { name: "endpoint".into(), endpoint: e.clone(), pid: None, _proc: None },
                 ("shoal", _) => {
@@ -471,7 +543,11 @@ pub async fn run(a: StoreArgs) -> anyhow::Result<Value> {
                     Target_ { name: "etcd".into(), endpoint: p.endpoint.to_string(), pid: Some(p.pid()), _proc: Some(p) }
                 }
             };
-            let f = if sc == Scenario::Watch { watch_fanout(&t, &a).await? } else { closed_loop(&t, &a, sc).await? };
+            let f = match sc {
+                Scenario::Watch => watch_fanout(&t, &a).await?,
+                Scenario::Recovery => recovery(t, &a).await?,
+                _ => closed_loop(&t, &a, sc).await?,
+            };
             figs.push(f);
         }
         print_table(sc, &a, &figs);
@@ -481,6 +557,14 @@ pub async fn run(a: StoreArgs) -> anyhow::Result<Value> {
 }
 
 fn print_table(sc: Scenario, a: &StoreArgs, figs: &[Figures]) {
+    if sc == Scenario::Recovery {
+        println!("\nstore/recovery: {} keys of {} bytes written, kill -9, restart", a.recovery_keys, a.value_size);
+        println!("{:<10} {:>12} {:>8}", "system", "recovery s", "lost");
+        for f in figs {
+            println!("{:<10} {:>12.3} {:>8}", f.system, f.recovery_s.unwrap_or(f64::NAN), f.lost);
+        }
+        return;
+    }
     let what = if sc == Scenario::Watch {
         format!("{} watchers over {} streams, {} lock-step puts", a.watchers, a.streams, a.puts)
     } else {
@@ -518,6 +602,17 @@ fn to_json(sc: Scenario, a: &StoreArgs, figs: &[Figures]) -> Value {
     let mut m = Map::new();
     m.insert("scenario".into(), json!(format!("store/{}", scenario_name(sc))));
     m.insert("members".into(), json!(1));
+    if sc == Scenario::Recovery {
+        m.insert("keys".into(), json!(a.recovery_keys));
+        for f in figs {
+            m.insert(format!("{}_recovery_s", f.system), json!(f.recovery_s));
+            m.insert(format!("{}_lost", f.system), json!(f.lost));
+        }
+        if let Some(s) = figs.iter().find(|f| f.system == "shoal") {
+            m.insert("recovery_s".into(), json!(s.recovery_s));
+        }
+        return Value::Object(m);
+    }
     if sc == Scenario::Watch {
         m.insert("watchers".into(), json!(a.watchers));
         m.insert("streams".into(), json!(a.streams));
