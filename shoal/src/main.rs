@@ -38,6 +38,12 @@ enum WalIo {
     Std,
 }
 
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum ExecutorArg {
+    PerCore,
+    WorkStealing,
+}
+
 #[derive(Parser, Debug)]
 struct ServerArgs {
     /// Name of this member, unique in the cluster (shown by `etcdctl member list`).
@@ -78,8 +84,13 @@ struct ServerArgs {
     /// Seconds between progress notifications to idle watchers that asked for them.
     #[arg(long, default_value_t = 600)]
     watch_progress_notify_interval: u64,
-    /// How the write-ahead log is appended.
-    #[arg(long, value_enum, default_value_t = WalIo::Uring)]
+    /// Executor model serving clients: `per-core` (one single-threaded runtime per
+    /// thread, each with its own SO_REUSEPORT listener) or `work-stealing` (one tokio
+    /// multi-threaded runtime).
+    #[arg(long, value_enum, default_value_t = ExecutorArg::PerCore)]
+    executor: ExecutorArg,
+    /// How the write-ahead log is appended (std measured faster here; see ARCHITECTURE.md).
+    #[arg(long, value_enum, default_value_t = WalIo::Std)]
     wal_io: WalIo,
 }
 
@@ -158,6 +169,10 @@ fn server(a: ServerArgs) -> anyhow::Result<()> {
         peer_addr: a.peer_addr,
         metrics_addr,
         threads,
+        executor: match a.executor {
+            ExecutorArg::PerCore => shoal_store::server::Executor::PerCore,
+            ExecutorArg::WorkStealing => shoal_store::server::Executor::WorkStealing,
+        },
         uring: matches!(a.wal_io, WalIo::Uring),
         store,
     };

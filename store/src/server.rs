@@ -17,11 +17,22 @@ pub struct ServerOptions {
     pub etcd_addr: SocketAddr,
     pub peer_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
-    /// Executor threads serving clients (each accepts its own connections).
+    /// Executor threads serving clients.
     pub threads: usize,
+    /// How the executor threads are organised.
+    pub executor: Executor,
     /// Append the log with io_uring (else write + fdatasync).
     pub uring: bool,
     pub store: StoreConfig,
+}
+
+/// Executor model of the client-facing API (chosen by measurement; see ARCHITECTURE.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Executor {
+    /// One current-thread runtime per thread, each accepting on its own SO_REUSEPORT socket.
+    PerCore,
+    /// One work-stealing runtime with `threads` workers sharing one listener.
+    WorkStealing,
 }
 
 /// A started server: its member and the addresses it listens on.
@@ -38,7 +49,8 @@ pub fn start(opts: ServerOptions) -> anyhow::Result<Running> {
     std::fs::create_dir_all(&dir).with_context(|| format!("while creating data directory {}", dir.display()))?;
     let lock = DirLock::acquire(&dir).with_context(|| format!("while locking data directory {}", dir.display()))?;
     let disk: Arc<dyn Disk> = Arc::new(RealDisk::open(&dir, opts.uring).with_context(|| format!("while opening {}", dir.display()))?);
-    let listeners = crate::etcd::bind_reuseport(opts.etcd_addr, opts.threads.max(1))
+    let sockets = if opts.executor == Executor::PerCore { opts.threads.max(1) } else { 1 };
+    let listeners = crate::etcd::bind_reuseport(opts.etcd_addr, sockets)
         .with_context(|| format!("while binding the etcd client address {} (is the port in use?)", opts.etcd_addr))?;
     let etcd_addr = listeners[0].local_addr()?;
     let metrics_listener = match opts.metrics_addr {
@@ -50,8 +62,13 @@ pub fn start(opts: ServerOptions) -> anyhow::Result<Running> {
 
     for (i, l) in listeners.into_iter().enumerate() {
         let m = member.clone();
+        let (executor, threads) = (opts.executor, opts.threads.max(1));
         std::thread::Builder::new().name(format!("etcd-serve-{i}")).spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a current-thread runtime");
+            let rt = match executor {
+                Executor::PerCore => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+                Executor::WorkStealing => tokio::runtime::Builder::new_multi_thread().worker_threads(threads).thread_name("etcd-worker").enable_all().build(),
+            };
+            let rt = rt.expect("building the API runtime");
             rt.block_on(async move {
                 if let Err(e) = crate::etcd::serve(m, l).await {
                     tracing::error!(error = %e, "etcd API server stopped");
