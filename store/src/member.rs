@@ -151,7 +151,7 @@ impl Member {
             }
             None => (State::new(config.quota_bytes), 0),
         };
-        let (wal, entries, report) = Wal::open(disk.clone(), snap_index)?;
+        let (mut wal, entries, report) = Wal::open(disk.clone(), snap_index)?;
         let replayed = entries.len() as u64;
         let mut scratch = Vec::new();
         for e in entries {
@@ -166,6 +166,11 @@ impl Member {
             keys = st.mvcc.key_count(), ms = recovery.duration.as_millis() as u64, "store recovered");
 
         let member_id = fnv(format!("{}|{}", config.name, config.peer_urls.join(",")).as_bytes()) | 1;
+        // Taking over as leader commits an entry of its own (raft's empty entry of a new term).
+        let start = LogCommand { cmd: Some(Cmd::LeaderStart(shoal_proto::shoalstore::LeaderStart { member_id })) };
+        let index = wal.last_index().max(st.applied) + 1;
+        wal.append([(index, start.encode_to_vec().as_slice())]).map_err(|e| OpenError::Replay { index, reason: format!("appending the leader-start entry: {e}") })?;
+        let _ = st.apply(index, &start, &mut scratch);
         let cluster_id = fnv(format!("shoal|{}", config.peer_urls.join(",")).as_bytes()) | 1;
         let leases = Arc::new(LeaseClock::new());
         leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());

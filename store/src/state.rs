@@ -42,6 +42,7 @@ pub enum Applied {
     LeaseGrant { id: i64, ttl: i64 },
     LeaseRevoke,
     Alarm(Vec<pb::AlarmMember>),
+    LeaderStart,
 }
 
 /// The state machine.
@@ -268,6 +269,7 @@ impl State {
                 }
                 Ok(Applied::Alarm(self.alarms()))
             }
+            Some(Cmd::LeaderStart(_)) => Ok(Applied::LeaderStart),
             None => Err(StoreError::Internal("empty log command".into())),
         }
     }

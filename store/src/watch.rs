@@ -126,7 +126,6 @@ impl WatchHub {
     pub fn close_stream(&self, stream: u64) {
         let mut g = self.inner.lock();
         g.streams.remove(&stream);
-        let before = g.watchers.len();
         let mut lag = 0;
         g.watchers.retain(|_, w| {
             let keep = w.stream != stream;
@@ -136,7 +135,6 @@ impl WatchHub {
             keep
         });
         g.lagging -= lag;
-        let _ = before;
     }
 
     pub fn watcher_count(&self) -> usize {
