@@ -35,6 +35,8 @@ pub trait Disk: Send + Sync {
     fn remove(&self, name: &str) -> io::Result<()>;
     /// Human-readable location of a file, for error messages.
     fn path_of(&self, name: &str) -> PathBuf;
+    /// Bytes used by every file (the on-disk size etcd reports as `dbSize`).
+    fn total_bytes(&self) -> u64;
 }
 
 /// A real directory.
@@ -112,6 +114,11 @@ impl Disk for RealDisk {
 
     fn path_of(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+
+    fn total_bytes(&self) -> u64 {
+        let Ok(rd) = std::fs::read_dir(&self.dir) else { return 0 };
+        rd.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
     }
 }
 
@@ -329,6 +336,10 @@ impl Disk for SimDisk {
 
     fn path_of(&self, name: &str) -> PathBuf {
         PathBuf::from(format!("sim:{name}"))
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.files.lock().values().map(|f| f.written.len() as u64).sum()
     }
 }
 

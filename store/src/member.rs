@@ -111,6 +111,8 @@ pub struct Member {
     pub member_id: u64,
     pub cluster_id: u64,
     tx: mpsc::Sender<Proposal>,
+    /// The member's files (log and snapshots).
+    pub disk: Arc<dyn Disk>,
     /// Set when the log failed: the member refuses writes from then on.
     failed: Arc<AtomicBool>,
     /// Monotonic source of lease IDs (seeded from the clock and member ID).
@@ -180,7 +182,7 @@ impl Member {
         let failed = Arc::new(AtomicBool::new(false));
         let committer = Committer {
             wal,
-            disk,
+            disk: disk.clone(),
             state: state.clone(),
             hub: hub.clone(),
             leases: leases.clone(),
@@ -205,6 +207,7 @@ impl Member {
             member_id,
             cluster_id,
             tx,
+            disk,
             failed,
             lease_seq: AtomicU64::new(seed),
             recovery,

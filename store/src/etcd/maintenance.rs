@@ -54,7 +54,8 @@ impl Maintenance for EtcdService {
     async fn status(&self, _req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
         let st = self.m.state.read();
         let errors = st.alarms().iter().map(|a| format!("memberID:{} alarm:{}", self.m.member_id, alarm_name(a.alarm))).collect();
-        let size = st.mvcc.size() as i64;
+        let in_use = st.mvcc.size() as i64;
+        let size = self.m.disk.total_bytes() as i64;
         Ok(Response::new(StatusResponse {
             header: self.m.header_at(st.mvcc.rev()),
             version: REPORTED_VERSION.into(),
@@ -64,7 +65,7 @@ impl Maintenance for EtcdService {
             raft_term: self.m.term(),
             raft_applied_index: st.applied,
             errors,
-            db_size_in_use: size,
+            db_size_in_use: in_use,
             is_learner: false,
         }))
     }
