@@ -10,7 +10,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // stored buffer instead of copying it.
         .bytes(".")
         .compile_protos(
-            &["proto/kv.proto", "proto/rpc.proto", "proto/shoal_store.proto"],
+            &["proto/kv.proto", "proto/rpc.proto", "proto/shoal_store.proto", "proto/raft.proto"],
             &["proto"],
         )?;
 

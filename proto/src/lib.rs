@@ -23,6 +23,11 @@ pub mod shoalstore {
     tonic::include_proto!("shoalstore");
 }
 
+/// Replication: raft messages, stored log entries, follower → leader calls.
+pub mod shoalraft {
+    tonic::include_proto!("shoalraft");
+}
+
 /// Server of `etcdserverpb.Watch` whose responses are [`shoalstore::WatchResponseRaw`].
 pub mod raw_watch {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.Watch.rs"));

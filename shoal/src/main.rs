@@ -17,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `shoal_store=debug`).
     /// The `RUST_LOG` environment variable overrides it.
-    #[arg(long, global = true, default_value = "info")]
+    #[arg(long, global = true, default_value = "info,openraft=warn")]
     log: String,
     #[command(subcommand)]
     cmd: Command,
@@ -36,6 +36,12 @@ enum WalIo {
     Uring,
     /// Plain pwrite + fdatasync system calls.
     Std,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum ClusterState {
+    New,
+    Existing,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -63,6 +69,22 @@ struct ServerArgs {
     /// included. Omit for a single-member cluster.
     #[arg(long)]
     initial_cluster: Option<String>,
+    /// `new` bootstraps a new cluster from --initial-cluster on first start; `existing`
+    /// joins a cluster this member was added to (`etcdctl member add`) and waits for its
+    /// leader.
+    #[arg(long, value_enum, default_value_t = ClusterState::New)]
+    initial_cluster_state: ClusterState,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 100)]
+    heartbeat_interval: u64,
+    /// Raft election timeout in milliseconds (randomised up to twice it); at least three
+    /// heartbeat intervals.
+    #[arg(long, default_value_t = 1000)]
+    election_timeout: u64,
+    /// Testing only: a file listing member IDs (decimal) whose raft traffic this member
+    /// drops, to simulate a network partition. Re-read when it changes.
+    #[arg(long, hide = true)]
+    fault_file: Option<PathBuf>,
     /// Address of the HTTP endpoint serving `/metrics` (Prometheus) and `/health`.
     /// Empty disables it.
     #[arg(long, default_value = "127.0.0.1:2381")]
@@ -139,12 +161,17 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
 }
 
 fn server(a: ServerArgs) -> anyhow::Result<()> {
-    if let Some(spec) = &a.initial_cluster {
-        let members = parse_cluster(spec, &a.name)?;
-        if members.len() > 1 {
-            bail!("--initial-cluster lists {} members, but this build only runs single-member stores (replication is not available yet)", members.len());
+    let initial_cluster = match &a.initial_cluster {
+        Some(spec) => {
+            let members = parse_cluster(spec, &a.name)?;
+            let own = members.iter().find(|(n, _)| *n == a.name).map(|(_, addr)| *addr);
+            if own != Some(a.peer_addr) {
+                bail!("--initial-cluster gives {} the peer address {:?}, but --peer-addr is {}", a.name, own, a.peer_addr);
+            }
+            members.into_iter().map(|(n, addr)| (n, addr.to_string())).collect()
         }
-    }
+        None => vec![],
+    };
     let metrics_addr = match a.metrics_addr.as_str() {
         "" => None,
         s => Some(s.parse::<SocketAddr>().with_context(|| format!("--metrics-addr {s:?} is not host:port"))?),
@@ -155,8 +182,13 @@ fn server(a: ServerArgs) -> anyhow::Result<()> {
     }
     let store = shoal_store::StoreConfig {
         name: a.name.clone(),
-        client_urls: vec![format!("http://{}", a.etcd_addr)],
-        peer_urls: vec![format!("http://{}", a.peer_addr)],
+        client_url: format!("http://{}", a.etcd_addr),
+        peer_addr: a.peer_addr.to_string(),
+        initial_cluster,
+        new_cluster: a.initial_cluster_state == ClusterState::New,
+        heartbeat: Duration::from_millis(a.heartbeat_interval),
+        election_timeout: Duration::from_millis(a.election_timeout),
+        fault_file: a.fault_file.clone(),
         quota_bytes: a.quota_backend_bytes,
         max_request_bytes: a.max_request_bytes,
         snapshot_entries: a.snapshot_count,

@@ -365,9 +365,10 @@ fn cli_refuses_bad_flags_locked_dir_and_busy_port() {
     let o = Command::new(bin).args(["server", "--metrics-addr", ""]).arg("--data-dir").arg(&file).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("data directory"));
-    // Multi-member clusters are refused clearly while replication is missing.
+    // --initial-cluster must agree with --peer-addr and list this member.
     let o = Command::new(bin).args(["server", "--name", "a", "--initial-cluster", "a=127.0.0.1:1,b=127.0.0.1:2"]).output().unwrap();
     assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("but --peer-addr is"), "{}", String::from_utf8_lossy(&o.stderr));
     let o = Command::new(bin).args(["server", "--name", "c", "--initial-cluster", "a=127.0.0.1:1"]).output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not contain this member"));
 }

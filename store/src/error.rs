@@ -43,6 +43,9 @@ pub enum StoreError {
     Timeout,
     #[error("etcdserver: server stopped")]
     Stopped,
+    /// An error another member answered with (a forwarded request), kept as it was.
+    #[error("{message}")]
+    Remote { code: Code, message: String },
     /// A storage failure: logged with context; the member stops taking writes.
     #[error("etcdserver: internal error: {0}")]
     Internal(String),
@@ -62,6 +65,7 @@ impl StoreError {
             NoLeader | Timeout | Stopped => Code::Unavailable,
             NotCapable => Code::Unimplemented,
             Internal(_) => Code::Internal,
+            Remote { code, .. } => *code,
         }
     }
 }

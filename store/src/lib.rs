@@ -20,6 +20,7 @@ pub mod lease;
 pub mod member;
 pub mod metrics;
 pub mod mvcc;
+pub mod raft;
 pub mod server;
 pub mod snapshot;
 pub mod state;

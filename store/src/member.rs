@@ -1,30 +1,38 @@
-//! One store member: recovery (snapshot + log tail), the group-commit pipeline, and the
-//! background duties (lease expiry, watch catch-up, snapshots).
+//! One store member: recovery (snapshot + log tail), the raft node that replicates its
+//! log, and the background duties (lease expiry on the leader, watch catch-up).
 //!
-//! Write path: `propose` validates and encodes a command and queues it. The committer
-//! thread takes every queued proposal at once, appends them to the write-ahead log as one
-//! batch (one write + one fdatasync through io_uring), applies them to the state under
-//! its write lock, publishes their events to the watch hub, and only then answers the
-//! proposers. Architecture Invariant 2: no proposer hears "ok" before its entry is durable.
-//!
-//! Today a member is a single-member cluster; replication (openraft) takes the place of
-//! the committer's "append" step, with the same log and state machine.
+//! Write path: `propose` validates and size-checks a command, then hands it to raft
+//! (`client_write`) on the leader, or forwards it to the leader (`Forward` RPC) from a
+//! follower. Raft appends it to the log of a quorum (each member's log writer makes a
+//! whole batch durable with one fdatasync) and applies it on every member in log order;
+//! the proposer hears back after its own member applied it. Architecture Invariant 2: no
+//! write is acknowledged before a quorum has it durable.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{ServerState, SnapshotPolicy, StoredMembership};
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
-use shoal_proto::etcdserverpb::{LeaseRevokeRequest, ResponseHeader};
+use shoal_proto::etcdserverpb::{
+    AlarmResponse, LeaseGrantResponse, LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseRevokeRequest,
+    LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
+};
+use shoal_proto::shoalraft::{self as pb, apply_result::Result as AR};
 use shoal_proto::shoalstore::{log_command::Cmd, LogCommand};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::disk::Disk;
 use crate::error::StoreError;
 use crate::lease::LeaseClock;
 use crate::metrics::StoreMetrics;
+use crate::raft::log::LogStore;
+use crate::raft::net::{Faults, LeaderDuties, Network};
+use crate::raft::sm::{decode_meta, Applied_, SmShared, StateMachine};
+use crate::raft::{codec, member_id, Node, Raft};
 use crate::snapshot;
 use crate::state::{self, Applied, State};
 use crate::wal::Wal;
@@ -35,10 +43,16 @@ use crate::watch::{HeaderInfo, WatchHub};
 pub struct StoreConfig {
     /// Human-readable member name (etcd's `--name`).
     pub name: String,
-    /// URLs clients use (shown by `member list`).
-    pub client_urls: Vec<String>,
-    /// URLs peers use.
-    pub peer_urls: Vec<String>,
+    /// URL clients use (shown by `member list`).
+    pub client_url: String,
+    /// host:port of this member's raft transport.
+    pub peer_addr: String,
+    /// Every member of a new cluster as (name, peer host:port), this one included.
+    /// Empty: a single-member cluster of this member alone.
+    pub initial_cluster: Vec<(String, String)>,
+    /// True: bootstrap a new cluster on first start. False: join an existing one (this
+    /// member was added with MemberAdd and waits for the leader to contact it).
+    pub new_cluster: bool,
     /// Space quota: writes are refused with NOSPACE beyond it. etcd's default is 2 GiB; ours 8 GiB.
     pub quota_bytes: u64,
     /// Largest request accepted (etcd's `--max-request-bytes`, default 1.5 MiB).
@@ -47,18 +61,29 @@ pub struct StoreConfig {
     pub snapshot_entries: u64,
     /// How often watchers that asked for progress notifications get one when idle.
     pub progress_interval: Duration,
+    /// Raft heartbeat interval.
+    pub heartbeat: Duration,
+    /// Raft election timeout (randomised between it and twice it).
+    pub election_timeout: Duration,
+    /// Test hook: a file listing member IDs whose raft traffic is dropped.
+    pub fault_file: Option<PathBuf>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             name: "default".into(),
-            client_urls: vec!["http://127.0.0.1:2379".into()],
-            peer_urls: vec!["http://127.0.0.1:2380".into()],
+            client_url: "http://127.0.0.1:2379".into(),
+            peer_addr: "127.0.0.1:2380".into(),
+            initial_cluster: vec![],
+            new_cluster: true,
             quota_bytes: 8 << 30,
             max_request_bytes: 3 << 19,
             snapshot_entries: 100_000,
             progress_interval: Duration::from_secs(600),
+            heartbeat: Duration::from_millis(100),
+            election_timeout: Duration::from_millis(1000),
+            fault_file: None,
         }
     }
 }
@@ -77,7 +102,24 @@ impl StoreConfig {
         if self.snapshot_entries == 0 {
             return Err("snapshot entries must be at least 1".into());
         }
+        if self.heartbeat.is_zero() || self.election_timeout < self.heartbeat * 3 {
+            return Err(format!("election timeout {:?} must be at least 3 heartbeats ({:?})", self.election_timeout, self.heartbeat));
+        }
+        if !self.initial_cluster.is_empty() && !self.initial_cluster.iter().any(|(n, a)| *n == self.name && *a == self.peer_addr) {
+            return Err(format!("the initial cluster does not list this member ({}={})", self.name, self.peer_addr));
+        }
         Ok(())
+    }
+
+    /// The members a new cluster starts with.
+    fn bootstrap_members(&self) -> BTreeMap<u64, Node> {
+        let list = if self.initial_cluster.is_empty() { vec![(self.name.clone(), self.peer_addr.clone())] } else { self.initial_cluster.clone() };
+        list.into_iter()
+            .map(|(name, addr)| {
+                let client_url = if name == self.name { self.client_url.clone() } else { String::new() };
+                (member_id(&addr), Node { name, peer_addr: addr, client_url })
+            })
+            .collect()
     }
 }
 
@@ -89,35 +131,12 @@ pub enum OpenError {
     Wal(#[from] crate::wal::WalError),
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
-    #[error("replaying entry {index} of the write-ahead log: {reason}")]
+    #[error("write-ahead log entry {index}: {reason}")]
     Replay { index: u64, reason: String },
-    #[error("starting the committer thread: {0}")]
+    #[error("starting raft: {0}")]
+    Raft(String),
+    #[error("starting the log writer thread: {0}")]
     Thread(std::io::Error),
-}
-
-struct Proposal {
-    cmd: LogCommand,
-    data: Vec<u8>,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
-}
-
-/// A running member.
-pub struct Member {
-    pub config: StoreConfig,
-    pub state: Arc<RwLock<State>>,
-    pub hub: Arc<WatchHub>,
-    pub leases: Arc<LeaseClock>,
-    pub metrics: Arc<StoreMetrics>,
-    pub member_id: u64,
-    pub cluster_id: u64,
-    tx: mpsc::Sender<Proposal>,
-    /// The member's files (log and snapshots).
-    pub disk: Arc<dyn Disk>,
-    /// Set when the log failed: the member refuses writes from then on.
-    failed: Arc<AtomicBool>,
-    /// Monotonic source of lease IDs (seeded from the clock and member ID).
-    lease_seq: AtomicU64,
-    pub recovery: RecoveryInfo,
 }
 
 /// What the last start found and how long it took.
@@ -129,94 +148,131 @@ pub struct RecoveryInfo {
     pub duration: Duration,
 }
 
-/// FNV-1a, for stable IDs derived from names.
-fn fnv(s: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in s {
-        h ^= *b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
+/// A running member.
+pub struct Member {
+    pub config: StoreConfig,
+    pub state: Arc<RwLock<State>>,
+    pub hub: Arc<WatchHub>,
+    pub leases: Arc<LeaseClock>,
+    pub metrics: Arc<StoreMetrics>,
+    pub member_id: u64,
+    pub cluster_id: u64,
+    /// The member's files (log, snapshots, vote).
+    pub disk: Arc<dyn Disk>,
+    pub raft: Raft,
+    pub net: Network,
+    sm: Arc<SmShared>,
+    /// Monotonic source of lease IDs (seeded from the clock and member ID).
+    lease_seq: AtomicU64,
+    pub recovery: RecoveryInfo,
+    /// Last leader this member saw itself as (to refresh lease deadlines on takeover).
+    was_leader: Mutex<bool>,
+    /// Closed by `shutdown`: no file is written after it returns.
+    gate: crate::raft::log::Gate,
 }
 
+/// Request timeout for a write (etcd: 5 s + 2 election timeouts).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
+
 impl Member {
-    /// Opens a member whose files live in `disk`: loads the newest snapshot, replays the log
-    /// after it, and starts the committer thread.
-    pub fn open(config: StoreConfig, disk: Arc<dyn Disk>) -> Result<Arc<Member>, OpenError> {
+    /// Opens a member whose files live in `disk`: loads the newest snapshot, recovers the
+    /// log after it, and starts raft (bootstrapping a new cluster on first start).
+    pub async fn open(config: StoreConfig, disk: Arc<dyn Disk>) -> Result<Arc<Member>, OpenError> {
         config.validate().map_err(OpenError::Config)?;
         let t0 = Instant::now();
         let metrics = Arc::new(StoreMetrics::new());
-        let (mut st, snap_index) = match snapshot::load_latest(&disk, config.quota_bytes)? {
+        let me = member_id(&config.peer_addr);
+        let (st, applied) = match snapshot::load_latest(&disk, config.quota_bytes)? {
             Some(l) => {
-                let i = l.state.applied;
-                (l.state, i)
+                let meta = decode_meta(&l.meta).map_err(|reason| OpenError::Replay { index: l.state.applied, reason: format!("snapshot metadata: {reason}") })?;
+                (l.state, Applied_ { log_id: meta.last_log_id, membership: meta.last_membership })
             }
-            None => (State::new(config.quota_bytes), 0),
+            None => (State::new(config.quota_bytes), Applied_ { log_id: None, membership: StoredMembership::default() }),
         };
-        let (mut wal, entries, report) = Wal::open(disk.clone(), snap_index)?;
-        let replayed = entries.len() as u64;
-        let mut scratch = Vec::new();
-        for e in entries {
-            let cmd = LogCommand::decode(e.data.as_ref()).map_err(|err| OpenError::Replay { index: e.index, reason: err.to_string() })?;
-            // A command that failed when first applied fails again the same way: that is
-            // part of determinism, not an error of the log.
-            let _ = st.apply(e.index, &cmd, &mut scratch);
-            scratch.clear();
+        let snap_index = applied.log_id.map_or(0, |l| l.index);
+        let (wal, records, report) = Wal::open(disk.clone(), applied.log_id.map(|l| l.index))?;
+        let mut entries = Vec::with_capacity(records.len());
+        for r in records {
+            let pbe = pb::Entry::decode(r.data.as_ref()).map_err(|e| OpenError::Replay { index: r.index, reason: e.to_string() })?;
+            let e = codec::entry_from_pb(pbe).map_err(|e| OpenError::Replay { index: r.index, reason: e.message().to_string() })?;
+            if e.log_id.index != r.index {
+                return Err(OpenError::Replay { index: r.index, reason: format!("holds entry {}", e.log_id.index) });
+            }
+            entries.push(e);
         }
-        let recovery = RecoveryInfo { snapshot_index: snap_index, replayed_entries: replayed, truncated_tail: report.truncated, duration: t0.elapsed() };
-        tracing::info!(name = %config.name, snapshot_index = snap_index, replayed, revision = st.mvcc.rev(),
-            keys = st.mvcc.key_count(), ms = recovery.duration.as_millis() as u64, "store recovered");
+        let fresh = entries.is_empty() && applied.log_id.is_none() && LogStore::load_vote(disk.as_ref()).map_err(OpenError::Config)?.is_none();
+        let recovery = RecoveryInfo { snapshot_index: snap_index, replayed_entries: entries.len() as u64, truncated_tail: report.truncated, duration: t0.elapsed() };
 
-        let member_id = fnv(format!("{}|{}", config.name, config.peer_urls.join(",")).as_bytes()) | 1;
-        // Taking over as leader commits an entry of its own (raft's empty entry of a new term).
-        let start = LogCommand { cmd: Some(Cmd::LeaderStart(shoal_proto::shoalstore::LeaderStart { member_id })) };
-        let index = wal.last_index().max(st.applied) + 1;
-        wal.append([(index, start.encode_to_vec().as_slice())]).map_err(|e| OpenError::Replay { index, reason: format!("appending the leader-start entry: {e}") })?;
-        let _ = st.apply(index, &start, &mut scratch);
-        let cluster_id = fnv(format!("shoal|{}", config.peer_urls.join(",")).as_bytes()) | 1;
+        let cluster_id = {
+            let mut ids: Vec<String> = config.bootstrap_members().values().map(|n| n.peer_addr.clone()).collect();
+            ids.sort();
+            member_id(&format!("shoal-cluster|{}", ids.join(",")))
+        };
         let leases = Arc::new(LeaseClock::new());
         leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
-        let hub = Arc::new(WatchHub::new(HeaderInfo { cluster_id, member_id }, config.max_request_bytes));
+        let hub = Arc::new(WatchHub::new(HeaderInfo { cluster_id, member_id: me }, config.max_request_bytes));
         let state = Arc::new(RwLock::new(st));
-        let (tx, rx) = mpsc::channel(65_536);
-        let failed = Arc::new(AtomicBool::new(false));
-        let committer = Committer {
-            wal,
-            disk: disk.clone(),
-            state: state.clone(),
-            hub: hub.clone(),
-            leases: leases.clone(),
-            metrics: metrics.clone(),
-            failed: failed.clone(),
-            snapshot_entries: config.snapshot_entries,
-            last_snapshot: snap_index,
-            snapshot_done: Arc::new(AtomicU64::new(0)),
-            snapshot_running: Arc::new(AtomicBool::new(false)),
+        let gate: crate::raft::log::Gate = Arc::default();
+        let sm = Arc::new(SmShared { state: state.clone(), hub: hub.clone(), leases: leases.clone(), disk: disk.clone(), metrics: metrics.clone(), applied: Mutex::new(applied.clone()), snapshot_index: Mutex::new(applied.log_id.map(|l| l.index)), gate: gate.clone() });
+        let log = LogStore::new(disk.clone(), wal, entries, applied.log_id, metrics.clone(), gate.clone()).map_err(OpenError::Thread)?;
+        let net = Network::new(me, Arc::new(Faults::from_file(config.fault_file.clone())));
+        let hb = config.heartbeat.as_millis() as u64;
+        let el = config.election_timeout.as_millis() as u64;
+        let raft_config = openraft::Config {
+            cluster_name: "shoal".into(),
+            heartbeat_interval: hb,
+            election_timeout_min: el,
+            election_timeout_max: el * 2,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            max_in_snapshot_log_to_keep: 1000,
+            max_payload_entries: 4096,
+            ..Default::default()
         };
-        std::thread::Builder::new()
-            .name("store-commit".into())
-            .spawn(move || committer.run(rx))
-            .map_err(OpenError::Thread)?;
-        let seed = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64) ^ member_id;
+        let raft_config = Arc::new(raft_config.validate().map_err(|e| OpenError::Raft(e.to_string()))?);
+        let raft = Raft::new(me, raft_config, net.clone(), log, StateMachine { shared: sm.clone() }).await.map_err(|e| OpenError::Raft(e.to_string()))?;
+        if fresh && config.new_cluster {
+            let members = config.bootstrap_members();
+            tracing::info!(members = ?members.values().map(|n| &n.name).collect::<Vec<_>>(), "bootstrapping a new cluster");
+            raft.initialize(members).await.map_err(|e| OpenError::Raft(e.to_string()))?;
+        }
+        // A lone voter need not wait an election timeout to lead again.
+        let voters: Vec<u64> = applied.membership.membership().voter_ids().collect();
+        if (fresh && config.bootstrap_members().len() == 1) || voters == [me] {
+            let _ = raft.trigger().elect().await;
+        }
+        tracing::info!(name = %config.name, id = format!("{me:x}"), snapshot_index = snap_index, log_entries = recovery.replayed_entries,
+            ms = recovery.duration.as_millis() as u64, "store recovered");
+        let seed = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64) ^ me;
         Ok(Arc::new(Member {
             config,
             state,
             hub,
             leases,
             metrics,
-            member_id,
+            member_id: me,
             cluster_id,
-            tx,
             disk,
-            failed,
+            raft,
+            net,
+            sm,
             lease_seq: AtomicU64::new(seed),
             recovery,
+            was_leader: Mutex::new(false),
+            gate,
         }))
     }
 
-    /// True once the log failed and the member stopped taking writes.
+    /// Stops raft (its tasks and, once they drop the log, the log writer thread).
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft did not shut down cleanly");
+        }
+        *self.gate.lock() = true;
+    }
+
+    /// True once the log writer failed and the member stopped taking writes.
     pub fn is_failed(&self) -> bool {
-        self.failed.load(Ordering::Relaxed)
+        self.raft.metrics().borrow().running_state.is_err()
     }
 
     /// Response header for the current revision.
@@ -228,9 +284,34 @@ impl Member {
         Some(ResponseHeader { cluster_id: self.cluster_id, member_id: self.member_id, revision: rev, raft_term: self.term() })
     }
 
-    /// The raft term (1 for a single member that never changed leader).
+    /// The current raft term.
     pub fn term(&self) -> u64 {
-        1
+        self.raft.metrics().borrow().current_term
+    }
+
+    /// The leader's member ID, if one is known.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        m.state == ServerState::Leader && m.current_leader == Some(self.member_id)
+    }
+
+    /// Raft indexes: (last log index, last applied index).
+    pub fn raft_indexes(&self) -> (u64, u64) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.last_log_index.unwrap_or(0), m.last_applied.map_or(0, |l| l.index))
+    }
+
+    /// The cluster's members as raft knows them: (id, node, is_learner).
+    pub fn members(&self) -> Vec<(u64, Node, bool)> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        let voters: std::collections::BTreeSet<u64> = m.membership().voter_ids().collect();
+        m.membership().nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
     /// Picks a lease ID nobody holds: positive, never reused by this member.
@@ -244,29 +325,127 @@ impl Member {
         }
     }
 
-    /// Validates, logs and applies a command; returns once it is durable and applied.
+    /// Validates a command, commits it through raft (forwarding it to the leader from a
+    /// follower) and returns what applying it produced.
     pub async fn propose(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
         state::validate(&cmd)?;
-        let data = cmd.encode_to_vec();
-        if data.len() > self.config.max_request_bytes {
+        if cmd.encoded_len() > self.config.max_request_bytes {
             return Err(StoreError::RequestTooLarge);
         }
-        if self.failed.load(Ordering::Relaxed) {
-            return Err(StoreError::Stopped);
+        match tokio::time::timeout(WRITE_TIMEOUT, self.propose_inner(cmd)).await {
+            Ok(r) => r,
+            Err(_) => Err(StoreError::Timeout),
         }
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Proposal { cmd, data, reply }).await.map_err(|_| StoreError::Stopped)?;
-        rx.await.map_err(|_| StoreError::Stopped)?
     }
 
-    /// Starts the background duties on the current tokio runtime: lease expiry, watch
-    /// catch-up and progress notifications.
+    /// Waits (bounded by the caller's timeout) until some member is known to lead.
+    async fn await_leader(&self) {
+        let _ = self.raft.wait(Some(WRITE_TIMEOUT)).metrics(|m| m.current_leader.is_some(), "a leader").await;
+    }
+
+    async fn propose_inner(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
+        if self.leader().is_none() {
+            self.await_leader().await;
+        }
+        match self.raft.client_write(cmd.clone()).await {
+            Ok(resp) => resp.data,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                let node = f.leader_node.ok_or(StoreError::NoLeader)?;
+                let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
+                let r = client.forward(self.net.request(cmd)).await.map_err(remote)?.into_inner();
+                applied_from_pb(r)
+            }
+            Err(RaftError::APIError(e)) => Err(StoreError::Internal(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(StoreError::Internal(format!("raft stopped: {e}"))),
+        }
+    }
+
+    /// Waits until this member's state reflects every write acknowledged before the call
+    /// (raft read index: the leader confirms it still leads, a follower asks the leader).
+    pub async fn read_barrier(&self) -> Result<(), StoreError> {
+        let fut = async {
+            if self.leader().is_none() {
+                self.await_leader().await;
+            }
+            let index = match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    let node = f.leader_node.ok_or(StoreError::NoLeader)?;
+                    let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
+                    client.read_index(self.net.request(pb::Empty {})).await.map_err(remote)?.into_inner().index
+                }
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => return Err(StoreError::NoLeader),
+                Err(e) => return Err(StoreError::Internal(e.to_string())),
+            };
+            self.raft.wait(Some(WRITE_TIMEOUT)).applied_index_at_least(Some(index), "read index").await.map_err(|_| StoreError::Timeout)?;
+            Ok(())
+        };
+        tokio::time::timeout(WRITE_TIMEOUT, fut).await.map_err(|_| StoreError::Timeout)?
+    }
+
+    /// Keeps a lease alive: on the leader, which keeps the deadlines; forwarded otherwise.
+    pub async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, StoreError> {
+        if self.is_leader() {
+            let ttl = self.state.read().leases.get(&req.id).map(|l| l.ttl);
+            // An unknown lease answers TTL 0: the client reports it expired (etcd).
+            let ttl = match ttl {
+                Some(ttl) => {
+                    self.leases.renew(req.id, ttl, Instant::now());
+                    ttl
+                }
+                None => 0,
+            };
+            return Ok(LeaseKeepAliveResponse { header: self.header(), id: req.id, ttl });
+        }
+        let leader = self.leader_node().ok_or(StoreError::NoLeader)?;
+        let mut client = self.net.client(&leader.peer_addr).map_err(remote)?;
+        Ok(client.lease_keep_alive(self.net.request(req)).await.map_err(remote)?.into_inner())
+    }
+
+    /// Time left on a lease, from the member that keeps the deadlines.
+    pub async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, StoreError> {
+        if !self.is_leader() {
+            if let Some(leader) = self.leader_node() {
+                let mut client = self.net.client(&leader.peer_addr).map_err(remote)?;
+                return Ok(client.lease_time_to_live(self.net.request(req)).await.map_err(remote)?.into_inner());
+            }
+        }
+        let st = self.state.read();
+        let Some(l) = st.leases.get(&req.id) else {
+            return Ok(LeaseTimeToLiveResponse { header: self.header_at(st.mvcc.rev()), id: req.id, ttl: -1, ..Default::default() });
+        };
+        let ttl = self.leases.remaining(req.id, Instant::now()).unwrap_or(l.ttl);
+        let keys = if req.keys { l.keys.iter().cloned().collect() } else { vec![] };
+        Ok(LeaseTimeToLiveResponse { header: self.header_at(st.mvcc.rev()), id: req.id, ttl, granted_ttl: l.ttl, keys })
+    }
+
+    fn leader_node(&self) -> Option<Node> {
+        let leader = self.leader()?;
+        self.members().into_iter().find(|(id, _, _)| *id == leader).map(|(_, n, _)| n)
+    }
+
+    /// Starts the background duties on the current tokio runtime: lease expiry (leader
+    /// only), watch catch-up and progress notifications.
     pub fn spawn_background(self: &Arc<Self>) {
         let m = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
                 tick.tick().await;
+                let leader = m.is_leader();
+                {
+                    let mut was = m.was_leader.lock();
+                    if leader && !*was {
+                        // A new leader gives every lease a full TTL (etcd): deadlines kept by
+                        // the previous leader are gone.
+                        let st = m.state.read();
+                        m.leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
+                    }
+                    *was = leader;
+                }
+                if !leader {
+                    continue;
+                }
                 for id in m.leases.expired(Instant::now()) {
                     let cmd = LogCommand { cmd: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })) };
                     match m.propose(cmd).await {
@@ -304,136 +483,68 @@ impl Member {
     pub fn member_dir(data_dir: &std::path::Path) -> PathBuf {
         data_dir.join("member")
     }
+
+    /// What this member has applied (log id) — for status and tests.
+    pub fn applied_log_index(&self) -> u64 {
+        self.sm.applied.lock().log_id.map_or(0, |l| l.index)
+    }
 }
 
-struct Committer {
-    wal: Wal,
-    disk: Arc<dyn Disk>,
-    state: Arc<RwLock<State>>,
-    hub: Arc<WatchHub>,
-    leases: Arc<LeaseClock>,
-    metrics: Arc<StoreMetrics>,
-    failed: Arc<AtomicBool>,
-    snapshot_entries: u64,
-    last_snapshot: u64,
-    snapshot_done: Arc<AtomicU64>,
-    snapshot_running: Arc<AtomicBool>,
+/// A status from a peer, kept with its code and etcd-worded message.
+fn remote(s: tonic::Status) -> StoreError {
+    match s.code() {
+        tonic::Code::Unavailable if s.message().contains("transport") || s.message().contains("partitioned") => StoreError::NoLeader,
+        _ => StoreError::Remote { code: s.code(), message: s.message().to_string() },
+    }
 }
 
-/// Most proposals one group commit takes.
-const MAX_BATCH: usize = 8192;
+/// Encodes an apply result for a follower that forwarded the write.
+pub fn applied_to_pb(a: Applied, header: Option<ResponseHeader>) -> pb::ApplyResult {
+    let r = match a {
+        Applied::Put(r) => AR::Put(r),
+        Applied::DeleteRange(r) => AR::DeleteRange(r),
+        Applied::Txn(r) => AR::Txn(r),
+        Applied::Compaction => AR::Compaction(pb::Empty {}),
+        Applied::LeaseGrant { id, ttl } => AR::LeaseGrant(LeaseGrantResponse { header, id, ttl, error: String::new() }),
+        Applied::LeaseRevoke => AR::LeaseRevoke(pb::Empty {}),
+        Applied::Alarm(alarms) => AR::Alarm(AlarmResponse { header, alarms }),
+        Applied::Noop => AR::Compaction(pb::Empty {}),
+    };
+    pb::ApplyResult { result: Some(r) }
+}
 
-impl Committer {
-    fn run(mut self, mut rx: mpsc::Receiver<Proposal>) {
-        let mut batch: Vec<Proposal> = Vec::with_capacity(MAX_BATCH);
-        let mut events = Vec::new();
-        while let Some(p) = rx.blocking_recv() {
-            batch.push(p);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(p) => batch.push(p),
-                    Err(_) => break,
-                }
-            }
-            self.commit(&mut batch, &mut events);
-            self.maybe_snapshot();
-        }
-        tracing::info!("store committer stopped");
+fn applied_from_pb(r: pb::ApplyResult) -> Result<Applied, StoreError> {
+    Ok(match r.result {
+        Some(AR::Put(r)) => Applied::Put(r),
+        Some(AR::DeleteRange(r)) => Applied::DeleteRange(r),
+        Some(AR::Txn(r)) => Applied::Txn(r),
+        Some(AR::Compaction(_)) => Applied::Compaction,
+        Some(AR::LeaseGrant(g)) => Applied::LeaseGrant { id: g.id, ttl: g.ttl },
+        Some(AR::LeaseRevoke(_)) => Applied::LeaseRevoke,
+        Some(AR::Alarm(a)) => Applied::Alarm(a.alarms),
+        None => return Err(StoreError::Internal("empty forwarded result".into())),
+    })
+}
+
+#[tonic::async_trait]
+impl LeaderDuties for Member {
+    async fn forward(&self, cmd: LogCommand) -> Result<pb::ApplyResult, tonic::Status> {
+        let a = self.propose(cmd).await?;
+        Ok(applied_to_pb(a, self.header()))
     }
 
-    fn commit(&mut self, batch: &mut Vec<Proposal>, events: &mut Vec<(i64, crate::mvcc::Event)>) {
-        if self.failed.load(Ordering::Relaxed) {
-            // After a failed append the log's tail is unknown: append nothing more.
-            for p in batch.drain(..) {
-                self.metrics.proposals_failed.inc();
-                let _ = p.reply.send(Err(StoreError::Stopped));
-            }
-            return;
-        }
-        let first = self.wal.last_index() + 1;
-        let t = Instant::now();
-        let res = self.wal.append(batch.iter().enumerate().map(|(i, p)| (first + i as u64, p.data.as_slice())));
-        self.metrics.wal_fsync_seconds.observe(t.elapsed().as_secs_f64());
-        self.metrics.batch_entries.observe(batch.len() as f64);
-        if let Err(e) = res {
-            // Whether the batch reached the disk is unknown: stop taking writes rather than
-            // risk answering differently from what a restart will replay.
-            tracing::error!(error = %e, "write-ahead log append failed; the member stops accepting writes");
-            self.failed.store(true, Ordering::Relaxed);
-            for p in batch.drain(..) {
-                self.metrics.proposals_failed.inc();
-                let _ = p.reply.send(Err(StoreError::Internal(format!("write-ahead log: {e}"))));
-            }
-            return;
-        }
-        let mut results = Vec::with_capacity(batch.len());
-        let now = Instant::now();
-        {
-            let mut st = self.state.write();
-            for (i, p) in batch.iter().enumerate() {
-                results.push(st.apply(first + i as u64, &p.cmd, events));
-            }
-            self.metrics.applied_index.set(st.applied as i64);
-            self.metrics.db_size_bytes.set(st.mvcc.size() as i64);
-            self.metrics.keys.set(st.mvcc.key_count() as i64);
-        }
-        self.hub.publish(events);
-        events.clear();
-        for (p, r) in batch.drain(..).zip(results) {
-            match &r {
-                Ok(Applied::LeaseGrant { id, ttl }) => self.leases.renew(*id, *ttl, now),
-                Ok(Applied::LeaseRevoke) => {
-                    if let Some(Cmd::LeaseRevoke(rv)) = &p.cmd.cmd {
-                        self.leases.forget(rv.id);
-                    }
-                }
-                _ => {}
-            }
-            self.metrics.proposals_committed.inc();
-            let _ = p.reply.send(r);
+    async fn read_index(&self) -> Result<u64, tonic::Status> {
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(e) => Err(tonic::Status::unavailable(format!("etcdserver: not leader ({e})"))),
         }
     }
 
-    fn maybe_snapshot(&mut self) {
-        let done = self.snapshot_done.swap(0, Ordering::AcqRel);
-        if done > 0 {
-            self.last_snapshot = done;
-            if let Err(e) = self.wal.purge_to(done).and_then(|_| snapshot::remove_older(self.disk.as_ref(), done)) {
-                tracing::warn!(error = %e, "removing files covered by a snapshot failed");
-            }
-        }
-        let applied = self.wal.last_index();
-        if applied - self.last_snapshot < self.snapshot_entries || self.snapshot_running.load(Ordering::Acquire) {
-            return;
-        }
-        // New entries go to a fresh segment so that every older one is covered by the snapshot.
-        if let Err(e) = self.wal.roll() {
-            // A half-created segment may now exist: appending elsewhere would leave the
-            // log in an order recovery cannot trust, so the member stops taking writes.
-            tracing::error!(error = %e, "starting a new write-ahead log segment failed; the member stops accepting writes");
-            self.failed.store(true, Ordering::Relaxed);
-            return;
-        }
-        self.snapshot_running.store(true, Ordering::Release);
-        let state = self.state.read().clone();
-        let disk = self.disk.clone();
-        let done = self.snapshot_done.clone();
-        let running = self.snapshot_running.clone();
-        let metrics = self.metrics.clone();
-        let spawned = std::thread::Builder::new().name("store-snapshot".into()).spawn(move || {
-            let t = Instant::now();
-            match snapshot::save(disk.as_ref(), &state, 1, vec![]) {
-                Ok(name) => {
-                    tracing::info!(file = %disk.path_of(&name).display(), index = state.applied, ms = t.elapsed().as_millis() as u64, "snapshot written");
-                    metrics.snapshots.inc();
-                    done.store(state.applied, Ordering::Release);
-                }
-                Err(e) => tracing::warn!(error = %e, "writing a snapshot failed; the log keeps growing until one succeeds"),
-            }
-            running.store(false, Ordering::Release);
-        });
-        if spawned.is_err() {
-            self.snapshot_running.store(false, Ordering::Release);
-        }
+    async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, tonic::Status> {
+        Ok(Member::lease_keep_alive(self, req).await?)
+    }
+
+    async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, tonic::Status> {
+        Ok(Member::lease_time_to_live(self, req).await?)
     }
 }

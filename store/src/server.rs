@@ -39,7 +39,10 @@ pub enum Executor {
 pub struct Running {
     pub member: Arc<Member>,
     pub etcd_addr: SocketAddr,
+    pub peer_addr: SocketAddr,
     pub metrics_addr: Option<SocketAddr>,
+    /// Runs raft, the peer transport, background duties and metrics.
+    _rt: tokio::runtime::Runtime,
     _lock: DirLock,
 }
 
@@ -53,12 +56,43 @@ pub fn start(opts: ServerOptions) -> anyhow::Result<Running> {
     let listeners = crate::etcd::bind_reuseport(opts.etcd_addr, sockets)
         .with_context(|| format!("while binding the etcd client address {} (is the port in use?)", opts.etcd_addr))?;
     let etcd_addr = listeners[0].local_addr()?;
+    let peer_listener = std::net::TcpListener::bind(opts.peer_addr)
+        .with_context(|| format!("while binding the peer address {} (is the port in use?)", opts.peer_addr))?;
+    peer_listener.set_nonblocking(true)?;
+    let peer_addr = peer_listener.local_addr()?;
     let metrics_listener = match opts.metrics_addr {
         Some(a) => Some(std::net::TcpListener::bind(a).with_context(|| format!("while binding the metrics address {a}"))?),
         None => None,
     };
     let metrics_addr = metrics_listener.as_ref().map(|l| l.local_addr()).transpose()?;
-    let member = Member::open(opts.store.clone(), disk).context("while opening the store")?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).thread_name("store-raft").enable_all().build()?;
+    let member = rt.block_on(Member::open(opts.store.clone(), disk)).context("while opening the store")?;
+    {
+        let _guard = rt.enter();
+        member.spawn_background();
+        let service = crate::raft::net::RaftService { raft: member.raft.clone(), me: member.member_id, faults: member.net.faults.clone(), duties: member.clone() };
+        let peer = tokio::net::TcpListener::from_std(peer_listener)?;
+        let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(peer), |s| {
+            s.inspect(|s| {
+                let _ = s.set_nodelay(true);
+            })
+        });
+        let svc = shoal_proto::shoalraft::raft_server::RaftServer::new(service).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+        rt.spawn(async move {
+            if let Err(e) = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming).await {
+                tracing::error!(error = %e, "raft transport server stopped");
+            }
+        });
+        if let Some(l) = metrics_listener {
+            let mut reg = prometheus_client::registry::Registry::with_prefix("etcd");
+            member.metrics.register(&mut reg);
+            l.set_nonblocking(true)?;
+            let l = tokio::net::TcpListener::from_std(l)?;
+            let mm = member.clone();
+            rt.spawn(crate::http::serve_metrics(l, Arc::new(reg), Arc::new(move || !mm.is_failed() && mm.leader().is_some())));
+        }
+    }
 
     for (i, l) in listeners.into_iter().enumerate() {
         let m = member.clone();
@@ -76,24 +110,6 @@ pub fn start(opts: ServerOptions) -> anyhow::Result<Running> {
             });
         })?;
     }
-
-    let m = member.clone();
-    std::thread::Builder::new().name("store-background".into()).spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building a current-thread runtime");
-        rt.block_on(async move {
-            m.spawn_background();
-            if let Some(l) = metrics_listener {
-                let mut reg = prometheus_client::registry::Registry::with_prefix("etcd");
-                m.metrics.register(&mut reg);
-                l.set_nonblocking(true).expect("setting a socket non-blocking");
-                let l = tokio::net::TcpListener::from_std(l).expect("registering the metrics listener");
-                let mm = m.clone();
-                crate::http::serve_metrics(l, Arc::new(reg), Arc::new(move || !mm.is_failed())).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
-        });
-    })?;
-    tracing::info!(name = %opts.store.name, etcd = %etcd_addr, metrics = ?metrics_addr, threads = opts.threads, "shoal store serving");
-    Ok(Running { member, etcd_addr, metrics_addr, _lock: lock })
+    tracing::info!(name = %opts.store.name, etcd = %etcd_addr, peer = %peer_addr, metrics = ?metrics_addr, threads = opts.threads, "shoal store serving");
+    Ok(Running { member, etcd_addr, peer_addr, metrics_addr, _rt: rt, _lock: lock })
 }

@@ -61,6 +61,11 @@ pub enum SnapshotError {
     Io { path: String, source: std::io::Error },
 }
 
+/// The file name of the snapshot covering the log up to `index`.
+pub fn file_name(index: u64) -> String {
+    snap_name(index)
+}
+
 fn snap_name(index: u64) -> String {
     format!("{index:016x}.snap")
 }

@@ -42,7 +42,8 @@ pub enum Applied {
     LeaseGrant { id: i64, ttl: i64 },
     LeaseRevoke,
     Alarm(Vec<pb::AlarmMember>),
-    LeaderStart,
+    /// A raft entry with no command (a new leader's blank entry, a membership change).
+    Noop,
 }
 
 /// The state machine.
@@ -269,7 +270,6 @@ impl State {
                 }
                 Ok(Applied::Alarm(self.alarms()))
             }
-            Some(Cmd::LeaderStart(_)) => Ok(Applied::LeaderStart),
             None => Err(StoreError::Internal("empty log command".into())),
         }
     }

@@ -51,7 +51,8 @@ pub struct Wal {
     /// (first index, file name) of every segment, oldest first. The last one is open.
     segments: Vec<(u64, String)>,
     file: Box<dyn DiskFile>,
-    last_index: u64,
+    /// Index the next entry gets (one past the last, or the first index of the log).
+    next_index: u64,
     buf: Vec<u8>,
 }
 
@@ -103,14 +104,14 @@ fn parse_batch(data: &[u8], off: usize) -> Result<(Vec<(u64, std::ops::Range<usi
 impl Wal {
     /// Opens the log in `disk`, returning every entry with index > `after` (the index
     /// covered by the loaded snapshot) in order.
-    pub fn open(disk: Arc<dyn Disk>, after: u64) -> Result<(Wal, Vec<Entry>, RecoveryReport), WalError> {
+    pub fn open(disk: Arc<dyn Disk>, after: Option<u64>) -> Result<(Wal, Vec<Entry>, RecoveryReport), WalError> {
         let io = |name: &str, e: std::io::Error| WalError::Io { path: disk.path_of(name).display().to_string(), source: e };
         let mut segments: Vec<(u64, String)> =
             disk.list().map_err(|e| io("", e))?.into_iter().filter_map(|n| parse_seg_name(&n).map(|i| (i, n))).collect();
         segments.sort();
         let mut entries: Vec<Entry> = Vec::new();
         let mut report = RecoveryReport { segments: segments.len(), ..Default::default() };
-        let mut last_index = after;
+        let mut next_index = after.map_or(0, |a| a + 1);
         let mut open_len = MAGIC.len() as u64;
         let mut recreate_last = false;
         let nsegs = segments.len();
@@ -135,11 +136,11 @@ impl Wal {
                 match parse_batch(&data, off) {
                     Ok((recs, next)) => {
                         for (index, r) in recs {
-                            if index == 0 || index > last_index + 1 {
-                                return Err(corrupt(off, format!("entry {index} follows entry {last_index}: entries are missing")));
+                            if index > next_index {
+                                return Err(corrupt(off, format!("entry {index} found where entry {next_index} was expected: entries are missing")));
                             }
-                            if index <= after {
-                                last_index = last_index.max(index);
+                            if after.is_some_and(|a| index <= a) {
+                                next_index = next_index.max(index + 1);
                                 continue;
                             }
                             // An entry at or below the last one replaces the suffix from it
@@ -148,7 +149,7 @@ impl Wal {
                                 entries.pop();
                             }
                             entries.push(Entry { index, data: data.slice(r) });
-                            last_index = index;
+                            next_index = index + 1;
                         }
                         off = next;
                     }
@@ -169,7 +170,7 @@ impl Wal {
             }
         }
         if let Some(e) = entries.last() {
-            last_index = e.index;
+            next_index = e.index + 1;
         }
         let (segments, file) = if let Some((_, name)) = segments.last() {
             let file = if recreate_last {
@@ -181,12 +182,12 @@ impl Wal {
             };
             (segments, file)
         } else {
-            let name = seg_name(last_index + 1);
+            let name = seg_name(next_index);
             let mut file = disk.open_append(&name, 0).map_err(|e| io(&name, e))?;
             file.append_durable(MAGIC).map_err(|e| io(&name, e))?;
-            (vec![(last_index + 1, name)], file)
+            (vec![(next_index, name)], file)
         };
-        Ok((Wal { disk, segments, file, last_index, buf: Vec::with_capacity(1 << 16) }, entries, report))
+        Ok((Wal { disk, segments, file, next_index, buf: Vec::with_capacity(1 << 16) }, entries, report))
     }
 
     /// Scans forward from a bad batch for any valid batch. Only used on the recovery path.
@@ -197,8 +198,9 @@ impl Wal {
         })
     }
 
+    /// Index of the last entry (0 for an empty log).
     pub fn last_index(&self) -> u64 {
-        self.last_index
+        self.next_index.saturating_sub(1)
     }
 
     /// Appends entries as one durable batch. Indexes must continue the log (or restart
@@ -222,12 +224,12 @@ impl Wal {
             self.rotate()?;
         }
         self.file.append_durable(&self.buf)?;
-        self.last_index = last;
+        self.next_index = last + 1;
         Ok(())
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        let first = self.last_index + 1;
+        let first = self.next_index;
         let name = seg_name(first);
         let mut file = self.disk.open_append(&name, 0)?;
         file.append_durable(MAGIC)?;
@@ -261,7 +263,7 @@ mod tests {
     use crate::disk::SimDisk;
 
     fn open(d: &SimDisk, after: u64) -> Result<(Wal, Vec<Entry>, RecoveryReport), WalError> {
-        Wal::open(Arc::new(d.clone()), after)
+        Wal::open(Arc::new(d.clone()), Some(after))
     }
 
     #[test]

@@ -173,6 +173,19 @@ impl WatchHub {
         }
     }
 
+    /// Makes every watcher catch up from history (after the state was replaced wholesale).
+    pub fn mark_all_lagging(&self) {
+        let mut g = self.inner.lock();
+        let mut n = 0;
+        for w in g.watchers.values_mut() {
+            if !w.lagging {
+                w.lagging = true;
+                n += 1;
+            }
+        }
+        g.lagging += n;
+    }
+
     /// Removes a watcher; returns whether it existed.
     pub fn cancel(&self, stream: u64, watch_id: i64) -> bool {
         let mut g = self.inner.lock();

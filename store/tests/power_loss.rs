@@ -15,7 +15,7 @@ use shoal_store::state::Applied;
 
 fn config() -> StoreConfig {
     // Small snapshot interval so recovery exercises snapshot + log tail.
-    StoreConfig { snapshot_entries: 40, ..StoreConfig::default() }
+    StoreConfig { snapshot_entries: 20, ..StoreConfig::default() }
 }
 
 /// Acknowledged writes: key -> (value, mod revision).
@@ -38,7 +38,9 @@ async fn load(member: Arc<Member>, writer: usize, round: usize, n: usize, acked:
     }
 }
 
-fn check(member: &Member, acked: &Acked, last_rev: &mut i64) {
+async fn check(member: &Member, acked: &Acked, last_rev: &mut i64) {
+    // A linearizable read's barrier: the member has applied everything committed.
+    member.read_barrier().await.expect("the member leads again after restart");
     let st = member.state.read();
     let all = st.range(&RangeRequest { key: vec![0].into(), range_end: vec![0].into(), ..Default::default() }).unwrap();
     let found: BTreeMap<String, (String, i64)> = all
@@ -64,8 +66,8 @@ async fn acknowledged_writes_survive_power_loss() {
         let mut last_rev = 0;
         for round in 0..4usize {
             let dyn_disk: Arc<dyn Disk> = Arc::new(disk.clone());
-            let member = Member::open(config(), dyn_disk).expect("recovery after power loss must succeed");
-            check(&member, &acked, &mut last_rev);
+            let member = Member::open(config(), dyn_disk).await.expect("recovery after power loss must succeed");
+            check(&member, &acked, &mut last_rev).await;
             torn_tails += usize::from(member.recovery.truncated_tail.is_some());
             from_snapshot += usize::from(member.recovery.snapshot_index > 0);
             let before = member.state.read().mvcc.rev();
@@ -77,12 +79,13 @@ async fn acknowledged_writes_survive_power_loss() {
             }
             // Whatever was acknowledged got a revision above the one we started from.
             assert!(acked.lock().values().filter(|(_, r)| *r > before).all(|(_, r)| *r > before));
+            member.shutdown().await;
             drop(member);
             disk.power_loss(seed * 31 + round as u64);
         }
         let dyn_disk: Arc<dyn Disk> = Arc::new(disk.clone());
-        let member = Member::open(config(), dyn_disk).expect("final recovery");
-        check(&member, &acked, &mut last_rev);
+        let member = Member::open(config(), dyn_disk).await.expect("final recovery");
+        check(&member, &acked, &mut last_rev).await;
         // Revisions continue after the highest acknowledged one: never reused.
         let max_acked = acked.lock().values().map(|(_, r)| *r).max().unwrap_or(0);
         let cmd = LogCommand { cmd: Some(Cmd::Put(PutRequest { key: "after".into(), value: "x".into(), ..Default::default() })) };

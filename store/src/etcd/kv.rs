@@ -24,6 +24,16 @@ impl EtcdService {
     }
 }
 
+/// A read-only txn is served member-locally only when all its ranges ask for it (etcd).
+fn txn_serializable(t: &TxnRequest) -> bool {
+    use shoal_proto::etcdserverpb::request_op::Request;
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(r)) => r.serializable,
+        Some(Request::RequestTxn(t)) => txn_serializable(t),
+        _ => true,
+    })
+}
+
 fn unexpected(a: Applied) -> Status {
     Status::internal(format!("etcdserver: unexpected apply result {a:?}"))
 }
@@ -35,8 +45,9 @@ impl Kv for EtcdService {
         if r.key.is_empty() {
             return Err(StoreError::EmptyKey.into());
         }
-        // A single member serves linearizable reads locally: every acknowledged write
-        // was applied before it was acknowledged.
+        if !r.serializable {
+            self.m.read_barrier().await?;
+        }
         let mut resp = self.m.state.read().range(&r)?;
         resp.header = self.stamp(resp.header);
         Ok(Response::new(resp))
@@ -66,6 +77,9 @@ impl Kv for EtcdService {
         let t = req.into_inner();
         let mut resp = if state::txn_is_read_only(&t) {
             state::validate(&LogCommand { cmd: Some(Cmd::Txn(t.clone())) })?;
+            if !txn_serializable(&t) {
+                self.m.read_barrier().await?;
+            }
             self.m.state.read().txn_read(&t)?
         } else {
             match self.propose(Cmd::Txn(t)).await? {

@@ -2,7 +2,6 @@
 //! time-to-live are answered by the member that keeps the deadlines.
 
 use std::pin::Pin;
-use std::time::Instant;
 
 use futures::Stream;
 use shoal_proto::etcdserverpb::lease_server::Lease;
@@ -54,20 +53,8 @@ impl Lease for EtcdService {
         let out = async_stream(move |tx| async move {
             while let Some(msg) = inbound.next().await {
                 let Ok(msg) = msg else { break };
-                let ttl = {
-                    let st = m.state.read();
-                    st.leases.get(&msg.id).map(|l| l.ttl)
-                };
-                // An unknown lease answers TTL 0: the client reports it expired (etcd).
-                let ttl = match ttl {
-                    Some(ttl) => {
-                        m.leases.renew(msg.id, ttl, Instant::now());
-                        ttl
-                    }
-                    None => 0,
-                };
-                let resp = LeaseKeepAliveResponse { header: m.header(), id: msg.id, ttl };
-                if tx.send(Ok(resp)).await.is_err() {
+                let resp = m.lease_keep_alive(msg).await.map_err(Status::from);
+                if tx.send(resp).await.is_err() {
                     break;
                 }
             }
@@ -76,14 +63,7 @@ impl Lease for EtcdService {
     }
 
     async fn lease_time_to_live(&self, req: Request<LeaseTimeToLiveRequest>) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
-        let r = req.into_inner();
-        let st = self.m.state.read();
-        let Some(l) = st.leases.get(&r.id) else {
-            return Ok(Response::new(LeaseTimeToLiveResponse { header: self.m.header_at(st.mvcc.rev()), id: r.id, ttl: -1, ..Default::default() }));
-        };
-        let ttl = self.m.leases.remaining(r.id, Instant::now()).unwrap_or(l.ttl);
-        let keys = if r.keys { l.keys.iter().cloned().collect() } else { vec![] };
-        Ok(Response::new(LeaseTimeToLiveResponse { header: self.m.header_at(st.mvcc.rev()), id: r.id, ttl, granted_ttl: l.ttl, keys }))
+        Ok(Response::new(self.m.lease_time_to_live(req.into_inner()).await?))
     }
 
     async fn lease_leases(&self, _req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {

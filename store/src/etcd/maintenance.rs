@@ -56,14 +56,15 @@ impl Maintenance for EtcdService {
         let errors = st.alarms().iter().map(|a| format!("memberID:{} alarm:{}", self.m.member_id, alarm_name(a.alarm))).collect();
         let in_use = st.mvcc.size() as i64;
         let size = self.m.disk.total_bytes() as i64;
+        let (raft_index, applied) = self.m.raft_indexes();
         Ok(Response::new(StatusResponse {
             header: self.m.header_at(st.mvcc.rev()),
             version: REPORTED_VERSION.into(),
             db_size: size,
-            leader: self.m.member_id,
-            raft_index: st.applied,
+            leader: self.m.leader().unwrap_or(0),
+            raft_index,
             raft_term: self.m.term(),
-            raft_applied_index: st.applied,
+            raft_applied_index: applied,
             errors,
             db_size_in_use: in_use,
             is_learner: false,
@@ -130,10 +131,14 @@ impl Maintenance for EtcdService {
     }
 
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
-        if req.into_inner().target_id == self.m.member_id {
+        let target = req.into_inner().target_id;
+        if self.m.leader() == Some(target) {
             return Ok(Response::new(MoveLeaderResponse { header: self.m.header() }));
         }
-        Err(StoreError::MemberNotFound.into())
+        if !self.m.members().iter().any(|(i, _, _)| *i == target) {
+            return Err(StoreError::MemberNotFound.into());
+        }
+        Err(Status::unimplemented("etcdserver: leadership transfer is not supported yet"))
     }
 }
 
@@ -159,7 +164,7 @@ fn hash_kv(mvcc: &crate::mvcc::Mvcc, rev: i64) -> u32 {
     h.finalize()
 }
 
-/// etcd Cluster service. A member lists itself; membership changes need replication.
+/// etcd Cluster service over raft membership.
 #[derive(Clone)]
 pub struct ClusterService {
     pub(crate) m: Arc<Member>,
@@ -167,38 +172,75 @@ pub struct ClusterService {
 
 impl ClusterService {
     fn members(&self) -> Vec<PbMember> {
-        vec![PbMember {
-            id: self.m.member_id,
-            name: self.m.config.name.clone(),
-            peer_ur_ls: self.m.config.peer_urls.clone(),
-            client_ur_ls: self.m.config.client_urls.clone(),
-            is_learner: false,
-        }]
+        self.m
+            .members()
+            .into_iter()
+            .map(|(id, n, learner)| PbMember {
+                id,
+                name: n.name,
+                peer_ur_ls: vec![format!("http://{}", n.peer_addr)],
+                client_ur_ls: if n.client_url.is_empty() { vec![] } else { vec![n.client_url] },
+                is_learner: learner,
+            })
+            .collect()
+    }
+
+    fn not_leader(e: impl std::fmt::Display) -> Status {
+        Status::unavailable(format!("etcdserver: membership change failed: {e}"))
     }
 }
 
-fn no_membership_change() -> Status {
-    Status::unimplemented("etcdserver: membership change is not available: this Shoal build runs a single-member store")
+/// `http://host:port` or `host:port` → `host:port`, validated.
+fn peer_addr(url: &str) -> Result<String, Status> {
+    let a = url.trim_start_matches("http://");
+    a.parse::<std::net::SocketAddr>().map_err(|_| Status::invalid_argument(format!("etcdserver: invalid peer URL {url:?} (want http://host:port)")))?;
+    Ok(a.to_string())
 }
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(&self, _req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        Err(no_membership_change())
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        let r = req.into_inner();
+        let [url] = r.peer_ur_ls.as_slice() else {
+            return Err(Status::invalid_argument("etcdserver: a member needs exactly one peer URL"));
+        };
+        let addr = peer_addr(url)?;
+        let id = crate::raft::member_id(&addr);
+        if self.m.members().iter().any(|(i, n, _)| *i == id || n.peer_addr == addr) {
+            return Err(Status::failed_precondition("etcdserver: Peer URLs already exists"));
+        }
+        let node = crate::raft::Node { name: String::new(), peer_addr: addr, client_url: String::new() };
+        // As a learner first (it catches up without counting for quorum), then a voter
+        // unless the caller asked for a learner.
+        self.m.raft.add_learner(id, node, false).await.map_err(Self::not_leader)?;
+        if !r.is_learner {
+            let voters: std::collections::BTreeSet<u64> = self.m.members().into_iter().filter(|(_, _, l)| !l).map(|(i, _, _)| i).chain([id]).collect();
+            self.m.raft.change_membership(voters, true).await.map_err(Self::not_leader)?;
+        }
+        let members = self.members();
+        let member = members.iter().find(|m| m.id == id).cloned();
+        Ok(Response::new(MemberAddResponse { header: self.m.header(), member, members }))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        if req.into_inner().id != self.m.member_id {
+        let id = req.into_inner().id;
+        let all = self.m.members();
+        if !all.iter().any(|(i, _, _)| *i == id) {
             return Err(StoreError::MemberNotFound.into());
         }
-        Err(no_membership_change())
+        let voters: std::collections::BTreeSet<u64> = all.iter().filter(|(i, _, l)| !l && *i != id).map(|(i, _, _)| *i).collect();
+        if voters.is_empty() {
+            return Err(Status::failed_precondition("etcdserver: cannot remove the last voting member"));
+        }
+        self.m.raft.change_membership(voters, false).await.map_err(Self::not_leader)?;
+        Ok(Response::new(MemberRemoveResponse { header: self.m.header(), members: self.members() }))
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        if req.into_inner().id != self.m.member_id {
+        if !self.m.members().iter().any(|(i, _, _)| *i == req.get_ref().id) {
             return Err(StoreError::MemberNotFound.into());
         }
-        Err(no_membership_change())
+        Err(Status::unimplemented("etcdserver: changing a member's peer URLs is not supported: remove the member and add it again"))
     }
 
     async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
@@ -206,9 +248,15 @@ impl Cluster for ClusterService {
     }
 
     async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        if req.into_inner().id != self.m.member_id {
-            return Err(StoreError::MemberNotFound.into());
+        let id = req.into_inner().id;
+        let all = self.m.members();
+        match all.iter().find(|(i, _, _)| *i == id) {
+            None => return Err(StoreError::MemberNotFound.into()),
+            Some((_, _, false)) => return Err(Status::failed_precondition("etcdserver: can only promote a learner member")),
+            _ => {}
         }
-        Err(Status::failed_precondition("etcdserver: can only promote a learner member"))
+        let voters: std::collections::BTreeSet<u64> = all.iter().filter(|(i, _, l)| !l || *i == id).map(|(i, _, _)| *i).collect();
+        self.m.raft.change_membership(voters, true).await.map_err(Self::not_leader)?;
+        Ok(Response::new(MemberPromoteResponse { header: self.m.header(), members: self.members() }))
     }
 }
