@@ -151,3 +151,89 @@ pub fn b64(v: &serde_json::Value) -> String {
     }
     String::from_utf8(out).unwrap()
 }
+
+/// A cluster of `shoal server` processes on loopback, with per-member fault files.
+pub struct Cluster {
+    pub members: Vec<Server>,
+    pub dir: PathBuf,
+}
+
+impl Cluster {
+    /// Starts `n` members bootstrapping one cluster (fast raft timing for tests).
+    pub fn start(dir: &Path, n: usize) -> Cluster {
+        let peers: Vec<(String, u16)> = (0..n).map(|i| (format!("m{i}"), free_port())).collect();
+        let ic = peers.iter().map(|(name, p)| format!("{name}=127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+        let mut members = Vec::new();
+        for (name, p) in &peers {
+            let faults = dir.join(format!("faults-{name}"));
+            std::fs::write(&faults, b"").unwrap();
+            let mut s = Server {
+                child: None,
+                name: name.clone(),
+                data_dir: dir.join(name),
+                etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                peer: format!("127.0.0.1:{p}").parse().unwrap(),
+                metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+                extra: vec![
+                    "--initial-cluster".into(),
+                    ic.clone(),
+                    "--heartbeat-interval".into(),
+                    "50".into(),
+                    "--election-timeout".into(),
+                    "400".into(),
+                    "--fault-file".into(),
+                    faults.display().to_string(),
+                ],
+                log: dir.join(format!("{name}.log")),
+            };
+            s.spawn();
+            members.push(s);
+        }
+        Cluster { members, dir: dir.to_path_buf() }
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.endpoint()).collect()
+    }
+
+    /// Member IDs as the servers compute them (FNV-1a of the peer address, low bit set).
+    pub fn member_id(&self, i: usize) -> u64 {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.members[i].peer.to_string().as_bytes() {
+            h ^= *b as u64;
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h | 1
+    }
+
+    /// Index of the member that reports itself leader, if any answers.
+    pub fn leader(&self) -> Option<usize> {
+        for (i, m) in self.members.iter().enumerate() {
+            if m.child.is_none() {
+                continue;
+            }
+            let o = etcdctl(&m.endpoint(), &["endpoint", "status", "-w", "json"], None);
+            if !o.status.success() {
+                continue;
+            }
+            let v: serde_json::Value = match serde_json::from_slice(&o.stdout) {
+                Ok(v) => v,
+                Err(_) => continue,
+            };
+            let st = &v[0]["Status"];
+            if st["leader"].as_u64().is_some() && st["leader"] == st["header"]["member_id"] {
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Cuts member `i` off from every peer (both directions), or heals all when None.
+    pub fn partition(&self, i: Option<usize>) {
+        let content = i.map(|i| self.member_id(i).to_string()).unwrap_or_default();
+        for m in &self.members {
+            let f = self.dir.join(format!("faults-{}", m.name));
+            std::fs::write(&f, content.as_bytes()).unwrap();
+        }
+    }
+}
