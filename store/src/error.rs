@@ -37,6 +37,8 @@ pub enum StoreError {
     MemberNotFound,
     #[error("etcdserver: no leader")]
     NoLeader,
+    #[error("etcdserver: not leader")]
+    NotLeader,
     #[error("etcdserver: not capable")]
     NotCapable,
     #[error("etcdserver: request timed out")]
@@ -62,7 +64,7 @@ impl StoreError {
             NoSpace => Code::ResourceExhausted,
             LeaseNotFound | MemberNotFound => Code::NotFound,
             LeaseExists => Code::FailedPrecondition,
-            NoLeader | Timeout | Stopped => Code::Unavailable,
+            NoLeader | NotLeader | Timeout | Stopped => Code::Unavailable,
             NotCapable => Code::Unimplemented,
             Internal(_) => Code::Internal,
             Remote { code, .. } => *code,

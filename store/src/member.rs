@@ -23,7 +23,8 @@ use shoal_proto::etcdserverpb::{
     LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, ResponseHeader,
 };
 use shoal_proto::shoalraft::{self as pb, apply_result::Result as AR};
-use shoal_proto::shoalstore::{log_command::Cmd, LogCommand};
+use shoal_proto::shoalstore::{log_command::Cmd, LogBatch, LogCommand};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::disk::Disk;
 use crate::error::StoreError;
@@ -169,6 +170,59 @@ pub struct Member {
     was_leader: Mutex<bool>,
     /// Closed by `shutdown`: no file is written after it returns.
     gate: crate::raft::log::Gate,
+    /// Proposals waiting to be committed together (leader only).
+    batch_tx: mpsc::Sender<Proposal>,
+}
+
+struct Proposal {
+    cmd: LogCommand,
+    reply: oneshot::Sender<Result<Applied, StoreError>>,
+}
+
+/// Most commands one raft entry carries.
+const MAX_BATCH: usize = 4096;
+/// Most bytes one raft entry carries.
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// Commits queued proposals as batches: one raft entry (so one fsync on each member) per
+/// batch. openraft 0.9 flushes each entry before taking the next, so without batching
+/// every write would cost a whole fsync round; while one batch is in flight the next
+/// fills up (group commit).
+async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
+    while let Some(p) = rx.recv().await {
+        let mut bytes = p.cmd.encoded_len();
+        let mut cmds = vec![p.cmd];
+        let mut replies = vec![p.reply];
+        while cmds.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.cmd.encoded_len();
+                    cmds.push(p.cmd);
+                    replies.push(p.reply);
+                }
+                Err(_) => break,
+            }
+        }
+        let n = cmds.len();
+        match raft.client_write(LogBatch { cmds }).await {
+            Ok(resp) => {
+                debug_assert_eq!(resp.data.len(), n);
+                for (reply, r) in replies.into_iter().zip(resp.data) {
+                    let _ = reply.send(r);
+                }
+            }
+            Err(e) => {
+                let err = match e {
+                    RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => StoreError::NotLeader,
+                    RaftError::APIError(e) => StoreError::Internal(e.to_string()),
+                    RaftError::Fatal(e) => StoreError::Internal(format!("raft stopped: {e}")),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// Request timeout for a write (etcd: 5 s + 2 election timeouts).
@@ -242,6 +296,8 @@ impl Member {
         }
         tracing::info!(name = %config.name, id = format!("{me:x}"), snapshot_index = snap_index, log_entries = recovery.replayed_entries,
             ms = recovery.duration.as_millis() as u64, "store recovered");
+        let (batch_tx, batch_rx) = mpsc::channel(65_536);
+        tokio::spawn(batcher(raft.clone(), batch_rx));
         let seed = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64) ^ me;
         Ok(Arc::new(Member {
             config,
@@ -259,6 +315,7 @@ impl Member {
             recovery,
             was_leader: Mutex::new(false),
             gate,
+            batch_tx,
         }))
     }
 
@@ -344,20 +401,28 @@ impl Member {
     }
 
     async fn propose_inner(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
-        if self.leader().is_none() {
-            self.await_leader().await;
-        }
-        match self.raft.client_write(cmd.clone()).await {
-            Ok(resp) => resp.data,
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                let node = f.leader_node.ok_or(StoreError::NoLeader)?;
-                let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
-                let r = client.forward(self.net.request(cmd)).await.map_err(remote)?.into_inner();
-                applied_from_pb(r)
+        for _ in 0..3 {
+            if self.leader().is_none() {
+                self.await_leader().await;
             }
-            Err(RaftError::APIError(e)) => Err(StoreError::Internal(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(StoreError::Internal(format!("raft stopped: {e}"))),
+            if self.is_leader() {
+                let (reply, rx) = oneshot::channel();
+                self.batch_tx.send(Proposal { cmd: cmd.clone(), reply }).await.map_err(|_| StoreError::Stopped)?;
+                match rx.await.map_err(|_| StoreError::Stopped)? {
+                    // Leadership moved while the batch was in flight: try the new leader.
+                    Err(StoreError::NotLeader) => continue,
+                    r => return r,
+                }
+            }
+            let Some(node) = self.leader_node() else { continue };
+            if self.leader() == Some(self.member_id) {
+                continue;
+            }
+            let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
+            let r = client.forward(self.net.request(cmd.clone())).await.map_err(remote)?.into_inner();
+            return applied_from_pb(r);
         }
+        Err(StoreError::NoLeader)
     }
 
     /// Waits until this member's state reflects every write acknowledged before the call

@@ -198,7 +198,8 @@ impl State {
 
     /// Applies one committed command. Events are appended to `events` in apply order.
     pub fn apply(&mut self, index: u64, cmd: &LogCommand, events: &mut Vec<(Rev, Event)>) -> Result<Applied, StoreError> {
-        debug_assert!(index > self.applied, "log applied out of order");
+        // Commands of one batch share their entry's index.
+        debug_assert!(index >= self.applied, "log applied out of order");
         self.applied = index;
         match &cmd.cmd {
             Some(Cmd::Put(p)) => {

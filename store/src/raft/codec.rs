@@ -102,7 +102,7 @@ pub fn snapshot_meta_from_pb(m: &pb::SnapshotMeta) -> SnapshotMeta<u64, Node> {
 mod tests {
     use super::*;
     use shoal_proto::etcdserverpb::PutRequest;
-    use shoal_proto::shoalstore::{log_command::Cmd, LogCommand};
+    use shoal_proto::shoalstore::{log_command::Cmd, LogBatch, LogCommand};
 
     #[test]
     fn entries_round_trip() {
@@ -110,7 +110,7 @@ mod tests {
         let m = Membership::new(vec![[1u64].into()], nodes);
         let lid = LogId::new(CommittedLeaderId::new(3, 1), 9);
         let cmd = LogCommand { cmd: Some(Cmd::Put(PutRequest { key: "k".into(), value: "v".into(), ..Default::default() })) };
-        for payload in [EntryPayload::Blank, EntryPayload::Normal(cmd), EntryPayload::Membership(m)] {
+        for payload in [EntryPayload::Blank, EntryPayload::Normal(LogBatch { cmds: vec![cmd] }), EntryPayload::Membership(m)] {
             let e = Entry { log_id: lid, payload };
             let back = entry_from_pb(entry_to_pb(&e)).unwrap();
             assert_eq!(format!("{back:?}"), format!("{e:?}"));

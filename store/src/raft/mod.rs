@@ -13,7 +13,7 @@ pub mod sm;
 
 use std::io::Cursor;
 
-use shoal_proto::shoalstore::LogCommand;
+use shoal_proto::shoalstore::LogBatch;
 
 use crate::error::StoreError;
 use crate::state::Applied;
@@ -28,13 +28,13 @@ pub struct Node {
     pub client_url: String,
 }
 
-/// What applying one entry produced.
-pub type Response = Result<Applied, StoreError>;
+/// What applying one entry (a batch of commands) produced, one result per command.
+pub type Response = Vec<Result<Applied, StoreError>>;
 
 openraft::declare_raft_types!(
     /// Shoal's raft type configuration.
     pub TypeConfig:
-        D = LogCommand,
+        D = LogBatch,
         R = Response,
         NodeId = u64,
         Node = Node,

@@ -122,23 +122,28 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 let index = e.log_id.index;
                 last = Some(e.log_id);
                 let r = match e.payload {
-                    EntryPayload::Normal(cmd) => {
-                        let r = st.apply(index, &cmd, &mut events);
-                        match (&r, &cmd.cmd) {
-                            (Ok(Applied::LeaseGrant { id, ttl }), _) => lease_changes.push((*id, Some(*ttl))),
-                            (Ok(Applied::LeaseRevoke), Some(Cmd::LeaseRevoke(rv))) => lease_changes.push((rv.id, None)),
-                            _ => {}
+                    EntryPayload::Normal(batch) => {
+                        let mut rs = Vec::with_capacity(batch.cmds.len());
+                        for cmd in &batch.cmds {
+                            let r = st.apply(index, cmd, &mut events);
+                            match (&r, &cmd.cmd) {
+                                (Ok(Applied::LeaseGrant { id, ttl }), _) => lease_changes.push((*id, Some(*ttl))),
+                                (Ok(Applied::LeaseRevoke), Some(Cmd::LeaseRevoke(rv))) => lease_changes.push((rv.id, None)),
+                                _ => {}
+                            }
+                            rs.push(r);
                         }
-                        r
+                        st.applied = index;
+                        rs
                     }
                     EntryPayload::Blank => {
                         st.applied = index;
-                        Ok(Applied::Noop)
+                        vec![]
                     }
                     EntryPayload::Membership(m) => {
                         st.applied = index;
                         membership = Some(StoredMembership::new(Some(e.log_id), m));
-                        Ok(Applied::Noop)
+                        vec![]
                     }
                 };
                 out.push(r);
@@ -164,7 +169,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 None => self.shared.leases.forget(id),
             }
         }
-        self.shared.metrics.proposals_committed.inc_by(out.len() as u64);
+        self.shared.metrics.proposals_committed.inc_by(out.iter().map(|r| r.len() as u64).sum());
         Ok(out)
     }
 
