@@ -48,39 +48,55 @@ fn tempdir(base: Option<&Path>) -> anyhow::Result<tempfile::TempDir> {
     tempfile::Builder::new().prefix("loadgen-").tempdir_in(&base).with_context(|| format!("while creating a data directory under {}", base.display()))
 }
 
-/// Starts a single-member etcd with fsync on (its default).
-pub fn start_etcd(bin: &str, base: Option<&Path>) -> anyhow::Result<Proc> {
-    let dir = tempdir(base)?;
-    let (c, p) = (free_port()?, free_port()?);
-    let client = format!("http://127.0.0.1:{c}");
-    let peer = format!("http://127.0.0.1:{p}");
-    let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "--name".into(), "lg".into(), "--data-dir".into(), dir.path().join("etcd").into()];
-    for a in [
-        "--listen-client-urls", &client, "--advertise-client-urls", &client, "--listen-peer-urls", &peer,
-        "--initial-advertise-peer-urls", &peer, "--initial-cluster", &format!("lg={peer}"), "--log-level", "error",
-        "--quota-backend-bytes", &(8u64 << 30).to_string(),
-    ] {
-        cmd.push(a.into());
+/// Starts an etcd cluster of `n` members with fsync on (its default).
+pub fn start_etcd(bin: &str, base: Option<&Path>, n: usize) -> anyhow::Result<Vec<Proc>> {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let ic = ports.iter().enumerate().map(|(i, (_, p))| format!("lg{i}=http://127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut out = Vec::new();
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let dir = tempdir(base)?;
+        let client = format!("http://127.0.0.1:{c}");
+        let peer = format!("http://127.0.0.1:{p}");
+        let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "--name".into(), format!("lg{i}").into(), "--data-dir".into(), dir.path().join("etcd").into()];
+        for a in [
+            "--listen-client-urls", &client, "--advertise-client-urls", &client, "--listen-peer-urls", &peer,
+            "--initial-advertise-peer-urls", &peer, "--initial-cluster", &ic, "--log-level", "error",
+            "--quota-backend-bytes", &(8u64 << 30).to_string(),
+        ] {
+            cmd.push(a.into());
+        }
+        let child = spawn(&cmd).with_context(|| format!("while starting {bin} (install Debian etcd-server, or pass --etcd-bin)"))?;
+        out.push(Proc { endpoint: format!("127.0.0.1:{c}").parse()?, child, cmd, _dir: dir });
     }
-    let mut child = spawn(&cmd).with_context(|| format!("while starting {bin} (install Debian etcd-server, or pass --etcd-bin)"))?;
-    let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
-    wait_listening(&mut child, endpoint, "etcd")?;
-    Ok(Proc { endpoint, child, cmd, _dir: dir })
+    for p in &mut out {
+        wait_listening(&mut p.child, p.endpoint, "etcd")?;
+    }
+    Ok(out)
 }
 
-/// Starts a single-member Shoal store.
-pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String]) -> anyhow::Result<Proc> {
-    let dir = tempdir(base)?;
-    let (c, p) = (free_port()?, free_port()?);
-    let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), "lg".into(), "--data-dir".into(), dir.path().join("shoal").into()];
-    for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--log", "warn"] {
-        cmd.push(a.into());
+/// Starts a Shoal store cluster of `n` members.
+pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String], n: usize) -> anyhow::Result<Vec<Proc>> {
+    let ports: Vec<(u16, u16)> = (0..n).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let ic = ports.iter().enumerate().map(|(i, (_, p))| format!("lg{i}=127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
+    let mut out = Vec::new();
+    for (i, (c, p)) in ports.iter().enumerate() {
+        let dir = tempdir(base)?;
+        let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), format!("lg{i}").into(), "--data-dir".into(), dir.path().join("shoal").into()];
+        for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--log", "warn"] {
+            cmd.push(a.into());
+        }
+        if n > 1 {
+            cmd.push("--initial-cluster".into());
+            cmd.push(ic.clone().into());
+        }
+        cmd.extend(extra.iter().map(Into::into));
+        let child = spawn(&cmd).with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
+        out.push(Proc { endpoint: format!("127.0.0.1:{c}").parse()?, child, cmd, _dir: dir });
     }
-    cmd.extend(extra.iter().map(Into::into));
-    let mut child = spawn(&cmd).with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
-    let endpoint: SocketAddr = format!("127.0.0.1:{c}").parse()?;
-    wait_listening(&mut child, endpoint, "shoal")?;
-    Ok(Proc { endpoint, child, cmd, _dir: dir })
+    for p in &mut out {
+        wait_listening(&mut p.child, p.endpoint, "shoal")?;
+    }
+    Ok(out)
 }
 
 fn spawn(cmd: &[std::ffi::OsString]) -> std::io::Result<Child> {

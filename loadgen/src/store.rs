@@ -73,10 +73,13 @@ pub struct StoreArgs {
     /// Keys written before the kill in the recovery scenario.
     #[arg(long, default_value_t = 1_000_000)]
     pub recovery_keys: usize,
+    /// Members of each cluster started here (1, 3 or 5).
+    #[arg(long, default_value_t = 1)]
+    pub members: usize,
     /// Systems to measure: `shoal`, `etcd`, or both (started here on loopback).
     #[arg(long, value_enum, default_value_t = Target::Both)]
     pub target: Target,
-    /// Measure an already running endpoint (host:port) instead of starting servers;
+    /// Measure already running endpoints (host:port[,host:port...]) instead of starting servers;
     /// CPU time is then not reported.
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -136,14 +139,26 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 
 struct Target_ {
     name: String,
-    endpoint: String,
-    pid: Option<u32>,
-    _proc: Option<Proc>,
+    /// Client endpoints, one per member.
+    endpoints: Vec<String>,
+    procs: Vec<Proc>,
 }
 
-async fn channels(endpoint: &str, n: usize) -> anyhow::Result<Vec<Channel>> {
+impl Target_ {
+    /// CPU seconds used by every server process of the system (None for an external endpoint).
+    fn cpu(&self) -> Option<f64> {
+        if self.procs.is_empty() {
+            return None;
+        }
+        self.procs.iter().map(|p| procs::cpu_seconds(p.pid())).sum()
+    }
+}
+
+/// `n` connections (at least one per member), spread over the members.
+async fn channels(endpoints: &[String], n: usize) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::new();
-    for _ in 0..n.max(1) {
+    for i in 0..n.max(endpoints.len()).max(1) {
+        let endpoint = &endpoints[i % endpoints.len()];
         let ch = Channel::from_shared(format!("http://{endpoint}"))?
             .tcp_nodelay(true)
             .connect()
@@ -191,14 +206,14 @@ fn bar(len: u64, msg: String) -> ProgressBar {
 
 /// Runs one closed-loop case: `clients` tasks issue `scenario` operations for `duration`.
 async fn closed_loop(t: &Target_, a: &StoreArgs, scenario: Scenario) -> anyhow::Result<Figures> {
-    let chans = channels(&t.endpoint, a.conns).await?;
+    let chans = channels(&t.endpoints, a.conns).await?;
     let value = Bytes::from(vec![b'v'; a.value_size]);
     if matches!(scenario, Scenario::Get | Scenario::GetSerializable | Scenario::Mix) {
         populate(&chans, a.keys, &value).await?;
     }
     let stop = Instant::now() + Duration::from_secs(a.duration);
     let errors = Arc::new(AtomicU64::new(0));
-    let cpu0 = t.pid.and_then(procs::cpu_seconds);
+    let cpu0 = t.cpu();
     let t0 = Instant::now();
     let pb = bar(a.duration, format!("{} {:?}", t.name, scenario));
     let mut tasks = Vec::new();
@@ -292,7 +307,7 @@ async fn closed_loop(t: &Target_, a: &StoreArgs, scenario: Scenario) -> anyhow::
     let secs = t0.elapsed().as_secs_f64();
     ticker.abort();
     pb.finish_and_clear();
-    let cpu = match (cpu0, t.pid.and_then(procs::cpu_seconds)) {
+    let cpu = match (cpu0, t.cpu()) {
         (Some(a), Some(b)) if !lat.is_empty() => Some((b - a) * 1e6 / lat.len() as f64),
         _ => None,
     };
@@ -326,7 +341,7 @@ fn cas(key: Bytes, rev: i64, value: Bytes) -> TxnRequest {
 /// Watch fan-out: `watchers` watchers of one key over `streams` streams; `puts` puts in
 /// lock step; latency = put sent → the last watcher received its event.
 async fn watch_fanout(t: &Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
-    let chans = channels(&t.endpoint, a.conns).await?;
+    let chans = channels(&t.endpoints, a.conns).await?;
     let wkey = Bytes::from(format!("/lg/watch/{}", std::process::id()));
     let mut kv = KvClient::new(chans[0].clone());
     let base = kv.put(PutRequest { key: wkey.clone(), value: Bytes::from_static(b"start"), ..Default::default() }).await?.into_inner();
@@ -385,7 +400,7 @@ async fn watch_fanout(t: &Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
     }
     pb.finish_and_clear();
     let pb = bar(n as u64, format!("{} lock-step puts", t.name));
-    let cpu0 = t.pid.and_then(procs::cpu_seconds);
+    let cpu0 = t.cpu();
     let t0 = Instant::now();
     let mut lat = Vec::with_capacity(n);
     let mut timeouts = 0;
@@ -411,7 +426,7 @@ async fn watch_fanout(t: &Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
     pb.finish_and_clear();
     // Let stragglers arrive before counting losses.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let cpu = match (cpu0, t.pid.and_then(procs::cpu_seconds)) {
+    let cpu = match (cpu0, t.cpu()) {
         (Some(a), Some(b)) => Some((b - a) * 1e6 / n.max(1) as f64),
         _ => None,
     };
@@ -437,7 +452,7 @@ async fn watch_fanout(t: &Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
 /// Writes `recovery_keys` keys (txns of 100 puts), kills the server with SIGKILL,
 /// restarts it on the same data and measures the time until a read succeeds.
 async fn recovery(mut t: Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
-    let chans = channels(&t.endpoint, 4).await?;
+    let chans = channels(&t.endpoints, 4).await?;
     let value = Bytes::from(vec![b'r'; a.value_size]);
     let n = a.recovery_keys;
     let pb = bar(n as u64, format!("{} writing keys", t.name));
@@ -465,10 +480,10 @@ async fn recovery(mut t: Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
     }
     pb.finish_and_clear();
     drop(chans);
-    let proc_ = t._proc.as_mut().expect("recovery runs on a server it started");
+    let proc_ = t.procs.first_mut().expect("recovery runs on a server it started");
     let t0 = Instant::now();
     proc_.kill9_and_restart()?;
-    t.pid = Some(proc_.pid());
+    let endpoint = t.endpoints[0].clone();
     // Ready = a linearizable read of the last key answers with its value.
     let last = key(n.saturating_sub(1));
     let secs = loop {
@@ -476,7 +491,7 @@ async fn recovery(mut t: Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
             bail!("{} did not serve within 600 s after restart", t.name);
         }
         let attempt = async {
-            let ch = Channel::from_shared(format!("http://{}", t.endpoint))?.connect().await?;
+            let ch = Channel::from_shared(format!("http://{endpoint}"))?.connect().await?;
             let r = KvClient::new(ch).range(RangeRequest { key: last.clone(), ..Default::default() }).await?;
             anyhow::Ok(r.into_inner().kvs.len())
         };
@@ -485,7 +500,7 @@ async fn recovery(mut t: Target_, a: &StoreArgs) -> anyhow::Result<Figures> {
             _ => tokio::time::sleep(Duration::from_millis(5)).await,
         }
     };
-    let ch = channels(&t.endpoint, 1).await?;
+    let ch = channels(&t.endpoints[..1], 1).await?;
     let all = KvClient::new(ch[0].clone())
         .range(RangeRequest { key: Bytes::from_static(b"/lg/k/"), range_end: Bytes::from_static(b"/lg/k0"), count_only: true, ..Default::default() })
         .await?
@@ -512,6 +527,12 @@ pub async fn run(a: StoreArgs) -> anyhow::Result<Value> {
     if a.clients == 0 || a.conns == 0 {
         bail!("--clients and --conns must be at least 1");
     }
+    if !matches!(a.members, 1 | 3 | 5) {
+        bail!("--members must be 1, 3 or 5, got {}", a.members);
+    }
+    if a.scenario == Scenario::Recovery && a.members != 1 {
+        bail!("the recovery scenario runs on one member");
+    }
     let scenarios: Vec<Scenario> = if a.scenario == Scenario::All {
         vec![Scenario::Put, Scenario::Get, Scenario::GetSerializable, Scenario::Txn, Scenario::Watch, Scenario::Mix]
     } else {
@@ -532,15 +553,15 @@ pub async fn run(a: StoreArgs) -> anyhow::Result<Value> {
                 bail!("the recovery scenario starts and kills its own servers; it cannot use --endpoint");
             }
             let t = match (sys, &a.endpoint) {
-                ("endpoint", Some(e)) => Target_ { name: "endpoint".into(), endpoint: e.clone(), pid: None, _proc: None },
+                ("endpoint", Some(e)) => Target_ { name: "endpoint".into(), endpoints: e.split(',').map(str::to_string).collect(), procs: vec![] },
                 ("shoal", _) => {
                     let bin = a.shoal_bin.clone().unwrap_or_else(procs::default_shoal_bin);
-                    let p = procs::start_shoal(&bin, a.data_base.as_deref(), &a.shoal_args)?;
-                    Target_ { name: "shoal".into(), endpoint: p.endpoint.to_string(), pid: Some(p.pid()), _proc: Some(p) }
+                    let ps = procs::start_shoal(&bin, a.data_base.as_deref(), &a.shoal_args, a.members)?;
+                    Target_ { name: "shoal".into(), endpoints: ps.iter().map(|p| p.endpoint.to_string()).collect(), procs: ps }
                 }
                 _ => {
-                    let p = procs::start_etcd(&a.etcd_bin, a.data_base.as_deref())?;
-                    Target_ { name: "etcd".into(), endpoint: p.endpoint.to_string(), pid: Some(p.pid()), _proc: Some(p) }
+                    let ps = procs::start_etcd(&a.etcd_bin, a.data_base.as_deref(), a.members)?;
+                    Target_ { name: "etcd".into(), endpoints: ps.iter().map(|p| p.endpoint.to_string()).collect(), procs: ps }
                 }
             };
             let f = match sc {
@@ -566,9 +587,9 @@ fn print_table(sc: Scenario, a: &StoreArgs, figs: &[Figures]) {
         return;
     }
     let what = if sc == Scenario::Watch {
-        format!("{} watchers over {} streams, {} lock-step puts", a.watchers, a.streams, a.puts)
+        format!("{} member(s), {} watchers over {} streams, {} lock-step puts", a.members, a.watchers, a.streams, a.puts)
     } else {
-        format!("{} clients over {} connections, {} s, {}-byte values", a.clients, a.conns, a.duration, a.value_size)
+        format!("{} member(s), {} clients over {} connections, {} s, {}-byte values", a.members, a.clients, a.conns.max(a.members), a.duration, a.value_size)
     };
     println!("\nstore/{}: {what}", scenario_name(sc));
     println!("{:<10} {:>12} {:>9} {:>9} {:>14} {:>8} {:>6} {:>6}", "system", "ops/s", "p50 ms", "p99 ms", "server µs/op", "errors", "lost", "dup");
@@ -601,7 +622,7 @@ fn print_table(sc: Scenario, a: &StoreArgs, figs: &[Figures]) {
 fn to_json(sc: Scenario, a: &StoreArgs, figs: &[Figures]) -> Value {
     let mut m = Map::new();
     m.insert("scenario".into(), json!(format!("store/{}", scenario_name(sc))));
-    m.insert("members".into(), json!(1));
+    m.insert("members".into(), json!(a.members));
     if sc == Scenario::Recovery {
         m.insert("keys".into(), json!(a.recovery_keys));
         for f in figs {

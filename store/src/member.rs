@@ -172,6 +172,10 @@ pub struct Member {
     gate: crate::raft::log::Gate,
     /// Proposals waiting to be committed together (leader only).
     batch_tx: mpsc::Sender<Proposal>,
+    /// Linearizable reads waiting for a read index; one leadership confirmation serves
+    /// every read that arrived before it started (etcd batches ReadIndex the same way).
+    read_waiters: Mutex<Vec<oneshot::Sender<Result<u64, StoreError>>>>,
+    read_notify: Arc<tokio::sync::Notify>,
 }
 
 struct Proposal {
@@ -299,7 +303,8 @@ impl Member {
         let (batch_tx, batch_rx) = mpsc::channel(65_536);
         tokio::spawn(batcher(raft.clone(), batch_rx));
         let seed = (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos() as u64) ^ me;
-        Ok(Arc::new(Member {
+        let read_notify = Arc::new(tokio::sync::Notify::new());
+        let member = Arc::new(Member {
             config,
             state,
             hub,
@@ -316,7 +321,11 @@ impl Member {
             was_leader: Mutex::new(false),
             gate,
             batch_tx,
-        }))
+            read_waiters: Mutex::new(Vec::new()),
+            read_notify: read_notify.clone(),
+        });
+        tokio::spawn(Member::read_index_loop(Arc::downgrade(&member), read_notify));
+        Ok(member)
     }
 
     /// Stops raft (its tasks and, once they drop the log, the log writer thread).
@@ -429,23 +438,54 @@ impl Member {
     /// (raft read index: the leader confirms it still leads, a follower asks the leader).
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
         let fut = async {
-            if self.leader().is_none() {
-                self.await_leader().await;
+            let (tx, rx) = oneshot::channel();
+            self.read_waiters.lock().push(tx);
+            self.read_notify.notify_one();
+            let index = rx.await.map_err(|_| StoreError::Stopped)??;
+            if self.applied_log_index() >= index {
+                return Ok(());
             }
-            let index = match self.raft.ensure_linearizable().await {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                    let node = f.leader_node.ok_or(StoreError::NoLeader)?;
-                    let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
-                    client.read_index(self.net.request(pb::Empty {})).await.map_err(remote)?.into_inner().index
-                }
-                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => return Err(StoreError::NoLeader),
-                Err(e) => return Err(StoreError::Internal(e.to_string())),
-            };
             self.raft.wait(Some(WRITE_TIMEOUT)).applied_index_at_least(Some(index), "read index").await.map_err(|_| StoreError::Timeout)?;
             Ok(())
         };
         tokio::time::timeout(WRITE_TIMEOUT, fut).await.map_err(|_| StoreError::Timeout)?
+    }
+
+    /// The commit index a linearizable read must wait for, confirmed against a quorum now:
+    /// on the leader by openraft, on a follower by asking the leader.
+    async fn fetch_read_index(&self) -> Result<u64, StoreError> {
+        if self.leader().is_none() {
+            self.await_leader().await;
+        }
+        match self.raft.get_read_log_id().await {
+            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                let node = f.leader_node.ok_or(StoreError::NoLeader)?;
+                let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
+                Ok(client.read_index(self.net.request(pb::Empty {})).await.map_err(remote)?.into_inner().index)
+            }
+            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(StoreError::NoLeader),
+            Err(e) => Err(StoreError::Internal(e.to_string())),
+        }
+    }
+
+    /// Serves waiting linearizable reads in batches: every read queued before a fetch
+    /// starts shares its result; reads arriving during it wait for the next one.
+    async fn read_index_loop(member: std::sync::Weak<Member>, notify: Arc<tokio::sync::Notify>) {
+        loop {
+            notify.notified().await;
+            let Some(m) = member.upgrade() else { return };
+            loop {
+                let batch = std::mem::take(&mut *m.read_waiters.lock());
+                if batch.is_empty() {
+                    break;
+                }
+                let r = m.fetch_read_index().await;
+                for w in batch {
+                    let _ = w.send(r.clone());
+                }
+            }
+        }
     }
 
     /// Keeps a lease alive: on the leader, which keeps the deadlines; forwarded otherwise.
@@ -489,9 +529,43 @@ impl Member {
         self.members().into_iter().find(|(id, _, _)| *id == leader).map(|(_, n, _)| n)
     }
 
+    /// This member as it should appear in the membership.
+    fn own_node(&self) -> Node {
+        Node { name: self.config.name.clone(), peer_addr: self.config.peer_addr.clone(), client_url: self.config.client_url.clone() }
+    }
+
+    /// Records this member's name and client URL in the membership once a leader exists.
+    async fn publish_self(&self) -> Result<bool, StoreError> {
+        let me = self.own_node();
+        match self.members().into_iter().find(|(id, _, _)| *id == self.member_id) {
+            Some((_, n, _)) if n == me => return Ok(true),
+            None => return Ok(false), // not a member (yet)
+            _ => {}
+        }
+        if self.is_leader() {
+            LeaderDuties::publish(self, me).await.map_err(remote)?;
+        } else {
+            let leader = self.leader_node().ok_or(StoreError::NoLeader)?;
+            let mut client = self.net.client(&leader.peer_addr).map_err(remote)?;
+            client.publish(self.net.request(codec::node_to_pb(&me))).await.map_err(remote)?;
+        }
+        Ok(true)
+    }
+
     /// Starts the background duties on the current tokio runtime: lease expiry (leader
-    /// only), watch catch-up and progress notifications.
+    /// only), watch catch-up, progress notifications, publishing this member's attributes.
     pub fn spawn_background(self: &Arc<Self>) {
+        let m = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                match m.publish_self().await {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => tracing::debug!(error = %e, "publishing member attributes; will retry"),
+                }
+            }
+        });
         let m = self.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -599,10 +673,11 @@ impl LeaderDuties for Member {
     }
 
     async fn read_index(&self) -> Result<u64, tonic::Status> {
-        match self.raft.get_read_log_id().await {
-            Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
-            Err(e) => Err(tonic::Status::unavailable(format!("etcdserver: not leader ({e})"))),
-        }
+        // Followers' requests join this leader's batches.
+        let (tx, rx) = oneshot::channel();
+        self.read_waiters.lock().push(tx);
+        self.read_notify.notify_one();
+        Ok(rx.await.map_err(|_| StoreError::Stopped)??)
     }
 
     async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, tonic::Status> {
@@ -611,5 +686,17 @@ impl LeaderDuties for Member {
 
     async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, tonic::Status> {
         Ok(Member::lease_time_to_live(self, req).await?)
+    }
+
+    async fn publish(&self, node: Node) -> Result<(), tonic::Status> {
+        let id = member_id(&node.peer_addr);
+        if !self.members().iter().any(|(i, _, _)| *i == id) {
+            return Err(StoreError::MemberNotFound.into());
+        }
+        self.raft
+            .change_membership(openraft::ChangeMembers::SetNodes([(id, node)].into()), true)
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("etcdserver: publishing member attributes failed: {e}")))?;
+        Ok(())
     }
 }

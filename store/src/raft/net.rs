@@ -185,6 +185,7 @@ pub trait LeaderDuties: Send + Sync + 'static {
     async fn read_index(&self) -> Result<u64, Status>;
     async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, Status>;
     async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status>;
+    async fn publish(&self, node: Node) -> Result<(), Status>;
 }
 
 /// The server side of `shoalraft.Raft`.
@@ -269,5 +270,11 @@ impl RaftRpc for RaftService {
     async fn lease_time_to_live(&self, req: Request<LeaseTimeToLiveRequest>) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         self.admit(&req)?;
         Ok(Response::new(self.duties.lease_time_to_live(req.into_inner()).await?))
+    }
+
+    async fn publish(&self, req: Request<pb::Node>) -> Result<Response<pb::Empty>, Status> {
+        self.admit(&req)?;
+        self.duties.publish(codec::node_from_pb(req.get_ref())).await?;
+        Ok(Response::new(pb::Empty {}))
     }
 }
