@@ -201,3 +201,53 @@ fn member_list_and_follower_writes_on_three_members() {
     let st = common::json(&f.ok(&["endpoint", "status", "-w", "json"]));
     assert!(st[0]["Status"]["raftIndex"].as_u64().unwrap() > 3);
 }
+
+/// Waits until `f` holds, polling; fails the test with `what` after `secs`.
+fn eventually(secs: u64, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what} (waited {secs} s)");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn member_add_and_remove_at_runtime() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3);
+    eventually(20, "no leader", || c.leader().is_some());
+    c.members[0].ok(&["put", "before", "1"]);
+    // Every member publishes its name and client URL.
+    eventually(10, "members did not publish their client URLs", || {
+        let ml = common::json(&c.members[0].ok(&["member", "list", "-w", "json"]));
+        ml["members"].as_array().unwrap().iter().all(|m| m["clientURLs"].as_array().is_some_and(|u| !u.is_empty()) && m["name"] != "")
+    });
+
+    let new = c.add_member();
+    // The new member catches up (serializable read on it) and takes writes.
+    eventually(20, "the new member did not catch up", || c.members[new].ok(&["get", "before", "--consistency=s", "--print-value-only"]) == "1\n");
+    c.members[new].ok(&["put", "after", "2"]);
+    assert_eq!(c.members[1].ok(&["get", "after", "--print-value-only"]), "2\n");
+    eventually(10, "the new member is not a published voter", || {
+        let ml = common::json(&c.members[0].ok(&["member", "list", "-w", "json"]));
+        let ms = ml["members"].as_array().unwrap();
+        ms.len() == 4 && ms.iter().any(|m| m["name"] == "m3" && m["isLearner"] != true)
+    });
+    // Adding the same peer twice is refused.
+    let peer = c.members[new].peer;
+    let err = c.members[0].err(&["member", "add", "dup", &format!("--peer-urls=http://{peer}")]);
+    assert!(err.contains("Peer URLs already exists"), "{err}");
+
+    // Remove a member that is not the one we talk to; the cluster keeps working.
+    let victim = c.member_id(1);
+    c.members[0].ok(&["member", "remove", &format!("{victim:x}")]);
+    eventually(10, "member list still shows the removed member", || {
+        let ml = common::json(&c.members[0].ok(&["member", "list", "-w", "json"]));
+        ml["members"].as_array().unwrap().len() == 3
+    });
+    c.members[1].kill9();
+    c.members[new].ok(&["put", "after-remove", "3"]);
+    assert_eq!(c.members[2].ok(&["get", "after-remove", "--print-value-only"]), "3\n");
+    // Removing an unknown member is NotFound with etcd's message.
+    assert!(c.members[0].err(&["member", "remove", "1234"]).contains("member not found"));
+}

@@ -112,15 +112,12 @@ impl StoreConfig {
         Ok(())
     }
 
-    /// The members a new cluster starts with.
+    /// The members a new cluster starts with. Every member bootstraps with exactly this
+    /// (raft treats entries with the same log id as identical), so it holds only what all
+    /// of them know: names and peer addresses. Client URLs are published after start.
     fn bootstrap_members(&self) -> BTreeMap<u64, Node> {
         let list = if self.initial_cluster.is_empty() { vec![(self.name.clone(), self.peer_addr.clone())] } else { self.initial_cluster.clone() };
-        list.into_iter()
-            .map(|(name, addr)| {
-                let client_url = if name == self.name { self.client_url.clone() } else { String::new() };
-                (member_id(&addr), Node { name, peer_addr: addr, client_url })
-            })
-            .collect()
+        list.into_iter().map(|(name, addr)| (member_id(&addr), Node { name, peer_addr: addr, client_url: String::new() })).collect()
     }
 }
 
@@ -410,28 +407,29 @@ impl Member {
     }
 
     async fn propose_inner(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
-        for _ in 0..3 {
-            if self.leader().is_none() {
-                self.await_leader().await;
+        // Retried until the caller's timeout while leadership is moving: the old leader
+        // may be gone, the new one not yet elected (etcd waits for a leader the same way).
+        loop {
+            match self.propose_once(&cmd).await {
+                Err(StoreError::NoLeader | StoreError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
+                r => return r,
             }
-            if self.is_leader() {
-                let (reply, rx) = oneshot::channel();
-                self.batch_tx.send(Proposal { cmd: cmd.clone(), reply }).await.map_err(|_| StoreError::Stopped)?;
-                match rx.await.map_err(|_| StoreError::Stopped)? {
-                    // Leadership moved while the batch was in flight: try the new leader.
-                    Err(StoreError::NotLeader) => continue,
-                    r => return r,
-                }
-            }
-            let Some(node) = self.leader_node() else { continue };
-            if self.leader() == Some(self.member_id) {
-                continue;
-            }
-            let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
-            let r = client.forward(self.net.request(cmd.clone())).await.map_err(remote)?.into_inner();
-            return applied_from_pb(r);
         }
-        Err(StoreError::NoLeader)
+    }
+
+    async fn propose_once(&self, cmd: &LogCommand) -> Result<Applied, StoreError> {
+        if self.leader().is_none() {
+            self.await_leader().await;
+        }
+        if self.is_leader() {
+            let (reply, rx) = oneshot::channel();
+            self.batch_tx.send(Proposal { cmd: cmd.clone(), reply }).await.map_err(|_| StoreError::Stopped)?;
+            return rx.await.map_err(|_| StoreError::Stopped)?;
+        }
+        let node = self.leader_node().ok_or(StoreError::NoLeader)?;
+        let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
+        let r = client.forward(self.net.request(cmd.clone())).await.map_err(remote)?.into_inner();
+        applied_from_pb(r)
     }
 
     /// Waits until this member's state reflects every write acknowledged before the call
@@ -524,6 +522,12 @@ impl Member {
         Ok(LeaseTimeToLiveResponse { header: self.header_at(st.mvcc.rev()), id: req.id, ttl, granted_ttl: l.ttl, keys })
     }
 
+    /// A client of the leader's raft service (for requests only it can answer).
+    pub fn leader_client(&self) -> Result<shoal_proto::shoalraft::raft_client::RaftClient<tonic::transport::Channel>, tonic::Status> {
+        let leader = self.leader_node().ok_or(StoreError::NoLeader)?;
+        self.net.client(&leader.peer_addr)
+    }
+
     fn leader_node(&self) -> Option<Node> {
         let leader = self.leader()?;
         self.members().into_iter().find(|(id, _, _)| *id == leader).map(|(_, n, _)| n)
@@ -557,12 +561,13 @@ impl Member {
     pub fn spawn_background(self: &Arc<Self>) {
         let m = self.clone();
         tokio::spawn(async move {
+            // Checked for good, not once: a member's own bootstrap entry can be replaced
+            // by the leader's (which lacks this member's client URL), and a member added
+            // later starts with no attributes at all.
             loop {
                 tokio::time::sleep(Duration::from_millis(300)).await;
-                match m.publish_self().await {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => tracing::debug!(error = %e, "publishing member attributes; will retry"),
+                if let Err(e) = m.publish_self().await {
+                    tracing::debug!(error = %e, "publishing member attributes; will retry");
                 }
             }
         });
@@ -632,7 +637,9 @@ impl Member {
 /// A status from a peer, kept with its code and etcd-worded message.
 fn remote(s: tonic::Status) -> StoreError {
     match s.code() {
-        tonic::Code::Unavailable if s.message().contains("transport") || s.message().contains("partitioned") => StoreError::NoLeader,
+        // The leader could not be reached (gone, restarting, partitioned): look again.
+        tonic::Code::Unavailable | tonic::Code::Unknown if !s.message().starts_with("etcdserver:") => StoreError::NoLeader,
+        tonic::Code::Unavailable if s.message() == "etcdserver: no leader" || s.message() == "etcdserver: not leader" => StoreError::NoLeader,
         _ => StoreError::Remote { code: s.code(), message: s.message().to_string() },
     }
 }
@@ -686,6 +693,18 @@ impl LeaderDuties for Member {
 
     async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, tonic::Status> {
         Ok(Member::lease_time_to_live(self, req).await?)
+    }
+
+    async fn member_add(&self, req: shoal_proto::etcdserverpb::MemberAddRequest) -> Result<shoal_proto::etcdserverpb::MemberAddResponse, tonic::Status> {
+        self.member_add_local(req).await
+    }
+
+    async fn member_remove(&self, req: shoal_proto::etcdserverpb::MemberRemoveRequest) -> Result<shoal_proto::etcdserverpb::MemberRemoveResponse, tonic::Status> {
+        self.member_remove_local(req).await
+    }
+
+    async fn member_promote(&self, req: shoal_proto::etcdserverpb::MemberPromoteRequest) -> Result<shoal_proto::etcdserverpb::MemberPromoteResponse, tonic::Status> {
+        self.member_promote_local(req).await
     }
 
     async fn publish(&self, node: Node) -> Result<(), tonic::Status> {

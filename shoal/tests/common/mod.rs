@@ -237,3 +237,43 @@ impl Cluster {
         }
     }
 }
+
+impl Cluster {
+    /// Adds a member through `etcdctl member add` on member 0, then starts it joining the
+    /// existing cluster. Returns its index.
+    pub fn add_member(&mut self) -> usize {
+        let i = self.members.len();
+        let name = format!("m{i}");
+        let peer: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let out = self.members[0].ok(&["member", "add", &name, &format!("--peer-urls=http://{peer}")]);
+        assert!(out.contains("added to cluster"), "{out}");
+        let mut ic: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer)).collect();
+        ic.push(format!("{name}={peer}"));
+        let faults = self.dir.join(format!("faults-{name}"));
+        std::fs::write(&faults, b"").unwrap();
+        let mut s = Server {
+            child: None,
+            name: name.clone(),
+            data_dir: self.dir.join(&name),
+            etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer,
+            metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            extra: vec![
+                "--initial-cluster".into(),
+                ic.join(","),
+                "--initial-cluster-state".into(),
+                "existing".into(),
+                "--heartbeat-interval".into(),
+                "50".into(),
+                "--election-timeout".into(),
+                "400".into(),
+                "--fault-file".into(),
+                faults.display().to_string(),
+            ],
+            log: self.dir.join(format!("{name}.log")),
+        };
+        s.spawn();
+        self.members.push(s);
+        i
+    }
+}

@@ -1,16 +1,12 @@
 //! etcd Maintenance and Cluster services.
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::Stream;
-use shoal_proto::etcdserverpb::cluster_server::Cluster;
 use shoal_proto::etcdserverpb::maintenance_server::Maintenance;
 use shoal_proto::etcdserverpb::{
     alarm_request::AlarmAction, AlarmRequest, AlarmResponse, AlarmType, DefragmentRequest, DefragmentResponse,
-    HashKvRequest, HashKvResponse, HashRequest, HashResponse, Member as PbMember, MemberAddRequest, MemberAddResponse,
-    MemberListRequest, MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
-    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse, MoveLeaderRequest, MoveLeaderResponse,
+    HashKvRequest, HashKvResponse, HashRequest, HashResponse, MoveLeaderRequest, MoveLeaderResponse,
     SnapshotRequest, SnapshotResponse, StatusRequest, StatusResponse,
 };
 use shoal_proto::shoalstore::log_command::Cmd;
@@ -19,7 +15,6 @@ use tonic::{Request, Response, Status};
 use super::lease::async_stream;
 use super::EtcdService;
 use crate::error::StoreError;
-use crate::member::Member;
 use crate::state::Applied;
 
 /// The etcd API version Shoal reports; clients gate features on it.
@@ -164,99 +159,3 @@ fn hash_kv(mvcc: &crate::mvcc::Mvcc, rev: i64) -> u32 {
     h.finalize()
 }
 
-/// etcd Cluster service over raft membership.
-#[derive(Clone)]
-pub struct ClusterService {
-    pub(crate) m: Arc<Member>,
-}
-
-impl ClusterService {
-    fn members(&self) -> Vec<PbMember> {
-        self.m
-            .members()
-            .into_iter()
-            .map(|(id, n, learner)| PbMember {
-                id,
-                name: n.name,
-                peer_ur_ls: vec![format!("http://{}", n.peer_addr)],
-                client_ur_ls: if n.client_url.is_empty() { vec![] } else { vec![n.client_url] },
-                is_learner: learner,
-            })
-            .collect()
-    }
-
-    fn not_leader(e: impl std::fmt::Display) -> Status {
-        Status::unavailable(format!("etcdserver: membership change failed: {e}"))
-    }
-}
-
-/// `http://host:port` or `host:port` → `host:port`, validated.
-fn peer_addr(url: &str) -> Result<String, Status> {
-    let a = url.trim_start_matches("http://");
-    a.parse::<std::net::SocketAddr>().map_err(|_| Status::invalid_argument(format!("etcdserver: invalid peer URL {url:?} (want http://host:port)")))?;
-    Ok(a.to_string())
-}
-
-#[tonic::async_trait]
-impl Cluster for ClusterService {
-    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        let r = req.into_inner();
-        let [url] = r.peer_ur_ls.as_slice() else {
-            return Err(Status::invalid_argument("etcdserver: a member needs exactly one peer URL"));
-        };
-        let addr = peer_addr(url)?;
-        let id = crate::raft::member_id(&addr);
-        if self.m.members().iter().any(|(i, n, _)| *i == id || n.peer_addr == addr) {
-            return Err(Status::failed_precondition("etcdserver: Peer URLs already exists"));
-        }
-        let node = crate::raft::Node { name: String::new(), peer_addr: addr, client_url: String::new() };
-        // As a learner first (it catches up without counting for quorum), then a voter
-        // unless the caller asked for a learner.
-        self.m.raft.add_learner(id, node, false).await.map_err(Self::not_leader)?;
-        if !r.is_learner {
-            let voters: std::collections::BTreeSet<u64> = self.m.members().into_iter().filter(|(_, _, l)| !l).map(|(i, _, _)| i).chain([id]).collect();
-            self.m.raft.change_membership(voters, true).await.map_err(Self::not_leader)?;
-        }
-        let members = self.members();
-        let member = members.iter().find(|m| m.id == id).cloned();
-        Ok(Response::new(MemberAddResponse { header: self.m.header(), member, members }))
-    }
-
-    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        let id = req.into_inner().id;
-        let all = self.m.members();
-        if !all.iter().any(|(i, _, _)| *i == id) {
-            return Err(StoreError::MemberNotFound.into());
-        }
-        let voters: std::collections::BTreeSet<u64> = all.iter().filter(|(i, _, l)| !l && *i != id).map(|(i, _, _)| *i).collect();
-        if voters.is_empty() {
-            return Err(Status::failed_precondition("etcdserver: cannot remove the last voting member"));
-        }
-        self.m.raft.change_membership(voters, false).await.map_err(Self::not_leader)?;
-        Ok(Response::new(MemberRemoveResponse { header: self.m.header(), members: self.members() }))
-    }
-
-    async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        if !self.m.members().iter().any(|(i, _, _)| *i == req.get_ref().id) {
-            return Err(StoreError::MemberNotFound.into());
-        }
-        Err(Status::unimplemented("etcdserver: changing a member's peer URLs is not supported: remove the member and add it again"))
-    }
-
-    async fn member_list(&self, _req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        Ok(Response::new(MemberListResponse { header: self.m.header(), members: self.members() }))
-    }
-
-    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        let id = req.into_inner().id;
-        let all = self.m.members();
-        match all.iter().find(|(i, _, _)| *i == id) {
-            None => return Err(StoreError::MemberNotFound.into()),
-            Some((_, _, false)) => return Err(Status::failed_precondition("etcdserver: can only promote a learner member")),
-            _ => {}
-        }
-        let voters: std::collections::BTreeSet<u64> = all.iter().filter(|(i, _, l)| !l || *i == id).map(|(i, _, _)| *i).collect();
-        self.m.raft.change_membership(voters, true).await.map_err(Self::not_leader)?;
-        Ok(Response::new(MemberPromoteResponse { header: self.m.header(), members: self.members() }))
-    }
-}

@@ -4,6 +4,7 @@
 //! the log (Architecture Invariant 5); errors carry etcd's codes and messages.
 
 mod bolt;
+mod cluster;
 mod kv;
 mod lease;
 mod maintenance;
@@ -20,7 +21,7 @@ use shoal_proto::raw_watch::watch_server::WatchServer;
 
 use crate::member::Member;
 
-pub use maintenance::ClusterService;
+pub use cluster::ClusterService;
 
 /// Extra bytes a gRPC message may carry beyond the request limit (etcd's allowance).
 const GRPC_OVERHEAD: usize = 512 * 1024;

@@ -10,7 +10,10 @@ use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, U
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest, VoteResponse};
 use parking_lot::{Mutex, RwLock};
-use shoal_proto::etcdserverpb::{LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse};
+use shoal_proto::etcdserverpb::{
+    LeaseKeepAliveRequest, LeaseKeepAliveResponse, LeaseTimeToLiveRequest, LeaseTimeToLiveResponse, MemberAddRequest,
+    MemberAddResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse,
+};
 use shoal_proto::shoalraft::{self as pb, raft_client::RaftClient, raft_server::Raft as RaftRpc};
 use shoal_proto::shoalstore::LogCommand;
 use tonic::transport::Channel;
@@ -186,6 +189,9 @@ pub trait LeaderDuties: Send + Sync + 'static {
     async fn lease_keep_alive(&self, req: LeaseKeepAliveRequest) -> Result<LeaseKeepAliveResponse, Status>;
     async fn lease_time_to_live(&self, req: LeaseTimeToLiveRequest) -> Result<LeaseTimeToLiveResponse, Status>;
     async fn publish(&self, node: Node) -> Result<(), Status>;
+    async fn member_add(&self, req: MemberAddRequest) -> Result<MemberAddResponse, Status>;
+    async fn member_remove(&self, req: MemberRemoveRequest) -> Result<MemberRemoveResponse, Status>;
+    async fn member_promote(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse, Status>;
 }
 
 /// The server side of `shoalraft.Raft`.
@@ -276,5 +282,20 @@ impl RaftRpc for RaftService {
         self.admit(&req)?;
         self.duties.publish(codec::node_from_pb(req.get_ref())).await?;
         Ok(Response::new(pb::Empty {}))
+    }
+
+    async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        self.admit(&req)?;
+        Ok(Response::new(self.duties.member_add(req.into_inner()).await?))
+    }
+
+    async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.admit(&req)?;
+        Ok(Response::new(self.duties.member_remove(req.into_inner()).await?))
+    }
+
+    async fn member_promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
+        self.admit(&req)?;
+        Ok(Response::new(self.duties.member_promote(req.into_inner()).await?))
     }
 }
