@@ -117,7 +117,14 @@ impl StoreConfig {
     /// of them know: names and peer addresses. Client URLs are published after start.
     fn bootstrap_members(&self) -> BTreeMap<u64, Node> {
         let list = if self.initial_cluster.is_empty() { vec![(self.name.clone(), self.peer_addr.clone())] } else { self.initial_cluster.clone() };
-        list.into_iter().map(|(name, addr)| (member_id(&addr), Node { name, peer_addr: addr, client_url: String::new() })).collect()
+        let alone = list.len() == 1;
+        list.into_iter()
+            .map(|(name, addr)| {
+                // A lone member bootstraps alone: it may state its own client URL at once.
+                let client_url = if alone { self.client_url.clone() } else { String::new() };
+                (member_id(&addr), Node { name, peer_addr: addr, client_url })
+            })
+            .collect()
     }
 }
 
@@ -565,10 +572,15 @@ impl Member {
             // by the leader's (which lacks this member's client URL), and a member added
             // later starts with no attributes at all.
             loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                if let Err(e) = m.publish_self().await {
-                    tracing::debug!(error = %e, "publishing member attributes; will retry");
-                }
+                let pause = match m.publish_self().await {
+                    Ok(true) => Duration::from_secs(1),
+                    Ok(false) => Duration::from_millis(100),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "publishing member attributes; will retry");
+                        Duration::from_millis(100)
+                    }
+                };
+                tokio::time::sleep(pause).await;
             }
         });
         let m = self.clone();
