@@ -251,3 +251,29 @@ fn member_add_and_remove_at_runtime() {
     // Removing an unknown member is NotFound with etcd's message.
     assert!(c.members[0].err(&["member", "remove", "1234"]).contains("member not found"));
 }
+
+#[test]
+fn leases_survive_a_leader_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = Cluster::start(dir.path(), 3);
+    let mut leader = None;
+    eventually(20, "no leader", || {
+        leader = c.leader();
+        leader.is_some()
+    });
+    let leader = leader.unwrap();
+    let other = (leader + 1) % 3;
+    let out = c.members[other].ok(&["lease", "grant", "8"]);
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    c.members[other].ok(&["put", "held", "v", "--lease", &id]);
+    // The leader dies; a new one takes over expiry duty with a fresh full TTL.
+    c.members[leader].kill9();
+    eventually(20, "no new leader", || c.leader().is_some_and(|l| l != leader));
+    let ttl = c.members[other].ok(&["lease", "timetolive", &id, "--keys"]);
+    assert!(ttl.contains("attached keys([held])"), "{ttl}");
+    assert!(c.members[other].ok(&["lease", "keep-alive", "--once", &id]).contains("keepalived with TTL(8)"));
+    assert_eq!(c.members[other].ok(&["get", "held", "--print-value-only"]), "v\n");
+    // Without keep-alives it still expires, driven by the new leader.
+    eventually(20, "the lease did not expire under the new leader", || c.members[other].ok(&["get", "held"]).is_empty());
+    assert!(c.members[other].ok(&["lease", "timetolive", &id]).contains("already expired"));
+}
