@@ -46,4 +46,10 @@ for _ in $(seq 1 100); do
   sleep 0.1
 done
 [ -n "$follower" ] || { echo "no follower found in the 3-member cluster" >&2; exit 1; }
+# Members publish their client URLs shortly after start (as etcd members do); wait for it.
+for _ in $(seq 1 100); do
+  ml=$(ETCDCTL_API=3 etcdctl --endpoints "$follower" member list -w json 2>/dev/null || true)
+  python3 -c 'import json,sys; m=json.loads(sys.argv[1])["members"]; sys.exit(0 if len(m)==3 and all(x.get("clientURLs") for x in m) else 1)' "$ml" 2>/dev/null && break
+  sleep 0.1
+done
 suite "$follower"
