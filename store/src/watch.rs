@@ -239,12 +239,8 @@ impl WatchHub {
                 continue;
             }
             let responses = self.responses(w, last_rev, std::mem::take(&mut out));
-            match s.tx.try_reserve_many(responses.len()) {
-                Ok(permits) => {
-                    for (p, r) in permits.zip(responses) {
-                        self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
-                        p.send(Ok(r));
-                    }
+            match self.send_all(&s.tx, responses) {
+                Ok(()) => {
                     w.next_rev = last_rev + 1;
                     w.active = true;
                 }
@@ -263,6 +259,16 @@ impl WatchHub {
                 }
             }
         }
+    }
+
+    /// Queues every response or none (a watcher never gets part of a revision).
+    fn send_all(&self, tx: &mpsc::Sender<WatchItem>, responses: Vec<WatchResponseRaw>) -> Result<(), mpsc::error::TrySendError<()>> {
+        let permits = tx.try_reserve_many(responses.len().max(1))?;
+        for (p, r) in permits.zip(responses) {
+            self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
+            p.send(Ok(r));
+        }
+        Ok(())
     }
 
     /// Splits a watcher's events into responses (fragmenting only when asked).
@@ -336,12 +342,8 @@ impl WatchHub {
                 .map(|(rev, e)| Encoded { rev: *rev, ev: e, plain: None, with_prev: None }.get(w.prev_kv))
                 .collect();
             let responses = if filtered.is_empty() { vec![] } else { self.chunked(w, cur, filtered) };
-            match s.tx.try_reserve_many(responses.len().max(1)) {
-                Ok(permits) => {
-                    for (p, r) in permits.zip(responses) {
-                        self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
-                        p.send(Ok(r));
-                    }
+            match self.send_all(&s.tx, responses) {
+                Ok(()) => {
                     w.next_rev = cur + 1;
                     w.lagging = false;
                     w.active = true;

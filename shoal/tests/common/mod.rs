@@ -105,6 +105,28 @@ impl Server {
     }
 }
 
+impl Server {
+    /// A (not yet started) cluster member with fast raft timing and its own fault file.
+    pub fn member(dir: &Path, name: &str, peer: SocketAddr, initial_cluster: &str, state: &str) -> Server {
+        let faults = dir.join(format!("faults-{name}"));
+        std::fs::write(&faults, b"").unwrap();
+        Server {
+            child: None,
+            name: name.to_string(),
+            data_dir: dir.join(name),
+            etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            peer,
+            metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            extra: ["--initial-cluster", initial_cluster, "--initial-cluster-state", state, "--heartbeat-interval", "50", "--election-timeout", "400", "--fault-file"]
+                .iter()
+                .map(|s| s.to_string())
+                .chain([faults.display().to_string()])
+                .collect(),
+            log: dir.join(format!("{name}.log")),
+        }
+    }
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         self.kill9();
@@ -165,27 +187,7 @@ impl Cluster {
         let ic = peers.iter().map(|(name, p)| format!("{name}=127.0.0.1:{p}")).collect::<Vec<_>>().join(",");
         let mut members = Vec::new();
         for (name, p) in &peers {
-            let faults = dir.join(format!("faults-{name}"));
-            std::fs::write(&faults, b"").unwrap();
-            let mut s = Server {
-                child: None,
-                name: name.clone(),
-                data_dir: dir.join(name),
-                etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-                peer: format!("127.0.0.1:{p}").parse().unwrap(),
-                metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-                extra: vec![
-                    "--initial-cluster".into(),
-                    ic.clone(),
-                    "--heartbeat-interval".into(),
-                    "50".into(),
-                    "--election-timeout".into(),
-                    "400".into(),
-                    "--fault-file".into(),
-                    faults.display().to_string(),
-                ],
-                log: dir.join(format!("{name}.log")),
-            };
+            let mut s = Server::member(dir, name, format!("127.0.0.1:{p}").parse().unwrap(), &ic, "new");
             s.spawn();
             members.push(s);
         }
@@ -249,29 +251,7 @@ impl Cluster {
         assert!(out.contains("added to cluster"), "{out}");
         let mut ic: Vec<String> = self.members.iter().map(|m| format!("{}={}", m.name, m.peer)).collect();
         ic.push(format!("{name}={peer}"));
-        let faults = self.dir.join(format!("faults-{name}"));
-        std::fs::write(&faults, b"").unwrap();
-        let mut s = Server {
-            child: None,
-            name: name.clone(),
-            data_dir: self.dir.join(&name),
-            etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            peer,
-            metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
-            extra: vec![
-                "--initial-cluster".into(),
-                ic.join(","),
-                "--initial-cluster-state".into(),
-                "existing".into(),
-                "--heartbeat-interval".into(),
-                "50".into(),
-                "--election-timeout".into(),
-                "400".into(),
-                "--fault-file".into(),
-                faults.display().to_string(),
-            ],
-            log: self.dir.join(format!("{name}.log")),
-        };
+        let mut s = Server::member(&self.dir, &name, peer, &ic.join(","), "existing");
         s.spawn();
         self.members.push(s);
         i
