@@ -410,7 +410,7 @@ impl Member {
 
     /// Waits (bounded by the caller's timeout) until some member is known to lead.
     async fn await_leader(&self) {
-        let _ = self.raft.wait(Some(WRITE_TIMEOUT)).metrics(|m| m.current_leader.is_some(), "a leader").await;
+        let _ = self.raft.wait(Some(WRITE_TIMEOUT)).metrics(|m| m.current_leader.is_some() || m.running_state.is_err(), "a leader").await;
     }
 
     async fn propose_inner(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
@@ -427,6 +427,10 @@ impl Member {
     async fn propose_once(&self, cmd: &LogCommand) -> Result<Applied, StoreError> {
         if self.leader().is_none() {
             self.await_leader().await;
+        }
+        // A member whose log failed (or that shut down) answers at once, not at the timeout.
+        if self.is_failed() {
+            return Err(StoreError::Stopped);
         }
         if self.is_leader() {
             let (reply, rx) = oneshot::channel();
@@ -461,6 +465,9 @@ impl Member {
     async fn fetch_read_index(&self) -> Result<u64, StoreError> {
         if self.leader().is_none() {
             self.await_leader().await;
+        }
+        if self.is_failed() {
+            return Err(StoreError::Stopped);
         }
         match self.raft.get_read_log_id().await {
             Ok((read, _)) => Ok(read.map_or(0, |l| l.index)),
