@@ -23,8 +23,12 @@ use crate::error::StoreError;
 use crate::mvcc::{Event, EventKind, KeyRange, Rev};
 use crate::state::{event_to_pb, State};
 
-/// What a stream's queue carries.
+/// One response as the client stream yields it.
 pub type WatchItem = Result<WatchResponseRaw, tonic::Status>;
+
+/// What a stream's queue carries: responses queued together (one publish fans out to a
+/// stream's watchers as one queue operation, not one per watcher).
+pub type WatchBatch = Vec<WatchItem>;
 
 /// Identity stamped on every response header.
 #[derive(Clone, Copy, Debug, Default)]
@@ -51,7 +55,7 @@ struct Watcher {
 }
 
 struct StreamEntry {
-    tx: mpsc::Sender<WatchItem>,
+    tx: mpsc::Sender<WatchBatch>,
     /// A progress request arrived while some watcher lagged: answer once synced.
     progress_pending: bool,
 }
@@ -116,7 +120,7 @@ impl WatchHub {
     }
 
     /// Registers a client stream; its responses go to `tx`.
-    pub fn open_stream(&self, tx: mpsc::Sender<WatchItem>) -> u64 {
+    pub fn open_stream(&self, tx: mpsc::Sender<WatchBatch>) -> u64 {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         self.inner.lock().streams.insert(id, StreamEntry { tx, progress_pending: false });
         id
@@ -210,6 +214,8 @@ impl WatchHub {
         let Inner { watchers, streams, lagging } = &mut *g;
         let mut dead = Vec::new();
         let mut out: Vec<Bytes> = Vec::new();
+        // Per stream: the responses of all its watchers, and (watcher, its new next_rev).
+        let mut per_stream: HashMap<u64, (WatchBatch, Vec<((u64, i64), Rev)>)> = HashMap::new();
         for (key, w) in watchers.iter_mut() {
             if w.lagging {
                 continue;
@@ -230,26 +236,42 @@ impl WatchHub {
             if last_rev == 0 {
                 continue;
             }
-            let Some(s) = streams.get(&w.stream) else {
+            if !streams.contains_key(&w.stream) {
                 dead.push(*key);
                 continue;
-            };
+            }
             if out.is_empty() {
                 w.next_rev = last_rev + 1;
                 continue;
             }
-            let responses = self.responses(w, last_rev, std::mem::take(&mut out));
-            match self.send_all(&s.tx, responses) {
+            let entry = per_stream.entry(w.stream).or_default();
+            entry.0.extend(self.responses(w, last_rev, std::mem::take(&mut out)).into_iter().map(Ok));
+            entry.1.push((*key, last_rev + 1));
+        }
+        for (sid, (batch, moved)) in per_stream {
+            let Some(s) = streams.get(&sid) else { continue };
+            let n: u64 = batch.iter().map(|r| r.as_ref().map_or(0, |r| r.events.len() as u64)).sum();
+            match s.tx.try_send(batch) {
                 Ok(()) => {
-                    w.next_rev = last_rev + 1;
-                    w.active = true;
+                    self.events_sent.fetch_add(n, Ordering::Relaxed);
+                    for (key, next) in moved {
+                        if let Some(w) = watchers.get_mut(&key) {
+                            w.next_rev = next;
+                            w.active = true;
+                        }
+                    }
                 }
                 Err(mpsc::error::TrySendError::Full(_)) => {
-                    // The client reads slower than we write: catch it up from history later.
-                    w.lagging = true;
-                    *lagging += 1;
+                    // The client reads slower than we write: its watchers catch up from
+                    // history later, from the revisions they have not been sent.
+                    for (key, _) in moved {
+                        if let Some(w) = watchers.get_mut(&key) {
+                            w.lagging = true;
+                            *lagging += 1;
+                        }
+                    }
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => dead.push(*key),
+                Err(mpsc::error::TrySendError::Closed(_)) => dead.extend(moved.into_iter().map(|(k, _)| k)),
             }
         }
         for k in dead {
@@ -261,13 +283,11 @@ impl WatchHub {
         }
     }
 
-    /// Queues every response or none (a watcher never gets part of a revision).
-    fn send_all(&self, tx: &mpsc::Sender<WatchItem>, responses: Vec<WatchResponseRaw>) -> Result<(), mpsc::error::TrySendError<()>> {
-        let permits = tx.try_reserve_many(responses.len().max(1))?;
-        for (p, r) in permits.zip(responses) {
-            self.events_sent.fetch_add(r.events.len() as u64, Ordering::Relaxed);
-            p.send(Ok(r));
-        }
+    /// Queues every response as one batch, or none (a watcher never gets part of a revision).
+    fn send_all(&self, tx: &mpsc::Sender<WatchBatch>, responses: Vec<WatchResponseRaw>) -> Result<(), mpsc::error::TrySendError<WatchBatch>> {
+        let n: u64 = responses.iter().map(|r| r.events.len() as u64).sum();
+        tx.try_send(responses.into_iter().map(Ok).collect())?;
+        self.events_sent.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 
@@ -326,7 +346,7 @@ impl WatchHub {
                     cancel_reason: StoreError::Compacted { compact_rev: compact }.to_string(),
                     ..Default::default()
                 };
-                if s.tx.try_send(Ok(resp)).is_ok() {
+                if s.tx.try_send(vec![Ok(resp)]).is_ok() {
                     watchers.remove(&key);
                     *lagging -= 1;
                 }
@@ -358,7 +378,7 @@ impl WatchHub {
             if !g.watchers.values().any(|w| w.stream == sid && w.lagging) {
                 if let Some(s) = g.streams.get_mut(&sid) {
                     let resp = WatchResponseRaw { header: self.header(cur), watch_id: -1, ..Default::default() };
-                    if s.tx.try_send(Ok(resp)).is_ok() {
+                    if s.tx.try_send(vec![Ok(resp)]).is_ok() {
                         s.progress_pending = false;
                     }
                 }
@@ -398,7 +418,7 @@ impl WatchHub {
         if let Some(s) = g.streams.get_mut(&stream) {
             if synced {
                 let resp = WatchResponseRaw { header: self.header(st.mvcc.rev()), watch_id: -1, ..Default::default() };
-                if s.tx.try_send(Ok(resp)).is_err() {
+                if s.tx.try_send(vec![Ok(resp)]).is_err() {
                     s.progress_pending = true;
                 }
             } else {
@@ -422,7 +442,7 @@ impl WatchHub {
             }
             if let Some(s) = streams.get(&w.stream) {
                 let resp = WatchResponseRaw { header: self.header(rev), watch_id: w.watch_id, ..Default::default() };
-                let _ = s.tx.try_send(Ok(resp));
+                let _ = s.tx.try_send(vec![Ok(resp)]);
             }
         }
     }

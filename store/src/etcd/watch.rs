@@ -13,10 +13,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::EtcdService;
 use crate::mvcc::KeyRange;
-use crate::watch::{WatchItem, WatchSpec};
+use crate::watch::{WatchBatch, WatchItem, WatchSpec};
 
-/// Responses queued per stream before its watchers fall back to catching up from history.
-const STREAM_QUEUE: usize = 1024;
+/// Batches queued per stream before its watchers fall back to catching up from history.
+const STREAM_QUEUE: usize = 256;
 
 type WatchStream = Pin<Box<dyn Stream<Item = WatchItem> + Send>>;
 
@@ -26,7 +26,7 @@ impl Watch for EtcdService {
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<WatchStream>, Status> {
         let mut inbound = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel::<WatchItem>(STREAM_QUEUE);
+        let (tx, rx) = tokio::sync::mpsc::channel::<WatchBatch>(STREAM_QUEUE);
         let m = self.m.clone();
         let stream = m.hub.open_stream(tx.clone());
         tokio::spawn(async move {
@@ -54,14 +54,14 @@ impl Watch for EtcdService {
                                 cancel_reason: "mvcc: duplicate watch ID provided on the WatchStream".into(),
                                 ..Default::default()
                             };
-                            if tx.send(Ok(resp)).await.is_err() {
+                            if tx.send(vec![Ok(resp)]).await.is_err() {
                                 break;
                             }
                             continue;
                         }
                         ids.insert(id);
                         let created = WatchResponseRaw { header: m.header_at(rev), watch_id: id, created: true, ..Default::default() };
-                        if tx.send(Ok(created)).await.is_err() {
+                        if tx.send(vec![Ok(created)]).await.is_err() {
                             break;
                         }
                         let spec = WatchSpec {
@@ -79,7 +79,7 @@ impl Watch for EtcdService {
                         if m.hub.cancel(stream, c.watch_id) {
                             ids.remove(&c.watch_id);
                             let resp = WatchResponseRaw { header: m.header(), watch_id: c.watch_id, canceled: true, ..Default::default() };
-                            if tx.send(Ok(resp)).await.is_err() {
+                            if tx.send(vec![Ok(resp)]).await.is_err() {
                                 break;
                             }
                         }
@@ -90,6 +90,7 @@ impl Watch for EtcdService {
             }
             m.hub.close_stream(stream);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        let flat = futures::StreamExt::flat_map(tokio_stream::wrappers::ReceiverStream::new(rx), futures::stream::iter);
+        Ok(Response::new(Box::pin(flat)))
     }
 }
