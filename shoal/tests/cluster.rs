@@ -193,6 +193,14 @@ fn member_list_and_follower_writes_on_three_members() {
     // Leases work through a follower (keep-alive and time-to-live are forwarded).
     let follower = (0..3).find(|i| Some(*i) != c.leader()).unwrap();
     let f = &c.members[follower];
+    // Read-your-writes on a follower: a forwarded write is answered once the follower has
+    // applied it, so a serializable read there, or a read at the returned revision, sees it.
+    for i in 0..20 {
+        let put = common::json(&f.ok(&["put", "ryw", &i.to_string(), "-w", "json"]));
+        let rev = put["header"]["revision"].as_i64().unwrap().to_string();
+        assert_eq!(f.ok(&["get", "ryw", "--consistency=s", "--print-value-only"]), format!("{i}\n"));
+        assert_eq!(f.ok(&["get", "ryw", "--rev", &rev, "--print-value-only"]), format!("{i}\n"));
+    }
     let out = f.ok(&["lease", "grant", "20"]);
     let id = out.split_whitespace().nth(1).unwrap().to_string();
     f.ok(&["put", "leased", "x", "--lease", &id]);

@@ -184,7 +184,8 @@ pub struct Member {
 
 struct Proposal {
     cmd: LogCommand,
-    reply: oneshot::Sender<Result<Applied, StoreError>>,
+    /// The result and the raft index of the entry that carried it.
+    reply: oneshot::Sender<Result<(Applied, u64), StoreError>>,
 }
 
 /// Most commands one raft entry carries.
@@ -215,8 +216,9 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
         match raft.client_write(LogBatch { cmds }).await {
             Ok(resp) => {
                 debug_assert_eq!(resp.data.len(), n);
+                let index = resp.log_id.index;
                 for (reply, r) in replies.into_iter().zip(resp.data) {
-                    let _ = reply.send(r);
+                    let _ = reply.send(r.map(|a| (a, index)));
                 }
             }
             Err(e) => {
@@ -247,6 +249,12 @@ impl Member {
         let (st, applied) = match snapshot::load_latest(&disk, config.quota_bytes)? {
             Some(l) => {
                 let meta = decode_meta(&l.meta).map_err(|reason| OpenError::Replay { index: l.state.applied, reason: format!("snapshot metadata: {reason}") })?;
+                if meta.last_log_id.map_or(0, |x| x.index) != l.state.applied {
+                    return Err(OpenError::Replay {
+                        index: l.state.applied,
+                        reason: format!("the newest snapshot claims log index {:?} but holds state up to {}", meta.last_log_id.map(|x| x.index), l.state.applied),
+                    });
+                }
                 (l.state, Applied_ { log_id: meta.last_log_id, membership: meta.last_membership })
             }
             None => (State::new(config.quota_bytes), Applied_ { log_id: None, membership: StoredMembership::default() }),
@@ -287,7 +295,9 @@ impl Member {
             election_timeout_max: el * 2,
             snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
             max_in_snapshot_log_to_keep: 1000,
-            max_payload_entries: 4096,
+            // An entry is a batch of up to 8 MiB: keep AppendEntries well under the
+            // transport's 256 MiB message cap.
+            max_payload_entries: 16,
             ..Default::default()
         };
         let raft_config = Arc::new(raft_config.validate().map_err(|e| OpenError::Raft(e.to_string()))?);
@@ -414,8 +424,20 @@ impl Member {
     }
 
     async fn propose_inner(&self, cmd: LogCommand) -> Result<Applied, StoreError> {
-        // Retried until the caller's timeout while leadership is moving: the old leader
-        // may be gone, the new one not yet elected (etcd waits for a leader the same way).
+        let (applied, index) = self.propose_indexed(cmd).await?;
+        // A write forwarded to the leader is answered once this member has applied it
+        // too, so a read here right after sees it (and its revision is not "future").
+        if self.applied_log_index() < index {
+            self.raft.wait(Some(WRITE_TIMEOUT)).applied_index_at_least(Some(index), "forwarded write").await.map_err(|_| StoreError::Timeout)?;
+        }
+        Ok(applied)
+    }
+
+    /// Commits a command; returns its result and the raft index of its entry. Retried
+    /// while leadership is moving (the old leader gone, the new one not yet elected), but
+    /// only when the request cannot have reached a leader: a request that may have been
+    /// committed is never proposed twice.
+    async fn propose_indexed(&self, cmd: LogCommand) -> Result<(Applied, u64), StoreError> {
         loop {
             match self.propose_once(&cmd).await {
                 Err(StoreError::NoLeader | StoreError::NotLeader) => tokio::time::sleep(Duration::from_millis(50)).await,
@@ -424,7 +446,7 @@ impl Member {
         }
     }
 
-    async fn propose_once(&self, cmd: &LogCommand) -> Result<Applied, StoreError> {
+    async fn propose_once(&self, cmd: &LogCommand) -> Result<(Applied, u64), StoreError> {
         if self.leader().is_none() {
             self.await_leader().await;
         }
@@ -439,8 +461,9 @@ impl Member {
         }
         let node = self.leader_node().ok_or(StoreError::NoLeader)?;
         let mut client = self.net.client(&node.peer_addr).map_err(remote)?;
-        let r = client.forward(self.net.request(cmd.clone())).await.map_err(remote)?.into_inner();
-        applied_from_pb(r)
+        let r = client.forward(self.net.request(cmd.clone())).await.map_err(forward_err)?.into_inner();
+        let index = r.log_index;
+        Ok((applied_from_pb(r)?, index))
     }
 
     /// Waits until this member's state reflects every write acknowledged before the call
@@ -653,6 +676,20 @@ impl Member {
     }
 }
 
+/// The error of a forwarded write. Only a request that provably never reached the leader
+/// (no connection, or dropped by the fault injector before sending) may be retried;
+/// anything else may have been committed, so the client hears "request timed out" and
+/// decides, as with etcd.
+fn forward_err(s: tonic::Status) -> StoreError {
+    let never_sent = s.message().contains("tcp connect error") || s.message().contains("partitioned") || s.message().contains("Connection refused");
+    match s.code() {
+        tonic::Code::Unavailable if never_sent => StoreError::NoLeader,
+        tonic::Code::Unavailable if s.message() == "etcdserver: no leader" || s.message() == "etcdserver: not leader" => StoreError::NoLeader,
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled if !s.message().starts_with("etcdserver:") => StoreError::Timeout,
+        _ => StoreError::Remote { code: s.code(), message: s.message().to_string() },
+    }
+}
+
 /// A status from a peer, kept with its code and etcd-worded message.
 fn remote(s: tonic::Status) -> StoreError {
     match s.code() {
@@ -675,7 +712,7 @@ pub fn applied_to_pb(a: Applied, header: Option<ResponseHeader>) -> pb::ApplyRes
         Applied::Alarm(alarms) => AR::Alarm(AlarmResponse { header, alarms }),
         Applied::Noop => AR::Compaction(pb::Empty {}),
     };
-    pb::ApplyResult { result: Some(r) }
+    pb::ApplyResult { result: Some(r), log_index: 0 }
 }
 
 fn applied_from_pb(r: pb::ApplyResult) -> Result<Applied, StoreError> {
@@ -694,8 +731,14 @@ fn applied_from_pb(r: pb::ApplyResult) -> Result<Applied, StoreError> {
 #[tonic::async_trait]
 impl LeaderDuties for Member {
     async fn forward(&self, cmd: LogCommand) -> Result<pb::ApplyResult, tonic::Status> {
-        let a = self.propose(cmd).await?;
-        Ok(applied_to_pb(a, self.header()))
+        state::validate(&cmd)?;
+        let (a, index) = match tokio::time::timeout(WRITE_TIMEOUT, self.propose_indexed(cmd)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(StoreError::Timeout.into()),
+        };
+        let mut r = applied_to_pb(a, self.header());
+        r.log_index = index;
+        Ok(r)
     }
 
     async fn read_index(&self) -> Result<u64, tonic::Status> {

@@ -166,7 +166,8 @@ impl WatchHub {
             no_delete: spec.no_delete,
             fragment: spec.fragment,
             progress_notify: spec.progress_notify,
-            next_rev: if lagging { spec.start_rev } else { cur + 1 },
+            // A start in the future waits for that revision (etcd: max(start, now + 1)).
+            next_rev: if lagging { spec.start_rev } else { spec.start_rev.max(cur + 1) },
             lagging,
             active: false,
         };

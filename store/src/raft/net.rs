@@ -81,6 +81,9 @@ impl Network {
                 let ch = Channel::from_shared(format!("http://{addr}"))
                     .map_err(|e| Status::invalid_argument(format!("bad peer address {addr:?}: {e}")))?
                     .connect_timeout(Duration::from_millis(500))
+                    .http2_keep_alive_interval(Duration::from_secs(1))
+                    .keep_alive_timeout(Duration::from_secs(2))
+                    .keep_alive_while_idle(true)
                     .tcp_nodelay(true)
                     .connect_lazy();
                 chans.insert(addr.to_string(), ch.clone());
@@ -90,10 +93,12 @@ impl Network {
         Ok(RaftClient::new(ch).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20))
     }
 
-    /// Wraps a message with the sender header.
+    /// Wraps a message with the sender header and a deadline (a dead peer must not hold
+    /// a forwarded request until TCP gives up).
     pub fn request<T>(&self, msg: T) -> Request<T> {
         let mut r = Request::new(msg);
         r.metadata_mut().insert(FROM, self.me.to_string().parse().expect("a number is valid metadata"));
+        r.set_timeout(Duration::from_secs(5));
         r
     }
 }

@@ -80,9 +80,13 @@ impl StateMachine {
             return Err(sm_err("the member is shutting down"));
         }
         self.shared.disk.write_atomic(&name, &bytes).map_err(|e| StorageError::from_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        *self.shared.snapshot_index.lock() = Some(last.index);
-        if let Err(e) = snapshot::remove_older(self.shared.disk.as_ref(), last.index) {
-            tracing::warn!(error = %e, "removing older snapshots failed");
+        {
+            // Only ever forward: an install may have moved past this build meanwhile.
+            let mut si = self.shared.snapshot_index.lock();
+            *si = Some(si.map_or(last.index, |i| i.max(last.index)));
+            if let Err(e) = snapshot::remove_older(self.shared.disk.as_ref(), si.unwrap_or(last.index)) {
+                tracing::warn!(error = %e, "removing older snapshots failed");
+            }
         }
         self.shared.metrics.snapshots.inc();
         drop(closed);
@@ -121,6 +125,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for e in entries {
                 let index = e.log_id.index;
                 last = Some(e.log_id);
+                if index <= st.applied && st.applied > 0 {
+                    // Already in the state (a snapshot covered it): applying again would
+                    // change revisions on this member only.
+                    tracing::warn!(index, applied = st.applied, "skipping a log entry the state already contains");
+                    out.push(vec![]);
+                    continue;
+                }
                 let r = match e.payload {
                     EntryPayload::Normal(batch) => {
                         let mut rs = Vec::with_capacity(batch.cmds.len());
@@ -151,8 +162,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.metrics.applied_index.set(st.applied as i64);
             self.shared.metrics.db_size_bytes.set(st.mvcc.size() as i64);
             self.shared.metrics.keys.set(st.mvcc.key_count() as i64);
-        }
-        {
+            // Still under the state write lock: a snapshot clone always sees the applied
+            // log id that matches its contents, and no reader sees a revision whose events
+            // are not yet queued to watchers (progress notifications must not run ahead).
             let mut a = self.shared.applied.lock();
             if last.is_some() {
                 a.log_id = last;
@@ -160,8 +172,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             if let Some(m) = membership {
                 a.membership = m;
             }
+            drop(a);
+            self.shared.hub.publish(&events);
         }
-        self.shared.hub.publish(&events);
         let now = Instant::now();
         for (id, ttl) in lease_changes {
             match ttl {
@@ -186,15 +199,24 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let quota = self.shared.state.read().quota;
         let last = meta.last_log_id.ok_or_else(|| sm_err("installing a snapshot without a last log id"))?;
         let name = snapshot::file_name(last.index);
-        self.shared.disk.write_atomic(&name, &bytes).map_err(|e| StorageError::from_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
-        let loaded = snapshot::decode(bytes, quota, &self.shared.disk.path_of(&name).display().to_string()).map_err(sm_err)?;
+        // Validate before anything is written: a bad transfer must not become the newest
+        // snapshot on disk.
+        let loaded = snapshot::decode(bytes.clone(), quota, &format!("snapshot {} from the leader", meta.snapshot_id)).map_err(sm_err)?;
+        {
+            let closed = self.shared.gate.lock();
+            if *closed {
+                return Err(sm_err("the member is shutting down"));
+            }
+            self.shared.disk.write_atomic(&name, &bytes).map_err(|e| StorageError::from_io_error(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        }
         {
             let mut st = self.shared.state.write();
             *st = loaded.state;
             let mut a = self.shared.applied.lock();
             a.log_id = Some(last);
             a.membership = meta.last_membership.clone();
-            *self.shared.snapshot_index.lock() = Some(last.index);
+            let mut si = self.shared.snapshot_index.lock();
+            *si = Some(si.map_or(last.index, |i| i.max(last.index)));
         }
         if let Err(e) = snapshot::remove_older(self.shared.disk.as_ref(), last.index) {
             tracing::warn!(error = %e, "removing older snapshots failed");
