@@ -32,6 +32,9 @@ pub trait Disk: Send + Sync {
     fn open_append(&self, name: &str, len: u64) -> io::Result<Box<dyn DiskFile>>;
     /// Writes a whole file durably and atomically (temp file, fsync, rename, fsync dir).
     fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()>;
+    /// Replaces a whole file without waiting for the disk: after a crash it may hold the
+    /// old content, the new one, or nothing readable. For hints only.
+    fn write_lazy(&self, name: &str, data: &[u8]) -> io::Result<()>;
     fn remove(&self, name: &str) -> io::Result<()>;
     /// Human-readable location of a file, for error messages.
     fn path_of(&self, name: &str) -> PathBuf;
@@ -105,6 +108,12 @@ impl Disk for RealDisk {
         }
         std::fs::rename(&tmp, self.dir.join(name))?;
         self.sync_dir()
+    }
+
+    fn write_lazy(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        let tmp = self.dir.join(format!("{name}.tmp"));
+        std::fs::write(&tmp, data)?;
+        std::fs::rename(&tmp, self.dir.join(name))
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
@@ -327,6 +336,13 @@ impl Disk for SimDisk {
     fn write_atomic(&self, name: &str, data: &[u8]) -> io::Result<()> {
         self.files.lock().insert(name.to_string(), SimFile { durable: data.to_vec(), written: data.to_vec() });
         Ok(())
+    }
+
+    fn write_lazy(&self, name: &str, data: &[u8]) -> io::Result<()> {
+        // A rename replaces the whole file: after a crash a real disk shows the old or the
+        // new content (or an empty file, which readers treat as no hint). Modelled as the
+        // new content surviving.
+        self.write_atomic(name, data)
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {

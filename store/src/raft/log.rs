@@ -50,7 +50,14 @@ impl RaftLogReader<TypeConfig> for LogReader {
 enum Job {
     Append { records: Vec<(u64, Vec<u8>)>, done: LogFlushed<TypeConfig> },
     Purge(u64),
+    Committed(Vec<u8>),
 }
+
+/// Holds the last committed log id openraft reported: a hint written without fsync, so
+/// a restarted member re-applies what it knows is committed before serving, instead of
+/// serving its snapshot's older state until a leader commits again. A lost or stale hint
+/// is safe: it only ever names entries that were already durable and committed.
+const COMMITTED_FILE: &str = "committed";
 
 /// The log storage openraft drives.
 pub struct LogStore {
@@ -72,7 +79,8 @@ impl LogStore {
             last_purged: Mutex::new(last_purged),
         });
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new().name("store-wal".into()).spawn(move || writer(wal, rx, metrics, gate))?;
+        let wdisk = disk.clone();
+        std::thread::Builder::new().name("store-wal".into()).spawn(move || writer(wal, wdisk, rx, metrics, gate))?;
         Ok(LogStore { shared, disk, tx })
     }
 
@@ -90,7 +98,7 @@ impl LogStore {
 }
 
 /// The log writer thread: group commit of every queued append.
-fn writer(mut wal: Wal, rx: std::sync::mpsc::Receiver<Job>, metrics: Arc<StoreMetrics>, gate: Gate) {
+fn writer(mut wal: Wal, disk: Arc<dyn Disk>, rx: std::sync::mpsc::Receiver<Job>, metrics: Arc<StoreMetrics>, gate: Gate) {
     let mut failed = false;
     while let Ok(job) = rx.recv() {
         let mut jobs = vec![job];
@@ -100,6 +108,7 @@ fn writer(mut wal: Wal, rx: std::sync::mpsc::Receiver<Job>, metrics: Arc<StoreMe
         let mut records: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut done = Vec::new();
         let mut purge = None;
+        let mut committed = None;
         for j in jobs {
             match j {
                 Job::Append { records: r, done: d } => {
@@ -107,6 +116,7 @@ fn writer(mut wal: Wal, rx: std::sync::mpsc::Receiver<Job>, metrics: Arc<StoreMe
                     done.push(d);
                 }
                 Job::Purge(i) => purge = Some(i),
+                Job::Committed(c) => committed = Some(c),
             }
         }
         // Held while writing: once the member is closed, nothing more reaches the disk.
@@ -133,6 +143,12 @@ fn writer(mut wal: Wal, rx: std::sync::mpsc::Receiver<Job>, metrics: Arc<StoreMe
                 d.log_io_completed(res.as_ref().map(|_| ()).map_err(|e| std::io::Error::new(e.kind(), e.to_string())));
             }
         }
+        // After this round's append: the hint never names an entry not yet on disk here.
+        if let Some(c) = committed.filter(|_| !*closed && !failed) {
+            if let Err(e) = disk.write_lazy(COMMITTED_FILE, &c) {
+                tracing::debug!(error = %e, "recording the committed index failed (a hint only)");
+            }
+        }
         if let Some(i) = purge.filter(|_| !*closed) {
             if let Err(e) = wal.purge_to(i) {
                 tracing::warn!(error = %e, upto = i, "removing write-ahead log segments covered by a snapshot failed");
@@ -154,6 +170,31 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last_purged = *self.shared.last_purged.lock();
         let last = self.shared.entries.read().values().next_back().map(|e| e.log_id).or(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id: last })
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId<u64>>) -> Result<(), StorageError<u64>> {
+        if let Some(c) = committed {
+            let _ = self.tx.send(Job::Committed(codec::log_id_to_pb(&c).encode_to_vec()));
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<u64>>, StorageError<u64>> {
+        // Unreadable (torn by a crash) or absent: no hint, openraft learns it from a leader.
+        let Ok(bytes) = self.disk.read(COMMITTED_FILE) else { return Ok(None) };
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let Ok(c) = pb::LogId::decode(bytes.as_slice()) else { return Ok(None) };
+        let c = codec::log_id_from_pb(&c);
+        // Never beyond the log this member has.
+        let last = self.shared.entries.read().keys().next_back().copied();
+        let purged = self.shared.last_purged.lock().map(|l| l.index);
+        if last.or(purged).is_some_and(|l| c.index <= l) {
+            Ok(Some(c))
+        } else {
+            Ok(None)
+        }
     }
 
     async fn get_log_reader(&mut self) -> LogReader {
