@@ -235,6 +235,9 @@ async fn batcher(raft: Raft, mut rx: mpsc::Receiver<Proposal>) {
     }
 }
 
+/// A snapshot is also taken after this many bytes of commands, whatever their count.
+const SNAPSHOT_BYTES: u64 = 512 << 20;
+
 /// Request timeout for a write (etcd: 5 s + 2 election timeouts).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(7);
 
@@ -283,7 +286,10 @@ impl Member {
         let hub = Arc::new(WatchHub::new(HeaderInfo { cluster_id, member_id: me }, config.max_request_bytes));
         let state = Arc::new(RwLock::new(st));
         let gate: crate::raft::log::Gate = Arc::default();
-        let sm = Arc::new(SmShared { state: state.clone(), hub: hub.clone(), leases: leases.clone(), disk: disk.clone(), metrics: metrics.clone(), applied: Mutex::new(applied.clone()), snapshot_index: Mutex::new(applied.log_id.map(|l| l.index)), gate: gate.clone() });
+        let sm = Arc::new(SmShared { state: state.clone(), hub: hub.clone(), leases: leases.clone(), disk: disk.clone(), metrics: metrics.clone(), applied: Mutex::new(applied.clone()), snapshot_index: Mutex::new(applied.log_id.map(|l| l.index)), gate: gate.clone(),
+            applied_cmds: Default::default(), applied_bytes: Default::default(), snap_cmds: Default::default(), snap_bytes: Default::default(),
+            snapshot_every: (config.snapshot_entries, SNAPSHOT_BYTES),
+            snapshot_due: Arc::new(tokio::sync::Notify::new()) });
         let log = LogStore::new(disk.clone(), wal, entries, applied.log_id, metrics.clone(), gate.clone()).map_err(OpenError::Thread)?;
         let net = Network::new(me, Arc::new(Faults::from_file(config.fault_file.clone())));
         let hb = config.heartbeat.as_millis() as u64;
@@ -293,7 +299,8 @@ impl Member {
             heartbeat_interval: hb,
             election_timeout_min: el,
             election_timeout_max: el * 2,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(config.snapshot_entries),
+            // Snapshots are triggered by the member (commands/bytes since the last one).
+            snapshot_policy: SnapshotPolicy::Never,
             max_in_snapshot_log_to_keep: 1000,
             // An entry is a batch of up to 8 MiB: keep AppendEntries well under the
             // transport's 256 MiB message cap.
@@ -339,6 +346,7 @@ impl Member {
             read_notify: read_notify.clone(),
         });
         tokio::spawn(Member::read_index_loop(Arc::downgrade(&member), read_notify));
+        tokio::spawn(Member::snapshot_loop(Arc::downgrade(&member), member.sm.snapshot_due.clone()));
         Ok(member)
     }
 
@@ -501,6 +509,20 @@ impl Member {
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_))) => Err(StoreError::NoLeader),
             Err(e) => Err(StoreError::Internal(e.to_string())),
+        }
+    }
+
+    /// Asks raft for a snapshot once `--snapshot-count` commands or [`SNAPSHOT_BYTES`]
+    /// have been applied since the last one. Ends when the member is dropped.
+    async fn snapshot_loop(member: std::sync::Weak<Member>, due: Arc<tokio::sync::Notify>) {
+        loop {
+            // Woken by apply; the timeout also retries a trigger that found raft busy
+            // (openraft ignores a trigger while a build runs; a build resets the counters).
+            let _ = tokio::time::timeout(Duration::from_secs(1), due.notified()).await;
+            let Some(m) = member.upgrade() else { return };
+            if m.sm.snapshot_due() && m.raft.trigger().snapshot().await.is_err() {
+                return;
+            }
         }
     }
 

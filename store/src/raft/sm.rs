@@ -40,6 +40,27 @@ pub struct SmShared {
     pub snapshot_index: Mutex<Option<u64>>,
     /// Closed when the member shuts down (see `log::Gate`).
     pub gate: super::log::Gate,
+    /// Commands and bytes applied since start, and their values when the newest snapshot
+    /// was taken: the member snapshots by these (etcd's `--snapshot-count` counts
+    /// requests), not by raft entries, which are batches of any size.
+    pub applied_cmds: std::sync::atomic::AtomicU64,
+    pub applied_bytes: std::sync::atomic::AtomicU64,
+    pub snap_cmds: std::sync::atomic::AtomicU64,
+    pub snap_bytes: std::sync::atomic::AtomicU64,
+    /// Thresholds for the next snapshot: commands, bytes.
+    pub snapshot_every: (u64, u64),
+    /// Woken by apply when a threshold is crossed.
+    pub snapshot_due: Arc<tokio::sync::Notify>,
+}
+
+impl SmShared {
+    /// True when enough was applied since the last snapshot to take another.
+    pub fn snapshot_due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let cmds = self.applied_cmds.load(Relaxed) - self.snap_cmds.load(Relaxed);
+        let bytes = self.applied_bytes.load(Relaxed) - self.snap_bytes.load(Relaxed);
+        cmds >= self.snapshot_every.0 || bytes >= self.snapshot_every.1
+    }
 }
 
 #[derive(Clone)]
@@ -65,8 +86,11 @@ pub fn decode_meta(bytes: &[u8]) -> Result<SnapshotMeta<u64, Node>, String> {
 impl StateMachine {
     fn build(&self) -> Result<Snapshot<TypeConfig>, StorageError<u64>> {
         let t = Instant::now();
+        use std::sync::atomic::Ordering::Relaxed;
         let (state, applied) = {
             let st = self.shared.state.read();
+            self.shared.snap_cmds.store(self.shared.applied_cmds.load(Relaxed), Relaxed);
+            self.shared.snap_bytes.store(self.shared.applied_bytes.load(Relaxed), Relaxed);
             (st.clone(), self.shared.applied.lock().clone())
         };
         let Some(last) = applied.log_id else {
@@ -134,6 +158,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 }
                 let r = match e.payload {
                     EntryPayload::Normal(batch) => {
+                        use std::sync::atomic::Ordering::Relaxed;
+                        self.shared.applied_cmds.fetch_add(batch.cmds.len() as u64, Relaxed);
+                        self.shared.applied_bytes.fetch_add(prost::Message::encoded_len(&batch) as u64, Relaxed);
                         let mut rs = Vec::with_capacity(batch.cmds.len());
                         for cmd in &batch.cmds {
                             let r = st.apply(index, cmd, &mut events);
@@ -183,6 +210,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         }
         self.shared.metrics.proposals_committed.inc_by(out.iter().map(|r| r.len() as u64).sum());
+        if self.shared.snapshot_due() {
+            self.shared.snapshot_due.notify_one();
+        }
         Ok(out)
     }
 
