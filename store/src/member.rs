@@ -618,12 +618,13 @@ impl Member {
     /// Starts the background duties on the current tokio runtime: lease expiry (leader
     /// only), watch catch-up, progress notifications, publishing this member's attributes.
     pub fn spawn_background(self: &Arc<Self>) {
-        let m = self.clone();
+        // Each duty holds the member weakly and ends once it is dropped or shut down.
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             // Checked for good, not once: a member's own bootstrap entry can be replaced
             // by the leader's (which lacks this member's client URL), and a member added
             // later starts with no attributes at all.
-            loop {
+            while let Some(m) = live(&weak) {
                 let pause = match m.publish_self().await {
                     Ok(true) => Duration::from_secs(1),
                     Ok(false) => Duration::from_millis(100),
@@ -632,59 +633,68 @@ impl Member {
                         Duration::from_millis(100)
                     }
                 };
+                drop(m);
                 tokio::time::sleep(pause).await;
             }
         });
-        let m = self.clone();
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(250));
             loop {
                 tick.tick().await;
-                let leader = m.is_leader();
-                {
-                    let mut was = m.was_leader.lock();
-                    if leader && !*was {
-                        // A new leader gives every lease a full TTL (etcd): deadlines kept by
-                        // the previous leader are gone.
-                        let st = m.state.read();
-                        m.leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
-                    }
-                    *was = leader;
-                }
-                if !leader {
-                    continue;
-                }
-                for id in m.leases.expired(Instant::now()) {
-                    let cmd = LogCommand { cmd: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })) };
-                    match m.propose(cmd).await {
-                        Ok(_) => {
-                            m.metrics.leases_expired.inc();
-                            tracing::debug!(lease = id, "lease expired");
-                        }
-                        Err(StoreError::LeaseNotFound) => m.leases.forget(id),
-                        Err(e) => tracing::warn!(lease = id, error = %e, "revoking an expired lease failed; will retry"),
-                    }
-                }
+                let Some(m) = live(&weak) else { return };
+                m.expire_leases().await;
             }
         });
-        let m = self.clone();
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_millis(20));
             loop {
                 tick.tick().await;
+                let Some(m) = live(&weak) else { return };
                 m.hub.resync(&m.state);
                 m.metrics.watchers.set(m.hub.watcher_count() as i64);
             }
         });
-        let m = self.clone();
+        let weak = Arc::downgrade(self);
+        let interval = self.config.progress_interval;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(m.config.progress_interval);
+            let mut tick = tokio::time::interval(interval);
             tick.tick().await;
             loop {
                 tick.tick().await;
+                let Some(m) = live(&weak) else { return };
                 m.hub.progress_tick(&m.state);
             }
         });
+    }
+
+    /// On the leader: revokes leases whose deadline passed. A member that just became
+    /// leader first gives every lease a full TTL (etcd): the old leader's deadlines are gone.
+    async fn expire_leases(&self) {
+        let leader = self.is_leader();
+        {
+            let mut was = self.was_leader.lock();
+            if leader && !*was {
+                let st = self.state.read();
+                self.leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
+            }
+            *was = leader;
+        }
+        if !leader {
+            return;
+        }
+        for id in self.leases.expired(Instant::now()) {
+            let cmd = LogCommand { cmd: Some(Cmd::LeaseRevoke(LeaseRevokeRequest { id })) };
+            match self.propose(cmd).await {
+                Ok(_) => {
+                    self.metrics.leases_expired.inc();
+                    tracing::debug!(lease = id, "lease expired");
+                }
+                Err(StoreError::LeaseNotFound) => self.leases.forget(id),
+                Err(e) => tracing::warn!(lease = id, error = %e, "revoking an expired lease failed; will retry"),
+            }
+        }
     }
 
     /// Directory where a member keeps its files under `--data-dir`.
@@ -696,6 +706,11 @@ impl Member {
     pub fn applied_log_index(&self) -> u64 {
         self.sm.applied.lock().log_id.map_or(0, |l| l.index)
     }
+}
+
+/// The member behind `weak`, unless it was dropped or shut down.
+fn live(weak: &std::sync::Weak<Member>) -> Option<Arc<Member>> {
+    weak.upgrade().filter(|m| !*m.gate.lock())
 }
 
 /// The error of a forwarded write. Only a request that provably never reached the leader
