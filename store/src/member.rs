@@ -283,7 +283,7 @@ impl Member {
         };
         let leases = Arc::new(LeaseClock::new());
         leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
-        let hub = Arc::new(WatchHub::new(HeaderInfo { cluster_id, member_id: me }, config.max_request_bytes));
+        let hub = Arc::new(WatchHub::new(HeaderInfo { cluster_id, member_id: me }, config.max_request_bytes, st.mvcc.rev() + 1));
         let state = Arc::new(RwLock::new(st));
         let gate: crate::raft::log::Gate = Arc::default();
         let sm = Arc::new(SmShared { state: state.clone(), hub: hub.clone(), leases: leases.clone(), disk: disk.clone(), metrics: metrics.clone(), applied: Mutex::new(applied.clone()), snapshot_index: Mutex::new(applied.log_id.map(|l| l.index)), gate: gate.clone(),

@@ -361,10 +361,13 @@ impl State {
     }
 
     fn do_put(&mut self, wrev: Rev, p: &PutRequest, events: &mut Vec<(Rev, Event)>) -> PutResponse {
-        let cur = self.mvcc.get(&p.key);
+        // Stored keys and values get exact-size buffers of their own: decoded request
+        // fields are slices of whole receive buffers, which they would keep alive.
+        let key = Bytes::copy_from_slice(&p.key);
+        let cur = self.mvcc.get(&key);
         let value = match (&cur, p.ignore_value) {
             (Some(c), true) => c.value.clone(),
-            _ => p.value.clone(),
+            _ => Bytes::copy_from_slice(&p.value),
         };
         let lease = match (&cur, p.ignore_lease) {
             (Some(c), true) => c.lease,
@@ -373,16 +376,16 @@ impl State {
         if let Some(c) = &cur {
             if c.lease != 0 && c.lease != lease {
                 if let Some(l) = self.leases.get_mut(&c.lease) {
-                    l.keys.remove(&p.key);
+                    l.keys.remove(&key);
                 }
             }
         }
         if lease != 0 {
             if let Some(l) = self.leases.get_mut(&lease) {
-                l.keys.insert(p.key.clone());
+                l.keys.insert(key.clone());
             }
         }
-        let ev = self.mvcc.put(wrev, p.key.clone(), value, lease);
+        let ev = self.mvcc.put(wrev, key, value, lease);
         let prev_kv = if p.prev_kv { ev.prev.as_ref().map(|k| kv_to_pb(k, false)) } else { None };
         events.push((wrev, ev));
         PutResponse { header: None, prev_kv }

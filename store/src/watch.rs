@@ -65,7 +65,15 @@ struct Inner {
     watchers: HashMap<(u64, i64), Watcher>,
     streams: HashMap<u64, StreamEntry>,
     lagging: usize,
+    /// The most recent events in revision order; every event with revision
+    /// `>= ring_start` is here, so catching a watcher up from there costs O(events), not a
+    /// scan of its key range in the MVCC history.
+    ring: std::collections::VecDeque<(Rev, Event)>,
+    ring_start: Rev,
 }
+
+/// Events kept in the ring.
+const RING_EVENTS: usize = 20_000;
 
 /// Parameters of a new watcher (from a `WatchCreateRequest`).
 #[derive(Clone, Debug)]
@@ -111,8 +119,10 @@ pub struct WatchHub {
 }
 
 impl WatchHub {
-    pub fn new(header: HeaderInfo, max_bytes: usize) -> WatchHub {
-        WatchHub { inner: Mutex::new(Inner::default()), next_stream: AtomicU64::new(1), header, max_bytes, events_sent: AtomicU64::new(0) }
+    /// A hub whose ring starts empty at `next_rev` (the revision after the current one).
+    pub fn new(header: HeaderInfo, max_bytes: usize, next_rev: Rev) -> WatchHub {
+        let inner = Inner { ring_start: next_rev, ..Inner::default() };
+        WatchHub { inner: Mutex::new(inner), next_stream: AtomicU64::new(1), header, max_bytes, events_sent: AtomicU64::new(0) }
     }
 
     pub fn header(&self, rev: Rev) -> Option<ResponseHeader> {
@@ -179,8 +189,10 @@ impl WatchHub {
     }
 
     /// Makes every watcher catch up from history (after the state was replaced wholesale).
-    pub fn mark_all_lagging(&self) {
+    pub fn mark_all_lagging(&self, next_rev: Rev) {
         let mut g = self.inner.lock();
+        g.ring.clear();
+        g.ring_start = next_rev;
         let mut n = 0;
         for w in g.watchers.values_mut() {
             if !w.lagging {
@@ -212,7 +224,16 @@ impl WatchHub {
         }
         let mut enc: Vec<Encoded> = events.iter().map(|(rev, ev)| Encoded { rev: *rev, ev, plain: None, with_prev: None }).collect();
         let mut g = self.inner.lock();
-        let Inner { watchers, streams, lagging } = &mut *g;
+        let Inner { watchers, streams, lagging, ring, ring_start } = &mut *g;
+        ring.extend(events.iter().cloned());
+        while ring.len() > RING_EVENTS {
+            // Evict whole revisions only: the ring must hold every event from ring_start on.
+            let Some((r, _)) = ring.pop_front() else { break };
+            while ring.front().is_some_and(|(f, _)| *f == r) {
+                ring.pop_front();
+            }
+            *ring_start = r + 1;
+        }
         let mut dead = Vec::new();
         let mut out: Vec<Bytes> = Vec::new();
         // Per stream: the responses of all its watchers, and (watcher, its new next_rev).
@@ -334,7 +355,7 @@ impl WatchHub {
             None => g.watchers.iter().filter(|(_, w)| w.lagging).map(|(k, _)| *k).collect(),
         };
         for key in keys {
-            let Inner { watchers, streams, lagging } = &mut *g;
+            let Inner { watchers, streams, lagging, ring, ring_start } = &mut *g;
             let Some(w) = watchers.get_mut(&key) else { continue };
             let Some(s) = streams.get(&w.stream) else { continue };
             if w.next_rev < compact {
@@ -358,9 +379,25 @@ impl WatchHub {
                 // thrown away, at the cost of a scan under the state lock.
                 continue;
             }
-            let evs = match st.mvcc.events_between(&w.range, w.next_rev, cur, w.prev_kv) {
-                Ok(e) => e,
-                Err(_) => continue,
+            let evs: Vec<(Rev, Event)> = if w.next_rev >= *ring_start {
+                // The ring holds everything from next_rev on (publish runs under the state
+                // write lock, so it is exactly up to `cur`).
+                let from = ring.partition_point(|(r, _)| *r < w.next_rev);
+                ring.range(from..)
+                    .filter(|(_, e)| w.range.contains(&e.kv.key))
+                    .map(|(r, e)| {
+                        let mut e = e.clone();
+                        if !w.prev_kv {
+                            e.prev = None;
+                        }
+                        (*r, e)
+                    })
+                    .collect()
+            } else {
+                match st.mvcc.events_between(&w.range, w.next_rev, cur, w.prev_kv) {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                }
             };
             let filtered: Vec<Bytes> = evs
                 .iter()
@@ -487,7 +524,7 @@ mod tests {
     #[test]
     fn slow_watcher_catches_up_without_gaps_or_duplicates() {
         let st = RwLock::new(State::new(0));
-        let hub = WatchHub::new(HeaderInfo::default(), 1 << 20);
+        let hub = WatchHub::new(HeaderInfo::default(), 1 << 20, 2);
         let (tx, mut rx) = mpsc::channel(2);
         let sid = hub.open_stream(tx);
         let spec = WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev: 0, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };
@@ -508,11 +545,36 @@ mod tests {
         assert_eq!(got, (2..=12).collect::<Vec<_>>());
     }
 
+    /// History from before the ring began is read from the MVCC index, the rest from the
+    /// ring; the watcher sees one gap-free sequence.
+    #[test]
+    fn history_spans_index_and_ring() {
+        let st = RwLock::new(State::new(0));
+        // Revisions 2..=4 happen before the hub exists (as after a restart).
+        {
+            let mut g = st.write();
+            for i in 0..3u64 {
+                let cmd = LogCommand { cmd: Some(Cmd::Put(PutRequest { key: format!("k{i}").into(), value: "v".into(), ..Default::default() })) };
+                g.apply(i + 1, &cmd, &mut Vec::new()).unwrap();
+            }
+        }
+        let hub = WatchHub::new(HeaderInfo::default(), 1 << 20, 5);
+        put(&st, &hub, 4, "k3", "v");
+        put(&st, &hub, 5, "k4", "v");
+        let (tx, mut rx) = mpsc::channel(16);
+        let sid = hub.open_stream(tx);
+        let from = |start_rev| WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };
+        hub.add(&st, sid, 0, from(2));
+        assert_eq!(revisions(&mut rx), vec![2, 3, 4, 5, 6]);
+        hub.add(&st, sid, 1, from(5));
+        assert_eq!(revisions(&mut rx), vec![5, 6]);
+    }
+
     /// A watcher starting at a future revision gets nothing before it.
     #[test]
     fn future_start_revision_waits() {
         let st = RwLock::new(State::new(0));
-        let hub = WatchHub::new(HeaderInfo::default(), 1 << 20);
+        let hub = WatchHub::new(HeaderInfo::default(), 1 << 20, 2);
         let (tx, mut rx) = mpsc::channel(16);
         let sid = hub.open_stream(tx);
         let spec = WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev: 4, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };

@@ -253,8 +253,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // Events between the old and new state are not individually known: every watcher
         // catches up from the new state's history.
-        self.shared.hub.mark_all_lagging();
         let st = self.shared.state.read();
+        self.shared.hub.mark_all_lagging(st.mvcc.rev() + 1);
         self.shared.leases.reset_all(st.leases.iter().map(|(id, l)| (*id, l.ttl)), Instant::now());
         tracing::info!(index = last.index, "installed a snapshot from the leader");
         Ok(())
