@@ -359,6 +359,27 @@ impl Disk for SimDisk {
     }
 }
 
+/// An exclusive lock on a data directory, held for the life of the process, so two
+/// members never write the same files.
+pub struct DirLock {
+    _file: File,
+}
+
+impl DirLock {
+    /// Locks `dir/LOCK`, failing at once if another process holds it.
+    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
+        let path = dir.join("LOCK");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+        // SAFETY: flock on a file descriptor we own; no memory is involved.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("{} is locked by another process ({e})", path.display())));
+        }
+        Ok(DirLock { _file: file })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,26 +414,5 @@ mod tests {
         let data = d.read("a").unwrap();
         assert!(data.starts_with(b"durable"));
         assert!(data.len() <= b"durablelost-maybe".len());
-    }
-}
-
-/// An exclusive lock on a data directory, held for the life of the process, so two
-/// members never write the same files.
-pub struct DirLock {
-    _file: File,
-}
-
-impl DirLock {
-    /// Locks `dir/LOCK`, failing at once if another process holds it.
-    pub fn acquire(dir: &Path) -> io::Result<DirLock> {
-        let path = dir.join("LOCK");
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
-        // SAFETY: flock on a file descriptor we own; no memory is involved.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = io::Error::last_os_error();
-            return Err(io::Error::new(e.kind(), format!("{} is locked by another process ({e})", path.display())));
-        }
-        Ok(DirLock { _file: file })
     }
 }

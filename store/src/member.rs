@@ -747,7 +747,8 @@ pub fn applied_to_pb(a: Applied, header: Option<ResponseHeader>) -> pb::ApplyRes
         Applied::LeaseGrant { id, ttl } => AR::LeaseGrant(LeaseGrantResponse { header, id, ttl, error: String::new() }),
         Applied::LeaseRevoke => AR::LeaseRevoke(pb::Empty {}),
         Applied::Alarm(alarms) => AR::Alarm(AlarmResponse { header, alarms }),
-        Applied::Noop => AR::Compaction(pb::Empty {}),
+        // Only commands are forwarded, and a command never applies as Noop.
+        Applied::Noop => return pb::ApplyResult { result: None, log_index: 0 },
     };
     pb::ApplyResult { result: Some(r), log_index: 0 }
 }

@@ -54,6 +54,16 @@ struct Watcher {
     active: bool,
 }
 
+impl Watcher {
+    /// False when the watcher filters this kind of event out (NOPUT / NODELETE).
+    fn wants(&self, kind: EventKind) -> bool {
+        match kind {
+            EventKind::Put => !self.no_put,
+            EventKind::Delete => !self.no_delete,
+        }
+    }
+}
+
 struct StreamEntry {
     tx: mpsc::Sender<WatchBatch>,
     /// A progress request arrived while some watcher lagged: answer once synced.
@@ -248,7 +258,7 @@ impl WatchHub {
                 if e.rev < w.next_rev || !w.range.contains(&e.ev.kv.key) {
                     continue;
                 }
-                if (w.no_put && e.ev.kind == EventKind::Put) || (w.no_delete && e.ev.kind == EventKind::Delete) {
+                if !w.wants(e.ev.kind) {
                     last_rev = e.rev;
                     continue;
                 }
@@ -401,7 +411,7 @@ impl WatchHub {
             };
             let filtered: Vec<Bytes> = evs
                 .iter()
-                .filter(|(_, e)| !(w.no_put && e.kind == EventKind::Put) && !(w.no_delete && e.kind == EventKind::Delete))
+                .filter(|(_, e)| w.wants(e.kind))
                 .map(|(rev, e)| Encoded { rev: *rev, ev: e, plain: None, with_prev: None }.get(w.prev_kv))
                 .collect();
             let responses = if filtered.is_empty() { vec![] } else { self.chunked(w, cur, filtered) };
@@ -506,6 +516,11 @@ mod tests {
         hub.publish(&events);
     }
 
+    /// A plain watcher of every key starting with `k`, from `start_rev`.
+    fn from(start_rev: Rev) -> WatchSpec {
+        WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false }
+    }
+
     fn revisions(rx: &mut mpsc::Receiver<WatchBatch>) -> Vec<i64> {
         let mut out = Vec::new();
         while let Ok(batch) = rx.try_recv() {
@@ -527,8 +542,7 @@ mod tests {
         let hub = WatchHub::new(HeaderInfo::default(), 1 << 20, 2);
         let (tx, mut rx) = mpsc::channel(2);
         let sid = hub.open_stream(tx);
-        let spec = WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev: 0, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };
-        hub.add(&st, sid, 0, spec);
+        hub.add(&st, sid, 0, from(0));
         for i in 0..10u64 {
             put(&st, &hub, i + 1, &format!("k{i}"), "v");
         }
@@ -563,7 +577,6 @@ mod tests {
         put(&st, &hub, 5, "k4", "v");
         let (tx, mut rx) = mpsc::channel(16);
         let sid = hub.open_stream(tx);
-        let from = |start_rev| WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };
         hub.add(&st, sid, 0, from(2));
         assert_eq!(revisions(&mut rx), vec![2, 3, 4, 5, 6]);
         hub.add(&st, sid, 1, from(5));
@@ -577,8 +590,7 @@ mod tests {
         let hub = WatchHub::new(HeaderInfo::default(), 1 << 20, 2);
         let (tx, mut rx) = mpsc::channel(16);
         let sid = hub.open_stream(tx);
-        let spec = WatchSpec { range: KeyRange::From(Bytes::from_static(b"k")), start_rev: 4, prev_kv: false, no_put: false, no_delete: false, fragment: false, progress_notify: false };
-        hub.add(&st, sid, 0, spec);
+        hub.add(&st, sid, 0, from(4));
         for i in 0..4u64 {
             put(&st, &hub, i + 1, &format!("k{i}"), "v");
         }
