@@ -25,8 +25,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run a store member that serves the etcd v3 API (KV, Watch, Lease, Cluster,
-    /// Maintenance). With no --initial-cluster it is a single-member cluster.
+    /// Run a control-plane server: a store member serving the etcd v3 API (KV, Watch,
+    /// Lease, Cluster, Maintenance) and the Kubernetes API over HTTPS. With no
+    /// --initial-cluster the store is a single-member cluster.
     Server(ServerArgs),
 }
 
@@ -114,6 +115,19 @@ struct ServerArgs {
     /// How the write-ahead log is appended (std measured faster here; see ARCHITECTURE.md).
     #[arg(long, value_enum, default_value_t = WalIo::Std)]
     wal_io: WalIo,
+    /// Address the Kubernetes API (HTTPS) listens on. Empty disables the API server.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    api_addr: String,
+    /// Keep Kubernetes objects in an external etcd v3 cluster instead of the embedded
+    /// store: `etcd://HOST:PORT[,HOST:PORT...]`. The embedded store is then not started.
+    #[arg(long)]
+    store: Option<String>,
+    /// Where to write the admin kubeconfig. Defaults to `DATA_DIR/kubeconfig`.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Extra DNS names or IP addresses for the API serving certificate (repeatable).
+    #[arg(long = "tls-san")]
+    tls_san: Vec<String>,
 }
 
 fn main() {
@@ -160,7 +174,9 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
     Ok(out)
 }
 
-fn server(a: ServerArgs) -> anyhow::Result<()> {
+fn server(mut a: ServerArgs) -> anyhow::Result<()> {
+    let kubeconfig = a.kubeconfig.take();
+    let tls_san = std::mem::take(&mut a.tls_san);
     let initial_cluster = match &a.initial_cluster {
         Some(spec) => {
             let members = parse_cluster(spec, &a.name)?;
@@ -195,8 +211,79 @@ fn server(a: ServerArgs) -> anyhow::Result<()> {
         progress_interval: Duration::from_secs(a.watch_progress_notify_interval.max(1)),
     };
     store.validate().map_err(anyhow::Error::msg)?;
+    let data_dir = a.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.shoal", a.name)));
+    let api_addr = match a.api_addr.as_str() {
+        "" => None,
+        s => Some(s.parse::<SocketAddr>().with_context(|| format!("--api-addr {s:?} is not host:port"))?),
+    };
+    let external: Option<Vec<String>> = match &a.store {
+        None => None,
+        Some(s) => {
+            let list = s.strip_prefix("etcd://").with_context(|| format!("--store {s:?}: only etcd://HOST:PORT[,HOST:PORT...] is supported"))?;
+            let eps: Vec<String> = list.split(',').filter(|e| !e.is_empty()).map(|e| e.trim_start_matches("etcd://").to_string()).collect();
+            for e in &eps {
+                e.parse::<SocketAddr>().or_else(|_| std::net::ToSocketAddrs::to_socket_addrs(e.as_str()).map(|_| "0.0.0.0:0".parse().expect("literal")))
+                    .with_context(|| format!("--store endpoint {e:?} is not host:port"))?;
+            }
+            if eps.is_empty() {
+                bail!("--store {s:?} names no endpoint");
+            }
+            if api_addr.is_none() {
+                bail!("--store needs the API server (--api-addr)");
+            }
+            Some(eps)
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("shoal-main").enable_all().build()?;
+    let (running, backend, ready): (_, _, std::sync::Arc<dyn Fn() -> bool + Send + Sync>) = match external {
+        Some(eps) => {
+            let _g = rt.enter();
+            std::fs::create_dir_all(&data_dir).with_context(|| format!("while creating {}", data_dir.display()))?;
+            (None, shoal_apiserver::backend::Backend::connect_etcd(&eps)?, std::sync::Arc::new(|| true))
+        }
+        None => {
+            let running = start_store(a, data_dir.clone(), store, metrics_addr, threads)?;
+            let m = running.member.clone();
+            let backend = shoal_apiserver::backend::Backend::Embedded(m.clone());
+            (Some(running), backend, std::sync::Arc::new(move || !m.is_failed() && m.leader().is_some()))
+        }
+    };
+    let _api = match api_addr {
+        Some(addr) => {
+            let cfg = shoal_apiserver::server::ApiConfig {
+                addr,
+                threads,
+                pki_dir: data_dir.join("pki"),
+                kubeconfig: Some(kubeconfig.unwrap_or_else(|| data_dir.join("kubeconfig"))),
+                extra_sans: tls_san,
+            };
+            let member = running.as_ref().map(|r| r.member.clone());
+            let api = shoal_apiserver::server::start(cfg, backend, ready, |reg| {
+                if let Some(m) = member {
+                    m.metrics.register(reg.sub_registry_with_prefix("etcd"));
+                }
+            })?;
+            tracing::info!(kubeconfig = %data_dir.join("kubeconfig").display(), "use it with: kubectl --kubeconfig {}", data_dir.join("kubeconfig").display());
+            Some(api)
+        }
+        None => None,
+    };
+    let _running = running;
+    rt.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        anyhow::Ok(())
+    })
+}
+
+/// Starts the embedded store member.
+fn start_store(a: ServerArgs, data_dir: PathBuf, store: shoal_store::StoreConfig, metrics_addr: Option<SocketAddr>, threads: usize) -> anyhow::Result<shoal_store::server::Running> {
     let opts = shoal_store::server::ServerOptions {
-        data_dir: a.data_dir.unwrap_or_else(|| PathBuf::from(format!("{}.shoal", a.name))),
+        data_dir,
         etcd_addr: a.etcd_addr,
         peer_addr: a.peer_addr,
         metrics_addr,
@@ -208,15 +295,5 @@ fn server(a: ServerArgs) -> anyhow::Result<()> {
         uring: matches!(a.wal_io, WalIo::Uring),
         store,
     };
-    let _running = shoal_store::server::start(opts)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        anyhow::Ok(())
-    })
+    shoal_store::server::start(opts)
 }

@@ -476,6 +476,36 @@ impl Member {
 
     /// Waits until this member's state reflects every write acknowledged before the call
     /// (raft read index: the leader confirms it still leads, a follower asks the leader).
+    /// An etcd Range: linearizable (after a read barrier) unless it asks to be
+    /// serializable. The header carries the revision it was served at.
+    pub async fn range(&self, r: shoal_proto::etcdserverpb::RangeRequest) -> Result<shoal_proto::etcdserverpb::RangeResponse, StoreError> {
+        if r.key.is_empty() {
+            return Err(StoreError::EmptyKey);
+        }
+        if !r.serializable {
+            self.read_barrier().await?;
+        }
+        self.state.read().range(&r)
+    }
+
+    /// An etcd Txn: a read-only one is served locally (after a read barrier unless all its
+    /// ranges are serializable), any other goes through the log.
+    pub async fn txn(&self, t: shoal_proto::etcdserverpb::TxnRequest) -> Result<shoal_proto::etcdserverpb::TxnResponse, StoreError> {
+        if crate::state::txn_is_read_only(&t) {
+            let t = LogCommand { cmd: Some(Cmd::Txn(t)) };
+            crate::state::validate(&t)?;
+            let Some(Cmd::Txn(t)) = t.cmd else { unreachable!("built above") };
+            if !txn_serializable(&t) {
+                self.read_barrier().await?;
+            }
+            return self.state.read().txn_read(&t);
+        }
+        match self.propose(LogCommand { cmd: Some(Cmd::Txn(t)) }).await? {
+            Applied::Txn(r) => Ok(r),
+            a => Err(StoreError::Internal(format!("unexpected apply result {a:?}"))),
+        }
+    }
+
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
         let fut = async {
             let (tx, rx) = oneshot::channel();
@@ -818,4 +848,14 @@ impl LeaderDuties for Member {
             .map_err(|e| tonic::Status::unavailable(format!("etcdserver: publishing member attributes failed: {e}")))?;
         Ok(())
     }
+}
+
+/// A read-only txn is served member-locally only when all its ranges ask for it (etcd).
+fn txn_serializable(t: &shoal_proto::etcdserverpb::TxnRequest) -> bool {
+    use shoal_proto::etcdserverpb::request_op::Request;
+    t.success.iter().chain(&t.failure).all(|op| match &op.request {
+        Some(Request::RequestRange(r)) => r.serializable,
+        Some(Request::RequestTxn(t)) => txn_serializable(t),
+        _ => true,
+    })
 }

@@ -9,8 +9,7 @@ use shoal_proto::shoalstore::{log_command::Cmd, LogCommand};
 use tonic::{Request, Response, Status};
 
 use super::EtcdService;
-use crate::error::StoreError;
-use crate::state::{self, Applied};
+use crate::state::Applied;
 
 impl EtcdService {
     /// Replaces a response header with this member's, keeping the revision.
@@ -24,16 +23,6 @@ impl EtcdService {
     }
 }
 
-/// A read-only txn is served member-locally only when all its ranges ask for it (etcd).
-fn txn_serializable(t: &TxnRequest) -> bool {
-    use shoal_proto::etcdserverpb::request_op::Request;
-    t.success.iter().chain(&t.failure).all(|op| match &op.request {
-        Some(Request::RequestRange(r)) => r.serializable,
-        Some(Request::RequestTxn(t)) => txn_serializable(t),
-        _ => true,
-    })
-}
-
 fn unexpected(a: Applied) -> Status {
     Status::internal(format!("etcdserver: unexpected apply result {a:?}"))
 }
@@ -41,14 +30,7 @@ fn unexpected(a: Applied) -> Status {
 #[tonic::async_trait]
 impl Kv for EtcdService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let r = req.into_inner();
-        if r.key.is_empty() {
-            return Err(StoreError::EmptyKey.into());
-        }
-        if !r.serializable {
-            self.m.read_barrier().await?;
-        }
-        let mut resp = self.m.state.read().range(&r)?;
+        let mut resp = self.m.range(req.into_inner()).await?;
         resp.header = self.stamp(resp.header);
         Ok(Response::new(resp))
     }
@@ -74,19 +56,7 @@ impl Kv for EtcdService {
     }
 
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let t = req.into_inner();
-        let mut resp = if state::txn_is_read_only(&t) {
-            state::validate(&LogCommand { cmd: Some(Cmd::Txn(t.clone())) })?;
-            if !txn_serializable(&t) {
-                self.m.read_barrier().await?;
-            }
-            self.m.state.read().txn_read(&t)?
-        } else {
-            match self.propose(Cmd::Txn(t)).await? {
-                Applied::Txn(r) => r,
-                a => return Err(unexpected(a)),
-            }
-        };
+        let mut resp = self.m.txn(req.into_inner()).await?;
         resp.header = self.stamp(resp.header);
         Ok(Response::new(resp))
     }

@@ -1,0 +1,246 @@
+//! Where objects are kept: the embedded Shoal store (called in-process, no RPC) or an
+//! external etcd v3 cluster (over gRPC). Both are spoken to in etcd's own terms (Range,
+//! Txn, Watch), so the REST layer above has one code path and the etcd compatibility of
+//! the embedded store is what makes `--store etcd://...` work.
+
+use std::sync::Arc;
+
+use prost::Message;
+use shoal_proto::etcdserverpb::kv_client::KvClient;
+use shoal_proto::etcdserverpb::watch_client::WatchClient;
+use shoal_proto::etcdserverpb::{
+    watch_request::RequestUnion, RangeRequest, RangeResponse, TxnRequest, TxnResponse, WatchCreateRequest, WatchRequest,
+};
+use shoal_proto::mvccpb;
+use shoal_store::mvcc::KeyRange;
+use shoal_store::watch::{WatchBatch, WatchSpec};
+use shoal_store::{Member, StoreError};
+use tokio::sync::mpsc;
+use tonic::transport::Channel;
+
+/// A store failure as the REST layer must treat it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BackendError {
+    /// The revision asked for is older than the store keeps.
+    #[error("required revision has been compacted (compacted at {0})")]
+    Compacted(i64),
+    #[error("required revision is a future revision")]
+    FutureRev,
+    /// No leader, timeout, connection failure: the client may retry.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Other(String),
+}
+
+impl From<StoreError> for BackendError {
+    fn from(e: StoreError) -> BackendError {
+        match e {
+            StoreError::Compacted { compact_rev } => BackendError::Compacted(compact_rev),
+            StoreError::FutureRev => BackendError::FutureRev,
+            StoreError::NoLeader | StoreError::NotLeader | StoreError::Timeout | StoreError::Stopped => BackendError::Unavailable(e.to_string()),
+            other => BackendError::Other(other.to_string()),
+        }
+    }
+}
+
+impl From<tonic::Status> for BackendError {
+    fn from(s: tonic::Status) -> BackendError {
+        let msg = s.message();
+        if msg.contains("required revision has been compacted") {
+            return BackendError::Compacted(0);
+        }
+        if msg.contains("future revision") {
+            return BackendError::FutureRev;
+        }
+        match s.code() {
+            tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => BackendError::Unavailable(msg.to_string()),
+            _ => BackendError::Other(format!("{}: {msg}", s.code())),
+        }
+    }
+}
+
+/// Events of one watch response, in revision order.
+#[derive(Debug)]
+pub struct WatchChunk {
+    pub events: Vec<mvccpb::Event>,
+    /// Revision of the store when the response was sent (a progress notification has no
+    /// events and only this).
+    pub revision: i64,
+}
+
+/// A running watch; dropping it cancels the watch in the store.
+pub struct WatchStream {
+    rx: mpsc::Receiver<Result<WatchChunk, BackendError>>,
+}
+
+impl WatchStream {
+    pub async fn next(&mut self) -> Option<Result<WatchChunk, BackendError>> {
+        self.rx.recv().await
+    }
+}
+
+/// The store the API server keeps objects in.
+#[derive(Clone)]
+pub enum Backend {
+    Embedded(Arc<Member>),
+    Etcd { kv: KvClient<Channel>, watch: WatchClient<Channel> },
+}
+
+impl Backend {
+    /// Connects to an external etcd cluster (`host:port` endpoints, plain gRPC), balancing
+    /// requests over the endpoints.
+    pub fn connect_etcd(endpoints: &[String]) -> anyhow::Result<Backend> {
+        let mut eps = Vec::new();
+        for e in endpoints {
+            let url = if e.contains("://") { e.replace("etcd://", "http://") } else { format!("http://{e}") };
+            eps.push(
+                Channel::from_shared(url.clone())
+                    .map_err(|err| anyhow::anyhow!("invalid etcd endpoint {e:?}: {err}"))?
+                    .connect_timeout(std::time::Duration::from_secs(5))
+                    .tcp_nodelay(true)
+                    .http2_keep_alive_interval(std::time::Duration::from_secs(10)),
+            );
+        }
+        if eps.is_empty() {
+            anyhow::bail!("no etcd endpoints given");
+        }
+        let ch = Channel::balance_list(eps.into_iter());
+        Ok(Backend::Etcd {
+            kv: KvClient::new(ch.clone()).max_decoding_message_size(512 << 20),
+            watch: WatchClient::new(ch).max_decoding_message_size(512 << 20),
+        })
+    }
+
+    pub async fn range(&self, r: RangeRequest) -> Result<RangeResponse, BackendError> {
+        match self {
+            Backend::Embedded(m) => Ok(m.range(r).await?),
+            Backend::Etcd { kv, .. } => Ok(kv.clone().range(r).await?.into_inner()),
+        }
+    }
+
+    pub async fn txn(&self, t: TxnRequest) -> Result<TxnResponse, BackendError> {
+        match self {
+            Backend::Embedded(m) => Ok(m.txn(t).await?),
+            Backend::Etcd { kv, .. } => Ok(kv.clone().txn(t).await?.into_inner()),
+        }
+    }
+
+    /// The current revision (linearizable).
+    pub async fn current_revision(&self) -> Result<i64, BackendError> {
+        let r = self.range(RangeRequest { key: b"/registry/".to_vec().into(), range_end: b"/registry0".to_vec().into(), count_only: true, limit: 1, ..Default::default() }).await?;
+        Ok(r.header.map_or(0, |h| h.revision))
+    }
+
+    /// Watches `[key, range_end)` from `start_rev` (0: from now), with previous values.
+    pub async fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_rev: i64) -> Result<WatchStream, BackendError> {
+        let (tx, rx) = mpsc::channel(64);
+        match self {
+            Backend::Embedded(m) => {
+                let (btx, mut brx) = mpsc::channel::<WatchBatch>(256);
+                let stream = m.hub.open_stream(btx);
+                let spec = WatchSpec {
+                    range: KeyRange::from_etcd(&key.clone().into(), &range_end.clone().into()),
+                    start_rev,
+                    prev_kv: true,
+                    no_put: false,
+                    no_delete: false,
+                    fragment: false,
+                    progress_notify: true,
+                };
+                m.hub.add(&m.state, stream, 1, spec);
+                let m = m.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let batch = tokio::select! {
+                            b = brx.recv() => b,
+                            _ = tx.closed() => None,
+                        };
+                        let Some(batch) = batch else { break };
+                        for item in batch {
+                            let out = match item {
+                                Ok(r) if r.canceled => {
+                                    Err(if r.compact_revision > 0 { BackendError::Compacted(r.compact_revision) } else { BackendError::Other(r.cancel_reason) })
+                                }
+                                Ok(r) => {
+                                    let mut events = Vec::with_capacity(r.events.len());
+                                    for e in &r.events {
+                                        match mvccpb::Event::decode(e.as_ref()) {
+                                            Ok(e) => events.push(e),
+                                            Err(e) => tracing::error!(error = %e, "undecodable watch event from the store"),
+                                        }
+                                    }
+                                    if r.created && events.is_empty() {
+                                        continue;
+                                    }
+                                    Ok(WatchChunk { events, revision: r.header.map_or(0, |h| h.revision) })
+                                }
+                                Err(s) => Err(BackendError::from(s)),
+                            };
+                            if tx.send(out).await.is_err() {
+                                break;
+                            }
+                        }
+                    }
+                    m.hub.close_stream(stream);
+                });
+            }
+            Backend::Etcd { watch, .. } => {
+                let create = WatchRequest {
+                    request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+                        key: key.into(),
+                        range_end: range_end.into(),
+                        start_revision: start_rev,
+                        prev_kv: true,
+                        progress_notify: true,
+                        ..Default::default()
+                    })),
+                };
+                // The request stream stays open as long as the watch: ending it would
+                // make etcd close the watch.
+                let (req_tx, req_rx) = mpsc::channel::<WatchRequest>(1);
+                req_tx.send(create).await.map_err(|_| BackendError::Other("watch request channel closed".into()))?;
+                let mut inbound = watch.clone().watch(tokio_stream::wrappers::ReceiverStream::new(req_rx)).await?.into_inner();
+                tokio::spawn(async move {
+                    let _keep = req_tx;
+                    loop {
+                        let msg = tokio::select! {
+                            m = inbound.message() => m,
+                            _ = tx.closed() => break,
+                        };
+                        let out = match msg {
+                            Ok(Some(r)) if r.canceled => {
+                                Err(if r.compact_revision > 0 { BackendError::Compacted(r.compact_revision) } else { BackendError::Other(r.cancel_reason) })
+                            }
+                            Ok(Some(r)) => {
+                                if r.created && r.events.is_empty() {
+                                    continue;
+                                }
+                                Ok(WatchChunk { events: r.events, revision: r.header.map_or(0, |h| h.revision) })
+                            }
+                            Ok(None) => Err(BackendError::Unavailable("etcd closed the watch stream".into())),
+                            Err(s) => Err(BackendError::from(s)),
+                        };
+                        let stop = out.is_err();
+                        if tx.send(out).await.is_err() || stop {
+                            break;
+                        }
+                    }
+                });
+            }
+        }
+        Ok(WatchStream { rx })
+    }
+}
+
+/// The end of the key range holding every key that starts with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}

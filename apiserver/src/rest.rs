@@ -1,0 +1,934 @@
+//! The REST verbs on stored objects: get, list, create, update, patch, delete,
+//! deletecollection, and the status, scale and binding subresources. Objects are JSON in
+//! the store under upstream's key layout; `resourceVersion` is the store's mod revision.
+//!
+//! Architecture Invariant: a rejected request writes nothing. Every write is a store
+//! transaction conditioned on the revision the decision was made on (create: the key does
+//! not exist; update/delete: its mod revision is unchanged), so concurrent writers get a
+//! 409 Conflict or a retry, never a lost update.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use bytes::Bytes;
+use serde_json::{json, Map, Value};
+use shoal_proto::etcdserverpb::{
+    compare::{CompareResult, CompareTarget, TargetUnion},
+    request_op::Request as Op,
+    Compare, DeleteRangeRequest, PutRequest, RangeRequest, RequestOp, TxnRequest,
+};
+use shoal_proto::mvccpb::KeyValue;
+
+use crate::backend::{prefix_end, Backend, BackendError};
+use crate::kinds;
+use crate::meta;
+use crate::patch;
+use crate::resources::ResourceDef;
+use crate::selector::{FieldSelector, LabelSelector};
+use crate::status::{ApiError, FieldError, Gr};
+
+/// Parsed query parameters (last value wins, as upstream).
+#[derive(Default, Debug, Clone)]
+pub struct Query(pub HashMap<String, String>);
+
+impl Query {
+    pub fn parse(q: Option<&str>) -> Query {
+        let mut m = HashMap::new();
+        for pair in q.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            m.insert(percent_decode(k), percent_decode(v));
+        }
+        Query(m)
+    }
+    pub fn get(&self, k: &str) -> Option<&str> {
+        self.0.get(k).map(String::as_str)
+    }
+    pub fn flag(&self, k: &str) -> bool {
+        matches!(self.get(k), Some("true" | "1"))
+    }
+    pub fn dry_run(&self) -> Result<bool, ApiError> {
+        match self.get("dryRun") {
+            None | Some("") => Ok(false),
+            Some("All") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!("dryRun: Unsupported value: \"{other}\": supported values: \"All\""))),
+        }
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() + 0 && i + 2 <= b.len() - 1 => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
+                    Ok(x) => {
+                        out.push(x);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// One request on a resource, after routing.
+pub struct Target<'a> {
+    pub def: &'static ResourceDef,
+    pub ns: &'a str,
+    pub name: &'a str,
+    pub sub: &'a str,
+}
+
+impl Target<'_> {
+    pub fn gr(&self) -> Gr<'static> {
+        Gr { group: self.def.group, resource: self.def.plural }
+    }
+    fn key(&self) -> String {
+        self.def.key(self.ns, self.name)
+    }
+}
+
+pub fn backend_error(e: BackendError) -> ApiError {
+    match e {
+        BackendError::Compacted(_) => ApiError::gone("The resourceVersion for the provided list is too old."),
+        BackendError::FutureRev => ApiError::timeout("Too large resource version"),
+        BackendError::Unavailable(m) => ApiError::timeout(format!("etcdserver: {}", m.trim_start_matches("etcdserver: "))),
+        BackendError::Other(m) => ApiError::internal(m),
+    }
+}
+
+/// Decodes a stored object and stamps its resourceVersion.
+pub fn decode_kv(kv: &KeyValue) -> Result<Value, ApiError> {
+    let mut v: Value = serde_json::from_slice(&kv.value).map_err(|e| ApiError::internal(format!("undecodable object at {}: {e}", String::from_utf8_lossy(&kv.key))))?;
+    set_rv(&mut v, kv.mod_revision);
+    Ok(v)
+}
+
+pub fn set_rv(v: &mut Value, rev: i64) {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.insert("resourceVersion".into(), Value::String(rev.to_string()));
+    }
+}
+
+fn encode_for_store(v: &Value) -> Bytes {
+    let mut v = v.clone();
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("resourceVersion");
+        m.remove("selfLink");
+    }
+    Bytes::from(serde_json::to_vec(&v).expect("JSON values always serialize"))
+}
+
+fn rv_of(v: &Value) -> Option<&str> {
+    v.pointer("/metadata/resourceVersion").and_then(Value::as_str).filter(|s| !s.is_empty())
+}
+
+/// Reads one object linearizably: the object and its mod revision.
+pub async fn get_current(backend: &Backend, key: &str) -> Result<Option<(Value, i64)>, ApiError> {
+    let r = backend.range(RangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() }).await.map_err(backend_error)?;
+    match r.kvs.first() {
+        Some(kv) => Ok(Some((decode_kv(kv)?, kv.mod_revision))),
+        None => Ok(None),
+    }
+}
+
+fn cmp_mod(key: &str, rev: i64) -> Compare {
+    Compare { result: CompareResult::Equal as i32, target: CompareTarget::Mod as i32, key: key.as_bytes().to_vec().into(), target_union: Some(TargetUnion::ModRevision(rev)), range_end: Default::default() }
+}
+
+fn put_op(key: &str, value: Bytes) -> RequestOp {
+    RequestOp { request: Some(Op::RequestPut(PutRequest { key: key.as_bytes().to_vec().into(), value, ..Default::default() })) }
+}
+
+/// Outcome of a conditional write.
+enum Written {
+    /// Committed at this revision.
+    At(i64),
+    /// The condition failed: someone else changed the key.
+    Lost,
+}
+
+async fn txn_put(backend: &Backend, key: &str, cond: Compare, value: Bytes) -> Result<Written, ApiError> {
+    let t = TxnRequest { compare: vec![cond], success: vec![put_op(key, value)], failure: vec![] };
+    let r = backend.txn(t).await.map_err(backend_error)?;
+    Ok(if r.succeeded { Written::At(r.header.map_or(0, |h| h.revision)) } else { Written::Lost })
+}
+
+async fn txn_delete(backend: &Backend, key: &str, rev: i64) -> Result<Written, ApiError> {
+    let del = RequestOp { request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() })) };
+    let r = backend.txn(TxnRequest { compare: vec![cmp_mod(key, rev)], success: vec![del], failure: vec![] }).await.map_err(backend_error)?;
+    Ok(if r.succeeded { Written::At(r.header.map_or(0, |h| h.revision)) } else { Written::Lost })
+}
+
+/// Checks the `apiVersion`/`kind` of a body against the endpoint it was sent to and fills
+/// them in when absent... as upstream's decoder does for a typed endpoint.
+fn check_type(def: &ResourceDef, obj: &mut Value, expect_kind: &str, expect_api: &str) -> Result<(), ApiError> {
+    let Some(m) = obj.as_object_mut() else {
+        return Err(ApiError::bad_request("the body of the request must be a JSON object"));
+    };
+    let kind = m.get("kind").and_then(Value::as_str).unwrap_or("");
+    let api = m.get("apiVersion").and_then(Value::as_str).unwrap_or("");
+    if !kind.is_empty() && kind != expect_kind {
+        return Err(ApiError::bad_request(format!("{kind} in version \"{api}\" cannot be handled as a {expect_kind}: the kind in the body does not match the endpoint")));
+    }
+    if !api.is_empty() && api != expect_api {
+        return Err(ApiError::bad_request(format!("the API version in the data ({api}) does not match the expected API version ({expect_api})")));
+    }
+    let _ = def;
+    m.insert("kind".into(), json!(expect_kind));
+    m.insert("apiVersion".into(), json!(expect_api));
+    if !m.get("metadata").is_some_and(Value::is_object) {
+        if m.get("metadata").is_some_and(|v| !v.is_null()) {
+            return Err(ApiError::bad_request("metadata must be an object"));
+        }
+        m.insert("metadata".into(), json!({}));
+    }
+    Ok(())
+}
+
+fn metadata(v: &mut Value) -> &mut Map<String, Value> {
+    v["metadata"].as_object_mut().expect("checked by check_type")
+}
+
+fn invalid(def: &ResourceDef, name: &str, errs: &[FieldError]) -> ApiError {
+    ApiError::invalid(def.kind, def.group, name, errs)
+}
+
+/// Fails unless the namespace exists and is not being deleted (upstream's
+/// NamespaceLifecycle rule for creates).
+async fn check_namespace(backend: &Backend, t: &Target<'_>, name: &str) -> Result<(), ApiError> {
+    if !t.def.namespaced {
+        return Ok(());
+    }
+    let Some((ns, _)) = get_current(backend, &format!("/registry/namespaces/{}", t.ns)).await? else {
+        return Err(ApiError::not_found(Gr { group: "", resource: "namespaces" }, t.ns));
+    };
+    if ns.pointer("/status/phase").and_then(Value::as_str) == Some("Terminating") {
+        return Err(ApiError::forbidden(t.gr(), name, &format!("unable to create new content in namespace {} because it is being terminated", t.ns)));
+    }
+    Ok(())
+}
+
+/// POST on a collection.
+pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    let def = t.def;
+    check_type(def, &mut obj, def.kind, &def.api_version())?;
+    let md = metadata(&mut obj);
+    if def.namespaced {
+        match md.get("namespace").and_then(Value::as_str).unwrap_or("") {
+            "" => {
+                md.insert("namespace".into(), json!(t.ns));
+            }
+            ns if ns != t.ns => return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request")),
+            _ => {}
+        }
+    } else {
+        md.remove("namespace");
+    }
+    if md.get("name").and_then(Value::as_str).unwrap_or("").is_empty() {
+        if let Some(g) = md.get("generateName").and_then(Value::as_str).filter(|g| !g.is_empty()) {
+            let base: String = g.chars().take(63 - 5).collect();
+            md.insert("name".into(), json!(format!("{base}{}", meta::random_suffix())));
+        }
+    }
+    md.insert("uid".into(), json!(meta::new_uid()));
+    md.insert("creationTimestamp".into(), json!(meta::now()));
+    for f in ["resourceVersion", "selfLink", "deletionTimestamp", "deletionGracePeriodSeconds"] {
+        md.remove(f);
+    }
+    if def.tracks_generation() {
+        md.insert("generation".into(), json!(1));
+    } else {
+        md.remove("generation");
+    }
+    let name = md.get("name").and_then(Value::as_str).unwrap_or("").to_string();
+    kinds::apply_defaults(def.kind, &mut obj);
+    kinds::prepare_for_create(def.kind, &mut obj);
+    let errs = kinds::validate(def.kind, def.namespaced, &obj);
+    if !errs.is_empty() {
+        return Err(invalid(def, &name, &errs));
+    }
+    let target = Target { def, ns: t.ns, name: &name, sub: "" };
+    check_namespace(backend, &target, &name).await?;
+    let key = target.key();
+    if dry {
+        if get_current(backend, &key).await?.is_some() {
+            return Err(ApiError::already_exists(t.gr(), &name));
+        }
+        return Ok((201, obj));
+    }
+    let cond = Compare { result: CompareResult::Equal as i32, target: CompareTarget::Create as i32, key: key.as_bytes().to_vec().into(), target_union: Some(TargetUnion::CreateRevision(0)), range_end: Default::default() };
+    match txn_put(backend, &key, cond, encode_for_store(&obj)).await? {
+        Written::At(rev) => {
+            set_rv(&mut obj, rev);
+            Ok((201, obj))
+        }
+        Written::Lost => Err(ApiError::already_exists(t.gr(), &name)),
+    }
+}
+
+/// GET of one object.
+pub async fn get(backend: &Backend, t: &Target<'_>) -> Result<Value, ApiError> {
+    match get_current(backend, &t.key()).await? {
+        Some((v, _)) => Ok(v),
+        None => Err(ApiError::not_found(t.gr(), t.name)),
+    }
+}
+
+/// Merges an incoming full object (PUT) with the stored one: system-owned metadata is kept,
+/// the status or everything but the status is kept depending on the subresource, and the
+/// generation counts spec changes.
+fn merge_update(def: &ResourceDef, sub: &str, old: &Value, mut new: Value) -> Value {
+    let keep = ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"];
+    if sub == "status" {
+        let mut out = old.clone();
+        match new.get_mut("status").map(Value::take) {
+            Some(s) => out["status"] = s,
+            None => {
+                if let Some(m) = out.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+        return out;
+    }
+    {
+        let om = old.get("metadata").and_then(Value::as_object);
+        let nm = metadata(&mut new);
+        for k in keep {
+            match om.and_then(|m| m.get(k)) {
+                Some(v) => {
+                    nm.insert(k.into(), v.clone());
+                }
+                None => {
+                    nm.remove(k);
+                }
+            }
+        }
+    }
+    if def.has_status() {
+        match old.get("status") {
+            Some(s) => new["status"] = s.clone(),
+            None => {
+                if let Some(m) = new.as_object_mut() {
+                    m.remove("status");
+                }
+            }
+        }
+    }
+    kinds::apply_defaults(def.kind, &mut new);
+    if def.tracks_generation() && def.has_status() {
+        let changed = old.get("spec") != new.get("spec");
+        let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        metadata(&mut new).insert("generation".into(), json!(if changed { g + 1 } else { g }));
+    }
+    new
+}
+
+/// Fields that never change after create, with upstream's message.
+fn immutable_errors(def: &ResourceDef, old: &Value, new: &Value) -> Vec<FieldError> {
+    let mut errs = Vec::new();
+    let same = |p: &str| old.pointer(p) == new.pointer(p);
+    match def.kind {
+        "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" if !same("/spec/selector") => {
+            errs.push(FieldError::invalid("spec.selector", new.pointer("/spec/selector").cloned().unwrap_or(Value::Null), "field is immutable"));
+        }
+        "Service" => {
+            let old_ip = old.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("");
+            let new_ip = new.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("");
+            if !old_ip.is_empty() && !new_ip.is_empty() && old_ip != new_ip {
+                errs.push(FieldError::invalid("spec.clusterIPs[0]", new_ip, "may not change once set"));
+            }
+        }
+        "Pod" => {
+            let mut o = old.get("spec").cloned().unwrap_or(Value::Null);
+            let mut n = new.get("spec").cloned().unwrap_or(Value::Null);
+            // Mutable in place: container images, activeDeadlineSeconds, tolerations
+            // (additions), and the node once (binding).
+            for v in [&mut o, &mut n] {
+                for list in ["containers", "initContainers"] {
+                    if let Some(cs) = v.get_mut(list).and_then(Value::as_array_mut) {
+                        for c in cs.iter_mut().filter_map(Value::as_object_mut) {
+                            c.remove("image");
+                        }
+                    }
+                }
+                if let Some(m) = v.as_object_mut() {
+                    m.remove("activeDeadlineSeconds");
+                    m.remove("tolerations");
+                }
+            }
+            if o.get("nodeName").is_none() {
+                if let Some(m) = n.as_object_mut() {
+                    m.remove("nodeName");
+                }
+            }
+            if o != n {
+                errs.push(FieldError::forbidden("spec", "pod updates may not change fields other than `spec.containers[*].image`,`spec.initContainers[*].image`,`spec.activeDeadlineSeconds`,`spec.tolerations` (only additions to existing tolerations),`spec.terminationGracePeriodSeconds` (allow it to be set to 1 if it was previously negative)"));
+            }
+        }
+        "Secret" | "ConfigMap" if old.get("immutable") == Some(&Value::Bool(true)) => {
+            if !same("/data") || !same("/binaryData") || !same("/stringData") {
+                errs.push(FieldError::forbidden("data", "field is immutable when `immutable` is set"));
+            }
+        }
+        _ => {}
+    }
+    errs
+}
+
+/// Writes `new` over the stored object at `cur_rev`; deletes it instead when an object
+/// being deleted has lost its last finalizer. Returns the stored object.
+async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: i64, mut new: Value, dry: bool) -> Result<Option<Value>, ApiError> {
+    let errs = {
+        let mut e = kinds::validate(t.def.kind, t.def.namespaced, &new);
+        e.extend(immutable_errors(t.def, old, &new));
+        e
+    };
+    if !errs.is_empty() {
+        return Err(invalid(t.def, t.name, &errs));
+    }
+    let key = t.key();
+    let mut old_cmp = old.clone();
+    set_rv(&mut old_cmp, cur_rev);
+    set_rv(&mut new, cur_rev);
+    if new == old_cmp {
+        // No change: no write, no event, same resourceVersion (as upstream).
+        return Ok(Some(new));
+    }
+    let finalizing = new.pointer("/metadata/deletionTimestamp").is_some()
+        && new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty());
+    if dry {
+        return Ok(Some(new));
+    }
+    if finalizing {
+        return match txn_delete(backend, &key, cur_rev).await? {
+            Written::At(_) => Ok(Some(new)),
+            Written::Lost => Ok(None),
+        };
+    }
+    match txn_put(backend, &key, cmp_mod(&key, cur_rev), encode_for_store(&new)).await? {
+        Written::At(rev) => {
+            set_rv(&mut new, rev);
+            Ok(Some(new))
+        }
+        Written::Lost => Ok(None),
+    }
+}
+
+/// PUT of a whole object (or its status).
+pub async fn update(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    check_type(t.def, &mut obj, t.def.kind, &t.def.api_version())?;
+    let body_name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    if body_name != t.name {
+        return Err(ApiError::bad_request(format!("the name of the object ({body_name}) does not match the name on the URL ({})", t.name)));
+    }
+    if t.def.namespaced {
+        let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+        if !ns.is_empty() && ns != t.ns {
+            return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+        }
+    }
+    let want_rv: Option<i64> = match rv_of(&obj) {
+        Some(s) => Some(s.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {s:?}")))?),
+        None => None,
+    };
+    loop {
+        let Some((old, cur)) = get_current(backend, &t.key()).await? else {
+            return Err(ApiError::not_found(t.gr(), t.name));
+        };
+        if want_rv.is_some_and(|w| w != cur) {
+            return Err(ApiError::conflict(t.gr(), t.name));
+        }
+        if let (Some(u), Some(o)) = (obj.pointer("/metadata/uid").and_then(Value::as_str), old.pointer("/metadata/uid").and_then(Value::as_str)) {
+            if !u.is_empty() && u != o {
+                return Err(ApiError::conflict_msg(t.gr(), t.name, &format!("Precondition failed: UID in precondition: {u}, UID in object meta: {o}")));
+            }
+        }
+        let new = merge_update(t.def, t.sub, &old, obj.clone());
+        match commit_update(backend, t, &old, cur, new, dry).await? {
+            Some(v) => return Ok((200, v)),
+            None if want_rv.is_some() => return Err(ApiError::conflict(t.gr(), t.name)),
+            None => continue,
+        }
+    }
+}
+
+/// Supported patch media types.
+pub const PATCH_TYPES: &[&str] = &["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"];
+
+/// PATCH of an object (or its status): applied to the current object, retried on a
+/// concurrent change unless the patch itself pins a resourceVersion.
+pub async fn patch(backend: &Backend, t: &Target<'_>, content_type: &str, body: &[u8], q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    let patch_doc: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    let ct = content_type.split(';').next().unwrap_or("").trim();
+    if !PATCH_TYPES[..3].contains(&ct) {
+        return Err(ApiError::unsupported_media(ct, &PATCH_TYPES[..3]));
+    }
+    let pinned_rv: Option<i64> = patch_doc.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|s| s.parse().ok());
+    for _ in 0..16 {
+        let Some((old, cur)) = get_current(backend, &t.key()).await? else {
+            return Err(ApiError::not_found(t.gr(), t.name));
+        };
+        if pinned_rv.is_some_and(|p| p != cur) {
+            return Err(ApiError::conflict(t.gr(), t.name));
+        }
+        let mut doc = old.clone();
+        match ct {
+            "application/json-patch+json" => {
+                patch::json_patch(&mut doc, &patch_doc).map_err(|e| ApiError { details: Some(json!({"causes": [{"message": e}]})), ..ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")) })?;
+            }
+            "application/merge-patch+json" => patch::merge_patch(&mut doc, &patch_doc),
+            _ => crate::strategic::apply(&mut doc, &patch_doc).map_err(ApiError::bad_request)?,
+        }
+        if doc.pointer("/metadata/name").and_then(Value::as_str) != Some(t.name) {
+            return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({})", doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""), t.name)));
+        }
+        check_type(t.def, &mut doc, t.def.kind, &t.def.api_version())?;
+        let new = merge_update(t.def, t.sub, &old, doc);
+        if let Some(v) = commit_update(backend, t, &old, cur, new, dry).await? {
+            return Ok((200, v));
+        }
+        if pinned_rv.is_some() {
+            return Err(ApiError::conflict(t.gr(), t.name));
+        }
+    }
+    Err(ApiError::conflict(t.gr(), t.name))
+}
+
+/// DELETE of one object: immediate, or marked with a deletionTimestamp when finalizers (or
+/// a graceful pod stop) must run first.
+pub async fn delete(backend: &Backend, t: &Target<'_>, body: &[u8], q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    let opts: Value = if body.iter().all(u8::is_ascii_whitespace) { json!({}) } else { serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding DeleteOptions: {e}")))? };
+    if opts.get("dryRun").and_then(Value::as_array).is_some_and(|d| d.iter().any(|x| x == "All")) && !dry {
+        return Box::pin(delete(backend, t, b"", &Query({ let mut m = q.0.clone(); m.insert("dryRun".into(), "All".into()); m }))).await;
+    }
+    let grace: Option<i64> = match q.get("gracePeriodSeconds") {
+        Some(g) => Some(g.parse().map_err(|_| ApiError::bad_request(format!("invalid gracePeriodSeconds {g:?}")))?),
+        None => opts.get("gracePeriodSeconds").and_then(Value::as_i64),
+    };
+    let policy = q.get("propagationPolicy").map(String::from).or_else(|| opts.get("propagationPolicy").and_then(Value::as_str).map(String::from));
+    if let Some(p) = &policy {
+        if !["Orphan", "Background", "Foreground"].contains(&p.as_str()) {
+            return Err(ApiError::invalid("DeleteOptions", "", "", &[FieldError::not_supported("propagationPolicy", p.as_str(), &["Foreground", "Background", "Orphan"])]));
+        }
+    }
+    loop {
+        let Some((mut obj, cur)) = get_current(backend, &t.key()).await? else {
+            return Err(ApiError::not_found(t.gr(), t.name));
+        };
+        if let Some(pre) = opts.get("preconditions") {
+            if let Some(u) = pre.get("uid").and_then(Value::as_str) {
+                let have = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+                if u != have {
+                    return Err(ApiError::conflict_msg(t.gr(), t.name, &format!("Precondition failed: UID in precondition: {u}, UID in object meta: {have}")));
+                }
+            }
+            if let Some(r) = pre.get("resourceVersion").and_then(Value::as_str) {
+                if r != cur.to_string() {
+                    return Err(ApiError::conflict_msg(t.gr(), t.name, &format!("Precondition failed: ResourceVersion in precondition: {r}, ResourceVersion in object meta: {cur}")));
+                }
+            }
+        }
+        let mut fins: Vec<Value> = obj.pointer("/metadata/finalizers").and_then(Value::as_array).cloned().unwrap_or_default();
+        let add_fin = match policy.as_deref() {
+            Some("Orphan") => Some("orphan"),
+            Some("Foreground") => Some("foregroundDeletion"),
+            _ => None,
+        };
+        if let Some(f) = add_fin {
+            if !fins.iter().any(|x| x == f) {
+                fins.push(json!(f));
+            }
+        }
+        let node = obj.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+        let phase = obj.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
+        let pod_grace = if t.def.kind == "Pod" && !node.is_empty() && phase != "Succeeded" && phase != "Failed" {
+            grace.unwrap_or_else(|| obj.pointer("/spec/terminationGracePeriodSeconds").and_then(Value::as_i64).unwrap_or(30)).max(0)
+        } else {
+            0
+        };
+        let already = obj.pointer("/metadata/deletionTimestamp").is_some();
+        if !fins.is_empty() || pod_grace > 0 || t.def.kind == "Namespace" {
+            if already && add_fin.is_none() && pod_grace == 0 {
+                return Ok((200, obj));
+            }
+            let md = metadata(&mut obj);
+            if !already {
+                md.insert("deletionTimestamp".into(), json!(meta::format_time(meta::now_secs() + pod_grace)));
+            }
+            md.insert("deletionGracePeriodSeconds".into(), json!(pod_grace));
+            if !fins.is_empty() {
+                md.insert("finalizers".into(), Value::Array(fins));
+            }
+            if t.def.kind == "Namespace" {
+                obj["status"]["phase"] = json!("Terminating");
+            }
+            if dry {
+                return Ok((200, obj));
+            }
+            let key = t.key();
+            match txn_put(backend, &key, cmp_mod(&key, cur), encode_for_store(&obj)).await? {
+                Written::At(rev) => {
+                    set_rv(&mut obj, rev);
+                    return Ok((200, obj));
+                }
+                Written::Lost => continue,
+            }
+        }
+        if dry {
+            return Ok((200, obj));
+        }
+        match txn_delete(backend, &t.key(), cur).await? {
+            Written::At(_) => return Ok((200, obj)),
+            Written::Lost => continue,
+        }
+    }
+}
+
+/// Label and field selectors of a request, validated against the kind.
+pub struct Filter {
+    pub labels: LabelSelector,
+    pub fields: FieldSelector,
+    pub kind: &'static str,
+}
+
+impl Filter {
+    pub fn from_query(def: &ResourceDef, q: &Query) -> Result<Filter, ApiError> {
+        let labels = LabelSelector::parse(q.get("labelSelector").unwrap_or("")).map_err(ApiError::bad_request)?;
+        let fields = FieldSelector::parse(q.get("fieldSelector").unwrap_or("")).map_err(ApiError::bad_request)?;
+        let probe = json!({});
+        for f in fields.fields() {
+            if kinds::field_value(def.kind, &probe, f).is_none() {
+                return Err(ApiError::bad_request(format!("field label not supported: {f}")));
+            }
+        }
+        Ok(Filter { labels, fields, kind: def.kind })
+    }
+    pub fn is_empty(&self) -> bool {
+        self.labels.is_empty() && self.fields.is_empty()
+    }
+    pub fn matches(&self, obj: &Value) -> bool {
+        self.labels.matches(obj.pointer("/metadata/labels").and_then(Value::as_object)) && self.fields.matches(|f| kinds::field_value(self.kind, obj, f))
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ContinueToken {
+    v: String,
+    rv: i64,
+    start: String,
+}
+
+/// A page of a list.
+pub struct Page {
+    pub items: Vec<Value>,
+    pub rev: i64,
+    pub cont: Option<String>,
+    pub remaining: Option<i64>,
+}
+
+/// LIST of a collection with selectors, `limit`/`continue` and `resourceVersion`
+/// semantics (unset: latest, linearizable; `0`: any, served locally; N: not older than N,
+/// or exactly N with `resourceVersionMatch=Exact`).
+pub async fn list(backend: &Backend, def: &ResourceDef, ns: &str, q: &Query) -> Result<Page, ApiError> {
+    let filter = Filter::from_query(def, q)?;
+    let limit: i64 = match q.get("limit") {
+        Some(l) if !l.is_empty() => l.parse().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+        _ => 0,
+    };
+    let prefix = def.prefix(ns);
+    let end = prefix_end(prefix.as_bytes());
+    let (mut start, mut revision, serializable, from_token) = match q.get("continue").filter(|c| !c.is_empty()) {
+        Some(c) => {
+            let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(c.trim_end_matches('=')).map_err(|_| ApiError::bad_request("continue key is not valid: illegal base64 data"))?;
+            let tok: ContinueToken = serde_json::from_slice(&raw).map_err(|_| ApiError::bad_request("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"))?;
+            if tok.v != "meta.k8s.io/v1" || tok.rv <= 0 || tok.start.contains("..") {
+                return Err(ApiError::bad_request("continue key is not valid: incorrect encoded start resourceVersion (version meta.k8s.io/v1)"));
+            }
+            (format!("{prefix}{}", tok.start).into_bytes(), tok.rv, true, true)
+        }
+        None => {
+            let rv = q.get("resourceVersion").unwrap_or("");
+            let exact = q.get("resourceVersionMatch") == Some("Exact");
+            match q.get("resourceVersionMatch") {
+                None | Some("" | "Exact" | "NotOlderThan") => {}
+                Some(other) => return Err(ApiError::bad_request(format!("resourceVersionMatch: Unsupported value: \"{other}\": supported values: \"Exact\", \"NotOlderThan\""))),
+            }
+            match rv {
+                "" => (prefix.clone().into_bytes(), 0, false, false),
+                "0" => (prefix.clone().into_bytes(), 0, true, false),
+                n => {
+                    let n: i64 = n.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {n:?}")))?;
+                    if exact {
+                        (prefix.clone().into_bytes(), n, true, false)
+                    } else {
+                        let cur = backend.current_revision().await.map_err(backend_error)?;
+                        if cur < n {
+                            return Err(ApiError::timeout(format!("Too large resource version: {n}, current: {cur}")));
+                        }
+                        (prefix.clone().into_bytes(), 0, true, false)
+                    }
+                }
+            }
+        }
+    };
+    let want = if limit > 0 { limit as usize } else { usize::MAX };
+    let mut items = Vec::new();
+    let mut cont = None;
+    let mut remaining = None;
+    loop {
+        let batch = if limit > 0 { (want - items.len()).max(if filter.is_empty() { 0 } else { 256 }) as i64 + 0 } else { 0 };
+        let r = backend
+            .range(RangeRequest { key: start.clone().into(), range_end: end.clone().into(), revision, limit: batch, serializable, ..Default::default() })
+            .await
+            .map_err(|e| match e {
+                BackendError::Compacted(_) if from_token => ApiError::gone("The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter, or use the continue token in this response to retrieve the remainder of the results. Continuing with the provided token results in an inconsistent list - objects that were created, modified, or deleted between the time the first chunk was returned and now may show up in the list."),
+                other => backend_error(other),
+            })?;
+        if revision == 0 {
+            revision = r.header.as_ref().map_or(0, |h| h.revision);
+        }
+        let n = r.kvs.len();
+        let mut last_key: Option<Vec<u8>> = None;
+        for kv in &r.kvs {
+            if items.len() >= want {
+                break;
+            }
+            let v = decode_kv(kv)?;
+            last_key = Some(kv.key.to_vec());
+            if filter.matches(&v) {
+                items.push(v);
+            }
+        }
+        let more_in_store = r.more || (last_key.is_some() && last_key.as_deref() != r.kvs.last().map(|k| k.key.as_ref()));
+        if items.len() >= want && more_in_store {
+            let lk = last_key.expect("items were taken from this batch");
+            let mut next = lk[prefix.len()..].to_vec();
+            next.push(0);
+            let tok = ContinueToken { v: "meta.k8s.io/v1".into(), rv: revision, start: String::from_utf8_lossy(&next).into_owned() };
+            cont = Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&tok).expect("serializable")));
+            if filter.is_empty() {
+                let taken = r.kvs.iter().position(|k| k.key.as_ref() == lk.as_slice()).map_or(0, |i| i + 1) as i64;
+                remaining = Some((r.count - taken).max(0));
+            }
+            break;
+        }
+        if !r.more || n == 0 || batch == 0 {
+            break;
+        }
+        let mut next = r.kvs.last().expect("n > 0").key.to_vec();
+        next.push(0);
+        start = next;
+    }
+    Ok(Page { items, rev: revision, cont, remaining })
+}
+
+/// Builds the `<Kind>List` object of a page.
+pub fn list_object(def: &ResourceDef, page: Page) -> Value {
+    let mut md = json!({"resourceVersion": page.rev.to_string()});
+    if let Some(c) = page.cont {
+        md["continue"] = json!(c);
+    }
+    if let Some(r) = page.remaining.filter(|r| *r > 0) {
+        md["remainingItemCount"] = json!(r);
+    }
+    json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(), "metadata": md, "items": page.items})
+}
+
+/// DELETE of a collection: every object matching the selectors, one by one.
+pub async fn delete_collection(backend: &Backend, def: &'static ResourceDef, ns: &str, body: &[u8], q: &Query) -> Result<Value, ApiError> {
+    let mut lq = q.clone();
+    lq.0.remove("limit");
+    lq.0.remove("continue");
+    let page = list(backend, def, ns, &lq).await?;
+    let mut deleted = Vec::new();
+    for item in page.items {
+        let name = item.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+        let ins = item.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+        let t = Target { def, ns: &ins, name: &name, sub: "" };
+        match delete(backend, &t, body, q).await {
+            Ok((_, v)) => deleted.push(v),
+            Err(e) if e.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(json!({"kind": format!("{}List", def.kind), "apiVersion": def.api_version(), "metadata": {"resourceVersion": page.rev.to_string()}, "items": deleted}))
+}
+
+/// The autoscaling/v1 Scale view of a workload.
+pub fn scale_of(obj: &Value) -> Value {
+    let md = &obj["metadata"];
+    let sel = obj.pointer("/spec/selector").map(|s| selector_string(s)).unwrap_or_default();
+    json!({
+        "kind": "Scale",
+        "apiVersion": "autoscaling/v1",
+        "metadata": {"name": md["name"], "namespace": md["namespace"], "uid": md["uid"], "resourceVersion": md["resourceVersion"], "creationTimestamp": md["creationTimestamp"]},
+        "spec": {"replicas": obj.pointer("/spec/replicas").cloned().unwrap_or(json!(0))},
+        "status": {"replicas": obj.pointer("/status/replicas").cloned().unwrap_or(json!(0)), "selector": sel},
+    })
+}
+
+/// A `metav1.LabelSelector` as the string form (`a=b,c in (d)`).
+pub fn selector_string(sel: &Value) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = sel.get("matchLabels").and_then(Value::as_object) {
+        for (k, v) in m {
+            parts.push(format!("{k}={}", v.as_str().unwrap_or("")));
+        }
+    }
+    for e in sel.get("matchExpressions").and_then(Value::as_array).into_iter().flatten() {
+        let key = e["key"].as_str().unwrap_or("");
+        let vals: Vec<&str> = e.get("values").and_then(Value::as_array).map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+        match e["operator"].as_str().unwrap_or("") {
+            "In" => parts.push(format!("{key} in ({})", vals.join(","))),
+            "NotIn" => parts.push(format!("{key} notin ({})", vals.join(","))),
+            "Exists" => parts.push(key.to_string()),
+            "DoesNotExist" => parts.push(format!("!{key}")),
+            _ => {}
+        }
+    }
+    parts.join(",")
+}
+
+/// GET/PUT/PATCH of the scale subresource.
+pub async fn scale(backend: &Backend, t: &Target<'_>, method: &http::Method, content_type: &str, body: &[u8], q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    loop {
+        let Some((obj, cur)) = get_current(backend, &t.key()).await? else {
+            return Err(ApiError::not_found(t.gr(), t.name));
+        };
+        let current = scale_of(&obj);
+        if *method == http::Method::GET {
+            return Ok((200, current));
+        }
+        let mut wanted = current.clone();
+        let pinned;
+        if *method == http::Method::PUT {
+            wanted = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding Scale: {e}")))?;
+            pinned = rv_of(&wanted).map(String::from);
+        } else {
+            let p: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+            match content_type.split(';').next().unwrap_or("").trim() {
+                "application/json-patch+json" => patch::json_patch(&mut wanted, &p).map_err(|e| ApiError::new(422, "Invalid", e))?,
+                "application/merge-patch+json" | "application/strategic-merge-patch+json" => patch::merge_patch(&mut wanted, &p),
+                other => return Err(ApiError::unsupported_media(other, &PATCH_TYPES[..3])),
+            }
+            pinned = p.pointer("/metadata/resourceVersion").and_then(Value::as_str).map(String::from);
+        }
+        if pinned.as_deref().is_some_and(|p| p != cur.to_string()) {
+            return Err(ApiError::conflict(t.gr(), t.name));
+        }
+        let replicas = wanted.pointer("/spec/replicas").cloned().unwrap_or(Value::Null);
+        if replicas.as_i64().is_none_or(|r| r < 0) {
+            return Err(ApiError::invalid("Scale", "autoscaling", t.name, &[FieldError::invalid("spec.replicas", replicas, "must be greater than or equal to 0")]));
+        }
+        let mut new = obj.clone();
+        new["spec"]["replicas"] = replicas;
+        let new = merge_update(t.def, "", &obj, new);
+        if let Some(v) = commit_update(backend, t, &obj, cur, new, dry).await? {
+            return Ok((200, scale_of(&v)));
+        }
+        if pinned.is_some() {
+            return Err(ApiError::conflict(t.gr(), t.name));
+        }
+    }
+}
+
+/// POST of a Binding: assigns an unscheduled pod to a node (what a scheduler does).
+pub async fn bind(backend: &Backend, t: &Target<'_>, binding: Value, q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    let name = if t.name.is_empty() { binding.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string() } else { t.name.to_string() };
+    let node = binding.pointer("/target/name").and_then(Value::as_str).unwrap_or("").to_string();
+    if node.is_empty() {
+        return Err(ApiError::invalid("Binding", "", &name, &[FieldError::required("target.name", "")]));
+    }
+    let pods = crate::resources::find("", "v1", "pods").expect("pods are built in");
+    let pt = Target { def: pods, ns: t.ns, name: &name, sub: "" };
+    loop {
+        let Some((obj, cur)) = get_current(backend, &pt.key()).await? else {
+            return Err(ApiError::not_found(pt.gr(), &name));
+        };
+        if obj.pointer("/metadata/deletionTimestamp").is_some() {
+            return Err(ApiError::conflict_msg(pt.gr(), &name, "pod is being deleted, cannot be assigned to a host"));
+        }
+        if let Some(n) = obj.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+            return Err(ApiError::conflict_msg(pt.gr(), &name, &format!("pod {name} is already assigned to node \"{n}\"")));
+        }
+        let mut new = obj.clone();
+        new["spec"]["nodeName"] = json!(node);
+        let conds = new["status"].as_object_mut().map(|s| s.entry("conditions").or_insert(json!([])));
+        if let Some(Value::Array(c)) = conds {
+            c.retain(|x| x["type"] != "PodScheduled");
+            c.push(json!({"type": "PodScheduled", "status": "True", "lastProbeTime": null, "lastTransitionTime": meta::now()}));
+        }
+        if dry {
+            return Ok((201, crate::status::success_status(None)));
+        }
+        let key = pt.key();
+        match txn_put(backend, &key, cmp_mod(&key, cur), encode_for_store(&new)).await? {
+            Written::At(_) => return Ok((201, crate::status::success_status(None))),
+            Written::Lost => continue,
+        }
+    }
+}
+
+/// Creates the namespaces every cluster has (`default`, `kube-system`, `kube-public`,
+/// `kube-node-lease`) when missing, as kube-apiserver's bootstrap controller does.
+pub async fn ensure_system_namespaces(backend: &Backend) -> Result<(), ApiError> {
+    let def = crate::resources::find("", "v1", "namespaces").expect("namespaces are built in");
+    for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let t = Target { def, ns: "", name: ns, sub: "" };
+        match create(backend, &t, json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}), &Query::default()).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_decoding() {
+        let q = Query::parse(Some("labelSelector=app%3Dweb%2Ctier+in+%28a%29&limit=7&watch=1"));
+        assert_eq!(q.get("labelSelector"), Some("app=web,tier in (a)"));
+        assert_eq!(q.get("limit"), Some("7"));
+        assert!(q.flag("watch"));
+        assert_eq!(Query::parse(Some("a=%zz")).get("a"), Some("%zz"));
+        assert_eq!(Query::parse(Some("a=%4")).get("a"), Some("%4"));
+    }
+
+    #[test]
+    fn update_keeps_system_fields_and_counts_generation() {
+        let def = crate::resources::find("apps", "v1", "deployments").unwrap();
+        let old = json!({"metadata": {"name": "d", "namespace": "n", "uid": "u1", "generation": 3, "creationTimestamp": "t"}, "spec": {"replicas": 1}, "status": {"replicas": 1}});
+        let new = json!({"metadata": {"name": "d", "namespace": "n", "uid": "x", "generation": 99}, "spec": {"replicas": 2}, "status": {"replicas": 7}});
+        let m = merge_update(def, "", &old, new);
+        assert_eq!(m["metadata"]["uid"], "u1");
+        assert_eq!(m["metadata"]["generation"], 4);
+        assert_eq!(m["status"]["replicas"], 1, "status is only written through /status");
+        let s = merge_update(def, "status", &old, json!({"metadata": {"name": "d"}, "spec": {"replicas": 9}, "status": {"replicas": 5}}));
+        assert_eq!(s["spec"]["replicas"], 1);
+        assert_eq!(s["status"]["replicas"], 5);
+    }
+
+    #[test]
+    fn selector_strings() {
+        assert_eq!(selector_string(&json!({"matchLabels": {"app": "web"}, "matchExpressions": [{"key": "t", "operator": "In", "values": ["a", "b"]}]})), "app=web,t in (a,b)");
+    }
+}

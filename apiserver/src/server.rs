@@ -1,0 +1,602 @@
+//! Serving: one single-threaded executor per core, each accepting its own TLS connections
+//! on an SO_REUSEPORT listener (HTTP/2 or HTTP/1.1 by ALPN); authentication; routing of a
+//! request to discovery, health, metrics or the REST verbs; content negotiation.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use futures::StreamExt;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use hyper::body::{Frame, Incoming};
+use serde_json::{json, Value};
+
+use crate::backend::Backend;
+use crate::metrics::ApiMetrics;
+use crate::resources::{self, ResourceDef};
+use crate::rest::{self, Query, Target};
+use crate::status::{ApiError, Gr};
+use crate::table::{self, Include};
+use crate::watch::{self, Render};
+use crate::{discovery, tls};
+
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// Largest request body accepted (upstream's limit for JSON and protobuf bodies).
+pub const MAX_BODY: usize = 3 << 20;
+
+/// Configuration of the API server.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Address the HTTPS API listens on.
+    pub addr: SocketAddr,
+    /// Executor threads (one listener each).
+    pub threads: usize,
+    /// Directory holding the CA, serving certificate and admin token.
+    pub pki_dir: PathBuf,
+    /// Where to write the admin kubeconfig (None: do not write one).
+    pub kubeconfig: Option<PathBuf>,
+    /// Extra names or addresses the serving certificate is valid for.
+    pub extra_sans: Vec<String>,
+}
+
+impl ApiConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.threads == 0 {
+            return Err("--threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// State shared by every connection.
+pub struct Api {
+    pub backend: Backend,
+    pub admin_token: String,
+    pub server_address: String,
+    pub metrics: Arc<ApiMetrics>,
+    pub registry: Arc<prometheus_client::registry::Registry>,
+    /// Health of the store (for /readyz).
+    pub store_ready: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+/// A running API server.
+pub struct RunningApi {
+    pub addr: SocketAddr,
+    pub api: Arc<Api>,
+    pub credentials: Arc<tls::Credentials>,
+}
+
+/// Starts the API server on `threads` executor threads; returns once listening.
+/// `extra_metrics` lets the caller expose other components' metrics on `/metrics`.
+pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool + Send + Sync>, extra_metrics: impl FnOnce(&mut prometheus_client::registry::Registry)) -> anyhow::Result<RunningApi> {
+    cfg.validate().map_err(|e| anyhow::anyhow!(e))?;
+    let listeners = shoal_store::etcd::bind_reuseport(cfg.addr, cfg.threads).with_context(|| format!("while binding the API address {} (is the port in use?)", cfg.addr))?;
+    let addr = listeners[0].local_addr()?;
+    let mut hosts = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string(), "kubernetes".into(), "kubernetes.default".into(), "kubernetes.default.svc".into(), "kubernetes.default.svc.cluster.local".into(), "10.96.0.1".into()];
+    if !addr.ip().is_unspecified() && !hosts.contains(&addr.ip().to_string()) {
+        hosts.push(addr.ip().to_string());
+    }
+    hosts.extend(cfg.extra_sans.iter().cloned());
+    let creds = Arc::new(tls::load_or_create(&cfg.pki_dir, &hosts)?);
+    let tls_cfg = creds.server_config()?;
+    let host = if addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { addr.ip().to_string() };
+    let server_address = if addr.is_ipv6() { format!("[{host}]:{}", addr.port()) } else { format!("{host}:{}", addr.port()) };
+    if let Some(k) = &cfg.kubeconfig {
+        creds.write_kubeconfig(k, &format!("https://{server_address}"))?;
+    }
+    let metrics = Arc::new(ApiMetrics::default());
+    let mut reg = prometheus_client::registry::Registry::default();
+    metrics.register(&mut reg);
+    extra_metrics(&mut reg);
+    let api = Arc::new(Api { backend, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
+
+    for (i, l) in listeners.into_iter().enumerate() {
+        let api = api.clone();
+        let tls_cfg = tls_cfg.clone();
+        std::thread::Builder::new().name(format!("api-serve-{i}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building an API executor");
+            rt.block_on(async move {
+                if i == 0 {
+                    // The namespaces every cluster has; retried until the store answers.
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        for attempt in 0u32.. {
+                            match rest::ensure_system_namespaces(&api.backend).await {
+                                Ok(()) => break,
+                                Err(e) => {
+                                    if attempt % 10 == 0 {
+                                        tracing::warn!(error = %e.message, "creating the system namespaces failed; retrying");
+                                    }
+                                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                                }
+                            }
+                        }
+                    });
+                }
+                if let Err(e) = serve(api, l, tls_cfg).await {
+                    tracing::error!(error = %e, "API listener stopped");
+                }
+            });
+        })?;
+    }
+    tracing::info!(addr = %addr, threads = cfg.threads, "API server serving HTTPS");
+    Ok(RunningApi { addr, api, credentials: creds })
+}
+
+async fn serve(api: Arc<Api>, l: std::net::TcpListener, tls_cfg: Arc<rustls::ServerConfig>) -> anyhow::Result<()> {
+    l.set_nonblocking(true)?;
+    let l = tokio::net::TcpListener::from_std(l)?;
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls_cfg);
+    loop {
+        let (sock, peer) = match l.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = sock.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let api = api.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(sock)).await {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let api = api.clone();
+                async move { Ok::<_, Infallible>(api.handle(req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            if let Err(e) = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+fn full(status: u16, ctype: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
+        .header(header::CONTENT_TYPE, ctype)
+        .header(header::CACHE_CONTROL, "no-cache, private")
+        .body(Full::new(body.into()).boxed())
+        .expect("static headers are valid")
+}
+
+fn json_response(status: u16, v: &Value) -> Response<Body> {
+    full(status, "application/json", serde_json::to_vec(v).expect("JSON values always serialize"))
+}
+
+fn error_response(e: &ApiError) -> Response<Body> {
+    let mut r = json_response(e.code, &e.to_status());
+    if let Some(s) = e.retry_after {
+        r.headers_mut().insert(header::RETRY_AFTER, s.into());
+    }
+    r
+}
+
+/// What representation the client asked for in `Accept`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Want {
+    Json,
+    Table,
+    Metadata,
+}
+
+fn negotiate(accept: &str) -> Result<Want, ApiError> {
+    if accept.trim().is_empty() {
+        return Ok(Want::Json);
+    }
+    for part in accept.split(',') {
+        let mut it = part.split(';').map(str::trim);
+        let media = it.next().unwrap_or("");
+        let params: Vec<(&str, &str)> = it.filter_map(|p| p.split_once('=')).collect();
+        let get = |k: &str| params.iter().find(|(pk, _)| *pk == k).map(|(_, v)| *v);
+        match media {
+            "application/json" | "application/*" | "*/*" | "application/yaml" => match get("as") {
+                None => return Ok(Want::Json),
+                Some("Table") if get("g") == Some("meta.k8s.io") && matches!(get("v"), Some("v1" | "v1beta1")) => return Ok(Want::Table),
+                Some("PartialObjectMetadata" | "PartialObjectMetadataList") if get("g") == Some("meta.k8s.io") => return Ok(Want::Metadata),
+                Some(_) => continue,
+            },
+            _ => continue,
+        }
+    }
+    Err(ApiError::not_acceptable(&["application/json", "application/yaml"]))
+}
+
+/// Which verb a request is, for metrics (upstream's names).
+fn verb_of(method: &Method, has_name: bool, watch: bool) -> &'static str {
+    match *method {
+        Method::GET if watch => "WATCH",
+        Method::GET if has_name => "GET",
+        Method::GET => "LIST",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE if has_name => "DELETE",
+        Method::DELETE => "DELETECOLLECTION",
+        _ => "OTHER",
+    }
+}
+
+/// A request routed to a resource.
+#[derive(Debug)]
+struct Routed {
+    def: &'static ResourceDef,
+    ns: String,
+    name: String,
+    sub: String,
+    watch_path: bool,
+}
+
+/// Splits `<prefix>/[watch/][namespaces/<ns>/]<resource>[/<name>[/<subresource>]]`.
+fn route_resource(group: &str, version: &str, rest: &[&str]) -> Result<Routed, ApiError> {
+    let mut rest = rest;
+    let mut watch_path = false;
+    if rest.first() == Some(&"watch") {
+        watch_path = true;
+        rest = &rest[1..];
+    }
+    let (ns, resource, name, sub) = match rest {
+        ["namespaces", ns, "status" | "finalize"] => ("", "namespaces", *ns, rest[2]),
+        ["namespaces", ns] => ("", "namespaces", *ns, ""),
+        ["namespaces", ns, resource, tail @ ..] => {
+            let name = tail.first().copied().unwrap_or("");
+            let sub = if tail.len() > 1 { tail[1] } else { "" };
+            if tail.len() > 2 {
+                return Err(ApiError::no_such_path());
+            }
+            (*ns, *resource, name, sub)
+        }
+        [resource, tail @ ..] => {
+            if tail.len() > 2 {
+                return Err(ApiError::no_such_path());
+            }
+            ("", *resource, tail.first().copied().unwrap_or(""), tail.get(1).copied().unwrap_or(""))
+        }
+        [] => return Err(ApiError::no_such_path()),
+    };
+    let def = resources::find(group, version, resource).ok_or_else(ApiError::no_such_path)?;
+    if !def.namespaced && !ns.is_empty() {
+        return Err(ApiError::no_such_path());
+    }
+    if !sub.is_empty() && !def.has_sub(sub) {
+        return Err(ApiError::no_such_path());
+    }
+    Ok(Routed { def, ns: ns.to_string(), name: name.to_string(), sub: sub.to_string(), watch_path })
+}
+
+/// Constant-time comparison of a presented token with the admin token.
+fn token_ok(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Api {
+    fn authenticated(&self, req: &Request<Incoming>) -> bool {
+        let Some(h) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
+        match h.split_once(' ') {
+            Some((scheme, tok)) if scheme.eq_ignore_ascii_case("bearer") => token_ok(tok.trim(), &self.admin_token),
+            _ => false,
+        }
+    }
+
+    /// Answers one request; never fails (errors become `Status` responses).
+    pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let start = Instant::now();
+        self.metrics.inflight.inc();
+        let method = req.method().clone();
+        let path = req.uri().path().to_string();
+        let (resp, labels) = self.dispatch(req).await;
+        self.metrics.inflight.dec();
+        let status = resp.status().as_u16();
+        if let Some((verb, group, resource, sub)) = labels {
+            self.metrics.observe(verb, group, resource, &sub, status, start.elapsed().as_secs_f64());
+        }
+        tracing::debug!(%method, %path, status, micros = start.elapsed().as_micros() as u64, "request");
+        resp
+    }
+
+    async fn dispatch(&self, req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, &'static str, &'static str, String)>) {
+        let path = req.uri().path().to_string();
+        let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        match segs.as_slice() {
+            ["healthz" | "livez"] | ["healthz" | "livez", "ping"] => return (full(200, "text/plain; charset=utf-8", "ok"), None),
+            ["readyz"] | ["readyz", _] => {
+                return if (self.store_ready)() { (full(200, "text/plain; charset=utf-8", "ok"), None) } else { (full(500, "text/plain; charset=utf-8", "[-]etcd failed: reason withheld\nreadyz check failed\n"), None) };
+            }
+            ["version"] => return (json_response(200, &version()), None),
+            _ => {}
+        }
+        if !self.authenticated(&req) {
+            return (error_response(&ApiError::unauthorized()), None);
+        }
+        let method = req.method().clone();
+        let query = Query::parse(req.uri().query());
+        let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let err = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() { ApiError::too_large(MAX_BODY) } else { ApiError::bad_request(format!("error reading the request body: {e}")) };
+                return (error_response(&err), None);
+            }
+        };
+        let get_only = |v: Option<Value>| match v {
+            _ if method != Method::GET => error_response(&ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
+            Some(v) => json_response(200, &v),
+            None => error_response(&ApiError::no_such_path()),
+        };
+        let resp = match segs.as_slice() {
+            [] => get_only(Some(json!({"paths": ["/api", "/api/v1", "/apis", "/healthz", "/livez", "/metrics", "/openapi/v2", "/openapi/v3", "/readyz", "/version"]}))),
+            ["metrics"] => {
+                let mut s = String::new();
+                match prometheus_client::encoding::text::encode(&mut s, &self.registry) {
+                    Ok(()) => full(200, "text/plain; version=0.0.4; charset=utf-8", s),
+                    Err(e) => error_response(&ApiError::internal(format!("encoding metrics: {e}"))),
+                }
+            }
+            ["openapi", "v3"] => get_only(Some(crate::openapi::v3_index())),
+            ["openapi", "v3", rest @ ..] => match crate::openapi::v3_doc(&rest.join("/")) {
+                Some(b) if method == Method::GET => full(200, "application/json", b),
+                _ => get_only(None),
+            },
+            ["openapi", "v2"] if method == Method::GET => full(200, "application/json", crate::openapi::v2()),
+            ["api"] => get_only(Some(discovery::core_versions(&self.server_address))),
+            ["apis"] => get_only(Some(discovery::group_list())),
+            ["api", "v1"] => get_only(discovery::resource_list("", "v1")),
+            ["apis", g] => get_only(discovery::group(g)),
+            ["apis", g, v] => get_only(discovery::resource_list(g, v)),
+            ["api", "v1", rest @ ..] => return self.resource("", "v1", rest, &method, &query, &accept, &ctype, body).await,
+            ["apis", g, v, rest @ ..] => {
+                let (g, v) = (g.to_string(), v.to_string());
+                return self.resource(&g, &v, rest, &method, &query, &accept, &ctype, body).await;
+            }
+            _ => error_response(&ApiError::no_such_path()),
+        };
+        (resp, None)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn resource(&self, group: &str, version: &str, rest: &[&str], method: &Method, q: &Query, accept: &str, ctype: &str, body: Bytes) -> (Response<Body>, Option<(&'static str, &'static str, &'static str, String)>) {
+        let routed = match route_resource(group, version, rest) {
+            Ok(r) => r,
+            Err(e) => return (error_response(&e), None),
+        };
+        let watch = routed.watch_path || q.flag("watch");
+        let labels = Some((verb_of(method, !routed.name.is_empty(), watch), routed.def.group, routed.def.plural, routed.sub.clone()));
+        let want = match negotiate(accept) {
+            Ok(w) => w,
+            Err(e) => return (error_response(&e), labels),
+        };
+        let resp = match self.verb(&routed, method, q, want, ctype, &body, watch).await {
+            Ok(r) => r,
+            Err(e) => error_response(&e),
+        };
+        (resp, labels)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn verb(&self, r: &Routed, method: &Method, q: &Query, want: Want, ctype: &str, body: &[u8], watch: bool) -> Result<Response<Body>, ApiError> {
+        let def = r.def;
+        let gr = Gr { group: def.group, resource: def.plural };
+        let t = Target { def, ns: &r.ns, name: &r.name, sub: &r.sub };
+        let b = &self.backend;
+        let verb_allowed = |v: &str| def.verbs.contains(&v);
+        if def.namespaced && r.ns.is_empty() && !r.name.is_empty() {
+            return Err(ApiError::no_such_path());
+        }
+        let render_one = |code: u16, v: Value| -> Response<Body> {
+            match want {
+                Want::Table if code < 300 && v.get("kind").and_then(Value::as_str) == Some(def.kind) => {
+                    let rv = v.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""));
+                    json_response(code, &table::table(def.kind, std::slice::from_ref(&v), json!({"resourceVersion": rv}), Include::parse(q.get("includeObject"))))
+                }
+                Want::Metadata if code < 300 && v.get("kind").and_then(Value::as_str) == Some(def.kind) => {
+                    json_response(code, &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]}))
+                }
+                _ => json_response(code, &v),
+            }
+        };
+        match (method, r.name.is_empty(), r.sub.as_str()) {
+            (&Method::GET, true, "") if watch => {
+                if !verb_allowed("watch") {
+                    return Err(ApiError::method_not_allowed("watch", gr));
+                }
+                let render = match want {
+                    Want::Table => Render::Table(Include::parse(q.get("includeObject"))),
+                    Want::Metadata => Render::Metadata,
+                    Want::Json => Render::Object,
+                };
+                let rx = watch::start(b, def, &r.ns, q, render).await?;
+                let watchers = self.metrics.watchers.clone();
+                let labels = vec![("group", def.group.to_string()), ("resource", def.plural.to_string())];
+                watchers.get_or_create(&labels).inc();
+                let guard = WatchGuard { family: watchers, labels };
+                let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(move |b| {
+                    let _ = &guard;
+                    Ok::<_, Infallible>(Frame::data(b))
+                });
+                let ct = if want == Want::Json { "application/json" } else { "application/json;as=Table;v=v1;g=meta.k8s.io" };
+                let ct = if want == Want::Metadata { "application/json;as=PartialObjectMetadata;v=v1;g=meta.k8s.io" } else { ct };
+                Ok(Response::builder().status(200).header(header::CONTENT_TYPE, ct).header(header::CACHE_CONTROL, "no-cache, private").body(BodyExt::boxed(StreamBody::new(stream))).expect("static headers are valid"))
+            }
+            (&Method::GET, true, "") => {
+                if !verb_allowed("list") {
+                    return Err(ApiError::method_not_allowed("list", gr));
+                }
+                let page = rest::list(b, def, &r.ns, q).await?;
+                Ok(match want {
+                    Want::Table => {
+                        let mut md = json!({"resourceVersion": page.rev.to_string()});
+                        if let Some(c) = &page.cont {
+                            md["continue"] = json!(c);
+                        }
+                        if let Some(n) = page.remaining.filter(|n| *n > 0) {
+                            md["remainingItemCount"] = json!(n);
+                        }
+                        json_response(200, &table::table(def.kind, &page.items, md, Include::parse(q.get("includeObject"))))
+                    }
+                    Want::Metadata => {
+                        let mut l = rest::list_object(def, page);
+                        l["kind"] = json!("PartialObjectMetadataList");
+                        l["apiVersion"] = json!("meta.k8s.io/v1");
+                        if let Some(items) = l["items"].as_array_mut() {
+                            for it in items.iter_mut() {
+                                *it = json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": it["metadata"].take()});
+                            }
+                        }
+                        json_response(200, &l)
+                    }
+                    Want::Json => json_response(200, &rest::list_object(def, page)),
+                })
+            }
+            (&Method::GET, false, "" | "status") => Ok(render_one(200, rest::get(b, &t).await?)),
+            (&Method::GET | &Method::PUT | &Method::PATCH, false, "scale") => {
+                let (code, v) = rest::scale(b, &t, method, ctype, body, q).await?;
+                Ok(json_response(code, &v))
+            }
+            (&Method::POST, true, "") => {
+                if !verb_allowed("create") {
+                    return Err(ApiError::method_not_allowed("create", gr));
+                }
+                let obj = decode_body(ctype, body)?;
+                if def.kind == "Binding" {
+                    let (code, v) = rest::bind(b, &t, obj, q).await?;
+                    return Ok(json_response(code, &v));
+                }
+                let (code, v) = rest::create(b, &t, obj, q).await?;
+                Ok(render_one(code, v))
+            }
+            (&Method::POST, false, "binding") => {
+                let obj = decode_body(ctype, body)?;
+                let (code, v) = rest::bind(b, &t, obj, q).await?;
+                Ok(json_response(code, &v))
+            }
+            (&Method::PUT, false, "" | "status" | "finalize") => {
+                if !verb_allowed("update") {
+                    return Err(ApiError::method_not_allowed("update", gr));
+                }
+                let obj = decode_body(ctype, body)?;
+                let t = Target { sub: if r.sub == "finalize" { "" } else { &r.sub }, ..t };
+                let (code, v) = rest::update(b, &t, obj, q).await?;
+                Ok(render_one(code, v))
+            }
+            (&Method::PATCH, false, "" | "status") => {
+                if !verb_allowed("patch") {
+                    return Err(ApiError::method_not_allowed("patch", gr));
+                }
+                let (code, v) = rest::patch(b, &t, ctype, body, q).await?;
+                Ok(render_one(code, v))
+            }
+            (&Method::DELETE, false, "") => {
+                if !verb_allowed("delete") {
+                    return Err(ApiError::method_not_allowed("delete", gr));
+                }
+                let (code, v) = rest::delete(b, &t, body, q).await?;
+                Ok(render_one(code, v))
+            }
+            (&Method::DELETE, true, "") => {
+                if !verb_allowed("deletecollection") {
+                    return Err(ApiError::method_not_allowed("deletecollection", gr));
+                }
+                Ok(json_response(200, &rest::delete_collection(b, def, &r.ns, body, q).await?))
+            }
+            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "eviction" | "token" | "ephemeralcontainers") => {
+                Err(ApiError::new(501, "NotImplemented", format!("{}/{} is served once the node agent protocol lands", def.plural, r.sub)))
+            }
+            _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),
+        }
+    }
+}
+
+/// Keeps the watcher gauge right: decremented when the response body is dropped.
+struct WatchGuard {
+    family: prometheus_client::metrics::family::Family<Vec<(&'static str, String)>, prometheus_client::metrics::gauge::Gauge>,
+    labels: Vec<(&'static str, String)>,
+}
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.family.get_or_create(&self.labels).dec();
+    }
+}
+
+/// Decodes a request body by its media type.
+fn decode_body(ctype: &str, body: &[u8]) -> Result<Value, ApiError> {
+    let media = ctype.split(';').next().unwrap_or("").trim();
+    match media {
+        "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the request body as JSON: {e}"))),
+        _ => Err(ApiError::unsupported_media(media, &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"])),
+    }
+}
+
+/// `/version`.
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "35",
+        "emulationMajor": "1",
+        "emulationMinor": "35",
+        "gitVersion": format!("v1.35.0-shoal.{}", env!("CARGO_PKG_VERSION")),
+        "gitCommit": "",
+        "gitTreeState": "clean",
+        "buildDate": "2026-11-25T00:00:00Z",
+        "goVersion": "rust",
+        "compiler": "rustc",
+        "platform": format!("{}/{}", std::env::consts::OS, if std::env::consts::ARCH == "x86_64" { "amd64" } else { std::env::consts::ARCH }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing() {
+        let r = route_resource("", "v1", &["namespaces", "d", "pods", "p", "status"]).unwrap();
+        assert_eq!((r.def.plural, r.ns.as_str(), r.name.as_str(), r.sub.as_str()), ("pods", "d", "p", "status"));
+        let r = route_resource("", "v1", &["namespaces", "d"]).unwrap();
+        assert_eq!((r.def.plural, r.name.as_str()), ("namespaces", "d"));
+        let r = route_resource("", "v1", &["namespaces", "d", "finalize"]).unwrap();
+        assert_eq!((r.def.plural, r.sub.as_str()), ("namespaces", "finalize"));
+        let r = route_resource("", "v1", &["watch", "namespaces", "d", "pods"]).unwrap();
+        assert!(r.watch_path);
+        assert_eq!(route_resource("", "v1", &["pods"]).unwrap().ns, "");
+        assert_eq!(route_resource("", "v1", &["nope"]).unwrap_err().code, 404);
+        assert_eq!(route_resource("", "v1", &["namespaces", "d", "nodes"]).unwrap_err().code, 404);
+        assert_eq!(route_resource("", "v1", &["namespaces", "d", "pods", "p", "bogus"]).unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn accept_negotiation() {
+        assert_eq!(negotiate("application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json").unwrap(), Want::Table);
+        assert_eq!(negotiate("application/vnd.kubernetes.protobuf,application/json").unwrap(), Want::Json);
+        assert_eq!(negotiate("").unwrap(), Want::Json);
+        assert_eq!(negotiate("application/vnd.kubernetes.protobuf").unwrap_err().code, 406);
+        assert_eq!(negotiate("application/json;as=Bogus;g=x;v=y,application/json").unwrap(), Want::Json);
+    }
+
+    #[test]
+    fn tokens() {
+        assert!(token_ok("abc", "abc"));
+        assert!(!token_ok("abd", "abc"));
+        assert!(!token_ok("ab", "abc"));
+    }
+}
