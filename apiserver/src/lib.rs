@@ -28,6 +28,7 @@ pub mod patch;
 pub mod quantity;
 pub mod resources;
 pub mod rest;
+pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod status;

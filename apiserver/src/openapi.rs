@@ -126,13 +126,24 @@ fn build_gv(group: &str, version: &str) -> Option<Value> {
     }
     let base = format!("/{}", gv_path(group, version));
     let mut paths = Map::new();
-    let mut schemas = Map::new();
-    schemas.insert("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta".into(), object_meta_schema());
+    let roots: Vec<String> = rs.iter().map(|r| schema_name(r)).filter(|n| crate::schema::schema().message(n).is_some()).collect();
+    let mut schemas = crate::schema::schema().openapi(&roots, "#/components/schemas/", true);
+    schemas.entry("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta").or_insert_with(object_meta_schema);
     schemas.insert("io.k8s.apimachinery.pkg.apis.meta.v1.Status".into(), json!({"type": "object", "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "code": {"type": "integer", "format": "int32"}, "message": {"type": "string"}, "reason": {"type": "string"}, "status": {"type": "string"}}, "x-kubernetes-group-version-kind": [{"group": "", "kind": "Status", "version": "v1"}]}));
     schemas.insert("io.k8s.apimachinery.pkg.apis.meta.v1.Patch".into(), json!({"type": "object", "description": "Patch is provided to give a concrete name and type to the Kubernetes PATCH request body."}));
     for r in rs {
         let schema = schema_name(r);
-        schemas.insert(schema.clone(), kind_schema(r));
+        match schemas.get_mut(&schema) {
+            Some(s) => {
+                s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]);
+                if let Some(m) = s.get_mut("properties").and_then(|p| p.get_mut("metadata")) {
+                    *m = json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "default": {}});
+                }
+            }
+            None => {
+                schemas.insert(schema.clone(), kind_schema(r));
+            }
+        }
         let list_schema = format!("{schema}List");
         schemas.insert(list_schema.clone(), json!({"type": "object", "properties": {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "items": {"type": "array", "items": {"$ref": format!("#/components/schemas/{schema}")}}, "metadata": {"type": "object"}}, "x-kubernetes-group-version-kind": [{"group": r.group, "kind": format!("{}List", r.kind), "version": r.version}]}));
         let (coll, item, ns_path) = if r.namespaced {
@@ -247,22 +258,25 @@ pub fn v2() -> bytes::Bytes {
 }
 
 fn build_v2() -> Value {
-    let mut defs = Map::new();
+    let roots: Vec<String> = BUILTIN.iter().map(|r| schema_name(r)).filter(|n| crate::schema::schema().message(n).is_some()).collect();
+    let mut defs = crate::schema::schema().openapi(&roots, "#/definitions/", false);
     let mut paths = Map::new();
     for r in BUILTIN {
-        let s = kind_schema(r).to_string().replace("#/components/schemas/", "#/definitions/");
-        let mut schema: Value = serde_json::from_str(&s).expect("reserialized JSON");
-        schema["properties"]["metadata"] = json!({"$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"});
-        defs.insert(schema_name(r), schema);
+        match defs.get_mut(&schema_name(r)) {
+            Some(s) => s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]),
+            None => {
+                let s = kind_schema(r).to_string().replace("#/components/schemas/", "#/definitions/");
+                let mut schema: Value = serde_json::from_str(&s).expect("reserialized JSON");
+                schema["properties"]["metadata"] = json!({"$ref": "#/definitions/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"});
+                defs.insert(schema_name(r), schema);
+            }
+        }
         let base = format!("/{}", gv_path(r.group, r.version));
         let item = if r.namespaced { format!("{base}/namespaces/{{namespace}}/{}/{{name}}", r.plural) } else { format!("{base}/{}/{{name}}", r.plural) };
         if r.verbs.contains(&"patch") {
             paths.insert(item, json!({"patch": {"operationId": op_id("patch", r, r.namespaced, ""), "consumes": ["application/json-patch+json", "application/merge-patch+json", "application/strategic-merge-patch+json", "application/apply-patch+yaml"], "produces": ["application/json"], "parameters": [{"name": "fieldValidation", "in": "query", "type": "string", "uniqueItems": true}], "responses": {"200": {"description": "OK"}}, "x-kubernetes-action": "patch", "x-kubernetes-group-version-kind": {"group": r.group, "version": r.version, "kind": r.kind}}}));
         }
     }
-    let mut om = object_meta_schema();
-    om["properties"]["ownerReferences"]["items"] = json!({"type": "object"});
-    defs.insert("io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta".into(), om);
     json!({"swagger": "2.0", "info": {"title": "Kubernetes", "version": "v1.35.0"}, "paths": paths, "definitions": defs})
 }
 

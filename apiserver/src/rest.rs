@@ -193,6 +193,24 @@ fn check_type(def: &ResourceDef, obj: &mut Value, expect_kind: &str, expect_api:
     Ok(())
 }
 
+/// Drops the fields the kind does not define (as upstream's typed decoding does) and,
+/// with `fieldValidation=Strict`, rejects the request naming them.
+pub fn check_fields(def: &ResourceDef, obj: &mut Value, q: &Query) -> Result<(), ApiError> {
+    let mode = q.get("fieldValidation").unwrap_or("Warn");
+    if !matches!(mode, "Strict" | "Warn" | "Ignore") {
+        return Err(ApiError::bad_request(format!("fieldValidation: Unsupported value: \"{mode}\": supported values: \"Ignore\", \"Strict\", \"Warn\"")));
+    }
+    let Some(name) = crate::schema::message_for(&def.api_version(), def.kind) else { return Ok(()) };
+    let mut unknown = Vec::new();
+    crate::schema::schema().prune(&name, obj, "", &mut unknown);
+    if mode == "Strict" && !unknown.is_empty() {
+        unknown.sort();
+        let list: Vec<String> = unknown.iter().map(|u| format!("unknown field \"{u}\"")).collect();
+        return Err(ApiError::bad_request(format!("{} in version \"{}\" cannot be handled as a {}: strict decoding error: {}", def.kind, def.version, def.kind, list.join(", "))));
+    }
+    Ok(())
+}
+
 fn metadata(v: &mut Value) -> &mut Map<String, Value> {
     v["metadata"].as_object_mut().expect("checked by check_type")
 }
@@ -221,6 +239,7 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
     let dry = q.dry_run()?;
     let def = t.def;
     check_type(def, &mut obj, def.kind, &def.api_version())?;
+    check_fields(def, &mut obj, q)?;
     let md = metadata(&mut obj);
     if def.namespaced {
         match md.get("namespace").and_then(Value::as_str).unwrap_or("") {
@@ -428,6 +447,7 @@ async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: 
 pub async fn update(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query) -> Result<(u16, Value), ApiError> {
     let dry = q.dry_run()?;
     check_type(t.def, &mut obj, t.def.kind, &t.def.api_version())?;
+    check_fields(t.def, &mut obj, q)?;
     let body_name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
     if body_name != t.name {
         return Err(ApiError::bad_request(format!("the name of the object ({body_name}) does not match the name on the URL ({})", t.name)));
@@ -495,6 +515,7 @@ pub async fn patch(backend: &Backend, t: &Target<'_>, content_type: &str, body: 
             return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({})", doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""), t.name)));
         }
         check_type(t.def, &mut doc, t.def.kind, &t.def.api_version())?;
+        check_fields(t.def, &mut doc, q)?;
         let new = merge_update(t.def, t.sub, &old, doc);
         if let Some(v) = commit_update(backend, t, &old, cur, new, dry).await? {
             return Ok((200, v));

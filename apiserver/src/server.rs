@@ -543,6 +543,7 @@ fn decode_body(ctype: &str, body: &[u8]) -> Result<Value, ApiError> {
     let media = ctype.split(';').next().unwrap_or("").trim();
     match media {
         "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the request body as JSON: {e}"))),
+        "application/vnd.kubernetes.protobuf" => crate::schema::decode_k8s_protobuf(body, crate::schema::message_for).map_err(|e| ApiError::bad_request(format!("error decoding the protobuf request body: {e}"))),
         _ => Err(ApiError::unsupported_media(media, &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"])),
     }
 }

@@ -26,6 +26,27 @@ fn merge_key(path: &[String]) -> Option<&'static str> {
     })
 }
 
+/// The patch merge key of list `field` in message `message` (simple name, e.g.
+/// `PodSpec`), for the OpenAPI `x-kubernetes-patch-merge-key` extensions kubectl reads to
+/// compute the patches it sends; `Some("")` marks a scalar list merged as a set.
+pub fn merge_key_for(message: &str, field: &str) -> Option<&'static str> {
+    Some(match (message, field) {
+        ("PodSpec", "containers" | "initContainers" | "ephemeralContainers" | "volumes" | "imagePullSecrets" | "resourceClaims") => "name",
+        ("PodSpec", "hostAliases") => "ip",
+        ("PodSpec", "topologySpreadConstraints") => "topologyKey",
+        ("Container" | "EphemeralContainer", "env") => "name",
+        ("Container" | "EphemeralContainer", "ports") => "containerPort",
+        ("Container" | "EphemeralContainer", "volumeMounts") => "mountPath",
+        ("Container" | "EphemeralContainer", "volumeDevices") => "devicePath",
+        ("ServiceSpec", "ports") => "port",
+        ("NodeStatus", "addresses") => "type",
+        (m, "conditions") if m.ends_with("Status") => "type",
+        ("ObjectMeta", "ownerReferences") => "uid",
+        ("ObjectMeta", "finalizers") => "",
+        _ => return None,
+    })
+}
+
 /// Lists of scalars that merge as sets.
 fn is_set_list(path: &[String]) -> bool {
     matches!(path.last().map(String::as_str), Some("finalizers"))
