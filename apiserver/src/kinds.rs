@@ -476,7 +476,7 @@ pub fn validate(kind: &str, namespaced: bool, obj: &Value) -> Vec<FieldError> {
                         errs.push(FieldError::not_supported(format!("spec.ports[{i}].protocol"), proto, PROTOCOLS));
                     }
                 }
-                if let Some(np) = p.get("nodePort").filter(|v| !v.is_null()) {
+                if let Some(np) = p.get("nodePort").filter(|v| !v.is_null() && v.as_i64() != Some(0)) {
                     check_port(Some(np), format!("spec.ports[{i}].nodePort"), &mut errs, false);
                 }
             }

@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backend;
 pub mod discovery;
 pub mod kinds;

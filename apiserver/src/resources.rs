@@ -31,6 +31,10 @@ impl ResourceDef {
             format!("{}/{}", self.group, self.version)
         }
     }
+    /// Reviews and other kinds that are computed, not stored.
+    pub fn is_virtual(&self) -> bool {
+        self.storage.starts_with('-')
+    }
     pub fn has_status(&self) -> bool {
         self.subresources.contains(&"status")
     }
@@ -114,6 +118,11 @@ pub static BUILTIN: &[ResourceDef] = &[
     // events.k8s.io/v1 (same objects as core events; served from their own key space
     // until conversion between the two shapes lands)
     r!("events.k8s.io", "v1", "Event", "events", "event", true, &["ev"], NONE, ALL_VERBS, NONE, "events.k8s.io/events"),
+    // Reviews: computed per request, never stored.
+    r!("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", false, NONE, NONE, CREATE_ONLY, NONE, "-selfsubjectreviews"),
+    r!("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", "selfsubjectaccessreview", false, NONE, NONE, CREATE_ONLY, NONE, "-selfsubjectaccessreviews"),
+    r!("authorization.k8s.io", "v1", "SubjectAccessReview", "subjectaccessreviews", "subjectaccessreview", false, NONE, NONE, CREATE_ONLY, NONE, "-subjectaccessreviews"),
+    r!("authorization.k8s.io", "v1", "LocalSubjectAccessReview", "localsubjectaccessreviews", "localsubjectaccessreview", true, NONE, NONE, CREATE_ONLY, NONE, "-localsubjectaccessreviews"),
     // apiextensions.k8s.io/v1
     r!("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", "customresourcedefinition", false, &["crd", "crds"], &["api-extensions"], ALL_VERBS, STATUS, "apiextensions.k8s.io/customresourcedefinitions"),
 ];

@@ -147,6 +147,128 @@ fn put_op(key: &str, value: Bytes) -> RequestOp {
     RequestOp { request: Some(Op::RequestPut(PutRequest { key: key.as_bytes().to_vec().into(), value, ..Default::default() })) }
 }
 
+fn cmp_absent(key: &str) -> Compare {
+    Compare { result: CompareResult::Equal as i32, target: CompareTarget::Create as i32, key: key.as_bytes().to_vec().into(), target_union: Some(TargetUnion::CreateRevision(0)), range_end: Default::default() }
+}
+
+/// The service CIDR ClusterIPs come from (upstream's default 10.96.0.0/12).
+pub const SERVICE_CIDR: (u32, u8) = (0x0A60_0000, 12);
+/// The NodePort range (upstream's default).
+pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+fn ip_key(ip: std::net::Ipv4Addr) -> String {
+    format!("/registry/ipaddresses/{ip}")
+}
+
+fn node_port_key(proto: &str, port: u16) -> String {
+    format!("/registry/nodeports/{}/{port}", proto.to_ascii_lowercase())
+}
+
+fn random_u32() -> u32 {
+    let mut b = [0u8; 4];
+    getrandom::fill(&mut b).expect("the kernel's random source is always available");
+    u32::from_le_bytes(b)
+}
+
+/// Keys holding a service's ClusterIP and NodePort allocations.
+fn service_alloc_keys(svc: &Value) -> Vec<String> {
+    let mut keys = Vec::new();
+    if let Some(ip) = svc.pointer("/spec/clusterIP").and_then(Value::as_str).and_then(|s| s.parse::<std::net::Ipv4Addr>().ok()) {
+        keys.push(ip_key(ip));
+    }
+    for p in svc.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(np) = p.get("nodePort").and_then(Value::as_u64).filter(|n| *n > 0) {
+            keys.push(node_port_key(p["protocol"].as_str().unwrap_or("TCP"), np as u16));
+        }
+    }
+    keys
+}
+
+/// Creates a Service together with its ClusterIP and NodePort allocations, in one
+/// transaction: an address or port is never handed to two services.
+async fn create_service(backend: &Backend, t: &Target<'_>, obj: Value, key: &str, name: &str) -> Result<(u16, Value), ApiError> {
+    let ty = obj.pointer("/spec/type").and_then(Value::as_str).unwrap_or("ClusterIP").to_string();
+    let asked_ip = obj.pointer("/spec/clusterIP").and_then(Value::as_str).unwrap_or("").to_string();
+    let (base, bits) = SERVICE_CIDR;
+    let size = 1u32 << (32 - bits);
+    let wants_ip = ty != "ExternalName" && asked_ip != "None";
+    let fixed_ip = if wants_ip && !asked_ip.is_empty() {
+        let ip: std::net::Ipv4Addr = asked_ip.parse().map_err(|_| invalid(t.def, name, &[FieldError::invalid("spec.clusterIPs[0]", asked_ip.as_str(), "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)")]))?;
+        let n = u32::from(ip);
+        if n & !(size - 1) != base || n == base || n == base + size - 1 {
+            return Err(invalid(t.def, name, &[FieldError::invalid("spec.clusterIPs", json!([asked_ip]), format!("failed to allocate IP {asked_ip}: the provided IP ({asked_ip}) is not in the valid range. The range of valid IPs is 10.96.0.0/12"))]));
+        }
+        Some(ip)
+    } else {
+        None
+    };
+    let node_ports = matches!(ty.as_str(), "NodePort" | "LoadBalancer");
+    for p in obj.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten() {
+        if let Some(np) = p.get("nodePort").and_then(Value::as_i64).filter(|n| *n != 0) {
+            if !node_ports {
+                return Err(invalid(t.def, name, &[FieldError::forbidden("spec.ports[0].nodePort", "may not be used when `type` is 'ClusterIP'")]));
+            }
+            if np < *NODE_PORTS.start() as i64 || np > *NODE_PORTS.end() as i64 {
+                return Err(invalid(t.def, name, &[FieldError::invalid("spec.ports[0].nodePort", np, "provided port is not in the valid range. The range of valid ports is 30000-32767")]));
+            }
+        }
+    }
+    for _attempt in 0..64 {
+        let mut cand = obj.clone();
+        let mut compares = vec![cmp_absent(key)];
+        if wants_ip {
+            let ip = fixed_ip.unwrap_or_else(|| std::net::Ipv4Addr::from(base + 2 + random_u32() % (size - 3)));
+            cand["spec"]["clusterIP"] = json!(ip.to_string());
+            cand["spec"]["clusterIPs"] = json!([ip.to_string()]);
+        } else if asked_ip == "None" {
+            cand["spec"]["clusterIPs"] = json!(["None"]);
+        }
+        if node_ports {
+            if let Some(ports) = cand["spec"]["ports"].as_array_mut() {
+                for p in ports.iter_mut() {
+                    if p.get("nodePort").and_then(Value::as_i64).unwrap_or(0) == 0 {
+                        let span = (*NODE_PORTS.end() - *NODE_PORTS.start() + 1) as u32;
+                        p["nodePort"] = json!(*NODE_PORTS.start() as u32 + random_u32() % span);
+                    }
+                }
+            }
+        }
+        let allocs = service_alloc_keys(&cand);
+        let owner = Bytes::from(format!("{}/{}", t.ns, name));
+        let mut success = vec![put_op(key, encode_for_store(&cand))];
+        for k in &allocs {
+            compares.push(cmp_absent(k));
+            success.push(put_op(k, owner.clone()));
+        }
+        let r = backend.txn(TxnRequest { compare: compares, success, failure: vec![] }).await.map_err(backend_error)?;
+        if r.succeeded {
+            set_rv(&mut cand, r.header.map_or(0, |h| h.revision));
+            return Ok((201, cand));
+        }
+        if get_current(backend, key).await?.is_some() {
+            return Err(ApiError::already_exists(t.gr(), name));
+        }
+        if let Some(ip) = fixed_ip {
+            if get_current_raw(backend, &ip_key(ip)).await? {
+                return Err(invalid(t.def, name, &[FieldError::invalid("spec.clusterIPs", json!([asked_ip]), format!("failed to allocate IP {asked_ip}: provided IP is already allocated"))]));
+            }
+        }
+        let fixed_ports: Vec<String> = obj.pointer("/spec/ports").and_then(Value::as_array).into_iter().flatten().filter_map(|p| p.get("nodePort").and_then(Value::as_u64).filter(|n| *n > 0).map(|n| node_port_key(p["protocol"].as_str().unwrap_or("TCP"), n as u16))).collect();
+        for k in fixed_ports {
+            if get_current_raw(backend, &k).await? {
+                let port = k.rsplit('/').next().unwrap_or("");
+                return Err(invalid(t.def, name, &[FieldError::invalid("spec.ports[0].nodePort", port.parse::<i64>().unwrap_or(0), "provided port is already allocated")]));
+            }
+        }
+    }
+    Err(ApiError::internal("failed to allocate a service IP: the range is full or too contended"))
+}
+
+async fn get_current_raw(backend: &Backend, key: &str) -> Result<bool, ApiError> {
+    let r = backend.range(RangeRequest { key: key.as_bytes().to_vec().into(), count_only: true, ..Default::default() }).await.map_err(backend_error)?;
+    Ok(r.count > 0)
+}
+
 /// Outcome of a conditional write.
 enum Written {
     /// Committed at this revision.
@@ -161,9 +283,12 @@ async fn txn_put(backend: &Backend, key: &str, cond: Compare, value: Bytes) -> R
     Ok(if r.succeeded { Written::At(r.header.map_or(0, |h| h.revision)) } else { Written::Lost })
 }
 
-async fn txn_delete(backend: &Backend, key: &str, rev: i64) -> Result<Written, ApiError> {
-    let del = RequestOp { request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: key.as_bytes().to_vec().into(), ..Default::default() })) };
-    let r = backend.txn(TxnRequest { compare: vec![cmp_mod(key, rev)], success: vec![del], failure: vec![] }).await.map_err(backend_error)?;
+/// Deletes `key` at `rev` together with `also` (allocation records it owns).
+async fn txn_delete_with(backend: &Backend, key: &str, rev: i64, also: &[String]) -> Result<Written, ApiError> {
+    let del = |k: &str| RequestOp { request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: k.as_bytes().to_vec().into(), ..Default::default() })) };
+    let mut success = vec![del(key)];
+    success.extend(also.iter().map(|k| del(k)));
+    let r = backend.txn(TxnRequest { compare: vec![cmp_mod(key, rev)], success, failure: vec![] }).await.map_err(backend_error)?;
     Ok(if r.succeeded { Written::At(r.header.map_or(0, |h| h.revision)) } else { Written::Lost })
 }
 
@@ -284,8 +409,10 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
         }
         return Ok((201, obj));
     }
-    let cond = Compare { result: CompareResult::Equal as i32, target: CompareTarget::Create as i32, key: key.as_bytes().to_vec().into(), target_union: Some(TargetUnion::CreateRevision(0)), range_end: Default::default() };
-    match txn_put(backend, &key, cond, encode_for_store(&obj)).await? {
+    if def.kind == "Service" {
+        return create_service(backend, t, obj, &key, &name).await;
+    }
+    match txn_put(backend, &key, cmp_absent(&key), encode_for_store(&obj)).await? {
         Written::At(rev) => {
             set_rv(&mut obj, rev);
             Ok((201, obj))
@@ -429,7 +556,8 @@ async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: 
         return Ok(Some(new));
     }
     if finalizing {
-        return match txn_delete(backend, &key, cur_rev).await? {
+        let also = if t.def.kind == "Service" { service_alloc_keys(&new) } else { vec![] };
+        return match txn_delete_with(backend, &key, cur_rev, &also).await? {
             Written::At(_) => Ok(Some(new)),
             Written::Lost => Ok(None),
         };
@@ -611,7 +739,8 @@ pub async fn delete(backend: &Backend, t: &Target<'_>, body: &[u8], q: &Query) -
         if dry {
             return Ok((200, obj));
         }
-        match txn_delete(backend, &t.key(), cur).await? {
+        let also = if t.def.kind == "Service" { service_alloc_keys(&obj) } else { vec![] };
+        match txn_delete_with(backend, &t.key(), cur, &also).await? {
             Written::At(_) => return Ok((200, obj)),
             Written::Lost => continue,
         }
@@ -907,7 +1036,7 @@ pub async fn bind(backend: &Backend, t: &Target<'_>, binding: Value, q: &Query) 
 
 /// Creates the namespaces every cluster has (`default`, `kube-system`, `kube-public`,
 /// `kube-node-lease`) when missing, as kube-apiserver's bootstrap controller does.
-pub async fn ensure_system_namespaces(backend: &Backend) -> Result<(), ApiError> {
+pub async fn ensure_system_namespaces(backend: &Backend, api_port: u16) -> Result<(), ApiError> {
     let def = crate::resources::find("", "v1", "namespaces").expect("namespaces are built in");
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let t = Target { def, ns: "", name: ns, sub: "" };
@@ -916,6 +1045,16 @@ pub async fn ensure_system_namespaces(backend: &Backend) -> Result<(), ApiError>
             Err(e) if e.code == 409 => {}
             Err(e) => return Err(e),
         }
+    }
+    // The `kubernetes` service, first address of the service range (pods reach the API
+    // through it once the service proxy runs).
+    let svc = crate::resources::find("", "v1", "services").expect("services are built in");
+    let t = Target { def: svc, ns: "default", name: "kubernetes", sub: "" };
+    let obj = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "kubernetes", "namespace": "default", "labels": {"component": "apiserver", "provider": "kubernetes"}}, "spec": {"clusterIP": std::net::Ipv4Addr::from(SERVICE_CIDR.0 + 1).to_string(), "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": api_port}], "sessionAffinity": "None", "type": "ClusterIP"}});
+    match create(backend, &t, obj, &Query::default()).await {
+        Ok(_) => {}
+        Err(e) if e.code == 409 || e.code == 422 => {}
+        Err(e) => return Err(e),
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 
+use crate::auth::{self, Attributes, User};
 use crate::backend::Backend;
 use crate::metrics::ApiMetrics;
 use crate::resources::{self, ResourceDef};
@@ -105,9 +106,10 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
                 if i == 0 {
                     // The namespaces every cluster has; retried until the store answers.
                     let api = api.clone();
+                    let port = addr.port();
                     tokio::spawn(async move {
                         for attempt in 0u32.. {
-                            match rest::ensure_system_namespaces(&api.backend).await {
+                            match rest::ensure_system_namespaces(&api.backend, port).await {
                                 Ok(()) => break,
                                 Err(e) => {
                                     if attempt % 10 == 0 {
@@ -232,6 +234,21 @@ fn verb_of(method: &Method, has_name: bool, watch: bool) -> &'static str {
     }
 }
 
+/// The authorization verb of a request (upstream's names).
+fn authz_verb(method: &Method, has_name: bool, watch: bool) -> &'static str {
+    match *method {
+        Method::GET if watch => "watch",
+        Method::GET if has_name => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE if has_name => "delete",
+        Method::DELETE => "deletecollection",
+        _ => "unknown",
+    }
+}
+
 /// A request routed to a resource.
 #[derive(Debug)]
 struct Routed {
@@ -289,12 +306,19 @@ fn token_ok(presented: &str, expected: &str) -> bool {
 }
 
 impl Api {
-    fn authenticated(&self, req: &Request<Incoming>) -> bool {
-        let Some(h) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return false };
-        match h.split_once(' ') {
-            Some((scheme, tok)) if scheme.eq_ignore_ascii_case("bearer") => token_ok(tok.trim(), &self.admin_token),
-            _ => false,
+    /// The caller's identity (after impersonation), or a 401/403 error.
+    fn authenticate(&self, req: &Request<Incoming>) -> Result<User, ApiError> {
+        let Some(h) = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()) else { return Err(ApiError::unauthorized()) };
+        let user = match h.split_once(' ') {
+            Some((scheme, tok)) if scheme.eq_ignore_ascii_case("bearer") && token_ok(tok.trim(), &self.admin_token) => User::admin(),
+            _ => return Err(ApiError::unauthorized()),
+        };
+        let Some(imp) = req.headers().get("impersonate-user").and_then(|v| v.to_str().ok()) else { return Ok(user) };
+        if !user.is_master() {
+            return Err(ApiError::new(403, "Forbidden", format!("users \"{imp}\" is forbidden: User \"{}\" cannot impersonate resource \"users\" in API group \"\" at the cluster scope", user.name)));
         }
+        let groups: Vec<String> = req.headers().get_all("impersonate-group").iter().filter_map(|v| v.to_str().ok().map(String::from)).collect();
+        Ok(User::impersonated(imp, groups))
     }
 
     /// Answers one request; never fails (errors become `Status` responses).
@@ -324,10 +348,18 @@ impl Api {
             ["version"] => return (json_response(200, &version()), None),
             _ => {}
         }
-        if !self.authenticated(&req) {
-            return (error_response(&ApiError::unauthorized()), None);
-        }
+        let user = match self.authenticate(&req) {
+            Ok(u) => u,
+            Err(e) => return (error_response(&e), None),
+        };
         let method = req.method().clone();
+        let is_resource = matches!(segs.as_slice(), ["api", "v1", _, ..] | ["apis", _, _, _, ..]);
+        if !is_resource {
+            let a = Attributes { verb: method.as_str().to_lowercase(), path: path.clone(), ..Default::default() };
+            if let Err(why) = auth::authorize(&user, &a) {
+                return (error_response(&ApiError::new(403, "Forbidden", format!("forbidden: {why}"))), None);
+            }
+        }
         let query = Query::parse(req.uri().query());
         let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
@@ -363,10 +395,10 @@ impl Api {
             ["api", "v1"] => get_only(discovery::resource_list("", "v1")),
             ["apis", g] => get_only(discovery::group(g)),
             ["apis", g, v] => get_only(discovery::resource_list(g, v)),
-            ["api", "v1", rest @ ..] => return self.resource("", "v1", rest, &method, &query, &accept, &ctype, body).await,
+            ["api", "v1", rest @ ..] => return self.resource(&user, "", "v1", rest, &method, &query, &accept, &ctype, body).await,
             ["apis", g, v, rest @ ..] => {
                 let (g, v) = (g.to_string(), v.to_string());
-                return self.resource(&g, &v, rest, &method, &query, &accept, &ctype, body).await;
+                return self.resource(&user, &g, &v, rest, &method, &query, &accept, &ctype, body).await;
             }
             _ => error_response(&ApiError::no_such_path()),
         };
@@ -374,7 +406,7 @@ impl Api {
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn resource(&self, group: &str, version: &str, rest: &[&str], method: &Method, q: &Query, accept: &str, ctype: &str, body: Bytes) -> (Response<Body>, Option<(&'static str, &'static str, &'static str, String)>) {
+    async fn resource(&self, user: &User, group: &str, version: &str, rest: &[&str], method: &Method, q: &Query, accept: &str, ctype: &str, body: Bytes) -> (Response<Body>, Option<(&'static str, &'static str, &'static str, String)>) {
         let routed = match route_resource(group, version, rest) {
             Ok(r) => r,
             Err(e) => return (error_response(&e), None),
@@ -385,6 +417,27 @@ impl Api {
             Ok(w) => w,
             Err(e) => return (error_response(&e), labels),
         };
+        let a = Attributes {
+            verb: authz_verb(method, !routed.name.is_empty(), watch).to_string(),
+            group: routed.def.group.to_string(),
+            resource: routed.def.plural.to_string(),
+            subresource: routed.sub.clone(),
+            namespace: routed.ns.clone(),
+            name: routed.name.clone(),
+            path: String::new(),
+        };
+        if let Err(why) = auth::authorize(user, &a) {
+            let gr = Gr { group: routed.def.group, resource: routed.def.plural };
+            return (error_response(&ApiError::forbidden(gr, &routed.name, &why)), labels);
+        }
+        if routed.def.is_virtual() {
+            let resp = match (method, decode_body(ctype, &body)) {
+                (&Method::POST, Ok(b)) => auth::review(routed.def.kind, &routed.def.api_version(), user, &routed.ns, b).map(|v| json_response(201, &v)),
+                (&Method::POST, Err(e)) => Err(e),
+                _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), Gr { group: routed.def.group, resource: routed.def.plural })),
+            };
+            return (resp.unwrap_or_else(|e| error_response(&e)), labels);
+        }
         let resp = match self.verb(&routed, method, q, want, ctype, &body, watch).await {
             Ok(r) => r,
             Err(e) => error_response(&e),
