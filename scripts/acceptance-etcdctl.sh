@@ -20,7 +20,7 @@ suite() {
 echo "== etcdctl acceptance: single member" >&2
 p1=$(port); p2=$(port)
 "$bin" server --name acc --data-dir "$dir/single" --etcd-addr "127.0.0.1:$p1" --peer-addr "127.0.0.1:$p2" \
-  --metrics-addr "" >"$dir/single.log" 2>&1 &
+  --metrics-addr "" --api-addr "" >"$dir/single.log" 2>&1 &
 pids+=($!)
 wait_port "$p1"
 suite "127.0.0.1:$p1"
@@ -31,7 +31,7 @@ for i in 0 1 2; do peers+=("$(port)"); clients+=("$(port)"); done
 ic="a0=127.0.0.1:${peers[0]},a1=127.0.0.1:${peers[1]},a2=127.0.0.1:${peers[2]}"
 for i in 0 1 2; do
   "$bin" server --name "a$i" --data-dir "$dir/a$i" --etcd-addr "127.0.0.1:${clients[$i]}" \
-    --peer-addr "127.0.0.1:${peers[$i]}" --metrics-addr "" --initial-cluster "$ic" >"$dir/a$i.log" 2>&1 &
+    --peer-addr "127.0.0.1:${peers[$i]}" --metrics-addr "" --api-addr "" --initial-cluster "$ic" >"$dir/a$i.log" 2>&1 &
   pids+=($!)
 done
 for i in 0 1 2; do wait_port "${clients[$i]}"; done

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every Shoal test: unit, property, integration (real etcdctl against a real
-# server), fault and power-loss tests, and the shared etcdctl acceptance suite.
+# server; kubectl 1.35/1.20 and the Python client against the API server), fault and
+# power-loss tests, and the shared etcdctl and kubectl acceptance suites.
 # Installs what it needs first (scripts/deps.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,6 +11,14 @@ export PATH="$HOME/.cargo/bin:$PATH"
 echo "== build" >&2
 cargo build --workspace --all-targets --locked
 
+acc_dir="../shared/acceptance"
+if [ -d "$acc_dir" ]; then
+  echo "== fetching kubectl 1.35 and 1.20 (cached)" >&2
+  KUBECTL_135="$(bash "$acc_dir/get-kubectl.sh")"
+  KUBECTL_120="$(bash "$acc_dir/get-kubectl-old.sh")"
+  export KUBECTL_135 KUBECTL_120
+fi
+
 echo "== unit, property and integration tests" >&2
 cargo test --workspace --locked -- --test-threads 2
 
@@ -17,7 +26,9 @@ acc="../shared/acceptance/etcdctl-acceptance.sh"
 if [ -f "$acc" ]; then
   echo "== etcdctl acceptance suite (../shared/acceptance)" >&2
   bash scripts/acceptance-etcdctl.sh
+  echo "== kubectl acceptance suite (../shared/acceptance), API server only" >&2
+  bash scripts/acceptance-kubectl.sh
 else
-  echo "== etcdctl acceptance suite skipped: $acc not found beside the project" >&2
+  echo "== acceptance suites skipped: $acc not found beside the project" >&2
 fi
 echo "== all tests passed" >&2

@@ -18,8 +18,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod apply;
 pub mod auth;
 pub mod backend;
+pub mod conversion;
 pub mod discovery;
 pub mod kinds;
 pub mod meta;

@@ -31,6 +31,11 @@ impl ResourceDef {
             format!("{}/{}", self.group, self.version)
         }
     }
+    /// Whether objects of this kind are stored in this version (the others are converted).
+    pub fn is_storage_version(&self) -> bool {
+        !(self.group == "autoscaling" && self.version == "v1")
+    }
+
     /// Reviews and other kinds that are computed, not stored.
     pub fn is_virtual(&self) -> bool {
         self.storage.starts_with('-')
@@ -100,7 +105,8 @@ pub static BUILTIN: &[ResourceDef] = &[
     r!("apps", "v1", "Deployment", "deployments", "deployment", true, &["deploy"], ALL, ALL_VERBS, WORKLOAD_SUBS, "deployments"),
     r!("apps", "v1", "ReplicaSet", "replicasets", "replicaset", true, &["rs"], ALL, ALL_VERBS, WORKLOAD_SUBS, "replicasets"),
     r!("apps", "v1", "StatefulSet", "statefulsets", "statefulset", true, &["sts"], ALL, ALL_VERBS, WORKLOAD_SUBS, "statefulsets"),
-    // autoscaling
+    // autoscaling: v2 is stored, v1 is converted (conversion.rs)
+    r!("autoscaling", "v1", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], ALL, ALL_VERBS, STATUS, "horizontalpodautoscalers"),
     r!("autoscaling", "v2", "HorizontalPodAutoscaler", "horizontalpodautoscalers", "horizontalpodautoscaler", true, &["hpa"], ALL, ALL_VERBS, STATUS, "horizontalpodautoscalers"),
     // coordination.k8s.io/v1
     r!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE, ALL_VERBS, NONE, "leases"),
@@ -143,6 +149,13 @@ pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
             None => out.push((r.group, vec![r.version])),
         }
     }
+    // The preferred (first) version is the stored one.
+    for (g, vs) in out.iter_mut() {
+        if let Some(i) = vs.iter().position(|v| BUILTIN.iter().any(|r| r.group == *g && r.version == *v && r.is_storage_version())) {
+            let v = vs.remove(i);
+            vs.insert(0, v);
+        }
+    }
     out
 }
 
@@ -166,7 +179,9 @@ mod tests {
             assert!(a.plural.chars().all(|c| c.is_ascii_lowercase()), "{}", a.plural);
             for b in &BUILTIN[i + 1..] {
                 assert!(!(a.group == b.group && a.version == b.version && a.plural == b.plural), "duplicate {}", a.plural);
-                assert_ne!(a.storage, b.storage, "{} and {} share a key space", a.plural, b.plural);
+                if a.storage == b.storage {
+                    assert!(a.kind == b.kind && a.group == b.group && a.is_storage_version() != b.is_storage_version(), "{} and {} share a key space", a.plural, b.plural);
+                }
             }
         }
         assert_eq!(find("", "v1", "pods").unwrap().key("ns", "p"), "/registry/pods/ns/p");

@@ -43,9 +43,22 @@ impl Query {
     pub fn get(&self, k: &str) -> Option<&str> {
         self.0.get(k).map(String::as_str)
     }
+    /// A boolean parameter, parsed as Go's `strconv.ParseBool` (Python sends `True`).
     pub fn flag(&self, k: &str) -> bool {
-        matches!(self.get(k), Some("true" | "1"))
+        matches!(self.get(k), Some("1" | "t" | "T" | "true" | "TRUE" | "True"))
     }
+    /// Key under which the server stores the request's User-Agent.
+    pub const USER_AGENT: &'static str = "@user-agent";
+
+    /// The field manager of a write: `fieldManager`, else the User-Agent's product name
+    /// (as upstream derives it).
+    pub fn field_manager(&self) -> String {
+        match self.get("fieldManager").filter(|m| !m.is_empty()) {
+            Some(m) => m.to_string(),
+            None => self.get(Self::USER_AGENT).and_then(|ua| ua.split('/').next()).filter(|s| !s.is_empty()).unwrap_or("unknown").to_string(),
+        }
+    }
+
     pub fn dry_run(&self) -> Result<bool, ApiError> {
         match self.get("dryRun") {
             None | Some("") => Ok(false),
@@ -396,6 +409,9 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
     let name = md.get("name").and_then(Value::as_str).unwrap_or("").to_string();
     kinds::apply_defaults(def.kind, &mut obj);
     kinds::prepare_for_create(def.kind, &mut obj);
+    if obj.pointer("/metadata/managedFields").is_none() || q.get("@applied") != Some("1") {
+        crate::apply::record_update(None, &mut obj, &q.field_manager(), &def.api_version(), "");
+    }
     let errs = kinds::validate(def.kind, def.namespaced, &obj);
     if !errs.is_empty() {
         return Err(invalid(def, &name, &errs));
@@ -433,7 +449,7 @@ pub async fn get(backend: &Backend, t: &Target<'_>) -> Result<Value, ApiError> {
 /// the status or everything but the status is kept depending on the subresource, and the
 /// generation counts spec changes.
 fn merge_update(def: &ResourceDef, sub: &str, old: &Value, mut new: Value) -> Value {
-    let keep = ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name"];
+    let keep = ["uid", "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds", "generation", "namespace", "name", "managedFields"];
     if sub == "status" {
         let mut out = old.clone();
         match new.get_mut("status").map(Value::take) {
@@ -533,7 +549,7 @@ fn immutable_errors(def: &ResourceDef, old: &Value, new: &Value) -> Vec<FieldErr
 
 /// Writes `new` over the stored object at `cur_rev`; deletes it instead when an object
 /// being deleted has lost its last finalizer. Returns the stored object.
-async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: i64, mut new: Value, dry: bool) -> Result<Option<Value>, ApiError> {
+async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: i64, mut new: Value, dry: bool, manager: Option<&str>) -> Result<Option<Value>, ApiError> {
     let errs = {
         let mut e = kinds::validate(t.def.kind, t.def.namespaced, &new);
         e.extend(immutable_errors(t.def, old, &new));
@@ -546,9 +562,19 @@ async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: 
     let mut old_cmp = old.clone();
     set_rv(&mut old_cmp, cur_rev);
     set_rv(&mut new, cur_rev);
-    if new == old_cmp {
+    let unmanaged = |v: &Value| {
+        let mut v = v.clone();
+        if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+            m.remove("managedFields");
+        }
+        v
+    };
+    if new == old_cmp || (manager.is_some() && unmanaged(&new) == unmanaged(&old_cmp)) {
         // No change: no write, no event, same resourceVersion (as upstream).
-        return Ok(Some(new));
+        return Ok(Some(old_cmp));
+    }
+    if let Some(m) = manager {
+        crate::apply::record_update(Some(old), &mut new, m, &t.def.api_version(), t.sub);
     }
     let finalizing = new.pointer("/metadata/deletionTimestamp").is_some()
         && new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty());
@@ -603,7 +629,7 @@ pub async fn update(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
             }
         }
         let new = merge_update(t.def, t.sub, &old, obj.clone());
-        match commit_update(backend, t, &old, cur, new, dry).await? {
+        match commit_update(backend, t, &old, cur, new, dry, Some(&q.field_manager())).await? {
             Some(v) => return Ok((200, v)),
             None if want_rv.is_some() => return Err(ApiError::conflict(t.gr(), t.name)),
             None => continue,
@@ -616,12 +642,18 @@ pub const PATCH_TYPES: &[&str] = &["application/json-patch+json", "application/m
 
 /// PATCH of an object (or its status): applied to the current object, retried on a
 /// concurrent change unless the patch itself pins a resourceVersion.
-pub async fn patch(backend: &Backend, t: &Target<'_>, content_type: &str, body: &[u8], q: &Query) -> Result<(u16, Value), ApiError> {
+pub async fn patch(backend: &Backend, t: &Target<'_>, served: &'static ResourceDef, content_type: &str, body: &[u8], q: &Query) -> Result<(u16, Value), ApiError> {
     let dry = q.dry_run()?;
-    let patch_doc: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
     let ct = content_type.split(';').next().unwrap_or("").trim();
-    if !PATCH_TYPES[..3].contains(&ct) {
-        return Err(ApiError::unsupported_media(ct, &PATCH_TYPES[..3]));
+    if !PATCH_TYPES.contains(&ct) {
+        return Err(ApiError::unsupported_media(ct, PATCH_TYPES));
+    }
+    let patch_doc: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    if ct == "application/apply-patch+yaml" {
+        let mut applied = patch_doc;
+        check_type(served, &mut applied, served.kind, &served.api_version())?;
+        crate::conversion::default_served(&mut applied, served);
+        return server_side_apply(backend, t, crate::conversion::convert(applied, t.def), q).await;
     }
     let pinned_rv: Option<i64> = patch_doc.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|s| s.parse().ok());
     for _ in 0..16 {
@@ -631,7 +663,8 @@ pub async fn patch(backend: &Backend, t: &Target<'_>, content_type: &str, body: 
         if pinned_rv.is_some_and(|p| p != cur) {
             return Err(ApiError::conflict(t.gr(), t.name));
         }
-        let mut doc = old.clone();
+        // Patches apply to the version the client speaks.
+        let mut doc = crate::conversion::convert(old.clone(), served);
         match ct {
             "application/json-patch+json" => {
                 patch::json_patch(&mut doc, &patch_doc).map_err(|e| ApiError { details: Some(json!({"causes": [{"message": e}]})), ..ApiError::new(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}")) })?;
@@ -642,14 +675,67 @@ pub async fn patch(backend: &Backend, t: &Target<'_>, content_type: &str, body: 
         if doc.pointer("/metadata/name").and_then(Value::as_str) != Some(t.name) {
             return Err(ApiError::bad_request(format!("the name of the object ({}) does not match the name on the URL ({})", doc.pointer("/metadata/name").and_then(Value::as_str).unwrap_or(""), t.name)));
         }
-        check_type(t.def, &mut doc, t.def.kind, &t.def.api_version())?;
-        check_fields(t.def, &mut doc, q)?;
+        check_type(served, &mut doc, served.kind, &served.api_version())?;
+        check_fields(served, &mut doc, q)?;
+        let doc = crate::conversion::convert(doc, t.def);
         let new = merge_update(t.def, t.sub, &old, doc);
-        if let Some(v) = commit_update(backend, t, &old, cur, new, dry).await? {
+        if let Some(v) = commit_update(backend, t, &old, cur, new, dry, Some(&q.field_manager())).await? {
             return Ok((200, v));
         }
         if pinned_rv.is_some() {
             return Err(ApiError::conflict(t.gr(), t.name));
+        }
+    }
+    Err(ApiError::conflict(t.gr(), t.name))
+}
+
+/// PATCH with `application/apply-patch+yaml`: server-side apply by `fieldManager`,
+/// creating the object when it does not exist.
+async fn server_side_apply(backend: &Backend, t: &Target<'_>, mut applied: Value, q: &Query) -> Result<(u16, Value), ApiError> {
+    let dry = q.dry_run()?;
+    let Some(manager) = q.get("fieldManager").filter(|m| !m.is_empty()).map(String::from) else {
+        return Err(ApiError::invalid("PatchOptions", "meta.k8s.io", "", &[FieldError::required("fieldManager", "is required for apply requests")]));
+    };
+    check_type(t.def, &mut applied, t.def.kind, &t.def.api_version())?;
+    check_fields(t.def, &mut applied, q)?;
+    let name = applied.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    if name != t.name {
+        return Err(ApiError::bad_request(format!("the name of the object ({name}) does not match the name on the URL ({})", t.name)));
+    }
+    let force = q.flag("force");
+    let api = t.def.api_version();
+    for _ in 0..16 {
+        let current = get_current(backend, &t.key()).await?;
+        let conflict = |c: crate::apply::Conflicts| {
+            let causes: Vec<Value> = c.0.iter().map(|(m, p)| json!({"reason": "FieldManagerConflict", "message": format!("conflict with \"{m}\" using {api}"), "field": p})).collect();
+            ApiError { details: Some(json!({"name": t.name, "group": t.def.group, "kind": t.def.plural, "causes": causes})), ..ApiError::new(409, "Conflict", c.message(&api)) }
+        };
+        match current {
+            None => {
+                let obj = crate::apply::apply(None, &applied, &manager, &api, force).map_err(conflict)?;
+                let mut cq = q.clone();
+                cq.0.insert("@applied".into(), "1".into());
+                match create(backend, t, obj, &cq).await {
+                    Err(e) if e.code == 409 && e.reason == "AlreadyExists" => continue,
+                    other => return other,
+                }
+            }
+            Some((old, cur)) => {
+                let applied_obj = crate::apply::apply(Some(&old), &applied, &manager, &api, force).map_err(conflict)?;
+                let mf = applied_obj.pointer("/metadata/managedFields").cloned();
+                let mut new = merge_update(t.def, t.sub, &old, applied_obj);
+                match mf {
+                    Some(mf) => new["metadata"]["managedFields"] = mf,
+                    None => {
+                        if let Some(m) = new["metadata"].as_object_mut() {
+                            m.remove("managedFields");
+                        }
+                    }
+                }
+                if let Some(v) = commit_update(backend, t, &old, cur, new, dry, None).await? {
+                    return Ok((200, v));
+                }
+            }
         }
     }
     Err(ApiError::conflict(t.gr(), t.name))
@@ -987,7 +1073,7 @@ pub async fn scale(backend: &Backend, t: &Target<'_>, method: &http::Method, con
         let mut new = obj.clone();
         new["spec"]["replicas"] = replicas;
         let new = merge_update(t.def, "", &obj, new);
-        if let Some(v) = commit_update(backend, t, &obj, cur, new, dry).await? {
+        if let Some(v) = commit_update(backend, t, &obj, cur, new, dry, Some(&q.field_manager())).await? {
             return Ok((200, scale_of(&v)));
         }
         if pinned.is_some() {

@@ -12,7 +12,7 @@ use anyhow::Context;
 use bytes::Bytes;
 use futures::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use serde_json::{json, Value};
 
@@ -360,15 +360,17 @@ impl Api {
                 return (error_response(&ApiError::new(403, "Forbidden", format!("forbidden: {why}"))), None);
             }
         }
-        let query = Query::parse(req.uri().query());
+        let mut query = Query::parse(req.uri().query());
+        query.0.remove(Query::USER_AGENT);
+        query.0.remove("@applied");
+        if let Some(ua) = req.headers().get(header::USER_AGENT).and_then(|v| v.to_str().ok()) {
+            query.0.insert(Query::USER_AGENT.into(), ua.to_string());
+        }
         let accept = req.headers().get(header::ACCEPT).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
         let ctype = req.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                let err = if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() { ApiError::too_large(MAX_BODY) } else { ApiError::bad_request(format!("error reading the request body: {e}")) };
-                return (error_response(&err), None);
-            }
+        let body = match read_body(req.into_body()).await {
+            Ok(b) => b,
+            Err(e) => return (error_response(&e), None),
         };
         let get_only = |v: Option<Value>| match v {
             _ if method != Method::GET => error_response(&ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
@@ -447,7 +449,17 @@ impl Api {
 
     #[allow(clippy::too_many_arguments)]
     async fn verb(&self, r: &Routed, method: &Method, q: &Query, want: Want, ctype: &str, body: &[u8], watch: bool) -> Result<Response<Body>, ApiError> {
-        let def = r.def;
+        // `served` is the version the client speaks; `def` the one kept in the store.
+        let served = r.def;
+        let def = crate::conversion::storage_of(served);
+        let to_storage = |mut obj: Value| -> Value {
+            if !std::ptr::eq(served, def) && obj.get("apiVersion").and_then(Value::as_str) == Some(served.api_version().as_str()) {
+                crate::conversion::default_served(&mut obj, served);
+                crate::conversion::convert(obj, def)
+            } else {
+                obj
+            }
+        };
         let gr = Gr { group: def.group, resource: def.plural };
         let t = Target { def, ns: &r.ns, name: &r.name, sub: &r.sub };
         let b = &self.backend;
@@ -464,7 +476,7 @@ impl Api {
                 Want::Metadata if code < 300 && v.get("kind").and_then(Value::as_str) == Some(def.kind) => {
                     json_response(code, &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]}))
                 }
-                _ => json_response(code, &v),
+                _ => json_response(code, &crate::conversion::convert(v, served)),
             }
         };
         match (method, r.name.is_empty(), r.sub.as_str()) {
@@ -477,7 +489,7 @@ impl Api {
                     Want::Metadata => Render::Metadata,
                     Want::Json => Render::Object,
                 };
-                let rx = watch::start(b, def, &r.ns, q, render).await?;
+                let rx = watch::start(b, def, served, &r.ns, q, render).await?;
                 let watchers = self.metrics.watchers.clone();
                 let labels = vec![("group", def.group.to_string()), ("resource", def.plural.to_string())];
                 watchers.get_or_create(&labels).inc();
@@ -517,7 +529,10 @@ impl Api {
                         }
                         json_response(200, &l)
                     }
-                    Want::Json => json_response(200, &rest::list_object(def, page)),
+                    Want::Json => {
+                        let page = rest::Page { items: page.items.into_iter().map(|o| crate::conversion::convert(o, served)).collect(), ..page };
+                        json_response(200, &rest::list_object(served, page))
+                    }
                 })
             }
             (&Method::GET, false, "" | "status") => Ok(render_one(200, rest::get(b, &t).await?)),
@@ -529,7 +544,7 @@ impl Api {
                 if !verb_allowed("create") {
                     return Err(ApiError::method_not_allowed("create", gr));
                 }
-                let obj = decode_body(ctype, body)?;
+                let obj = to_storage(decode_body(ctype, body)?);
                 if def.kind == "Binding" {
                     let (code, v) = rest::bind(b, &t, obj, q).await?;
                     return Ok(json_response(code, &v));
@@ -546,7 +561,7 @@ impl Api {
                 if !verb_allowed("update") {
                     return Err(ApiError::method_not_allowed("update", gr));
                 }
-                let obj = decode_body(ctype, body)?;
+                let obj = to_storage(decode_body(ctype, body)?);
                 let t = Target { sub: if r.sub == "finalize" { "" } else { &r.sub }, ..t };
                 let (code, v) = rest::update(b, &t, obj, q).await?;
                 Ok(render_one(code, v))
@@ -555,7 +570,7 @@ impl Api {
                 if !verb_allowed("patch") {
                     return Err(ApiError::method_not_allowed("patch", gr));
                 }
-                let (code, v) = rest::patch(b, &t, ctype, body, q).await?;
+                let (code, v) = rest::patch(b, &t, served, ctype, body, q).await?;
                 Ok(render_one(code, v))
             }
             (&Method::DELETE, false, "") => {
@@ -577,6 +592,42 @@ impl Api {
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),
         }
     }
+}
+
+/// Reads a request body up to `MAX_BODY`. A larger one is drained (bounded in size and
+/// time) before the 413 is sent, so HTTP/2 clients get the answer instead of a reset stream.
+async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
+    let mut body = body;
+    let mut buf = bytes::BytesMut::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut too_large = false;
+    let mut drained = 0usize;
+    loop {
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => return Err(ApiError::timeout("timed out reading the request body")),
+            Ok(None) => break,
+            Ok(Some(Err(e))) => return Err(ApiError::bad_request(format!("error reading the request body: {e}"))),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else { continue };
+        if too_large {
+            drained += data.len();
+            if drained > 8 * MAX_BODY {
+                break;
+            }
+            continue;
+        }
+        if buf.len() + data.len() > MAX_BODY {
+            too_large = true;
+            buf = bytes::BytesMut::new();
+            continue;
+        }
+        buf.extend_from_slice(&data);
+    }
+    if too_large {
+        return Err(ApiError::too_large(MAX_BODY));
+    }
+    Ok(buf.freeze())
 }
 
 /// Keeps the watcher gauge right: decremented when the response body is dropped.

@@ -47,6 +47,18 @@ pub fn merge_key_for(message: &str, field: &str) -> Option<&'static str> {
     })
 }
 
+/// How the list at `path` (field names from the root) merges: `Some(Some(key))` by a
+/// merge key, `Some(None)` as a set of scalars, `None` atomically.
+pub fn list_merge_key(path: &[String]) -> Option<Option<&'static str>> {
+    if let Some(k) = merge_key(path) {
+        return Some(Some(k));
+    }
+    if is_set_list(path) {
+        return Some(None);
+    }
+    None
+}
+
 /// Lists of scalars that merge as sets.
 fn is_set_list(path: &[String]) -> bool {
     matches!(path.last().map(String::as_str), Some("finalizers"))

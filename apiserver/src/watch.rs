@@ -25,9 +25,9 @@ pub enum Render {
     Metadata,
 }
 
-fn line(kind: &str, obj: &Value, def: &ResourceDef, render: Render) -> Bytes {
+fn line(kind: &str, obj: &Value, def: &ResourceDef, served: &ResourceDef, render: Render) -> Bytes {
     let o = match render {
-        Render::Object => obj.clone(),
+        Render::Object => crate::conversion::convert(obj.clone(), served),
         Render::Table(inc) => {
             let rv = obj.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""));
             if kind == "BOOKMARK" || kind == "ERROR" {
@@ -50,6 +50,7 @@ fn line(kind: &str, obj: &Value, def: &ResourceDef, render: Render) -> Bytes {
 }
 
 fn bookmark(def: &ResourceDef, rev: i64, initial_end: bool) -> Value {
+    // Bookmarks carry only a resourceVersion; their kind is the served kind.
     let mut md = json!({"resourceVersion": rev.to_string()});
     if initial_end {
         md["annotations"] = json!({"k8s.io/initial-events-end": "true"});
@@ -87,7 +88,7 @@ fn convert(ev: &Event, filter: &Filter) -> Option<(&'static str, Value)> {
 
 /// Starts a watch; the returned receiver yields the body's lines and ends when the watch
 /// does (timeout, store error, or client gone).
-pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Query, render: Render) -> Result<mpsc::Receiver<Bytes>, ApiError> {
+pub async fn start(backend: &Backend, def: &'static ResourceDef, served: &'static ResourceDef, ns: &str, q: &Query, render: Render) -> Result<mpsc::Receiver<Bytes>, ApiError> {
     let filter = Filter::from_query(def, q)?;
     let rv = q.get("resourceVersion").unwrap_or("").to_string();
     let send_initial = q.flag("sendInitialEvents");
@@ -123,7 +124,7 @@ pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Q
     let mut stream = match stream {
         Ok(s) => s,
         Err(BackendError::Compacted(c)) => {
-            let _ = tx.try_send(line("ERROR", &expired(&rv, c), def, render));
+            let _ = tx.try_send(line("ERROR", &expired(&rv, c), def, served, render));
             return Ok(rx);
         }
         Err(e) => return Err(rest::backend_error(e)),
@@ -131,13 +132,13 @@ pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Q
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + timeout;
         for obj in &initial {
-            if tx.send(line("ADDED", obj, def, render)).await.is_err() {
+            if tx.send(line("ADDED", obj, def, served, render)).await.is_err() {
                 return;
             }
         }
         let mut last_rev = start_rev - 1;
         if send_initial && bookmarks {
-            if tx.send(line("BOOKMARK", &bookmark(def, last_rev, true), def, render)).await.is_err() {
+            if tx.send(line("BOOKMARK", &bookmark(served, last_rev, true), def, served, render)).await.is_err() {
                 return;
             }
         }
@@ -148,7 +149,7 @@ pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Q
                 c = stream.next() => c,
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = tick.tick() => {
-                    if bookmarks && tx.send(line("BOOKMARK", &bookmark(def, last_rev, false), def, render)).await.is_err() {
+                    if bookmarks && tx.send(line("BOOKMARK", &bookmark(served, last_rev, false), def, served, render)).await.is_err() {
                         return;
                     }
                     continue;
@@ -163,7 +164,7 @@ pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Q
                             last_rev = last_rev.max(kv.mod_revision);
                         }
                         if let Some((ty, obj)) = convert(ev, &filter) {
-                            if tx.send(line(ty, &obj, def, render)).await.is_err() {
+                            if tx.send(line(ty, &obj, def, served, render)).await.is_err() {
                                 return;
                             }
                         }
@@ -173,12 +174,12 @@ pub async fn start(backend: &Backend, def: &'static ResourceDef, ns: &str, q: &Q
                     }
                 }
                 Some(Err(BackendError::Compacted(c))) => {
-                    let _ = tx.send(line("ERROR", &expired(&rv, c), def, render)).await;
+                    let _ = tx.send(line("ERROR", &expired(&rv, c), def, served, render)).await;
                     return;
                 }
                 Some(Err(e)) => {
                     let status = rest::backend_error(e).to_status();
-                    let _ = tx.send(line("ERROR", &status, def, render)).await;
+                    let _ = tx.send(line("ERROR", &status, def, served, render)).await;
                     return;
                 }
             }

@@ -20,13 +20,26 @@ pub struct Server {
     pub etcd: SocketAddr,
     pub peer: SocketAddr,
     pub metrics: SocketAddr,
+    /// Kubernetes API (HTTPS); only served when `with_api` is set.
+    pub api: SocketAddr,
+    pub with_api: bool,
     pub extra: Vec<String>,
     pub log: PathBuf,
 }
 
 impl Server {
-    /// Starts a single-member server with its data in `dir`.
+    /// Starts a single-member store (no API server: it would write the system namespaces
+    /// into the store) with its data in `dir`.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> Server {
+        Server::start_with(dir, name, extra, false)
+    }
+
+    /// Starts a server with the Kubernetes API on a free port.
+    pub fn start_api(dir: &Path, name: &str, extra: &[&str]) -> Server {
+        Server::start_with(dir, name, extra, true)
+    }
+
+    fn start_with(dir: &Path, name: &str, extra: &[&str], with_api: bool) -> Server {
         let mut s = Server {
             child: None,
             name: name.into(),
@@ -34,11 +47,37 @@ impl Server {
             etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            with_api,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: dir.join(format!("{name}.log")),
         };
         s.spawn();
         s
+    }
+
+    /// The admin kubeconfig the server wrote.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.data_dir.join("kubeconfig")
+    }
+
+    /// Waits until the API answers /readyz (the store has a leader and the system
+    /// namespaces exist).
+    pub fn wait_api(&self) {
+        let t = Instant::now();
+        loop {
+            let o = Command::new("curl").args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"]).arg(format!("https://{}/readyz", self.api)).output().expect("curl");
+            if String::from_utf8_lossy(&o.stdout) == "200" {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "API not ready; log:\n{}", self.log_text());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // The bootstrap namespaces are written right after start.
+        while !std::fs::read_to_string(self.kubeconfig()).is_ok_and(|k| k.contains("token:")) {
+            assert!(t.elapsed() < Duration::from_secs(30), "no kubeconfig written");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     pub fn command(&self) -> Command {
@@ -50,6 +89,7 @@ impl Server {
             .args(["--etcd-addr", &self.etcd.to_string()])
             .args(["--peer-addr", &self.peer.to_string()])
             .args(["--metrics-addr", &self.metrics.to_string()])
+            .args(["--api-addr", &if self.with_api { self.api.to_string() } else { String::new() }])
             .args(&self.extra);
         c
     }
@@ -60,7 +100,9 @@ impl Server {
         let child = self.command().stdout(Stdio::null()).stderr(log).spawn().expect("spawning shoal");
         self.child = Some(child);
         let t = Instant::now();
-        while TcpStream::connect(self.etcd).is_err() {
+        // With --store the embedded store (and its etcd port) is not started.
+        let port = if self.extra.iter().any(|a| a == "--store") { self.api } else { self.etcd };
+        while TcpStream::connect(port).is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("shoal exited with {st} before listening; log:\n{}", self.log_text());
             }
@@ -117,6 +159,8 @@ impl Server {
             etcd: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             peer,
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            with_api: false,
             extra: ["--initial-cluster", initial_cluster, "--initial-cluster-state", state, "--heartbeat-interval", "50", "--election-timeout", "400", "--fault-file"]
                 .iter()
                 .map(|s| s.to_string())

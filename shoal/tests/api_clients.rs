@@ -1,0 +1,240 @@
+//! The Kubernetes API driven by the official Python client, by raw HTTP for bad input, and
+//! served from an external etcd by two API servers at once.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{free_port, Server};
+
+const PY_CLIENT: &str = r#"
+import sys, threading, time
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+config.load_kube_config(config_file=sys.argv[1])
+core = client.CoreV1Api()
+apps = client.AppsV1Api()
+
+core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name="py")))
+pod = client.V1Pod(metadata=client.V1ObjectMeta(name="p1", labels={"app": "web"}),
+                   spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]))
+created = core.create_namespaced_pod("py", pod)
+assert created.metadata.uid and created.metadata.resource_version, created.metadata
+assert created.status.phase == "Pending", created.status
+assert created.spec.restart_policy == "Always"
+
+pods = core.list_namespaced_pod("py", label_selector="app=web")
+assert [p.metadata.name for p in pods.items] == ["p1"], pods.items
+assert core.list_namespaced_pod("py", label_selector="app=db").items == []
+
+def expect(status, reason, f, *a, **kw):
+    try:
+        f(*a, **kw)
+    except ApiException as e:
+        assert e.status == status, (e.status, e.body)
+        assert ('"reason":"%s"' % reason) in e.body.replace(" ", ""), e.body
+        return
+    raise AssertionError("expected %d %s" % (status, reason))
+
+expect(409, "AlreadyExists", core.create_namespaced_pod, "py", pod)
+expect(404, "NotFound", core.read_namespaced_pod, "nope", "py")
+bad = client.V1Pod(metadata=client.V1ObjectMeta(name="Bad_Name"), spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]))
+expect(422, "Invalid", core.create_namespaced_pod, "py", bad)
+
+cm = core.create_namespaced_config_map("py", client.V1ConfigMap(metadata=client.V1ObjectMeta(name="cm"), data={"a": "1"}))
+core.patch_namespaced_config_map("cm", "py", {"data": {"b": "2"}})
+cur = core.read_namespaced_config_map("cm", "py")
+assert cur.data == {"a": "1", "b": "2"}, cur.data
+stale = cm
+stale.data = {"a": "stale"}
+expect(409, "Conflict", core.replace_namespaced_config_map, "cm", "py", stale)
+
+dep = client.V1Deployment(metadata=client.V1ObjectMeta(name="d"), spec=client.V1DeploymentSpec(
+    replicas=0, selector=client.V1LabelSelector(match_labels={"a": "b"}),
+    template=client.V1PodTemplateSpec(metadata=client.V1ObjectMeta(labels={"a": "b"}),
+                                      spec=client.V1PodSpec(containers=[client.V1Container(name="c", image="busybox")]))))
+d = apps.create_namespaced_deployment("py", dep)
+assert d.spec.replicas == 0 and d.spec.strategy.type == "RollingUpdate", d.spec
+s = apps.patch_namespaced_deployment_scale("d", "py", {"spec": {"replicas": 3}})
+assert s.spec.replicas == 3, s
+assert apps.read_namespaced_deployment("d", "py").spec.replicas == 3
+
+# Watch: the existing object, then one created while watching, then its deletion.
+rv = core.list_namespaced_config_map("py").metadata.resource_version
+def later():
+    time.sleep(0.5)
+    core.create_namespaced_config_map("py", client.V1ConfigMap(metadata=client.V1ObjectMeta(name="w1")))
+    core.delete_namespaced_config_map("w1", "py")
+threading.Thread(target=later).start()
+seen = []
+w = watch.Watch()
+for ev in w.stream(core.list_namespaced_config_map, "py", resource_version=rv, timeout_seconds=10):
+    seen.append((ev["type"], ev["object"].metadata.name))
+    if ("DELETED", "w1") in seen:
+        w.stop()
+assert seen == [("ADDED", "w1"), ("DELETED", "w1")], seen
+
+core.delete_namespaced_pod("p1", "py")
+expect(404, "NotFound", core.read_namespaced_pod, "p1", "py")
+print("OK")
+"#;
+
+#[test]
+fn python_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "api", &[]);
+    s.wait_api();
+    let script = dir.path().join("client.py");
+    std::fs::write(&script, PY_CLIENT).unwrap();
+    // Debian's python3-kubernetes lives in the system interpreter.
+    let o = Command::new("/usr/bin/python3").arg(&script).arg(s.kubeconfig()).output().expect("running /usr/bin/python3");
+    assert!(o.status.success() && String::from_utf8_lossy(&o.stdout).contains("OK"), "python client failed:\n{}\n{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+}
+
+fn token(s: &Server) -> String {
+    std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap().trim().to_string()
+}
+
+/// `curl` with the admin token: (status, body).
+fn curl(s: &Server, method: &str, path: &str, ctype: &str, body: Option<&[u8]>, auth: bool) -> (u16, serde_json::Value) {
+    let mut c = Command::new("curl");
+    c.args(["-sk", "-X", method, "-w", "\n%{http_code}", "-H", &format!("Content-Type: {ctype}")]);
+    if auth {
+        c.args(["-H", &format!("Authorization: Bearer {}", token(s))]);
+    }
+    if body.is_some() {
+        c.args(["--data-binary", "@-"]);
+    }
+    c.arg(format!("https://{}{path}", s.api)).stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    {
+        use std::io::Write;
+        let mut si = child.stdin.take().unwrap();
+        if let Some(b) = body {
+            si.write_all(b).unwrap();
+        }
+    }
+    let o = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let (b, code) = text.rsplit_once('\n').unwrap();
+    (code.parse().unwrap(), serde_json::from_str(b).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn bad_input_gets_a_status_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "api", &[]);
+    s.wait_api();
+    let cms = "/api/v1/namespaces/default/configmaps";
+    let count = |s: &Server| curl(s, "GET", cms, "application/json", None, true).1["items"].as_array().map_or(0, Vec::len);
+    let before_rv = curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"].clone();
+
+    let (code, st) = curl(&s, "GET", cms, "application/json", None, false);
+    assert_eq!((code, st["reason"].as_str()), (401, Some("Unauthorized")));
+    let (code, st) = curl(&s, "POST", cms, "application/json", Some(b"{not json"), true);
+    assert_eq!((code, st["reason"].as_str(), st["kind"].as_str()), (400, Some("BadRequest"), Some("Status")), "{st}");
+    let big = format!("{{\"metadata\":{{\"name\":\"big\"}},\"data\":{{\"a\":\"{}\"}}}}", "x".repeat(4 << 20));
+    let (code, st) = curl(&s, "POST", cms, "application/json", Some(big.as_bytes()), true);
+    assert_eq!((code, st["reason"].as_str()), (413, Some("RequestEntityTooLarge")), "{st}");
+    let (code, st) = curl(&s, "POST", cms, "text/plain", Some(b"hello"), true);
+    assert_eq!((code, st["reason"].as_str()), (415, Some("UnsupportedMediaType")), "{st}");
+    let (code, st) = curl(&s, "POST", &format!("{cms}?fieldValidation=Strict"), "application/json", Some(br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"s"},"dataa":{}}"#), true);
+    assert_eq!(code, 400, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("unknown field \"dataa\""), "{st}");
+    let (code, st) = curl(&s, "POST", "/api/v1/namespaces/missing/configmaps", "application/json", Some(br#"{"metadata":{"name":"m"}}"#), true);
+    assert_eq!((code, st["message"].as_str()), (404, Some("namespaces \"missing\" not found")), "{st}");
+    let (code, st) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"m"},"data":{"bad key":"v"}}"#), true);
+    assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")), "{st}");
+    assert_eq!(st["details"]["causes"][0]["field"], "data[bad key]", "{st}");
+    let (code, _) = curl(&s, "GET", "/api/v1/nothing-here", "application/json", None, true);
+    assert_eq!(code, 404);
+    let (code, st) = curl(&s, "GET", &format!("{cms}?labelSelector=a%3D%3D%3Db"), "application/json", None, true);
+    assert_eq!(code, 400, "{st}");
+    let (code, st) = curl(&s, "GET", &format!("{cms}?continue=garbage"), "application/json", None, true);
+    assert_eq!(code, 400, "{st}");
+
+    assert_eq!(count(&s), 0, "nothing was written");
+    assert_eq!(curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"], before_rv);
+    // The server is still healthy.
+    let (code, _) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"fine"}}"#), true);
+    assert_eq!(code, 201);
+}
+
+/// A real etcd 3.4 (Debian etcd-server) on free loopback ports, killed when dropped.
+struct Etcd {
+    child: std::process::Child,
+    client: String,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_etcd(dir: &std::path::Path) -> Etcd {
+    let (c, p) = (free_port(), free_port());
+    let client = format!("127.0.0.1:{c}");
+    let child = Command::new("etcd")
+        .args(["--name", "ext", "--data-dir"])
+        .arg(dir.join("etcd"))
+        .args(["--listen-client-urls", &format!("http://{client}"), "--advertise-client-urls", &format!("http://{client}")])
+        .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}"), "--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
+        .args(["--initial-cluster", &format!("ext=http://127.0.0.1:{p}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("etcd (Debian etcd-server) must be installed; scripts/deps.sh installs it");
+    let t = Instant::now();
+    while std::net::TcpStream::connect(&client).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "etcd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Etcd { child, client }
+}
+
+#[test]
+fn two_api_servers_on_external_etcd() {
+    let dir = tempfile::tempdir().unwrap();
+    let etcd = start_etcd(dir.path());
+    let store = format!("etcd://{}", etcd.client);
+    let a = Server::start_api(dir.path(), "a", &["--store", &store]);
+    let b = Server::start_api(dir.path(), "b", &["--store", &store]);
+    a.wait_api();
+    b.wait_api();
+    // A watch on A sees a write made through B.
+    let (code, list) = curl(&a, "GET", "/api/v1/namespaces/default/configmaps", "application/json", None, true);
+    assert_eq!(code, 200, "{list}");
+    let rv = list["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+    let mut w = Command::new("curl")
+        .args(["-sNk", "-H", &format!("Authorization: Bearer {}", token(&a)), "--max-time", "10"])
+        .arg(format!("https://{}/api/v1/namespaces/default/configmaps?watch=true&resourceVersion={rv}", a.api))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let (code, created) = curl(&b, "POST", "/api/v1/namespaces/default/configmaps", "application/json", Some(br#"{"metadata":{"name":"via-b"},"data":{"k":"v"}}"#), true);
+    assert_eq!(code, 201, "{created}");
+    let out = w.stdout.take().unwrap();
+    let first = {
+        use std::io::BufRead;
+        let mut l = String::new();
+        std::io::BufReader::new(out).read_line(&mut l).unwrap();
+        l
+    };
+    let _ = w.kill();
+    let _ = w.wait();
+    let ev: serde_json::Value = serde_json::from_str(&first).unwrap_or_else(|e| panic!("{e}: {first:?}"));
+    assert_eq!(ev["type"], "ADDED");
+    assert_eq!(ev["object"]["metadata"]["name"], "via-b");
+    assert_eq!(ev["object"]["metadata"]["resourceVersion"], created["metadata"]["resourceVersion"]);
+    // The object is really in etcd, under upstream's key layout.
+    let o = Command::new("etcdctl").args(["--endpoints", &etcd.client, "get", "/registry/configmaps/default/via-b", "--print-value-only"]).env("ETCDCTL_API", "3").output().unwrap();
+    assert!(String::from_utf8_lossy(&o.stdout).contains("\"via-b\""), "{}", String::from_utf8_lossy(&o.stdout));
+    // Reads through A see it, and a stale update through A conflicts.
+    let (code, got) = curl(&a, "GET", "/api/v1/namespaces/default/configmaps/via-b", "application/json", None, true);
+    assert_eq!((code, &got["data"]["k"]), (200, &serde_json::json!("v")));
+}

@@ -1,0 +1,276 @@
+//! The Kubernetes API driven by real kubectl (1.35 and 1.20) against `shoal server`.
+//! kubectl is fetched by `../shared/acceptance/get-kubectl*.sh` (scripts/test.sh does it
+//! first and exports KUBECTL_135 / KUBECTL_120).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+fn fetch(env: &str, script: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(env) {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/acceptance").join(script);
+    let o = Command::new("bash").arg(&script).output().expect("running the kubectl fetch script");
+    assert!(o.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
+pub struct Kubectl {
+    bin: PathBuf,
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
+        let mut c = Command::new(&self.bin);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawning kubectl");
+        {
+            use std::io::Write;
+            let mut si = child.stdin.take().unwrap();
+            if let Some(s) = stdin {
+                si.write_all(s.as_bytes()).unwrap();
+            }
+        }
+        child.wait_with_output().unwrap()
+    }
+    /// Runs kubectl and returns stdout; panics on failure.
+    fn ok(&self, args: &[&str]) -> String {
+        self.ok_in(args, None)
+    }
+    fn ok_in(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let o = self.run(args, stdin);
+        assert!(o.status.success(), "kubectl {args:?} failed: {}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+    /// Runs kubectl expecting failure; returns stderr.
+    fn err(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let o = self.run(args, stdin);
+        assert!(!o.status.success(), "kubectl {args:?} unexpectedly succeeded: {}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8(o.stderr).unwrap()
+    }
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).unwrap()
+    }
+}
+
+fn server(dir: &std::path::Path) -> Server {
+    let s = Server::start_api(dir, "api", &[]);
+    s.wait_api();
+    s
+}
+
+const DEPLOY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web, labels: {app: web}}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      containers:
+      - name: c
+        image: busybox:1.36
+        command: [sleep, '3600']
+        ports: [{containerPort: 80}]
+";
+
+#[test]
+fn kubectl_135_objects_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let k = Kubectl { bin: fetch("KUBECTL_135", "get-kubectl.sh"), kubeconfig: s.kubeconfig() };
+
+    // Discovery.
+    let groups = k.ok(&["api-versions"]);
+    for gv in ["v1", "apps/v1", "discovery.k8s.io/v1", "rbac.authorization.k8s.io/v1", "storage.k8s.io/v1", "coordination.k8s.io/v1", "autoscaling/v2"] {
+        assert!(groups.lines().any(|l| l == gv), "{gv} missing from {groups}");
+    }
+    let res = k.ok(&["api-resources"]);
+    assert!(res.lines().any(|l| l.starts_with("deployments ") && l.contains("deploy") && l.contains("apps/v1")), "{res}");
+    assert!(k.ok(&["version"]).contains("Server Version: v1.35"));
+
+    // Protobuf bodies: kubectl 1.35 sends these creates as application/vnd.kubernetes.protobuf.
+    assert_eq!(k.ok(&["create", "namespace", "t1"]).trim(), "namespace/t1 created");
+    k.ok(&["create", "configmap", "cm1", "-n", "t1", "--from-literal=a=1", "--from-literal=b=2"]);
+    let cm = k.json(&["get", "configmap", "cm1", "-n", "t1"]);
+    assert_eq!(cm["data"], serde_json::json!({"a": "1", "b": "2"}));
+    k.ok(&["create", "secret", "generic", "s1", "-n", "t1", "--from-literal=k=v"]);
+    assert_eq!(k.ok(&["get", "secret", "s1", "-n", "t1", "-o", "jsonpath={.data.k}"]), "dg==");
+    k.ok(&["create", "deployment", "pb", "-n", "t1", "--image=busybox:1.36", "--replicas=2"]);
+    let d = k.json(&["get", "deploy", "pb", "-n", "t1"]);
+    assert_eq!(d["spec"]["replicas"], 2);
+    assert!(d["spec"].get("paused").is_none(), "zero values of non-pointer fields are omitted: {}", d["spec"]);
+
+    // apply with server-side field validation (kubectl reads /openapi/v3).
+    assert_eq!(k.ok_in(&["apply", "-n", "t1", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web created");
+    assert_eq!(k.ok_in(&["apply", "-n", "t1", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web unchanged");
+    let e = k.err(&["apply", "-n", "t1", "-f", "-"], Some(&DEPLOY.replace("name: web,", "name: typo,").replace("replicas: 3", "replicas: 3\n  replicass: 4")));
+    assert!(e.contains("strict decoding error: unknown field \"spec.replicass\""), "{e}");
+    let d = k.json(&["get", "deploy", "web", "-n", "t1"]);
+    assert_eq!(d["spec"]["strategy"]["rollingUpdate"]["maxSurge"], "25%");
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["terminationMessagePath"], "/dev/termination-log");
+    assert_eq!(d["metadata"]["generation"], 1);
+    // A changed manifest: strategic merge keeps the container list keyed by name.
+    k.ok_in(&["apply", "-n", "t1", "-f", "-"], Some(&DEPLOY.replace("replicas: 3", "replicas: 4")));
+    let d = k.json(&["get", "deploy", "web", "-n", "t1"]);
+    assert_eq!(d["spec"]["replicas"], 4);
+    assert_eq!(d["metadata"]["generation"], 2);
+
+    // Output formats and server-side tables.
+    let wide = k.ok(&["get", "deploy", "-n", "t1", "-o", "wide"]);
+    let head: Vec<&str> = wide.lines().next().unwrap().split_whitespace().collect();
+    assert_eq!(head, ["NAME", "READY", "UP-TO-DATE", "AVAILABLE", "AGE", "CONTAINERS", "IMAGES", "SELECTOR"]);
+    assert!(k.ok(&["get", "deploy", "-n", "t1", "-o", "name"]).lines().any(|l| l == "deployment.apps/web"));
+    assert_eq!(k.ok(&["get", "deploy", "web", "-n", "t1", "-o", "jsonpath={.spec.replicas}"]), "4");
+    assert!(k.ok(&["get", "deploy", "web", "-n", "t1", "-o", "yaml"]).contains("kind: Deployment"));
+    assert!(k.ok(&["get", "deploy", "-n", "t1", "-o", "custom-columns=N:.metadata.name,R:.spec.replicas"]).contains("web   4"));
+
+    // Services get a ClusterIP from 10.96.0.0/12.
+    k.ok(&["expose", "deployment", "web", "-n", "t1", "--port", "80"]);
+    let svc = k.json(&["get", "svc", "web", "-n", "t1"]);
+    let ip = svc["spec"]["clusterIP"].as_str().unwrap().to_string();
+    assert!(ip.starts_with("10.9") || ip.starts_with("10.10") || ip.starts_with("10.11"), "{ip}");
+    assert_eq!(svc["spec"]["clusterIPs"][0], ip.as_str());
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], 80);
+    let e = k.err(&["create", "service", "clusterip", "dup", "-n", "t1", "--tcp=80", &format!("--clusterip={ip}")], None);
+    assert!(e.contains("provided IP is already allocated"), "{e}");
+
+    // Pods: labels, annotations, field selectors, patches of each type.
+    let pod = "apiVersion: v1\nkind: Pod\nmetadata: {name: p1, labels: {app: web, tier: front}}\nspec:\n  containers: [{name: c, image: busybox, command: [sleep, '3600']}]\n";
+    k.ok_in(&["create", "-n", "t1", "-f", "-"], Some(pod));
+    let p = k.json(&["get", "pod", "p1", "-n", "t1"]);
+    assert_eq!(p["status"]["phase"], "Pending");
+    assert_eq!(p["spec"]["containers"][0]["imagePullPolicy"], "Always");
+    k.ok(&["label", "pod", "p1", "-n", "t1", "extra=yes"]);
+    k.ok(&["annotate", "pod", "p1", "-n", "t1", "note=hi"]);
+    assert_eq!(k.ok(&["get", "pods", "-n", "t1", "-l", "extra=yes,tier in (front,back)", "-o", "name"]).trim(), "pod/p1");
+    assert_eq!(k.ok(&["get", "pods", "-n", "t1", "-l", "extra!=yes", "-o", "name"]).trim(), "");
+    assert_eq!(k.ok(&["get", "pods", "-n", "t1", "--field-selector", "metadata.name=p1,status.phase=Pending", "-o", "name"]).trim(), "pod/p1");
+    assert!(k.err(&["get", "pods", "-n", "t1", "--field-selector", "spec.bogus=1"], None).contains("field label not supported: spec.bogus"));
+    k.ok(&["patch", "pod", "p1", "-n", "t1", "--type", "merge", "-p", r#"{"metadata":{"labels":{"extra":null}}}"#]);
+    assert!(k.json(&["get", "pod", "p1", "-n", "t1"])["metadata"]["labels"].get("extra").is_none());
+    let before = k.json(&["get", "pod", "p1", "-n", "t1"])["metadata"]["resourceVersion"].clone();
+    k.err(&["patch", "pod", "p1", "-n", "t1", "--type", "json", "-p", r#"[{"op":"add","path":"/metadata/labels/x","value":"1"},{"op":"test","path":"/metadata/labels/app","value":"nope"}]"#], None);
+    assert_eq!(k.json(&["get", "pod", "p1", "-n", "t1"])["metadata"]["resourceVersion"], before, "a failed JSON patch writes nothing");
+    k.ok(&["set", "image", "deployment/web", "-n", "t1", "c=busybox:1.37"]);
+    let d = k.json(&["get", "deploy", "web", "-n", "t1"]);
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["image"], "busybox:1.37");
+    assert_eq!(d["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"], 80, "strategic merge keeps the other fields of the container");
+
+    // Errors, with upstream reasons.
+    assert!(k.err(&["get", "pod", "nope", "-n", "t1"], None).contains("(NotFound): pods \"nope\" not found"));
+    let e = k.err(&["create", "-n", "t1", "-f", "-"], Some(&pod.replace("name: p1", "name: Invalid_Name")));
+    assert!(e.contains("The Pod \"Invalid_Name\" is invalid: metadata.name: Invalid value: \"Invalid_Name\""), "{e}");
+    assert!(k.err(&["create", "-n", "t1", "-f", "-"], Some(pod)).contains("(AlreadyExists)"));
+    let mut stale = k.json(&["get", "configmap", "cm1", "-n", "t1"]);
+    k.ok(&["label", "configmap", "cm1", "-n", "t1", "bump=1"]);
+    stale["data"]["a"] = "9".into();
+    let e = k.err(&["replace", "-f", "-"], Some(&stale.to_string()));
+    assert!(e.contains("(Conflict)") && e.contains("the object has been modified"), "{e}");
+    assert!(k.err(&["get", "pods", "-n", "no-such-ns-xyz", "p"], None).contains("NotFound"));
+
+    // Pagination: kubectl --chunk-size really sends limit and continue.
+    let mut docs = String::new();
+    for i in 0..30 {
+        docs.push_str(&format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: page-{i:02}, labels: {{acc: page}}}}\ndata: {{i: \"{i}\"}}\n---\n"));
+    }
+    k.ok_in(&["create", "-n", "t1", "-f", "-"], Some(&docs));
+    let o = k.run(&["get", "configmaps", "-n", "t1", "-l", "acc=page", "--chunk-size=7", "-o", "name", "-v=6"], None);
+    let names = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(names.lines().filter(|l| l.starts_with("configmap/page-")).count(), 30);
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(log.contains("limit=7") && log.matches("continue=").count() >= 4, "{log}");
+
+    // dry run writes nothing.
+    k.ok_in(&["create", "-n", "t1", "-f", "-", "--dry-run=server"], Some("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: dry}\n"));
+    k.err(&["get", "configmap", "dry", "-n", "t1"], None);
+
+    // explain from OpenAPI v3; auth can-i and whoami (access reviews, impersonation).
+    let ex = k.ok(&["explain", "deployment.spec.replicas"]);
+    assert!(ex.contains("replicas") && ex.contains("<integer>"), "{ex}");
+    assert_eq!(k.ok(&["auth", "can-i", "create", "deployments.apps", "-n", "t1"]).trim(), "yes");
+    let o = k.run(&["auth", "can-i", "create", "pods", "-n", "t1", "--as=system:serviceaccount:t1:default"], None);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no");
+    assert!(k.ok(&["auth", "whoami"]).contains("shoal-admin"));
+    assert!(k.err(&["get", "pods", "-n", "t1", "--as=system:serviceaccount:t1:default"], None).contains("cannot list resource \"pods\""));
+
+    // Delete: plain, and a namespace goes Terminating.
+    k.ok(&["delete", "pod", "p1", "-n", "t1"]);
+    k.err(&["get", "pod", "p1", "-n", "t1"], None);
+    k.ok(&["delete", "namespace", "t1", "--wait=false"]);
+    assert_eq!(k.json(&["get", "namespace", "t1"])["status"]["phase"], "Terminating");
+    let e = k.err(&["create", "configmap", "late", "-n", "t1"], None);
+    assert!(e.contains("because it is being terminated"), "{e}");
+}
+
+#[test]
+fn kubectl_135_watch_sees_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let k = Kubectl { bin: fetch("KUBECTL_135", "get-kubectl.sh"), kubeconfig: s.kubeconfig() };
+    k.ok(&["create", "configmap", "before"]);
+    let mut w = Command::new(&k.bin)
+        .arg("--kubeconfig")
+        .arg(&k.kubeconfig)
+        .args(["get", "configmaps", "--watch", "-o", "name", "--request-timeout=20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    k.ok(&["create", "configmap", "after"]);
+    let t = Instant::now();
+    let out = w.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while t.elapsed() < Duration::from_secs(15) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(l);
+            if seen.iter().any(|l| l == "configmap/after") {
+                break;
+            }
+        }
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    assert!(seen.iter().any(|l| l == "configmap/before"), "initial list: {seen:?}");
+    assert!(seen.iter().any(|l| l == "configmap/after"), "watch event: {seen:?}");
+}
+
+#[test]
+fn kubectl_120_reads_and_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let k = Kubectl { bin: fetch("KUBECTL_120", "get-kubectl-old.sh"), kubeconfig: s.kubeconfig() };
+    assert!(k.ok(&["version", "--short"]).contains("Server Version: v1.35"));
+    assert!(k.ok(&["get", "namespaces"]).contains("kube-system"));
+    // kubectl 1.20 downloads OpenAPI v2 as protobuf for client-side validation, which the
+    // server does not encode yet: writes use --validate=false (see the issue notes).
+    assert_eq!(k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web created");
+    assert_eq!(k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web unchanged");
+    k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(&DEPLOY.replace("replicas: 3", "replicas: 5")));
+    assert_eq!(k.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]), "5");
+    let wide = k.ok(&["get", "deploy", "-o", "wide"]);
+    assert!(wide.starts_with("NAME") && wide.contains("SELECTOR"), "{wide}");
+    k.ok(&["scale", "deployment", "web", "--replicas=2"]);
+    assert_eq!(k.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]), "2");
+    assert!(k.err(&["get", "deploy", "nope"], None).contains("NotFound"));
+    k.ok(&["delete", "deployment", "web"]);
+}
