@@ -72,11 +72,18 @@ pub struct WatchChunk {
 /// A running watch; dropping it cancels the watch in the store.
 pub struct WatchStream {
     rx: mpsc::Receiver<Result<WatchChunk, BackendError>>,
+    progress: Box<dyn Fn() + Send + Sync>,
 }
 
 impl WatchStream {
     pub async fn next(&mut self) -> Option<Result<WatchChunk, BackendError>> {
         self.rx.recv().await
+    }
+
+    /// Asks the store for a progress notification: a chunk with no events carrying the
+    /// store's current revision once every earlier event was delivered.
+    pub fn request_progress(&self) {
+        (self.progress)()
     }
 }
 
@@ -135,6 +142,7 @@ impl Backend {
     /// Watches `[key, range_end)` from `start_rev` (0: from now), with previous values.
     pub async fn watch(&self, key: Vec<u8>, range_end: Vec<u8>, start_rev: i64) -> Result<WatchStream, BackendError> {
         let (tx, rx) = mpsc::channel(64);
+        let progress: Box<dyn Fn() + Send + Sync>;
         match self {
             Backend::Embedded(m) => {
                 let (btx, mut brx) = mpsc::channel::<WatchBatch>(256);
@@ -149,6 +157,8 @@ impl Backend {
                     progress_notify: true,
                 };
                 m.hub.add(&m.state, stream, 1, spec);
+                let pm = m.clone();
+                progress = Box::new(move || pm.hub.request_progress(&pm.state, stream));
                 let m = m.clone();
                 tokio::spawn(async move {
                     loop {
@@ -201,6 +211,10 @@ impl Backend {
                 let (req_tx, req_rx) = mpsc::channel::<WatchRequest>(1);
                 req_tx.send(create).await.map_err(|_| BackendError::Other("watch request channel closed".into()))?;
                 let mut inbound = watch.clone().watch(tokio_stream::wrappers::ReceiverStream::new(req_rx)).await?.into_inner();
+                let ptx = req_tx.clone();
+                progress = Box::new(move || {
+                    let _ = ptx.try_send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(Default::default())) });
+                });
                 tokio::spawn(async move {
                     let _keep = req_tx;
                     loop {
@@ -229,7 +243,7 @@ impl Backend {
                 });
             }
         }
-        Ok(WatchStream { rx })
+        Ok(WatchStream { rx, progress })
     }
 }
 

@@ -520,6 +520,21 @@ fn is_base64(s: &str) -> bool {
     base64::engine::general_purpose::STANDARD.decode(s).is_ok()
 }
 
+/// Every field-selector field `kind` supports (besides metadata.name and
+/// metadata.namespace), for precomputing them where objects are cached.
+pub fn field_names(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "Pod" => &["spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName", "spec.hostNetwork", "status.phase", "status.podIP", "status.nominatedNodeName"],
+        "Node" => &["spec.unschedulable"],
+        "Namespace" => &["status.phase"],
+        "Secret" => &["type"],
+        "ReplicaSet" => &["status.replicas"],
+        "Service" => &["spec.clusterIP", "spec.type"],
+        "Event" => &["involvedObject.kind", "involvedObject.namespace", "involvedObject.name", "involvedObject.uid", "involvedObject.apiVersion", "involvedObject.resourceVersion", "involvedObject.fieldPath", "reason", "reportingComponent", "source", "type"],
+        _ => &[],
+    }
+}
+
 /// The value of a field-selector field for an object of `kind`: `None` when the kind does
 /// not support the field (a 400), `Some("")` when it is supported but unset.
 pub fn field_value(kind: &str, obj: &Value, field: &str) -> Option<String> {
@@ -626,6 +641,15 @@ mod tests {
         assert_eq!(field_value("Pod", &p, "spec.hostNetwork").as_deref(), Some("false"));
         assert_eq!(field_value("Pod", &p, "spec.bogus"), None);
         assert_eq!(field_value("ConfigMap", &p, "metadata.name").as_deref(), Some("p"));
+    }
+
+    #[test]
+    fn field_names_are_supported() {
+        for kind in ["Pod", "Node", "Namespace", "Secret", "ReplicaSet", "Service", "Event"] {
+            for f in field_names(kind) {
+                assert!(field_value(kind, &json!({}), f).is_some(), "{kind} {f}");
+            }
+        }
     }
 
     #[test]

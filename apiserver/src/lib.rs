@@ -21,6 +21,7 @@
 pub mod apply;
 pub mod auth;
 pub mod backend;
+pub mod cache;
 pub mod conversion;
 pub mod discovery;
 pub mod kinds;

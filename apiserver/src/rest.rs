@@ -858,6 +858,10 @@ impl Filter {
     pub fn matches(&self, obj: &Value) -> bool {
         self.labels.matches(obj.pointer("/metadata/labels").and_then(Value::as_object)) && self.fields.matches(|f| kinds::field_value(self.kind, obj, f))
     }
+    /// Matches precomputed labels and field values (the watch cache's entries).
+    pub fn matches_parts(&self, labels: Option<&Map<String, Value>>, field: impl Fn(&str) -> Option<String>) -> bool {
+        self.labels.matches(labels) && self.fields.matches(field)
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -865,6 +869,12 @@ struct ContinueToken {
     v: String,
     rv: i64,
     start: String,
+}
+
+/// A continue token for a list at `rev` resuming at key suffix `start` (upstream's format).
+pub fn continue_token(rev: i64, start: &str) -> String {
+    let tok = ContinueToken { v: "meta.k8s.io/v1".into(), rv: rev, start: start.to_string() };
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(&tok).expect("serializable"))
 }
 
 /// A page of a list.

@@ -58,6 +58,8 @@ impl ApiConfig {
 /// State shared by every connection.
 pub struct Api {
     pub backend: Backend,
+    /// Lists and watches are served from here when it can (see cache.rs).
+    pub cache: Arc<crate::cache::Cache>,
     pub admin_token: String,
     pub server_address: String,
     pub metrics: Arc<ApiMetrics>,
@@ -95,7 +97,15 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
     let mut reg = prometheus_client::registry::Registry::default();
     metrics.register(&mut reg);
     extra_metrics(&mut reg);
-    let api = Arc::new(Api { backend, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
+    let cache = crate::cache::Cache::new(backend.clone());
+    {
+        let cache = cache.clone();
+        std::thread::Builder::new().name("api-cache".into()).spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the watch cache executor");
+            rt.block_on(cache.run());
+        })?;
+    }
+    let api = Arc::new(Api { backend, cache, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
 
     for (i, l) in listeners.into_iter().enumerate() {
         let api = api.clone();
@@ -343,7 +353,7 @@ impl Api {
         match segs.as_slice() {
             ["healthz" | "livez"] | ["healthz" | "livez", "ping"] => return (full(200, "text/plain; charset=utf-8", "ok"), None),
             ["readyz"] | ["readyz", _] => {
-                return if (self.store_ready)() { (full(200, "text/plain; charset=utf-8", "ok"), None) } else { (full(500, "text/plain; charset=utf-8", "[-]etcd failed: reason withheld\nreadyz check failed\n"), None) };
+                return if (self.store_ready)() && self.cache.is_ready() { (full(200, "text/plain; charset=utf-8", "ok"), None) } else { (full(500, "text/plain; charset=utf-8", "[-]etcd failed: reason withheld\nreadyz check failed\n"), None) };
             }
             ["version"] => return (json_response(200, &version()), None),
             _ => {}
@@ -489,7 +499,10 @@ impl Api {
                     Want::Metadata => Render::Metadata,
                     Want::Json => Render::Object,
                 };
-                let rx = watch::start(b, def, served, &r.ns, q, render).await?;
+                let rx = match watch::start_cached(&self.cache, def, served, &r.ns, q, render).await? {
+                    Some(rx) => rx,
+                    None => watch::start(b, def, served, &r.ns, q, render).await?,
+                };
                 let watchers = self.metrics.watchers.clone();
                 let labels = vec![("group", def.group.to_string()), ("resource", def.plural.to_string())];
                 watchers.get_or_create(&labels).inc();
@@ -505,6 +518,9 @@ impl Api {
             (&Method::GET, true, "") => {
                 if !verb_allowed("list") {
                     return Err(ApiError::method_not_allowed("list", gr));
+                }
+                if let Some(resp) = self.list_cached(def, served, &r.ns, q, want).await? {
+                    return Ok(resp);
                 }
                 let page = rest::list(b, def, &r.ns, q).await?;
                 Ok(match want {
@@ -628,6 +644,63 @@ async fn read_body(body: Incoming) -> Result<Bytes, ApiError> {
         return Err(ApiError::too_large(MAX_BODY));
     }
     Ok(buf.freeze())
+}
+
+impl Api {
+    /// A list served from the watch cache, or None when the cache cannot serve it
+    /// (continue tokens and exact revisions go to the store, which keeps history).
+    async fn list_cached(&self, def: &'static ResourceDef, served: &'static ResourceDef, ns: &str, q: &Query, want: Want) -> Result<Option<Response<Body>>, ApiError> {
+        if q.get("continue").is_some_and(|c| !c.is_empty()) || q.get("resourceVersionMatch") == Some("Exact") || !self.cache.is_ready() {
+            return Ok(None);
+        }
+        match q.get("resourceVersionMatch") {
+            None | Some("" | "NotOlderThan") => {}
+            Some(_) => return Ok(None),
+        }
+        match q.get("resourceVersion").unwrap_or("") {
+            "" => {
+                if self.cache.wait_fresh().await.is_err() {
+                    return Ok(None);
+                }
+            }
+            "0" => {}
+            n => {
+                let n: i64 = n.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {n:?}")))?;
+                if !self.cache.wait_for(n, std::time::Duration::from_secs(3)).await {
+                    return Ok(None);
+                }
+            }
+        }
+        let filter = rest::Filter::from_query(def, q)?;
+        let limit: usize = match q.get("limit") {
+            Some(l) if !l.is_empty() => l.parse().map_err(|_| ApiError::bad_request(format!("invalid limit {l:?}")))?,
+            _ => 0,
+        };
+        let prefix = def.prefix(ns);
+        let (items, rev, more) = self.cache.snapshot(&prefix, "", &filter, limit);
+        let mut md = json!({"resourceVersion": rev.to_string()});
+        if more {
+            if let Some(last) = items.last() {
+                md["continue"] = json!(rest::continue_token(rev, &format!("{}\0", &last.key[prefix.len()..])));
+            }
+        }
+        if want == Want::Json && std::ptr::eq(def, served) {
+            let body = crate::cache::list_body(&format!("{}List", def.kind), &def.api_version(), &md, &items);
+            return Ok(Some(full(200, "application/json", body)));
+        }
+        let values: Vec<Value> = items.iter().map(|e| e.value()).collect();
+        Ok(Some(match want {
+            Want::Table => json_response(200, &table::table(def.kind, &values, md, Include::parse(q.get("includeObject")))),
+            Want::Metadata => {
+                let items: Vec<Value> = values.into_iter().map(|v| json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]})).collect();
+                json_response(200, &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": md, "items": items}))
+            }
+            Want::Json => {
+                let items: Vec<Value> = values.into_iter().map(|o| crate::conversion::convert(o, served)).collect();
+                json_response(200, &json!({"kind": format!("{}List", served.kind), "apiVersion": served.api_version(), "metadata": md, "items": items}))
+            }
+        }))
+    }
 }
 
 /// Keeps the watcher gauge right: decremented when the response body is dropped.

@@ -220,3 +220,108 @@ mod tests {
         assert_eq!(obj["metadata"]["resourceVersion"], "10");
     }
 }
+
+/// Serves a watch from the watch cache. `Ok(None)` means the cache cannot serve it (not
+/// synced, or the resourceVersion is older than the cache's ring): the caller falls back
+/// to a store watch.
+pub async fn start_cached(cache: &std::sync::Arc<crate::cache::Cache>, def: &'static ResourceDef, served: &'static ResourceDef, ns: &str, q: &Query, render: Render) -> Result<Option<mpsc::Receiver<Bytes>>, ApiError> {
+    use crate::cache::Delivery;
+    let filter = Filter::from_query(def, q)?;
+    let rv = q.get("resourceVersion").unwrap_or("").to_string();
+    let send_initial = q.flag("sendInitialEvents");
+    let bookmarks = q.flag("allowWatchBookmarks");
+    if send_initial && q.get("resourceVersionMatch") != Some("NotOlderThan") {
+        return Err(ApiError::invalid("ListOptions", "meta.k8s.io", "", &[crate::status::FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
+    }
+    let timeout = match q.get("timeoutSeconds") {
+        Some(t) => Duration::from_secs(t.parse().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?),
+        None => Duration::from_secs(1800 + (crate::meta::now_secs() as u64 % 1800)),
+    };
+    let since = if send_initial || rv.is_empty() || rv == "0" {
+        if rv.is_empty() && cache.wait_fresh().await.is_err() {
+            return Ok(None);
+        }
+        if send_initial && !rv.is_empty() && rv != "0" {
+            let n: i64 = rv.parse().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?;
+            if !cache.wait_for(n, Duration::from_secs(3)).await {
+                return Ok(None);
+            }
+        }
+        None
+    } else {
+        Some(rv.parse::<i64>().map_err(|_| ApiError::bad_request(format!("invalid resourceVersion {rv:?}")))?)
+    };
+    let prefix = def.prefix(ns);
+    let Some((mut sub, initial, replay, start_rev)) = cache.subscribe(&prefix, &filter, since) else { return Ok(None) };
+    let shared = matches!(render, Render::Object) && std::ptr::eq(def, served);
+    let (tx, rx) = mpsc::channel::<Bytes>(256);
+    tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let render_entry = |ty: &str, e: &crate::cache::Entry| -> Bytes {
+            if shared {
+                crate::cache::line_bytes(ty, &e.json)
+            } else {
+                line(ty, &e.value(), def, served, render)
+            }
+        };
+        for e in &initial {
+            if tx.send(render_entry("ADDED", e)).await.is_err() {
+                return;
+            }
+        }
+        drop(initial);
+        let mut last_rev = since.unwrap_or(start_rev);
+        if send_initial && bookmarks && tx.send(line("BOOKMARK", &bookmark(served, start_rev, true), def, served, render)).await.is_err() {
+            return;
+        }
+        let send_event = |ev: &crate::cache::CacheEvent| -> Option<Bytes> {
+            let ty = ev.type_for(&filter)?;
+            Some(if shared {
+                ev.line(ty)
+            } else {
+                let name = match ty {
+                    crate::cache::EvType::Added => "ADDED",
+                    crate::cache::EvType::Modified => "MODIFIED",
+                    crate::cache::EvType::Deleted => "DELETED",
+                };
+                line(name, &ev.obj.value(), def, served, render)
+            })
+        };
+        for ev in &replay {
+            last_rev = last_rev.max(ev.rev);
+            if let Some(b) = send_event(ev) {
+                if tx.send(b).await.is_err() {
+                    return;
+                }
+            }
+        }
+        drop(replay);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_secs(60), Duration::from_secs(60));
+        loop {
+            let d = tokio::select! {
+                d = sub.rx.recv() => d,
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = tick.tick() => {
+                    if bookmarks && tx.send(line("BOOKMARK", &bookmark(served, last_rev, false), def, served, render)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                _ = tx.closed() => return,
+            };
+            match d {
+                None | Some(Delivery::Reset) => return,
+                Some(Delivery::Progress(r)) => last_rev = last_rev.max(r),
+                Some(Delivery::Event(ev)) => {
+                    last_rev = last_rev.max(ev.rev);
+                    if let Some(b) = send_event(&ev) {
+                        if tx.send(b).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    Ok(Some(rx))
+}

@@ -238,3 +238,81 @@ fn two_api_servers_on_external_etcd() {
     let (code, got) = curl(&a, "GET", "/api/v1/namespaces/default/configmaps/via-b", "application/json", None, true);
     assert_eq!((code, &got["data"]["k"]), (200, &serde_json::json!("v")));
 }
+
+/// Reads watch lines from a streaming curl until `n` lines or the deadline.
+fn watch_lines(s: &Server, path: &str, n: usize, action: impl FnOnce()) -> Vec<serde_json::Value> {
+    let mut w = Command::new("curl")
+        .args(["-sNk", "-H", &format!("Authorization: Bearer {}", token(s)), "--max-time", "10"])
+        .arg(format!("https://{}{path}", s.api))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = w.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    action();
+    let mut got = Vec::new();
+    let t = Instant::now();
+    while got.len() < n && t.elapsed() < Duration::from_secs(10) {
+        if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+            got.push(serde_json::from_str(&l).unwrap());
+        }
+    }
+    let _ = w.kill();
+    let _ = w.wait();
+    got
+}
+
+#[test]
+fn watch_cache_lists_and_watches() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "api", &[]);
+    s.wait_api();
+    let cms = "/api/v1/namespaces/default/configmaps";
+    // A list right after a write sees it (consistent read from the cache).
+    for i in 0..20 {
+        let (code, c) = curl(&s, "POST", cms, "application/json", Some(format!(r#"{{"metadata":{{"name":"c{i}","labels":{{"x":"{}"}}}}}}"#, i % 2).as_bytes()), true);
+        assert_eq!(code, 201, "{c}");
+        let (_, l) = curl(&s, "GET", cms, "application/json", None, true);
+        assert_eq!(l["items"].as_array().unwrap().len(), i + 1, "list after create {i}");
+        assert_eq!(l["metadata"]["resourceVersion"], c["metadata"]["resourceVersion"]);
+    }
+    let (_, l) = curl(&s, "GET", &format!("{cms}?labelSelector=x%3D1&limit=4"), "application/json", None, true);
+    assert_eq!(l["items"].as_array().unwrap().len(), 4);
+    let cont = l["metadata"]["continue"].as_str().expect("a continue token").to_string();
+    let (_, l2) = curl(&s, "GET", &format!("{cms}?labelSelector=x%3D1&limit=100&continue={cont}"), "application/json", None, true);
+    assert_eq!(l2["items"].as_array().unwrap().len(), 6, "the rest of the 10 matching objects");
+    let rv = l["metadata"]["resourceVersion"].as_str().unwrap().to_string();
+
+    // Selector transitions: c1 stops matching (DELETED for this watcher), c0 starts (ADDED).
+    let got = watch_lines(&s, &format!("{cms}?watch=1&labelSelector=x%3D1&resourceVersion={rv}"), 2, || {
+        let p = |name: &str, x: &str| curl(&s, "PATCH", &format!("{cms}/{name}"), "application/merge-patch+json", Some(format!(r#"{{"metadata":{{"labels":{{"x":"{x}"}}}}}}"#).as_bytes()), true);
+        assert_eq!(p("c1", "0").0, 200);
+        assert_eq!(p("c0", "1").0, 200);
+    });
+    let evs: Vec<(String, String)> = got.iter().map(|e| (e["type"].as_str().unwrap().to_string(), e["object"]["metadata"]["name"].as_str().unwrap().to_string())).collect();
+    assert_eq!(evs, [("DELETED".to_string(), "c1".to_string()), ("ADDED".to_string(), "c0".to_string())]);
+
+    // A watch from a recent revision replays what happened since.
+    let got = watch_lines(&s, &format!("{cms}?watch=true&resourceVersion={rv}"), 2, || {});
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(got.iter().all(|e| e["type"] == "MODIFIED"));
+    // A watch from revision 1 (older than the cache) is served by the store's history.
+    let got = watch_lines(&s, &format!("{cms}?watch=true&resourceVersion=1"), 22, || {});
+    assert_eq!(got.iter().filter(|e| e["type"] == "ADDED").count(), 20, "{got:?}");
+
+    // Initial events end with the bookmark kubectl and informers wait for.
+    let got = watch_lines(&s, &format!("{cms}?watch=1&sendInitialEvents=true&resourceVersionMatch=NotOlderThan&allowWatchBookmarks=true"), 21, || {});
+    assert_eq!(got.iter().filter(|e| e["type"] == "ADDED").count(), 20);
+    let last = got.last().unwrap();
+    assert_eq!(last["type"], "BOOKMARK");
+    assert_eq!(last["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"], "true");
+}

@@ -1,0 +1,565 @@
+//! The watch cache: every object under `/registry/` held in memory from one store watch,
+//! serving lists and watches so that thousands of clients do not each hit the store.
+//!
+//! - Objects are kept as the JSON clients receive (resourceVersion already spliced in),
+//!   plus their labels and field-selector values: a list is a concatenation of shared
+//!   bytes, filtering parses nothing.
+//! - Each event is rendered once per event type (`{"type":"MODIFIED","object":...}`) and
+//!   the same bytes go to every watcher (Architecture Invariant 6: per event O(watchers
+//!   matched), never O(objects)).
+//! - Consistent reads (resourceVersion unset) first learn the store's current revision,
+//!   then wait until the cache has applied it (asking the store for a progress
+//!   notification), as upstream's consistent reads from cache do.
+//! - Recent events are kept in a ring so a watch from a recent resourceVersion replays
+//!   from memory; older ones fall back to the store (which answers 410 when compacted).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use parking_lot::RwLock;
+use serde_json::{Map, Value};
+use shoal_proto::etcdserverpb::RangeRequest;
+use shoal_proto::mvccpb::{event::EventType, Event, KeyValue};
+use tokio::sync::{mpsc, watch as twatch};
+
+use crate::backend::{prefix_end, Backend, BackendError};
+use crate::kinds;
+use crate::resources::{ResourceDef, BUILTIN};
+use crate::rest::Filter;
+
+/// Events kept for watches that resume from a recent resourceVersion.
+const RING_EVENTS: usize = 50_000;
+/// Lines queued per watcher before it is considered too slow and closed (the client then
+/// re-watches from its last resourceVersion, as it would after any disconnect).
+const WATCHER_QUEUE: usize = 4096;
+
+/// One cached object.
+pub struct Entry {
+    pub key: String,
+    /// The object as served: stored JSON with `metadata.resourceVersion` spliced in.
+    pub json: Bytes,
+    pub mod_rev: i64,
+    pub create_rev: i64,
+    /// Where the resourceVersion was spliced into `json`.
+    rv_at: usize,
+    labels: Option<Map<String, Value>>,
+    name: String,
+    namespace: String,
+    fields: Vec<(&'static str, String)>,
+}
+
+impl Entry {
+    fn field(&self, f: &str) -> Option<String> {
+        match f {
+            "metadata.name" => Some(self.name.clone()),
+            "metadata.namespace" => Some(self.namespace.clone()),
+            _ => self.fields.iter().find(|(k, _)| *k == f).map(|(_, v)| v.clone()),
+        }
+    }
+    pub fn matches(&self, f: &Filter) -> bool {
+        f.matches_parts(self.labels.as_ref(), |x| self.field(x))
+    }
+    /// The parsed object (for tables, conversion, metadata-only views).
+    pub fn value(&self) -> Value {
+        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+    }
+}
+
+/// Inserts `"resourceVersion":"N"` at the start of the top-level `metadata` object of a
+/// stored object (serialized by this server with `metadata` as an object).
+#[cfg(test)]
+fn stamp(json: &[u8], rev: i64) -> Option<Bytes> {
+    stamp_at(json, rev).map(|(b, _)| b)
+}
+
+/// `stamp`, also returning the offset of the inserted text.
+fn stamp_at(json: &[u8], rev: i64) -> Option<(Bytes, usize)> {
+    let i = top_level_metadata(json)?;
+    let rv = format!("\"resourceVersion\":\"{rev}\"");
+    let mut out = BytesMut::with_capacity(json.len() + rv.len() + 1);
+    out.put_slice(&json[..i]);
+    out.put_slice(rv.as_bytes());
+    if json.get(i) != Some(&b'}') {
+        out.put_u8(b',');
+    }
+    out.put_slice(&json[i..]);
+    Some((out.freeze(), i))
+}
+
+/// The offset just after the `{` opening the top-level `metadata` object.
+fn top_level_metadata(json: &[u8]) -> Option<usize> {
+    let (mut depth, mut i) = (0usize, 0usize);
+    while i < json.len() {
+        match json[i] {
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    if json[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                if depth == 1 && &json[start..i.min(json.len())] == b"metadata" {
+                    let mut j = i + 1;
+                    while j < json.len() && json[j].is_ascii_whitespace() {
+                        j += 1;
+                    }
+                    if json.get(j) == Some(&b':') {
+                        j += 1;
+                        while j < json.len() && json[j].is_ascii_whitespace() {
+                            j += 1;
+                        }
+                        if json.get(j) == Some(&b'{') {
+                            return Some(j + 1);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    None
+}
+
+fn def_of_key(key: &str) -> Option<&'static ResourceDef> {
+    let rest = key.strip_prefix("/registry/")?;
+    BUILTIN.iter().filter(|r| !r.is_virtual() && r.is_storage_version()).find(|r| rest.starts_with(r.storage) && rest.as_bytes().get(r.storage.len()) == Some(&b'/'))
+}
+
+fn entry_of(kv: &KeyValue) -> Option<Arc<Entry>> {
+    let key = String::from_utf8(kv.key.to_vec()).ok()?;
+    let def = def_of_key(&key)?;
+    let v: Value = serde_json::from_slice(&kv.value).ok()?;
+    let (json, rv_at) = stamp_at(&kv.value, kv.mod_revision)?;
+    let fields = kinds::field_names(def.kind).iter().map(|f| (*f, kinds::field_value(def.kind, &v, f).unwrap_or_default())).collect();
+    Some(Arc::new(Entry {
+        key,
+        json,
+        mod_rev: kv.mod_revision,
+        create_rev: kv.create_revision,
+        rv_at,
+        labels: v.pointer("/metadata/labels").and_then(Value::as_object).cloned(),
+        name: v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string(),
+        namespace: v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string(),
+        fields,
+    }))
+}
+
+/// One change, with its rendered lines (built on first use, shared by every watcher).
+pub struct CacheEvent {
+    pub rev: i64,
+    pub key: String,
+    /// The object after the change (for a delete: the last state, stamped with the
+    /// delete's revision).
+    pub obj: Arc<Entry>,
+    pub prev: Option<Arc<Entry>>,
+    pub deleted: bool,
+    lines: [OnceLock<Bytes>; 3],
+}
+
+/// Watch event types.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EvType {
+    Added = 0,
+    Modified = 1,
+    Deleted = 2,
+}
+
+impl EvType {
+    fn name(self) -> &'static str {
+        match self {
+            EvType::Added => "ADDED",
+            EvType::Modified => "MODIFIED",
+            EvType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// `{"type":"T","object":OBJ}\n` without re-serializing the object.
+pub fn line_bytes(ty: &str, obj: &[u8]) -> Bytes {
+    let mut b = BytesMut::with_capacity(obj.len() + 32);
+    b.put_slice(b"{\"type\":\"");
+    b.put_slice(ty.as_bytes());
+    b.put_slice(b"\",\"object\":");
+    b.put_slice(obj);
+    b.put_slice(b"}\n");
+    b.freeze()
+}
+
+impl CacheEvent {
+    /// The event as this filter sees it (upstream's transition rules).
+    pub fn type_for(&self, f: &Filter) -> Option<EvType> {
+        let now = self.obj.matches(f);
+        if self.deleted {
+            return now.then_some(EvType::Deleted);
+        }
+        let before = self.prev.as_ref().is_some_and(|p| p.matches(f));
+        match (self.prev.is_some(), before, now) {
+            (false, _, true) => Some(EvType::Added),
+            (true, true, true) => Some(EvType::Modified),
+            (true, false, true) => Some(EvType::Added),
+            (true, true, false) => Some(EvType::Deleted),
+            _ => None,
+        }
+    }
+    /// The shared line for a type.
+    pub fn line(&self, ty: EvType) -> Bytes {
+        self.lines[ty as usize].get_or_init(|| line_bytes(ty.name(), &self.obj.json)).clone()
+    }
+}
+
+/// What a watcher receives.
+pub enum Delivery {
+    Event(Arc<CacheEvent>),
+    /// The cache's revision advanced (for bookmarks).
+    Progress(i64),
+    /// The cache was rebuilt: the watcher must end (the client re-watches).
+    Reset,
+}
+
+struct WatcherReg {
+    prefix: String,
+    tx: mpsc::Sender<Delivery>,
+}
+
+#[derive(Default)]
+struct Inner {
+    rev: i64,
+    objects: BTreeMap<String, Arc<Entry>>,
+    ring: VecDeque<Arc<CacheEvent>>,
+    /// Every event with revision > `ring_from` is in the ring.
+    ring_from: i64,
+    watchers: HashMap<u64, WatcherReg>,
+    next_watcher: u64,
+}
+
+/// The cache of one API server process.
+pub struct Cache {
+    backend: Backend,
+    inner: RwLock<Inner>,
+    rev_tx: twatch::Sender<i64>,
+    ready: AtomicBool,
+    progress_tx: mpsc::Sender<()>,
+    progress_rx: parking_lot::Mutex<Option<mpsc::Receiver<()>>>,
+}
+
+/// A registered watcher; unregisters when dropped.
+pub struct Subscription {
+    cache: Arc<Cache>,
+    id: u64,
+    pub rx: mpsc::Receiver<Delivery>,
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.cache.inner.write().watchers.remove(&self.id);
+    }
+}
+
+impl Cache {
+    pub fn new(backend: Backend) -> Arc<Cache> {
+        let (rev_tx, _) = twatch::channel(0);
+        let (progress_tx, progress_rx) = mpsc::channel(16);
+        Arc::new(Cache { backend, inner: RwLock::new(Inner::default()), rev_tx, ready: AtomicBool::new(false), progress_tx, progress_rx: parking_lot::Mutex::new(Some(progress_rx)) })
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn revision(&self) -> i64 {
+        self.inner.read().rev
+    }
+
+    pub fn object_count(&self) -> usize {
+        self.inner.read().objects.len()
+    }
+
+    pub fn watcher_count(&self) -> usize {
+        self.inner.read().watchers.len()
+    }
+
+    /// Keeps the cache in step with the store until the runtime stops: list, then watch;
+    /// on any watch failure, list again.
+    pub async fn run(self: Arc<Self>) {
+        let mut progress_rx = self.progress_rx.lock().take().expect("Cache::run is called once");
+        loop {
+            match self.sync_once(&mut progress_rx).await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "watch cache lost its store watch; relisting"),
+            }
+            self.ready.store(false, Ordering::Release);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn sync_once(self: &Arc<Self>, progress_rx: &mut mpsc::Receiver<()>) -> Result<(), BackendError> {
+        let (start, end) = (b"/registry/".to_vec(), prefix_end(b"/registry/"));
+        let mut objects = BTreeMap::new();
+        let mut key = start.clone();
+        let mut rev = 0i64;
+        loop {
+            let r = self.backend.range(RangeRequest { key: key.clone().into(), range_end: end.clone().into(), limit: 10_000, revision: rev, ..Default::default() }).await?;
+            if rev == 0 {
+                rev = r.header.as_ref().map_or(0, |h| h.revision);
+            }
+            for kv in &r.kvs {
+                if let Some(e) = entry_of(kv) {
+                    objects.insert(e.key.clone(), e);
+                }
+            }
+            if !r.more || r.kvs.is_empty() {
+                break;
+            }
+            key = r.kvs.last().expect("non-empty").key.to_vec();
+            key.push(0);
+        }
+        let mut stream = self.backend.watch(start, end, rev + 1).await?;
+        {
+            let mut g = self.inner.write();
+            for (_, w) in g.watchers.drain() {
+                let _ = w.tx.try_send(Delivery::Reset);
+            }
+            g.objects = objects;
+            g.rev = rev;
+            g.ring.clear();
+            g.ring_from = rev;
+        }
+        self.rev_tx.send_replace(rev);
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(revision = rev, objects = self.object_count(), "watch cache synced");
+        loop {
+            tokio::select! {
+                c = stream.next() => match c {
+                    None => return Err(BackendError::Unavailable("store watch ended".into())),
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(chunk)) => self.apply(&chunk.events, chunk.revision),
+                },
+                Some(()) = progress_rx.recv() => stream.request_progress(),
+            }
+        }
+    }
+
+    /// Applies store events in order and fans them out.
+    fn apply(&self, events: &[Event], header_rev: i64) {
+        let mut g = self.inner.write();
+        let mut new_rev = g.rev;
+        for ev in events {
+            let Some(kv) = ev.kv.as_ref() else { continue };
+            new_rev = new_rev.max(kv.mod_revision);
+            let Ok(key) = String::from_utf8(kv.key.to_vec()) else { continue };
+            if def_of_key(&key).is_none() {
+                continue;
+            }
+            let prev = g.objects.get(&key).cloned();
+            let ce = if ev.r#type == EventType::Delete as i32 {
+                let Some(p) = prev.clone() else { continue };
+                g.objects.remove(&key);
+                let Some((json, rv_at)) = stamp_at(&p.json_unstamped(), kv.mod_revision) else { continue };
+                let obj = Arc::new(Entry { key: key.clone(), json, mod_rev: kv.mod_revision, create_rev: p.create_rev, rv_at, labels: p.labels.clone(), name: p.name.clone(), namespace: p.namespace.clone(), fields: p.fields.clone() });
+                CacheEvent { rev: kv.mod_revision, key: key.clone(), obj, prev, deleted: true, lines: Default::default() }
+            } else {
+                let Some(e) = entry_of(kv) else { continue };
+                g.objects.insert(key.clone(), e.clone());
+                CacheEvent { rev: kv.mod_revision, key: key.clone(), obj: e, prev, deleted: false, lines: Default::default() }
+            };
+            let ce = Arc::new(ce);
+            g.ring.push_back(ce.clone());
+            if g.ring.len() > RING_EVENTS {
+                if let Some(old) = g.ring.pop_front() {
+                    g.ring_from = old.rev;
+                }
+            }
+            let mut slow = Vec::new();
+            for (id, w) in &g.watchers {
+                if ce.key.starts_with(&w.prefix) && w.tx.try_send(Delivery::Event(ce.clone())).is_err() {
+                    slow.push(*id);
+                }
+            }
+            for id in slow {
+                if let Some(w) = g.watchers.remove(&id) {
+                    let _ = w.tx.try_send(Delivery::Reset);
+                    tracing::info!(prefix = %w.prefix, "closed a watcher that fell too far behind");
+                }
+            }
+        }
+        if events.is_empty() {
+            new_rev = new_rev.max(header_rev);
+            for w in g.watchers.values() {
+                let _ = w.tx.try_send(Delivery::Progress(new_rev));
+            }
+        }
+        if new_rev > g.rev {
+            g.rev = new_rev;
+            if events.is_empty() {
+                g.ring_from = g.ring_from.max(g.ring.back().map_or(new_rev, |e| e.rev.min(new_rev)));
+            }
+            drop(g);
+            self.rev_tx.send_replace(new_rev);
+        }
+    }
+
+    /// Waits until the cache has applied revision `rev` (asking the store for progress),
+    /// at most `limit`. False on timeout.
+    pub async fn wait_for(&self, rev: i64, limit: Duration) -> bool {
+        let mut rx = self.rev_tx.subscribe();
+        if *rx.borrow() >= rev && self.is_ready() {
+            return true;
+        }
+        let _ = self.progress_tx.try_send(());
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if *rx.borrow_and_update() >= rev && self.is_ready() {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return false,
+            }
+        }
+    }
+
+    /// Waits until the cache is as fresh as the store is now (a consistent read).
+    pub async fn wait_fresh(&self) -> Result<i64, BackendError> {
+        let cur = self.backend.current_revision().await?;
+        if self.wait_for(cur, Duration::from_secs(3)).await {
+            Ok(cur)
+        } else {
+            Err(BackendError::Unavailable(format!("the watch cache did not reach revision {cur} in time")))
+        }
+    }
+
+    /// The matching objects under `prefix` starting at key `from`, at most `limit` (0: all),
+    /// and the cache revision they were taken at; the bool says whether more remain.
+    pub fn snapshot(&self, prefix: &str, from: &str, filter: &Filter, limit: usize) -> (Vec<Arc<Entry>>, i64, bool) {
+        let g = self.inner.read();
+        let end = String::from_utf8(prefix_end(prefix.as_bytes())).unwrap_or_default();
+        let start = if from.is_empty() { prefix.to_string() } else { from.to_string() };
+        let mut out = Vec::new();
+        let mut more = false;
+        for (_, e) in g.objects.range(start..end) {
+            if !e.matches(filter) {
+                continue;
+            }
+            if limit > 0 && out.len() == limit {
+                more = true;
+                break;
+            }
+            out.push(e.clone());
+        }
+        (out, g.rev, more)
+    }
+
+    /// Registers a watcher of `prefix`. With `since = Some(rev)` the events after `rev`
+    /// are replayed from the ring (None when the ring no longer covers them); with None
+    /// the current matching objects are returned to be sent as ADDED.
+    pub fn subscribe(self: &Arc<Self>, prefix: &str, filter: &Filter, since: Option<i64>) -> Option<(Subscription, Vec<Arc<Entry>>, Vec<Arc<CacheEvent>>, i64)> {
+        let mut g = self.inner.write();
+        if !self.is_ready() {
+            return None;
+        }
+        let (initial, replay) = match since {
+            Some(rev) => {
+                if rev < g.ring_from || rev > g.rev {
+                    return None;
+                }
+                (Vec::new(), g.ring.iter().filter(|e| e.rev > rev && e.key.starts_with(prefix)).cloned().collect())
+            }
+            None => {
+                let end = String::from_utf8(prefix_end(prefix.as_bytes())).unwrap_or_default();
+                (g.objects.range(prefix.to_string()..end).filter(|(_, e)| e.matches(filter)).map(|(_, e)| e.clone()).collect(), Vec::new())
+            }
+        };
+        let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
+        let id = g.next_watcher;
+        g.next_watcher += 1;
+        g.watchers.insert(id, WatcherReg { prefix: prefix.to_string(), tx });
+        let rev = g.rev;
+        Some((Subscription { cache: self.clone(), id, rx }, initial, replay, rev))
+    }
+}
+
+impl Entry {
+    /// The JSON without the spliced resourceVersion (to re-stamp a deleted object).
+    fn json_unstamped(&self) -> Vec<u8> {
+        let rv = format!("\"resourceVersion\":\"{}\"", self.mod_rev);
+        let s = &self.json[..];
+        let i = self.rv_at;
+        if s.get(i..i + rv.len()) != Some(rv.as_bytes()) {
+            return s.to_vec();
+        }
+        let mut out = s[..i].to_vec();
+        let mut j = i + rv.len();
+        if s.get(j) == Some(&b',') {
+            j += 1;
+        }
+        out.extend_from_slice(&s[j..]);
+        out
+    }
+}
+
+/// A list response body assembled from cached JSON: `{"kind":..., "items":[...]}`.
+pub fn list_body(kind_list: &str, api_version: &str, meta: &Value, items: &[Arc<Entry>]) -> Bytes {
+    let head = format!("{{\"apiVersion\":{},\"items\":[", Value::String(api_version.to_string()));
+    let total: usize = items.iter().map(|e| e.json.len() + 1).sum::<usize>() + head.len() + 128;
+    let mut b = BytesMut::with_capacity(total);
+    b.put_slice(head.as_bytes());
+    for (i, e) in items.iter().enumerate() {
+        if i > 0 {
+            b.put_u8(b',');
+        }
+        b.put_slice(&e.json);
+    }
+    b.put_slice(format!("],\"kind\":{},\"metadata\":{}}}", Value::String(kind_list.to_string()), meta).as_bytes());
+    b.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamping_splices_the_resource_version() {
+        let raw = br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"a"},"data":{}}"#;
+        let s = stamp(raw, 42).unwrap();
+        let v: Value = serde_json::from_slice(&s).unwrap();
+        assert_eq!(v["metadata"]["resourceVersion"], "42");
+        assert_eq!(v["metadata"]["name"], "a");
+        let empty = stamp(br#"{"metadata":{}}"#, 7).unwrap();
+        assert_eq!(&empty[..], br#"{"metadata":{"resourceVersion":"7"}}"#);
+        assert!(stamp(b"{}", 1).is_none());
+        // A nested "metadata" object or a string that looks like one is not the top level.
+        let tricky = br#"{"a":{"metadata":{"x":1}},"b":"\"metadata\":{","metadata":{"name":"n"}}"#;
+        let v: Value = serde_json::from_slice(&stamp(tricky, 3).unwrap()).unwrap();
+        assert_eq!(v["metadata"]["resourceVersion"], "3");
+        assert!(v["a"]["metadata"].get("resourceVersion").is_none());
+    }
+
+    #[test]
+    fn entries_and_lists() {
+        let kv = KeyValue { key: b"/registry/pods/d/p".to_vec().into(), value: serde_json::to_vec(&serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "d", "labels": {"app": "web"}}, "spec": {"nodeName": "n1"}})).unwrap().into(), create_revision: 3, mod_revision: 5, version: 2, lease: 0 };
+        let e = entry_of(&kv).unwrap();
+        assert_eq!(e.field("spec.nodeName").as_deref(), Some("n1"));
+        assert_eq!(e.value()["metadata"]["resourceVersion"], "5");
+        let unstamped: Value = serde_json::from_slice(&e.json_unstamped()).unwrap();
+        assert!(unstamped["metadata"].get("resourceVersion").is_none());
+        let body = list_body("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), &[e.clone(), e]);
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["items"].as_array().unwrap().len(), 2);
+        assert_eq!(v["kind"], "PodList");
+        assert!(entry_of(&KeyValue { key: b"/registry/ipaddresses/10.96.0.1".to_vec().into(), value: b"x".to_vec().into(), ..Default::default() }).is_none());
+        let pods = crate::resources::find("", "v1", "pods").unwrap();
+        let line = line_bytes("ADDED", b"{}");
+        assert_eq!(&line[..], b"{\"type\":\"ADDED\",\"object\":{}}\n");
+        assert!(def_of_key("/registry/pods/d/p").is_some_and(|d| std::ptr::eq(d, pods)));
+        assert!(def_of_key("/registry/services/specs/d/s").is_some());
+        assert!(def_of_key("/registry/podsx/d/p").is_none());
+    }
+}
