@@ -1,6 +1,7 @@
 //! `loadgen`: Shoal's load generator. Each scenario shows progress, prints a human
 //! table, and prints one JSON object as its very last line (format in BENCHMARKS.md).
 
+mod api;
 mod procs;
 mod store;
 
@@ -26,6 +27,9 @@ struct Cli {
 enum Cmd {
     /// etcd v3 workloads (put, get, txn, watch fan-out, mix) against Shoal and a real etcd.
     Store(store::StoreArgs),
+    /// Kubernetes API workloads (pod create/get/update/delete, LIST of many pods) against
+    /// `shoal server` on its embedded store and on a real etcd.
+    Api(api::ApiArgs),
 }
 
 fn main() {
@@ -41,6 +45,7 @@ fn main() {
     let res = rt.block_on(async {
         match cli.cmd {
             Cmd::Store(a) => store::run(a).await,
+            Cmd::Api(a) => api::run(a).await,
         }
     });
     match res {

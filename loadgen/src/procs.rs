@@ -82,7 +82,7 @@ pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String], n: usize) 
     for (i, (c, p)) in ports.iter().enumerate() {
         let dir = tempdir(base)?;
         let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), format!("lg{i}").into(), "--data-dir".into(), dir.path().join("shoal").into()];
-        for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--log", "warn"] {
+        for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--api-addr", "", "--log", "warn"] {
             cmd.push(a.into());
         }
         if n > 1 {
@@ -97,6 +97,36 @@ pub fn start_shoal(bin: &Path, base: Option<&Path>, extra: &[String], n: usize) 
         wait_listening(&mut p.child, p.endpoint, "shoal")?;
     }
     Ok(out)
+}
+
+/// Starts `shoal server` with the Kubernetes API on a free port, on its embedded store or
+/// (with `store = Some("etcd://...")`) on an external etcd. Returns the process (its
+/// endpoint is the API address) and its data directory.
+pub fn start_shoal_api(bin: &Path, base: Option<&Path>, store: Option<&str>, extra: &[String]) -> anyhow::Result<(Proc, PathBuf)> {
+    let (c, p, api) = (free_port()?, free_port()?, free_port()?);
+    let dir = tempdir(base)?;
+    let data = dir.path().join("shoal");
+    let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), "lg".into(), "--data-dir".into(), data.clone().into()];
+    for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--api-addr", &format!("127.0.0.1:{api}"), "--log", "warn"] {
+        cmd.push(a.into());
+    }
+    if let Some(s) = store {
+        cmd.push("--store".into());
+        cmd.push(s.into());
+    }
+    cmd.extend(extra.iter().map(Into::into));
+    let child = spawn(&cmd).with_context(|| format!("while starting {} (build it with cargo build --release -p shoal, or pass --shoal-bin)", bin.display()))?;
+    let mut proc_ = Proc { endpoint: format!("127.0.0.1:{api}").parse()?, child, cmd, _dir: dir };
+    wait_listening(&mut proc_.child, proc_.endpoint, "shoal")?;
+    Ok((proc_, data))
+}
+
+/// Resident memory of a process in MiB, from /proc/PID/status.
+pub fn rss_mib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }
 
 fn spawn(cmd: &[std::ffi::OsString]) -> std::io::Result<Child> {
