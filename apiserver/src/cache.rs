@@ -27,8 +27,10 @@ use tokio::sync::{mpsc, watch as twatch};
 
 use crate::backend::{prefix_end, Backend, BackendError};
 use crate::kinds;
-use crate::resources::{ResourceDef, BUILTIN};
+use crate::resources::ResourceDef;
 use crate::rest::Filter;
+
+const CRD_PREFIX: &str = "/registry/apiextensions.k8s.io/customresourcedefinitions/";
 
 /// Events kept for watches that resume from a recent resourceVersion.
 const RING_EVENTS: usize = 50_000;
@@ -130,7 +132,7 @@ fn top_level_metadata(json: &[u8]) -> Option<usize> {
 
 fn def_of_key(key: &str) -> Option<&'static ResourceDef> {
     let rest = key.strip_prefix("/registry/")?;
-    BUILTIN.iter().filter(|r| !r.is_virtual() && r.is_storage_version()).find(|r| rest.starts_with(r.storage) && rest.as_bytes().get(r.storage.len()) == Some(&b'/'))
+    crate::resources::all().into_iter().filter(|r| !r.is_virtual() && r.is_storage_version()).find(|r| rest.starts_with(r.storage) && rest.as_bytes().get(r.storage.len()) == Some(&b'/'))
 }
 
 fn entry_of(kv: &KeyValue) -> Option<Arc<Entry>> {
@@ -321,6 +323,25 @@ impl Cache {
             key = r.kvs.last().expect("non-empty").key.to_vec();
             key.push(0);
         }
+        // CRDs first: their custom resources are only recognised once they are served.
+        let crds: Vec<Value> = objects.values().filter(|e: &&Arc<Entry>| e.key.starts_with(CRD_PREFIX)).map(|e| e.value()).collect();
+        crate::crd::rebuild(&crds);
+        if !crds.is_empty() {
+            let mut key = start.clone();
+            loop {
+                let r = self.backend.range(RangeRequest { key: key.clone().into(), range_end: end.clone().into(), limit: 10_000, revision: rev, ..Default::default() }).await?;
+                for kv in &r.kvs {
+                    if let Some(e) = entry_of(kv) {
+                        objects.entry(e.key.clone()).or_insert(e);
+                    }
+                }
+                if !r.more || r.kvs.is_empty() {
+                    break;
+                }
+                key = r.kvs.last().expect("non-empty").key.to_vec();
+                key.push(0);
+            }
+        }
         let mut stream = self.backend.watch(start, end, rev + 1).await?;
         {
             let mut g = self.inner.write();
@@ -371,6 +392,10 @@ impl Cache {
                 CacheEvent { rev: kv.mod_revision, key: key.clone(), obj: e, prev, deleted: false, lines: Default::default() }
             };
             let ce = Arc::new(ce);
+            if key.starts_with(CRD_PREFIX) {
+                let crds: Vec<Value> = g.objects.range(CRD_PREFIX.to_string()..String::from_utf8(prefix_end(CRD_PREFIX.as_bytes())).unwrap_or_default()).map(|(_, e)| e.value()).collect();
+                crate::crd::rebuild(&crds);
+            }
             g.ring.push_back(ce.clone());
             if g.ring.len() > RING_EVENTS {
                 if let Some(old) = g.ring.pop_front() {

@@ -4,11 +4,11 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::resources::{ResourceDef, BUILTIN};
+use crate::resources::ResourceDef;
 
 /// The definition whose version is kept in the store for `def`'s kind.
 pub fn storage_of(def: &'static ResourceDef) -> &'static ResourceDef {
-    BUILTIN.iter().find(|r| r.group == def.group && r.kind == def.kind && r.storage == def.storage && r.is_storage_version()).unwrap_or(def)
+    crate::resources::all().into_iter().find(|r| r.group == def.group && r.kind == def.kind && r.storage == def.storage && r.is_storage_version()).unwrap_or(def)
 }
 
 /// Converts an object (of any served version of its kind) to `to`'s version.
@@ -16,6 +16,12 @@ pub fn convert(obj: Value, to: &ResourceDef) -> Value {
     let from = obj.get("apiVersion").and_then(Value::as_str).unwrap_or("").to_string();
     let target = to.api_version();
     if from == target || obj.get("kind").and_then(Value::as_str) != Some(to.kind) {
+        return obj;
+    }
+    if to.custom {
+        // CRDs here convert with strategy None: only the apiVersion changes.
+        let mut obj = obj;
+        obj["apiVersion"] = Value::String(target);
         return obj;
     }
     match (to.kind, from.as_str(), target.as_str()) {

@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::resources::{self, ResourceDef, BUILTIN};
+use crate::resources::{self, ResourceDef};
 
 /// `/api`.
 pub fn core_versions(server_address: &str) -> Value {
@@ -68,7 +68,7 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
         return None;
     }
     let mut out = Vec::new();
-    for r in BUILTIN.iter().filter(|r| r.group == group && r.version == version) {
+    for r in resources::all().into_iter().filter(|r| r.group == group && r.version == version) {
         let mut e = json!({
             "name": r.plural,
             "singularName": r.singular,

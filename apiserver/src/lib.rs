@@ -23,6 +23,7 @@ pub mod auth;
 pub mod backend;
 pub mod cache;
 pub mod conversion;
+pub mod crd;
 pub mod discovery;
 pub mod kinds;
 pub mod meta;

@@ -120,7 +120,7 @@ fn kind_schema(r: &ResourceDef) -> Value {
 
 /// The OpenAPI v3 document of one group version, or None when it is not served.
 fn build_gv(group: &str, version: &str) -> Option<Value> {
-    let rs: Vec<&ResourceDef> = BUILTIN.iter().filter(|r| r.group == group && r.version == version).collect();
+    let rs: Vec<&ResourceDef> = crate::resources::all().into_iter().filter(|r| r.group == group && r.version == version).collect();
     if rs.is_empty() {
         return None;
     }
@@ -133,6 +133,16 @@ fn build_gv(group: &str, version: &str) -> Option<Value> {
     schemas.insert("io.k8s.apimachinery.pkg.apis.meta.v1.Patch".into(), json!({"type": "object", "description": "Patch is provided to give a concrete name and type to the Kubernetes PATCH request body."}));
     for r in rs {
         let schema = schema_name(r);
+        if r.custom {
+            let mut cs = crate::crd::schema_of(r).map(|s| (*s).clone()).unwrap_or_else(|| json!({"type": "object"}));
+            cs["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]);
+            if let Some(p) = cs.get_mut("properties").and_then(Value::as_object_mut) {
+                p.insert("metadata".into(), json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}]}));
+                p.entry("apiVersion").or_insert(json!({"type": "string"}));
+                p.entry("kind").or_insert(json!({"type": "string"}));
+            }
+            schemas.insert(schema.clone(), cs);
+        }
         match schemas.get_mut(&schema) {
             Some(s) => {
                 s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]);
@@ -221,7 +231,7 @@ fn docs() -> &'static Docs {
         let mut gvs = Vec::new();
         let mut seen: Vec<(&str, &str)> = Vec::new();
         for r in BUILTIN {
-            if seen.contains(&(r.group, r.version)) {
+            if r.is_virtual() || seen.contains(&(r.group, r.version)) {
                 continue;
             }
             seen.push((r.group, r.version));
@@ -238,10 +248,28 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// Documents of the group versions custom resources add (built per request: CRDs change).
+fn custom_docs() -> Vec<(String, bytes::Bytes, String)> {
+    let mut seen: Vec<(&str, &str)> = Vec::new();
+    let mut out = Vec::new();
+    for r in crate::resources::all().into_iter().filter(|r| r.custom) {
+        if seen.contains(&(r.group, r.version)) || BUILTIN.iter().any(|b| b.group == r.group && b.version == r.version) {
+            continue;
+        }
+        seen.push((r.group, r.version));
+        if let Some(doc) = build_gv(r.group, r.version) {
+            let bytes = serde_json::to_vec(&doc).expect("JSON values always serialize");
+            let hash = hex(&sha2::Sha512::digest(&bytes)[..]).to_uppercase();
+            out.push((gv_path(r.group, r.version), bytes::Bytes::from(bytes), hash));
+        }
+    }
+    out
+}
+
 /// `/openapi/v3`: where each group version's document is.
 pub fn v3_index() -> Value {
     let mut paths = Map::new();
-    for (gv, _, hash) in &docs().gvs {
+    for (gv, _, hash) in docs().gvs.iter().cloned().chain(custom_docs()) {
         paths.insert(gv.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={hash}")}));
     }
     json!({"paths": paths})
@@ -249,7 +277,7 @@ pub fn v3_index() -> Value {
 
 /// `/openapi/v3/<gv path>`.
 pub fn v3_doc(gv: &str) -> Option<bytes::Bytes> {
-    docs().gvs.iter().find(|(p, _, _)| p == gv).map(|(_, b, _)| b.clone())
+    docs().gvs.iter().find(|(p, _, _)| p == gv).map(|(_, b, _)| b.clone()).or_else(|| custom_docs().into_iter().find(|(p, _, _)| p == gv).map(|(_, b, _)| b))
 }
 
 /// `/openapi/v2`: one Swagger 2.0 document with every kind's definition.

@@ -21,6 +21,10 @@ pub struct ResourceDef {
     pub subresources: &'static [&'static str],
     /// Store key prefix after `/registry/` (upstream's layout).
     pub storage: &'static str,
+    /// Served from a CustomResourceDefinition (crd.rs), not built in.
+    pub custom: bool,
+    /// For custom resources: whether this version is the CRD's storage version.
+    pub stored: bool,
 }
 
 impl ResourceDef {
@@ -33,6 +37,9 @@ impl ResourceDef {
     }
     /// Whether objects of this kind are stored in this version (the others are converted).
     pub fn is_storage_version(&self) -> bool {
+        if self.custom {
+            return self.stored;
+        }
         !(self.group == "autoscaling" && self.version == "v1")
     }
 
@@ -72,7 +79,7 @@ impl ResourceDef {
 
 macro_rules! r {
     ($g:expr, $v:expr, $kind:expr, $plural:expr, $singular:expr, $ns:expr, $short:expr, $cat:expr, $verbs:expr, $subs:expr, $storage:expr) => {
-        ResourceDef { group: $g, version: $v, kind: $kind, plural: $plural, singular: $singular, namespaced: $ns, short_names: $short, categories: $cat, verbs: $verbs, subresources: $subs, storage: $storage }
+        ResourceDef { group: $g, version: $v, kind: $kind, plural: $plural, singular: $singular, namespaced: $ns, short_names: $short, categories: $cat, verbs: $verbs, subresources: $subs, storage: $storage, custom: false, stored: true }
     };
 }
 
@@ -133,10 +140,26 @@ pub static BUILTIN: &[ResourceDef] = &[
     r!("apiextensions.k8s.io", "v1", "CustomResourceDefinition", "customresourcedefinitions", "customresourcedefinition", false, &["crd", "crds"], &["api-extensions"], ALL_VERBS, STATUS, "apiextensions.k8s.io/customresourcedefinitions"),
 ];
 
+/// Resources served from CustomResourceDefinitions (replaced as a whole by crd.rs).
+static DYNAMIC: parking_lot::RwLock<Vec<&'static ResourceDef>> = parking_lot::RwLock::new(Vec::new());
+
+/// Replaces the custom resources served.
+pub fn set_dynamic(defs: Vec<&'static ResourceDef>) {
+    *DYNAMIC.write() = defs;
+}
+
+/// Every served resource: built in, then custom.
+pub fn all() -> Vec<&'static ResourceDef> {
+    let mut v: Vec<&'static ResourceDef> = BUILTIN.iter().collect();
+    v.extend(DYNAMIC.read().iter().copied());
+    v
+}
+
 /// Group versions in discovery order, with their preferred version first.
 pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
     let mut out: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for r in BUILTIN {
+    let all = all();
+    for r in all.iter().copied() {
         if r.group.is_empty() {
             continue;
         }
@@ -151,7 +174,7 @@ pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
     }
     // The preferred (first) version is the stored one.
     for (g, vs) in out.iter_mut() {
-        if let Some(i) = vs.iter().position(|v| BUILTIN.iter().any(|r| r.group == *g && r.version == *v && r.is_storage_version())) {
+        if let Some(i) = vs.iter().position(|v| all.iter().any(|r| r.group == *g && r.version == *v && r.is_storage_version())) {
             let v = vs.remove(i);
             vs.insert(0, v);
         }
@@ -161,12 +184,12 @@ pub fn groups() -> Vec<(&'static str, Vec<&'static str>)> {
 
 /// Looks a resource up by group, version and plural name.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
-    BUILTIN.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+    BUILTIN.iter().find(|r| r.group == group && r.version == version && r.plural == plural).or_else(|| DYNAMIC.read().iter().copied().find(|r| r.group == group && r.version == version && r.plural == plural))
 }
 
 /// Whether the server serves this group/version at all.
 pub fn serves(group: &str, version: &str) -> bool {
-    BUILTIN.iter().any(|r| r.group == group && r.version == version)
+    BUILTIN.iter().any(|r| r.group == group && r.version == version) || DYNAMIC.read().iter().any(|r| r.group == group && r.version == version)
 }
 
 #[cfg(test)]

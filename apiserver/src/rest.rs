@@ -331,6 +331,24 @@ fn check_type(def: &ResourceDef, obj: &mut Value, expect_kind: &str, expect_api:
     Ok(())
 }
 
+/// Validation of a whole object: built-in kinds by `kinds::validate`, custom resources'
+/// metadata here (their schema is checked in `check_fields`), CRDs by crd.rs too.
+fn validate_obj(def: &ResourceDef, obj: &Value) -> Vec<FieldError> {
+    if def.custom {
+        let mut errs = Vec::new();
+        match obj.get("metadata").and_then(Value::as_object) {
+            Some(m) => crate::meta::validate_object_meta(m, def.kind, def.namespaced, &mut errs),
+            None => errs.push(FieldError::required("metadata", "")),
+        }
+        return errs;
+    }
+    let mut errs = kinds::validate(def.kind, def.namespaced, obj);
+    if def.kind == "CustomResourceDefinition" {
+        errs.extend(crate::crd::validate_crd(obj));
+    }
+    errs
+}
+
 /// Drops the fields the kind does not define (as upstream's typed decoding does) and,
 /// with `fieldValidation=Strict`, rejects the request naming them.
 pub fn check_fields(def: &ResourceDef, obj: &mut Value, q: &Query) -> Result<(), ApiError> {
@@ -338,9 +356,18 @@ pub fn check_fields(def: &ResourceDef, obj: &mut Value, q: &Query) -> Result<(),
     if !matches!(mode, "Strict" | "Warn" | "Ignore") {
         return Err(ApiError::bad_request(format!("fieldValidation: Unsupported value: \"{mode}\": supported values: \"Ignore\", \"Strict\", \"Warn\"")));
     }
-    let Some(name) = crate::schema::message_for(&def.api_version(), def.kind) else { return Ok(()) };
     let mut unknown = Vec::new();
-    crate::schema::schema().prune(&name, obj, "", &mut unknown);
+    if def.custom {
+        let (errs, pruned) = crate::crd::validate_custom(def, obj);
+        unknown = pruned;
+        if !errs.is_empty() && !(mode == "Strict" && !unknown.is_empty()) {
+            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            return Err(invalid(def, &name, &errs));
+        }
+    } else {
+        let Some(name) = crate::schema::message_for(&def.api_version(), def.kind) else { return Ok(()) };
+        crate::schema::schema().prune(&name, obj, "", &mut unknown);
+    }
     if mode == "Strict" && !unknown.is_empty() {
         unknown.sort();
         let list: Vec<String> = unknown.iter().map(|u| format!("unknown field \"{u}\"")).collect();
@@ -407,12 +434,17 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
         md.remove("generation");
     }
     let name = md.get("name").and_then(Value::as_str).unwrap_or("").to_string();
-    kinds::apply_defaults(def.kind, &mut obj);
-    kinds::prepare_for_create(def.kind, &mut obj);
+    if !def.custom {
+        kinds::apply_defaults(def.kind, &mut obj);
+        kinds::prepare_for_create(def.kind, &mut obj);
+    }
+    if def.kind == "CustomResourceDefinition" && !def.custom {
+        crate::crd::initial_status(&mut obj);
+    }
     if obj.pointer("/metadata/managedFields").is_none() || q.get("@applied") != Some("1") {
         crate::apply::record_update(None, &mut obj, &q.field_manager(), &def.api_version(), "");
     }
-    let errs = kinds::validate(def.kind, def.namespaced, &obj);
+    let errs = validate_obj(def, &obj);
     if !errs.is_empty() {
         return Err(invalid(def, &name, &errs));
     }
@@ -486,7 +518,12 @@ fn merge_update(def: &ResourceDef, sub: &str, old: &Value, mut new: Value) -> Va
             }
         }
     }
-    kinds::apply_defaults(def.kind, &mut new);
+    if !def.custom {
+        kinds::apply_defaults(def.kind, &mut new);
+    }
+    if def.kind == "CustomResourceDefinition" && !def.custom && sub != "status" {
+        crate::crd::initial_status(&mut new);
+    }
     if def.tracks_generation() && def.has_status() {
         let changed = old.get("spec") != new.get("spec");
         let g = old.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
@@ -551,7 +588,7 @@ fn immutable_errors(def: &ResourceDef, old: &Value, new: &Value) -> Vec<FieldErr
 /// being deleted has lost its last finalizer. Returns the stored object.
 async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: i64, mut new: Value, dry: bool, manager: Option<&str>) -> Result<Option<Value>, ApiError> {
     let errs = {
-        let mut e = kinds::validate(t.def.kind, t.def.namespaced, &new);
+        let mut e = validate_obj(t.def, &new);
         e.extend(immutable_errors(t.def, old, &new));
         e
     };
@@ -827,7 +864,19 @@ pub async fn delete(backend: &Backend, t: &Target<'_>, body: &[u8], q: &Query) -
         }
         let also = if t.def.kind == "Service" { service_alloc_keys(&obj) } else { vec![] };
         match txn_delete_with(backend, &t.key(), cur, &also).await? {
-            Written::At(_) => return Ok((200, obj)),
+            Written::At(_) => {
+                if t.def.kind == "CustomResourceDefinition" && !t.def.custom {
+                    // Its custom resources go with it (upstream's customresourcecleanup).
+                    let group = obj.pointer("/spec/group").and_then(Value::as_str).unwrap_or("");
+                    let plural = obj.pointer("/spec/names/plural").and_then(Value::as_str).unwrap_or("");
+                    if !group.is_empty() && !plural.is_empty() {
+                        let prefix = format!("/registry/{group}/{plural}/");
+                        let del = RequestOp { request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: prefix.as_bytes().to_vec().into(), range_end: prefix_end(prefix.as_bytes()).into(), ..Default::default() })) };
+                        backend.txn(TxnRequest { compare: vec![], success: vec![del], failure: vec![] }).await.map_err(backend_error)?;
+                    }
+                }
+                return Ok((200, obj));
+            }
             Written::Lost => continue,
         }
     }
@@ -1128,6 +1177,16 @@ pub async fn bind(backend: &Backend, t: &Target<'_>, binding: Value, q: &Query) 
             Written::Lost => continue,
         }
     }
+}
+
+/// Re-reads every CRD from the store and serves what they define (called after a CRD
+/// write, so the next request can use it without waiting for the watch cache).
+pub async fn refresh_crds(backend: &Backend) -> Result<(), ApiError> {
+    let prefix = "/registry/apiextensions.k8s.io/customresourcedefinitions/";
+    let r = backend.range(RangeRequest { key: prefix.as_bytes().to_vec().into(), range_end: prefix_end(prefix.as_bytes()).into(), ..Default::default() }).await.map_err(backend_error)?;
+    let crds: Vec<Value> = r.kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect();
+    crate::crd::rebuild(&crds);
+    Ok(())
 }
 
 /// Creates the namespaces every cluster has (`default`, `kube-system`, `kube-public`,

@@ -454,6 +454,11 @@ impl Api {
             Ok(r) => r,
             Err(e) => error_response(&e),
         };
+        if routed.def.kind == "CustomResourceDefinition" && !routed.def.custom && *method != Method::GET && resp.status().is_success() {
+            if let Err(e) = rest::refresh_crds(&self.backend).await {
+                tracing::warn!(error = %e.message, "refreshing custom resources after a CRD write");
+            }
+        }
         (resp, labels)
     }
 
@@ -481,7 +486,7 @@ impl Api {
             match want {
                 Want::Table if code < 300 && v.get("kind").and_then(Value::as_str) == Some(def.kind) => {
                     let rv = v.pointer("/metadata/resourceVersion").cloned().unwrap_or(json!(""));
-                    json_response(code, &table::table(def.kind, std::slice::from_ref(&v), json!({"resourceVersion": rv}), Include::parse(q.get("includeObject"))))
+                    json_response(code, &table::table(table::kind_of(def), std::slice::from_ref(&v), json!({"resourceVersion": rv}), Include::parse(q.get("includeObject"))))
                 }
                 Want::Metadata if code < 300 && v.get("kind").and_then(Value::as_str) == Some(def.kind) => {
                     json_response(code, &json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]}))
@@ -532,7 +537,7 @@ impl Api {
                         if let Some(n) = page.remaining.filter(|n| *n > 0) {
                             md["remainingItemCount"] = json!(n);
                         }
-                        json_response(200, &table::table(def.kind, &page.items, md, Include::parse(q.get("includeObject"))))
+                        json_response(200, &table::table(table::kind_of(def), &page.items, md, Include::parse(q.get("includeObject"))))
                     }
                     Want::Metadata => {
                         let mut l = rest::list_object(def, page);
@@ -690,7 +695,7 @@ impl Api {
         }
         let values: Vec<Value> = items.iter().map(|e| e.value()).collect();
         Ok(Some(match want {
-            Want::Table => json_response(200, &table::table(def.kind, &values, md, Include::parse(q.get("includeObject")))),
+            Want::Table => json_response(200, &table::table(table::kind_of(def), &values, md, Include::parse(q.get("includeObject")))),
             Want::Metadata => {
                 let items: Vec<Value> = values.into_iter().map(|v| json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]})).collect();
                 json_response(200, &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": md, "items": items}))

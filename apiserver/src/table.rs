@@ -231,6 +231,12 @@ fn object_ref(o: &Value) -> String {
     format!("{kind}/{name}")
 }
 
+/// The table kind of a resource: custom resources get the generic columns even when their
+/// kind is named like a built-in one.
+pub fn kind_of(def: &crate::resources::ResourceDef) -> &'static str {
+    if def.custom { "@custom" } else { def.kind }
+}
+
 /// Columns and the cells of one object for `kind`.
 fn columns(kind: &str) -> Vec<Col> {
     match kind {
@@ -256,6 +262,7 @@ fn columns(kind: &str) -> Vec<Col> {
         "PodDisruptionBudget" => vec![NAME, c("Min Available", "string", 0, "The minimum number of pods that must be available"), c("Max Unavailable", "string", 0, "The maximum number of pods that may be unavailable"), c("Allowed Disruptions", "integer", 0, "Calculated number of pods that may be disrupted at this time"), AGE],
         "RoleBinding" | "ClusterRoleBinding" => vec![NAME, c("Role", "string", 0, "Role"), AGE, c("Users", "string", 1, "Users in the roleBinding"), c("Groups", "string", 1, "Groups in the roleBinding"), c("ServiceAccounts", "string", 1, "ServiceAccounts in the roleBinding")],
         "Role" | "ClusterRole" => vec![NAME, c("Created At", "date", 0, "")],
+        "@custom" => vec![NAME, AGE],
         _ => vec![NAME, c("Created At", "date", 0, "CreationTimestamp is a timestamp representing the server time when this object was created.")],
     }
 }
@@ -401,6 +408,7 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
             let of = |k: &str| subs.iter().filter(|x| x["kind"] == k).map(|x| if k == "ServiceAccount" { format!("{}/{}", x["namespace"].as_str().unwrap_or(""), x["name"].as_str().unwrap_or("")) } else { x["name"].as_str().unwrap_or("").to_string() }).collect::<Vec<_>>().join(", ");
             vec![name, json!(format!("{}/{}", s(o, "/roleRef/kind"), s(o, "/roleRef/name"))), age(o), json!(of("User")), json!(of("Group")), json!(of("ServiceAccount"))]
         }
+        "@custom" => vec![name, age(o)],
         _ => vec![name, json!(s(o, "/metadata/creationTimestamp"))],
     }
 }

@@ -33,7 +33,7 @@ fn line(kind: &str, obj: &Value, def: &ResourceDef, served: &ResourceDef, render
             if kind == "BOOKMARK" || kind == "ERROR" {
                 obj.clone()
             } else {
-                table::table(def.kind, std::slice::from_ref(obj), json!({"resourceVersion": rv}), inc)
+                table::table(table::kind_of(def), std::slice::from_ref(obj), json!({"resourceVersion": rv}), inc)
             }
         }
         Render::Metadata => {

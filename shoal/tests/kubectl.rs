@@ -14,6 +14,9 @@ fn fetch(env: &str, script: &str) -> PathBuf {
     if let Ok(p) = std::env::var(env) {
         return PathBuf::from(p);
     }
+    // Tests run in parallel; the fetch scripts share one download cache.
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = FETCH.lock().unwrap_or_else(|e| e.into_inner());
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/acceptance").join(script);
     let o = Command::new("bash").arg(&script).output().expect("running the kubectl fetch script");
     assert!(o.status.success(), "{} failed: {}", script.display(), String::from_utf8_lossy(&o.stderr));
@@ -273,4 +276,66 @@ fn kubectl_120_reads_and_writes() {
     assert_eq!(k.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]), "2");
     assert!(k.err(&["get", "deploy", "nope"], None).contains("NotFound"));
     k.ok(&["delete", "deployment", "web"]);
+}
+
+const CRD: &str = "apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: crontabs.stable.example.com
+spec:
+  group: stable.example.com
+  scope: Namespaced
+  names: {plural: crontabs, singular: crontab, kind: CronTab, shortNames: [ct]}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    subresources: {status: {}}
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [cronSpec]
+            properties:
+              cronSpec: {type: string}
+              image: {type: string}
+              replicas: {type: integer, minimum: 1, default: 1}
+          status:
+            type: object
+            properties:
+              ready: {type: boolean}
+";
+
+#[test]
+fn kubectl_135_custom_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = server(dir.path());
+    let k = Kubectl { bin: fetch("KUBECTL_135", "get-kubectl.sh"), kubeconfig: s.kubeconfig() };
+    k.ok_in(&["apply", "-f", "-"], Some(CRD));
+    k.ok(&["wait", "--for", "condition=established", "crd/crontabs.stable.example.com", "--timeout=20s"]);
+    assert!(k.ok(&["api-resources", "--api-group=stable.example.com"]).contains("crontabs"));
+    let cr = "apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: c1}\nspec: {cronSpec: '* * * * */5', image: my-cron}\n";
+    assert_eq!(k.ok_in(&["apply", "-f", "-"], Some(cr)).trim(), "crontab.stable.example.com/c1 created");
+    let o = k.json(&["get", "ct", "c1"]);
+    assert_eq!(o["spec"]["replicas"], 1, "schema default applied: {o}");
+    assert_eq!(o["apiVersion"], "stable.example.com/v1");
+    let table = k.ok(&["get", "crontabs"]);
+    assert!(table.starts_with("NAME") && table.contains("c1"), "{table}");
+    // Schema validation and strict unknown fields.
+    let e = k.err(&["apply", "-f", "-"], Some("apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: c3}\nspec: {cronSpec: x, replicas: 0}\n"));
+    assert!(e.contains("spec.replicas in body should be greater than or equal to 1"), "{e}");
+    let e = k.err(&["apply", "-f", "-"], Some("apiVersion: stable.example.com/v1\nkind: CronTab\nmetadata: {name: c2}\nspec: {cronSpec: x, bogus: 1}\n"));
+    assert!(e.contains("unknown field \"spec.bogus\""), "{e}");
+    // The status subresource: main updates leave status alone, /status writes it.
+    k.ok(&["patch", "ct", "c1", "--subresource", "status", "--type", "merge", "-p", r#"{"status":{"ready":true}}"#]);
+    k.ok(&["patch", "ct", "c1", "--type", "merge", "-p", r#"{"status":{"ready":false},"spec":{"image":"v2"}}"#]);
+    let o = k.json(&["get", "ct", "c1"]);
+    assert_eq!((o["status"]["ready"].as_bool(), o["spec"]["image"].as_str()), (Some(true), Some("v2")));
+    assert!(k.ok(&["explain", "crontab.spec"]).contains("cronSpec"));
+    // Deleting the CRD removes its resources and stops serving them.
+    k.ok(&["delete", "crd", "crontabs.stable.example.com"]);
+    let e = k.err(&["get", "crontabs.stable.example.com"], None);
+    assert!(e.contains("NotFound") || e.contains("the server doesn't have a resource type"), "{e}");
 }
