@@ -64,7 +64,9 @@ def main():
         parts = rel.split(os.sep)
         text = open(path).read()
         pkg = package_of(parts)
-        for m in re.finditer(r'pub struct (\w+) \{(.*?)\n\}', text, re.S):
+        for m in re.finditer(r'pub struct (\w+) \{\}', text):
+            messages[pkg + "." + m.group(1)] = []
+        for m in re.finditer(r'pub struct (\w+) \{\n(.*?)\n\}', text, re.S):
             name, body = m.group(1), m.group(2)
             # Strip doc comments, then split into attribute+field chunks.
             lines = [l for l in body.split("\n") if not l.strip().startswith("///")]
@@ -80,7 +82,7 @@ def main():
                 kind = attr.split(",")[0].strip()
                 rtype = re.sub(r'\s+', '', rtype)
                 def resolve(t):
-                    t = t.replace("::core::option::Option<", "").replace("::prost::alloc::vec::Vec<", "")
+                    t = t.replace("::core::option::Option<", "").replace("::prost::alloc::vec::Vec<", "").replace("::prost::alloc::boxed::Box<", "")
                     t = t.rstrip(">,")
                     ups = t.count("super::")
                     t = t.replace("super::", "")

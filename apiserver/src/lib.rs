@@ -25,6 +25,7 @@ pub mod cache;
 pub mod conversion;
 pub mod crd;
 pub mod discovery;
+pub mod gnostic;
 pub mod kinds;
 pub mod meta;
 pub mod openapi;

@@ -118,6 +118,14 @@ fn kind_schema(r: &ResourceDef) -> Value {
     })
 }
 
+/// Kinds are serialized with apiVersion and kind, which their protobuf messages lack.
+fn add_type_meta(s: &mut Value) {
+    if let Some(p) = s.get_mut("properties").and_then(Value::as_object_mut) {
+        p.entry("apiVersion").or_insert(json!({"type": "string", "description": "APIVersion defines the versioned schema of this representation of an object."}));
+        p.entry("kind").or_insert(json!({"type": "string", "description": "Kind is a string value representing the REST resource this object represents."}));
+    }
+}
+
 /// The OpenAPI v3 document of one group version, or None when it is not served.
 fn build_gv(group: &str, version: &str) -> Option<Value> {
     let rs: Vec<&ResourceDef> = crate::resources::all().into_iter().filter(|r| r.group == group && r.version == version).collect();
@@ -146,6 +154,7 @@ fn build_gv(group: &str, version: &str) -> Option<Value> {
         match schemas.get_mut(&schema) {
             Some(s) => {
                 s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]);
+                add_type_meta(s);
                 if let Some(m) = s.get_mut("properties").and_then(|p| p.get_mut("metadata")) {
                     *m = json!({"allOf": [{"$ref": "#/components/schemas/io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"}], "default": {}});
                 }
@@ -223,6 +232,8 @@ struct Docs {
     /// (group-version path, serialized doc, hash)
     gvs: Vec<(String, bytes::Bytes, String)>,
     v2: bytes::Bytes,
+    /// The same v2 document as gnostic protobuf.
+    v2_pb: bytes::Bytes,
 }
 
 fn docs() -> &'static Docs {
@@ -240,7 +251,8 @@ fn docs() -> &'static Docs {
             let hash = hex(&sha2::Sha512::digest(&bytes)[..]).to_uppercase();
             gvs.push((gv_path(r.group, r.version), bytes::Bytes::from(bytes), hash));
         }
-        Docs { gvs, v2: bytes::Bytes::from(serde_json::to_vec(&build_v2()).expect("JSON values always serialize")) }
+        let v2 = build_v2();
+        Docs { gvs, v2: bytes::Bytes::from(serde_json::to_vec(&v2).expect("JSON values always serialize")), v2_pb: bytes::Bytes::from(crate::gnostic::encode_document(&v2)) }
     })
 }
 
@@ -285,13 +297,21 @@ pub fn v2() -> bytes::Bytes {
     docs().v2.clone()
 }
 
+/// `/openapi/v2` as gnostic protobuf.
+pub fn v2_protobuf() -> bytes::Bytes {
+    docs().v2_pb.clone()
+}
+
 fn build_v2() -> Value {
     let roots: Vec<String> = BUILTIN.iter().map(|r| schema_name(r)).filter(|n| crate::schema::schema().message(n).is_some()).collect();
     let mut defs = crate::schema::schema().openapi(&roots, "#/definitions/", false);
     let mut paths = Map::new();
     for r in BUILTIN {
         match defs.get_mut(&schema_name(r)) {
-            Some(s) => s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]),
+            Some(s) => {
+                s["x-kubernetes-group-version-kind"] = json!([{"group": r.group, "kind": r.kind, "version": r.version}]);
+                add_type_meta(s);
+            }
             None => {
                 let s = kind_schema(r).to_string().replace("#/components/schemas/", "#/definitions/");
                 let mut schema: Value = serde_json::from_str(&s).expect("reserialized JSON");

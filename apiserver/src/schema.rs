@@ -298,6 +298,13 @@ impl Schema {
             };
             let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             match (&f.ty, f.repeated) {
+                // Quantities are strings in JSON ("1", "500m"); clients may send numbers.
+                (Ty::Message(m), false) if m == QUANTITY => normalize_quantity(val),
+                (Ty::Map(inner), _) if matches!(&**inner, Ty::Message(m) if m == QUANTITY) => {
+                    if let Some(map) = val.as_object_mut() {
+                        map.values_mut().for_each(normalize_quantity);
+                    }
+                }
                 (Ty::Message(m), true) => {
                     if let Some(items) = val.as_array_mut() {
                         for (i, it) in items.iter_mut().enumerate() {
@@ -334,7 +341,7 @@ impl Schema {
             let Some(msg) = self.messages.get(&name) else { continue };
             let s = match special_of(&name) {
                 Special::Time { .. } => json!({"type": "string", "format": "date-time"}),
-                Special::Quantity => if v3 { json!({"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]}) } else { json!({"type": "string"}) },
+                Special::Quantity => if v3 { json!({"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]}) } else { json!({"type": "string", "format": "int-or-string"}) },
                 Special::IntOrString => if v3 { json!({"x-kubernetes-int-or-string": true, "anyOf": [{"type": "integer"}, {"type": "string"}]}) } else { json!({"type": "string", "format": "int-or-string"}) },
                 Special::Duration => json!({"type": "string"}),
                 Special::Raw | Special::SchemaOr(_) => json!({"type": "object", "x-kubernetes-preserve-unknown-fields": true}),
@@ -377,12 +384,19 @@ impl Schema {
             Ty::Int32 => json!({"type": "integer", "format": "int32"}),
             Ty::Int64 => json!({"type": "integer", "format": "int64"}),
             Ty::Double | Ty::Float => json!({"type": "number", "format": "double"}),
-            Ty::Message(m) => {
+            Ty::Message(m) if self.messages.contains_key(m) => {
                 todo.push(m.clone());
                 json!({"$ref": format!("{refs}{m}")})
             }
+            Ty::Message(_) => json!({"type": "object"}),
             Ty::Map(v) => json!({"type": "object", "additionalProperties": self.type_schema(v, refs, todo)}),
         }
+    }
+}
+
+fn normalize_quantity(v: &mut Value) {
+    if let Value::Number(n) = v {
+        *v = Value::String(n.to_string());
     }
 }
 
@@ -589,5 +603,8 @@ mod tests {
         out.sort();
         assert_eq!(out, vec!["metadata.bogus", "spec.template.spec.containers[0].imagee"]);
         assert!(d["metadata"].get("bogus").is_none());
+        let mut p = json!({"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": 1, "memory": "1Gi"}}}]}});
+        schema().prune("io.k8s.api.core.v1.Pod", &mut p, "", &mut vec![]);
+        assert_eq!(p["spec"]["containers"][0]["resources"]["limits"]["cpu"], "1");
     }
 }

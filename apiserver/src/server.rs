@@ -401,7 +401,13 @@ impl Api {
                 Some(b) if method == Method::GET => full(200, "application/json", b),
                 _ => get_only(None),
             },
-            ["openapi", "v2"] if method == Method::GET => full(200, "application/json", crate::openapi::v2()),
+            ["openapi", "v2"] if method == Method::GET => {
+                if accept.contains("protobuf") {
+                    full(200, "application/com.github.proto-openapi.spec.v2.v1.0+protobuf", crate::openapi::v2_protobuf())
+                } else {
+                    full(200, "application/json", crate::openapi::v2())
+                }
+            }
             ["api"] => get_only(Some(discovery::core_versions(&self.server_address))),
             ["apis"] => get_only(Some(discovery::group_list())),
             ["api", "v1"] => get_only(discovery::resource_list("", "v1")),

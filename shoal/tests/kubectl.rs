@@ -264,11 +264,12 @@ fn kubectl_120_reads_and_writes() {
     let k = Kubectl { bin: fetch("KUBECTL_120", "get-kubectl-old.sh"), kubeconfig: s.kubeconfig() };
     assert!(k.ok(&["version", "--short"]).contains("Server Version: v1.35"));
     assert!(k.ok(&["get", "namespaces"]).contains("kube-system"));
-    // kubectl 1.20 downloads OpenAPI v2 as protobuf for client-side validation, which the
-    // server does not encode yet: writes use --validate=false (see the issue notes).
-    assert_eq!(k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web created");
-    assert_eq!(k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web unchanged");
-    k.ok_in(&["apply", "--validate=false", "-f", "-"], Some(&DEPLOY.replace("replicas: 3", "replicas: 5")));
+    // kubectl 1.20 validates on the client against OpenAPI v2, downloaded as protobuf.
+    assert_eq!(k.ok_in(&["apply", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web created");
+    assert_eq!(k.ok_in(&["apply", "-f", "-"], Some(DEPLOY)).trim(), "deployment.apps/web unchanged");
+    let e = k.err(&["apply", "-f", "-"], Some(&DEPLOY.replace("image:", "imagee:")));
+    assert!(e.contains("unknown field \"imagee\" in io.k8s.api.core.v1.Container"), "{e}");
+    k.ok_in(&["apply", "-f", "-"], Some(&DEPLOY.replace("replicas: 3", "replicas: 5")));
     assert_eq!(k.ok(&["get", "deploy", "web", "-o", "jsonpath={.spec.replicas}"]), "5");
     let wide = k.ok(&["get", "deploy", "-o", "wide"]);
     assert!(wide.starts_with("NAME") && wide.contains("SELECTOR"), "{wide}");
