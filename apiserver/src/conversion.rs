@@ -8,7 +8,7 @@ use crate::resources::ResourceDef;
 
 /// The definition whose version is kept in the store for `def`'s kind.
 pub fn storage_of(def: &'static ResourceDef) -> &'static ResourceDef {
-    crate::resources::all().into_iter().find(|r| r.group == def.group && r.kind == def.kind && r.storage == def.storage && r.is_storage_version()).unwrap_or(def)
+    crate::resources::all().into_iter().find(|r| r.kind == def.kind && r.storage == def.storage && r.is_storage_version()).unwrap_or(def)
 }
 
 /// Converts an object (of any served version of its kind) to `to`'s version.
@@ -27,8 +27,34 @@ pub fn convert(obj: Value, to: &ResourceDef) -> Value {
     match (to.kind, from.as_str(), target.as_str()) {
         ("HorizontalPodAutoscaler", "autoscaling/v2", "autoscaling/v1") => hpa_v2_to_v1(obj),
         ("HorizontalPodAutoscaler", "autoscaling/v1", "autoscaling/v2") => hpa_v1_to_v2(obj),
+        ("Event", "v1", "events.k8s.io/v1") => rename_event(obj, "events.k8s.io/v1", true),
+        ("Event", "events.k8s.io/v1", "v1") => rename_event(obj, "v1", false),
         _ => obj,
     }
+}
+
+/// Field names that differ between core/v1 and events.k8s.io/v1 Events.
+const EVENT_FIELDS: &[(&str, &str)] = &[
+    ("involvedObject", "regarding"),
+    ("message", "note"),
+    ("reportingComponent", "reportingController"),
+    ("source", "deprecatedSource"),
+    ("firstTimestamp", "deprecatedFirstTimestamp"),
+    ("lastTimestamp", "deprecatedLastTimestamp"),
+    ("count", "deprecatedCount"),
+];
+
+fn rename_event(mut o: Value, api_version: &str, to_events_group: bool) -> Value {
+    o["apiVersion"] = json!(api_version);
+    if let Some(m) = o.as_object_mut() {
+        for (core, ev) in EVENT_FIELDS {
+            let (from, to) = if to_events_group { (core, ev) } else { (ev, core) };
+            if let Some(v) = m.remove(*from) {
+                m.insert(to.to_string(), v);
+            }
+        }
+    }
+    o
 }
 
 const METRICS_ANNOTATION: &str = "autoscaling.alpha.kubernetes.io/metrics";
@@ -150,5 +176,12 @@ mod tests {
         assert!(down["spec"].get("metrics").is_none());
         let up = convert(down, v2);
         assert_eq!(up, o, "nothing is lost through v1");
+        let core = crate::resources::find("", "v1", "events").unwrap();
+        let ev = crate::resources::find("events.k8s.io", "v1", "events").unwrap();
+        assert!(std::ptr::eq(storage_of(ev), core));
+        let e = json!({"apiVersion": "v1", "kind": "Event", "metadata": {"name": "e"}, "involvedObject": {"kind": "Pod", "name": "p"}, "message": "hi", "reason": "Started", "count": 2});
+        let n = convert(e.clone(), ev);
+        assert_eq!((n["regarding"]["name"].as_str(), n["note"].as_str(), n["deprecatedCount"].as_i64()), (Some("p"), Some("hi"), Some(2)));
+        assert_eq!(convert(n, core), e);
     }
 }

@@ -40,7 +40,7 @@ impl ResourceDef {
         if self.custom {
             return self.stored;
         }
-        !(self.group == "autoscaling" && self.version == "v1")
+        !(self.group == "autoscaling" && self.version == "v1") && self.group != "events.k8s.io"
     }
 
     /// Reviews and other kinds that are computed, not stored.
@@ -128,9 +128,8 @@ pub static BUILTIN: &[ResourceDef] = &[
     r!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE, ALL_VERBS, NONE, "roles"),
     // storage.k8s.io/v1
     r!("storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", false, &["sc"], NONE, ALL_VERBS, NONE, "storageclasses"),
-    // events.k8s.io/v1 (same objects as core events; served from their own key space
-    // until conversion between the two shapes lands)
-    r!("events.k8s.io", "v1", "Event", "events", "event", true, &["ev"], NONE, ALL_VERBS, NONE, "events.k8s.io/events"),
+    // events.k8s.io/v1: the same objects as core events, converted (conversion.rs)
+    r!("events.k8s.io", "v1", "Event", "events", "event", true, &["ev"], NONE, ALL_VERBS, NONE, "events"),
     // Reviews: computed per request, never stored.
     r!("authentication.k8s.io", "v1", "SelfSubjectReview", "selfsubjectreviews", "selfsubjectreview", false, NONE, NONE, CREATE_ONLY, NONE, "-selfsubjectreviews"),
     r!("authorization.k8s.io", "v1", "SelfSubjectAccessReview", "selfsubjectaccessreviews", "selfsubjectaccessreview", false, NONE, NONE, CREATE_ONLY, NONE, "-selfsubjectaccessreviews"),
@@ -203,7 +202,7 @@ mod tests {
             for b in &BUILTIN[i + 1..] {
                 assert!(!(a.group == b.group && a.version == b.version && a.plural == b.plural), "duplicate {}", a.plural);
                 if a.storage == b.storage {
-                    assert!(a.kind == b.kind && a.group == b.group && a.is_storage_version() != b.is_storage_version(), "{} and {} share a key space", a.plural, b.plural);
+                    assert!(a.kind == b.kind && a.is_storage_version() != b.is_storage_version(), "{} and {} share a key space", a.plural, b.plural);
                 }
             }
         }

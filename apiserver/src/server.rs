@@ -474,6 +474,13 @@ impl Api {
         let served = r.def;
         let def = crate::conversion::storage_of(served);
         let to_storage = |mut obj: Value| -> Value {
+            if !std::ptr::eq(served, def) && obj.is_object() && obj.get("apiVersion").and_then(Value::as_str).unwrap_or("").is_empty() {
+                // A body without apiVersion is in the version of the endpoint it was sent to.
+                obj["apiVersion"] = json!(served.api_version());
+                if obj.get("kind").and_then(Value::as_str).unwrap_or("").is_empty() {
+                    obj["kind"] = json!(served.kind);
+                }
+            }
             if !std::ptr::eq(served, def) && obj.get("apiVersion").and_then(Value::as_str) == Some(served.api_version().as_str()) {
                 crate::conversion::default_served(&mut obj, served);
                 crate::conversion::convert(obj, def)

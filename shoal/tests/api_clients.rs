@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{free_port, Server};
 
 const PY_CLIENT: &str = r#"
-import sys, threading, time
+import datetime, sys, threading, time
 from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
@@ -75,6 +75,17 @@ for ev in w.stream(core.list_namespaced_config_map, "py", resource_version=rv, t
     if ("DELETED", "w1") in seen:
         w.stop()
 assert seen == [("ADDED", "w1"), ("DELETED", "w1")], seen
+
+# One stored Event, served as core/v1 and as events.k8s.io/v1.
+ev = client.EventsV1Api().create_namespaced_event("py", client.EventsV1Event(
+    metadata=client.V1ObjectMeta(name="e1"), event_time=datetime.datetime.now(datetime.timezone.utc), reason="Tested", note="hello", type="Normal",
+    action="Test", reporting_controller="loadtest", reporting_instance="i1",
+    regarding=client.V1ObjectReference(kind="Pod", name="p1", namespace="py")))
+assert ev.note == "hello", ev
+core_ev = core.read_namespaced_event("e1", "py")
+assert core_ev.message == "hello" and core_ev.involved_object.name == "p1", core_ev
+evs = core.list_namespaced_event("py", field_selector="involvedObject.name=p1")
+assert [e.metadata.name for e in evs.items] == ["e1"], evs.items
 
 core.delete_namespaced_pod("p1", "py")
 expect(404, "NotFound", core.read_namespaced_pod, "p1", "py")
