@@ -685,7 +685,11 @@ pub async fn patch(backend: &Backend, t: &Target<'_>, served: &'static ResourceD
     if !PATCH_TYPES.contains(&ct) {
         return Err(ApiError::unsupported_media(ct, PATCH_TYPES));
     }
-    let patch_doc: Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?;
+    let patch_doc: Value = if ct == "application/apply-patch+yaml" {
+        crate::server::parse_yaml(body)?
+    } else {
+        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))?
+    };
     if ct == "application/apply-patch+yaml" {
         let mut applied = patch_doc;
         check_type(served, &mut applied, served.kind, &served.api_version())?;

@@ -738,9 +738,15 @@ fn decode_body(ctype: &str, body: &[u8]) -> Result<Value, ApiError> {
     let media = ctype.split(';').next().unwrap_or("").trim();
     match media {
         "" | "application/json" | "*/*" => serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("error decoding the request body as JSON: {e}"))),
+        "application/yaml" => parse_yaml(body),
         "application/vnd.kubernetes.protobuf" => crate::schema::decode_k8s_protobuf(body, crate::schema::message_for).map_err(|e| ApiError::bad_request(format!("error decoding the protobuf request body: {e}"))),
         _ => Err(ApiError::unsupported_media(media, &["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"])),
     }
+}
+
+/// Parses a YAML body (one document) into JSON.
+pub fn parse_yaml(body: &[u8]) -> Result<Value, ApiError> {
+    serde_norway::from_slice::<Value>(body).map_err(|e| ApiError::bad_request(format!("error converting YAML to JSON: yaml: {e}")))
 }
 
 /// `/version`.

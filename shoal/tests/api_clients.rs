@@ -159,6 +159,9 @@ fn bad_input_gets_a_status_and_writes_nothing() {
     let (code, st) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"m"},"data":{"bad key":"v"}}"#), true);
     assert_eq!((code, st["reason"].as_str()), (422, Some("Invalid")), "{st}");
     assert_eq!(st["details"]["causes"][0]["field"], "data[bad key]", "{st}");
+    let (code, st) = curl(&s, "POST", cms, "application/yaml", Some(b"metadata:\n  name: [unclosed\n"), true);
+    assert_eq!((code, st["reason"].as_str()), (400, Some("BadRequest")), "{st}");
+    assert!(st["message"].as_str().unwrap().starts_with("error converting YAML to JSON"), "{st}");
     let (code, _) = curl(&s, "GET", "/api/v1/nothing-here", "application/json", None, true);
     assert_eq!(code, 404);
     let (code, st) = curl(&s, "GET", &format!("{cms}?labelSelector=a%3D%3D%3Db"), "application/json", None, true);
@@ -167,6 +170,14 @@ fn bad_input_gets_a_status_and_writes_nothing() {
     assert_eq!(code, 400, "{st}");
 
     assert_eq!(count(&s), 0, "nothing was written");
+    // A YAML body is accepted too.
+    let (code, st) = curl(&s, "POST", cms, "application/yaml", Some(b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: from-yaml\ndata:\n  k: v\n"), true);
+    assert_eq!(code, 201, "{st}");
+    let (_, l) = curl(&s, "GET", cms, "application/json", None, true);
+    assert_eq!(l["items"][0]["data"]["k"], "v");
+    let (code, _) = curl(&s, "DELETE", &format!("{cms}/from-yaml"), "application/json", None, true);
+    assert_eq!(code, 200);
+    let before_rv = curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"].clone();
     assert_eq!(curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"], before_rv);
     // The server is still healthy.
     let (code, _) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"fine"}}"#), true);
