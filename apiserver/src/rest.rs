@@ -1183,6 +1183,63 @@ pub async fn bind(backend: &Backend, t: &Target<'_>, binding: Value, q: &Query) 
     }
 }
 
+/// POST of an Eviction: deletes the pod unless that would violate its PodDisruptionBudget
+/// (upstream's rules: at most one budget per pod; a budget allows the eviction while its
+/// `status.disruptionsAllowed` is positive, and the eviction decrements it).
+pub async fn evict(backend: &Backend, t: &Target<'_>, eviction: Value, q: &Query) -> Result<(u16, Value), ApiError> {
+    let pods = crate::resources::find("", "v1", "pods").expect("pods are built in");
+    let pt = Target { def: pods, ns: t.ns, name: t.name, sub: "" };
+    let Some((pod, _)) = get_current(backend, &pt.key()).await? else {
+        return Err(ApiError::not_found(pt.gr(), t.name));
+    };
+    if let Some(n) = eviction.pointer("/metadata/name").and_then(Value::as_str) {
+        if n != t.name {
+            return Err(ApiError::bad_request(format!("name in URL does not match name in Eviction object: {} != {n}", t.name)));
+        }
+    }
+    let opts = eviction.get("deleteOptions").map(|o| serde_json::to_vec(o).unwrap_or_default()).unwrap_or_default();
+    let phase = pod.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
+    let terminal = matches!(phase, "Succeeded" | "Failed") || pod.pointer("/metadata/deletionTimestamp").is_some();
+    if !terminal {
+        let pdbs_def = crate::resources::find("policy", "v1", "poddisruptionbudgets").expect("PDBs are built in");
+        let page = list(backend, pdbs_def, t.ns, &Query::default()).await?;
+        let labels = pod.pointer("/metadata/labels").and_then(Value::as_object);
+        let matching: Vec<Value> = page.items.into_iter().filter(|p| p.pointer("/spec/selector").and_then(|s| LabelSelector::from_object(s).ok()).is_some_and(|s| !s.is_empty() && s.matches(labels))).collect();
+        if matching.len() > 1 {
+            return Err(ApiError::internal("This pod has more than one PodDisruptionBudget, which the eviction subresource does not support."));
+        }
+        if let Some(pdb) = matching.into_iter().next() {
+            let name = pdb.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            let allowed = pdb.pointer("/status/disruptionsAllowed").and_then(Value::as_i64).unwrap_or(0);
+            let observed = pdb.pointer("/status/observedGeneration").and_then(Value::as_i64).unwrap_or(0);
+            let generation = pdb.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(0);
+            if allowed <= 0 || observed < generation {
+                let healthy = pdb.pointer("/status/currentHealthy").and_then(Value::as_i64).unwrap_or(0);
+                let desired = pdb.pointer("/status/desiredHealthy").and_then(Value::as_i64).unwrap_or(0);
+                let why = format!("The disruption budget {name} needs {desired} healthy pods and has {healthy} currently");
+                return Err(ApiError {
+                    details: Some(json!({"causes": [{"reason": "DisruptionBudget", "message": why}]})),
+                    retry_after: Some(10),
+                    ..ApiError::new(429, "TooManyRequests", "Cannot evict pod as it would violate the pod's disruption budget.")
+                });
+            }
+            let mut new = pdb.clone();
+            new["status"]["disruptionsAllowed"] = json!(allowed - 1);
+            new["status"]["disruptedPods"][t.name] = json!(meta::now());
+            let key = pdbs_def.key(t.ns, &name);
+            let rev: i64 = pdb.pointer("/metadata/resourceVersion").and_then(Value::as_str).and_then(|r| r.parse().ok()).unwrap_or(0);
+            if q.dry_run()? {
+                return Ok((201, crate::status::success_status(None)));
+            }
+            if let Written::Lost = txn_put(backend, &key, cmp_mod(&key, rev), encode_for_store(&new)).await? {
+                return Err(ApiError::conflict_msg(Gr { group: "policy", resource: "poddisruptionbudgets" }, &name, "the object has been modified; please apply your changes to the latest version and try again"));
+            }
+        }
+    }
+    delete(backend, &pt, &opts, q).await?;
+    Ok((201, crate::status::success_status(None)))
+}
+
 /// Re-reads every CRD from the store and serves what they define (called after a CRD
 /// write, so the next request can use it without waiting for the watch cache).
 pub async fn refresh_crds(backend: &Backend) -> Result<(), ApiError> {

@@ -586,6 +586,11 @@ impl Api {
                 let (code, v) = rest::create(b, &t, obj, q).await?;
                 Ok(render_one(code, v))
             }
+            (&Method::POST, false, "eviction") => {
+                let obj = decode_body(ctype, body)?;
+                let (code, v) = rest::evict(b, &t, obj, q).await?;
+                Ok(json_response(code, &v))
+            }
             (&Method::POST, false, "binding") => {
                 let obj = decode_body(ctype, body)?;
                 let (code, v) = rest::bind(b, &t, obj, q).await?;
@@ -620,7 +625,7 @@ impl Api {
                 }
                 Ok(json_response(200, &rest::delete_collection(b, def, &r.ns, body, q).await?))
             }
-            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "eviction" | "token" | "ephemeralcontainers") => {
+            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "token" | "ephemeralcontainers") => {
                 Err(ApiError::new(501, "NotImplemented", format!("{}/{} is served once the node agent protocol lands", def.plural, r.sub)))
             }
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),

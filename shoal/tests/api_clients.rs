@@ -87,8 +87,17 @@ assert core_ev.message == "hello" and core_ev.involved_object.name == "p1", core
 evs = core.list_namespaced_event("py", field_selector="involvedObject.name=p1")
 assert [e.metadata.name for e in evs.items] == ["e1"], evs.items
 
-core.delete_namespaced_pod("p1", "py")
+# Eviction respects the PodDisruptionBudget's allowance.
+policy = client.PolicyV1Api()
+policy.create_namespaced_pod_disruption_budget("py", client.V1PodDisruptionBudget(
+    metadata=client.V1ObjectMeta(name="pdb"), spec=client.V1PodDisruptionBudgetSpec(min_available=1, selector=client.V1LabelSelector(match_labels={"app": "web"}))))
+evict = client.V1Eviction(metadata=client.V1ObjectMeta(name="p1", namespace="py"))
+expect(429, "TooManyRequests", core.create_namespaced_pod_eviction, "p1", "py", evict)
+core.read_namespaced_pod("p1", "py")
+policy.patch_namespaced_pod_disruption_budget_status("pdb", "py", {"status": {"disruptionsAllowed": 1, "observedGeneration": 1, "currentHealthy": 2, "desiredHealthy": 1, "expectedPods": 2}})
+core.create_namespaced_pod_eviction("p1", "py", evict)
 expect(404, "NotFound", core.read_namespaced_pod, "p1", "py")
+assert policy.read_namespaced_pod_disruption_budget("pdb", "py").status.disruptions_allowed == 0
 print("OK")
 "#;
 
