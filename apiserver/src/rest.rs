@@ -366,6 +366,11 @@ pub fn check_fields(def: &ResourceDef, obj: &mut Value, q: &Query) -> Result<(),
         }
     } else {
         let Some(name) = crate::schema::message_for(&def.api_version(), def.kind) else { return Ok(()) };
+        let mut wrong = Vec::new();
+        crate::schema::schema().type_errors(&name, obj, "", &mut wrong);
+        if let Some(first) = wrong.first() {
+            return Err(ApiError::bad_request(format!("{} in version \"{}\" cannot be handled as a {}: {first}", def.kind, def.version, def.kind)));
+        }
         crate::schema::schema().prune(&name, obj, "", &mut unknown);
     }
     if mode == "Strict" && !unknown.is_empty() {

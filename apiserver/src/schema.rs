@@ -329,6 +329,75 @@ impl Schema {
         }
     }
 
+    /// Values whose JSON type does not match the schema, reported as Go's decoder words
+    /// them (`json: cannot unmarshal string into Go struct field DeploymentSpec.spec.replicas
+    /// of type int32`). Nulls are accepted (an unset field).
+    pub fn type_errors(&self, name: &str, v: &Value, path: &str, out: &mut Vec<String>) {
+        let Some(msg) = self.messages.get(name) else { return };
+        if special_of(name) != Special::None {
+            return;
+        }
+        let Some(obj) = v.as_object() else { return };
+        let simple = name.rsplit('.').next().unwrap_or("");
+        for (k, val) in obj {
+            let Some(f) = msg.field(k) else { continue };
+            let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+            if val.is_null() {
+                continue;
+            }
+            if f.repeated {
+                match val.as_array() {
+                    Some(items) => {
+                        for (i, it) in items.iter().enumerate() {
+                            self.check_value(&f.ty, it, &format!("{p}[{i}]"), simple, out);
+                        }
+                    }
+                    None => out.push(format!("json: cannot unmarshal {} into Go struct field {simple}.{p} of type []{}", json_kind(val), go_type(&f.ty))),
+                }
+            } else {
+                self.check_value(&f.ty, val, &p, simple, out);
+            }
+        }
+    }
+
+    fn check_value(&self, ty: &Ty, v: &Value, p: &str, parent: &str, out: &mut Vec<String>) {
+        if v.is_null() {
+            return;
+        }
+        let ok = match ty {
+            Ty::String | Ty::Bytes => v.is_string(),
+            Ty::Bool => v.is_boolean(),
+            Ty::Int32 | Ty::Int64 => v.is_i64() || v.is_u64(),
+            Ty::Double | Ty::Float => v.is_number(),
+            Ty::Map(inner) => match v.as_object() {
+                Some(m) => {
+                    for (mk, mv) in m {
+                        self.check_value(inner, mv, &format!("{p}.{mk}"), parent, out);
+                    }
+                    true
+                }
+                None => false,
+            },
+            Ty::Message(m) => match special_of(m) {
+                Special::Time { .. } | Special::Duration => v.is_string(),
+                Special::Quantity => v.is_string() || v.is_number(),
+                Special::IntOrString => v.is_string() || v.is_i64() || v.is_u64(),
+                Special::Raw | Special::SchemaOr(_) => true,
+                Special::None => {
+                    if v.is_object() {
+                        self.type_errors(m, v, p, out);
+                        true
+                    } else {
+                        false
+                    }
+                }
+            },
+        };
+        if !ok {
+            out.push(format!("json: cannot unmarshal {} into Go struct field {parent}.{p} of type {}", json_kind(v), go_type(ty)));
+        }
+    }
+
     /// OpenAPI schemas for `roots` and every message they reach, keyed by message name.
     /// `refs` is the JSON pointer prefix (`#/components/schemas/` or `#/definitions/`).
     pub fn openapi(&self, roots: &[String], refs: &str, v3: bool) -> Map<String, Value> {
@@ -390,6 +459,37 @@ impl Schema {
             }
             Ty::Message(_) => json!({"type": "object"}),
             Ty::Map(v) => json!({"type": "object", "additionalProperties": self.type_schema(v, refs, todo)}),
+        }
+    }
+}
+
+/// The JSON type name Go's decoder prints.
+fn json_kind(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(_) => "bool".into(),
+        Value::Number(n) => format!("number {n}"),
+        Value::String(_) => "string".into(),
+        Value::Array(_) => "array".into(),
+        Value::Object(_) => "object".into(),
+    }
+}
+
+fn go_type(ty: &Ty) -> String {
+    match ty {
+        Ty::String => "string".into(),
+        Ty::Bytes => "[]uint8".into(),
+        Ty::Bool => "bool".into(),
+        Ty::Int32 => "int32".into(),
+        Ty::Int64 => "int64".into(),
+        Ty::Double => "float64".into(),
+        Ty::Float => "float32".into(),
+        Ty::Map(v) => format!("map[string]{}", go_type(v)),
+        Ty::Message(m) => {
+            let mut parts = m.rsplit('.');
+            let kind = parts.next().unwrap_or("");
+            let version = parts.next().unwrap_or("");
+            format!("{version}.{kind}")
         }
     }
 }
@@ -606,5 +706,14 @@ mod tests {
         let mut p = json!({"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": 1, "memory": "1Gi"}}}]}});
         schema().prune("io.k8s.api.core.v1.Pod", &mut p, "", &mut vec![]);
         assert_eq!(p["spec"]["containers"][0]["resources"]["limits"]["cpu"], "1");
+        let bad = json!({"spec": {"replicas": "three", "template": {"spec": {"containers": {"name": "c"}}}, "selector": {"matchLabels": {"a": 1}}}});
+        let mut errs = vec![];
+        schema().type_errors("io.k8s.api.apps.v1.Deployment", &bad, "", &mut errs);
+        errs.sort();
+        assert_eq!(errs, vec![
+            "json: cannot unmarshal number 1 into Go struct field LabelSelector.spec.selector.matchLabels.a of type string".to_string(),
+            "json: cannot unmarshal object into Go struct field PodSpec.spec.template.spec.containers of type []v1.Container".to_string(),
+            "json: cannot unmarshal string into Go struct field DeploymentSpec.spec.replicas of type int32".to_string(),
+        ]);
     }
 }

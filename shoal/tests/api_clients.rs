@@ -163,6 +163,12 @@ fn bad_input_gets_a_status_and_writes_nothing() {
     let (code, st) = curl(&s, "POST", &format!("{cms}?fieldValidation=Strict"), "application/json", Some(br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":{"name":"s"},"dataa":{}}"#), true);
     assert_eq!(code, 400, "{st}");
     assert!(st["message"].as_str().unwrap().contains("unknown field \"dataa\""), "{st}");
+    let (code, st) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"t","labels":"oops"},"data":{"a":1}}"#), true);
+    assert_eq!(code, 400, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("json: cannot unmarshal"), "{st}");
+    let (code, st) = curl(&s, "POST", "/api/v1/namespaces/default/pods", "application/json", Some(br#"{"metadata":{"name":"p"},"spec":{"containers":{"name":"c"}}}"#), true);
+    assert_eq!(code, 400, "{st}");
+    assert!(st["message"].as_str().unwrap().contains("of type []v1.Container"), "{st}");
     let (code, st) = curl(&s, "POST", "/api/v1/namespaces/missing/configmaps", "application/json", Some(br#"{"metadata":{"name":"m"}}"#), true);
     assert_eq!((code, st["message"].as_str()), (404, Some("namespaces \"missing\" not found")), "{st}");
     let (code, st) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"m"},"data":{"bad key":"v"}}"#), true);
