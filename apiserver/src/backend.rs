@@ -133,6 +133,22 @@ impl Backend {
         }
     }
 
+    /// Compacts the store's history up to `rev` (older revisions become unreadable).
+    pub async fn compact(&self, rev: i64) -> Result<(), BackendError> {
+        let req = shoal_proto::etcdserverpb::CompactionRequest { revision: rev, physical: false };
+        match self {
+            Backend::Embedded(m) => {
+                use shoal_proto::shoalstore::{log_command::Cmd, LogCommand};
+                m.propose(LogCommand { cmd: Some(Cmd::Compaction(req)) }).await?;
+                Ok(())
+            }
+            Backend::Etcd { kv, .. } => {
+                kv.clone().compact(req).await?;
+                Ok(())
+            }
+        }
+    }
+
     /// The current revision (linearizable).
     pub async fn current_revision(&self) -> Result<i64, BackendError> {
         let r = self.range(RangeRequest { key: b"/registry/".to_vec().into(), range_end: b"/registry0".to_vec().into(), count_only: true, limit: 1, ..Default::default() }).await?;
@@ -257,4 +273,55 @@ pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
         }
     }
     vec![0]
+}
+
+/// Key through which API servers sharing a store agree on compaction (upstream's name).
+const COMPACT_KEY: &str = "compact_rev_key";
+
+/// Compacts the store's history periodically, as kube-apiserver does: at each interval,
+/// the API server that wins a transaction on `compact_rev_key` compacts to the revision
+/// recorded at the previous interval, so at least one interval of history is kept and
+/// several API servers on one store compact once per interval between them.
+pub async fn run_compactor(backend: Backend, interval: std::time::Duration) {
+    use shoal_proto::etcdserverpb::{compare, request_op, Compare, PutRequest, RequestOp};
+    let mut version = 0i64;
+    let mut previous = 0i64;
+    loop {
+        tokio::time::sleep(interval).await;
+        let cur = match backend.current_revision().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "compactor: reading the current revision failed");
+                continue;
+            }
+        };
+        let t = TxnRequest {
+            compare: vec![Compare { result: compare::CompareResult::Equal as i32, target: compare::CompareTarget::Version as i32, key: COMPACT_KEY.as_bytes().to_vec().into(), target_union: Some(compare::TargetUnion::Version(version)), range_end: Default::default() }],
+            success: vec![RequestOp { request: Some(request_op::Request::RequestPut(PutRequest { key: COMPACT_KEY.as_bytes().to_vec().into(), value: cur.to_string().into_bytes().into(), ..Default::default() })) }],
+            failure: vec![RequestOp { request: Some(request_op::Request::RequestRange(RangeRequest { key: COMPACT_KEY.as_bytes().to_vec().into(), ..Default::default() })) }],
+        };
+        match backend.txn(t).await {
+            Ok(r) if r.succeeded => {
+                version += 1;
+                if previous > 0 {
+                    match backend.compact(previous).await {
+                        Ok(()) => tracing::info!(revision = previous, "compacted the store's history"),
+                        Err(BackendError::Compacted(_)) => {}
+                        Err(e) => tracing::warn!(error = %e, revision = previous, "compaction failed"),
+                    }
+                }
+                previous = cur;
+            }
+            Ok(r) => {
+                // Another API server compacted this interval; follow its key version.
+                let kv = r.responses.into_iter().find_map(|op| match op.response {
+                    Some(shoal_proto::etcdserverpb::response_op::Response::ResponseRange(rr)) => rr.kvs.into_iter().next(),
+                    _ => None,
+                });
+                version = kv.as_ref().map_or(0, |k| k.version);
+                previous = kv.and_then(|k| String::from_utf8(k.value.to_vec()).ok()).and_then(|v| v.parse().ok()).unwrap_or(0);
+            }
+            Err(e) => tracing::warn!(error = %e, "compactor: transaction failed"),
+        }
+    }
 }

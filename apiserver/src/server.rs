@@ -44,6 +44,8 @@ pub struct ApiConfig {
     pub kubeconfig: Option<PathBuf>,
     /// Extra names or addresses the serving certificate is valid for.
     pub extra_sans: Vec<String>,
+    /// How often the store's history is compacted (None: never).
+    pub compaction_interval: Option<std::time::Duration>,
 }
 
 impl ApiConfig {
@@ -100,9 +102,15 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
     let cache = crate::cache::Cache::new(backend.clone());
     {
         let cache = cache.clone();
+        let (backend, every) = (backend.clone(), cfg.compaction_interval);
         std::thread::Builder::new().name("api-cache".into()).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the watch cache executor");
-            rt.block_on(cache.run());
+            rt.block_on(async move {
+                if let Some(every) = every {
+                    tokio::spawn(crate::backend::run_compactor(backend, every));
+                }
+                cache.run().await
+            });
         })?;
     }
     let api = Arc::new(Api { backend, cache, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });

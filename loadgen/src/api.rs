@@ -64,6 +64,9 @@ pub struct ApiArgs {
     /// The etcd binary.
     #[arg(long, default_value = "etcd")]
     pub etcd_bin: String,
+    /// Extra arguments for `shoal server`, e.g. `--shoal-arg=--snapshot-count=10000`.
+    #[arg(long = "shoal-arg", allow_hyphen_values = true)]
+    pub shoal_args: Vec<String>,
     /// Directory under which data directories are created (default /var/tmp).
     #[arg(long)]
     pub data_base: Option<std::path::PathBuf>,
@@ -212,7 +215,7 @@ async fn start(a: &ApiArgs, which: &'static str) -> anyhow::Result<System> {
     } else {
         (vec![], None)
     };
-    let (api, dir) = procs::start_shoal_api(&bin, a.data_base.as_deref(), store.as_deref(), &[])?;
+    let (api, dir) = procs::start_shoal_api(&bin, a.data_base.as_deref(), store.as_deref(), &a.shoal_args)?;
     let client = Client::connect(api.endpoint, &dir, a.conns).await?;
     client.wait_ready().await?;
     let (code, body) = client.req(0, Method::POST, "/api/v1/namespaces", "application/json", Some(Bytes::from(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "lg"}}).to_string()))).await?;

@@ -128,6 +128,10 @@ struct ServerArgs {
     /// Extra DNS names or IP addresses for the API serving certificate (repeatable).
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
+    /// How often the API server compacts the store's history, keeping at least this much
+    /// (`300s`, `5m`, `1h`; `0` disables), as kube-apiserver's flag of the same name.
+    #[arg(long, default_value = "5m")]
+    etcd_compaction_interval: String,
 }
 
 fn main() {
@@ -156,6 +160,33 @@ fn main() {
     }
 }
 
+/// Parses a duration as `300`, `300s`, `5m`, `1h` or `1h30m`.
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    if let Ok(n) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(n));
+    }
+    let mut total = 0u64;
+    let mut num = String::new();
+    for c in s.chars() {
+        if c.is_ascii_digit() {
+            num.push(c);
+            continue;
+        }
+        let n: u64 = num.parse().with_context(|| format!("{s:?} is not a duration like 300s, 5m or 1h"))?;
+        num.clear();
+        total += n * match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            _ => bail!("{s:?} is not a duration like 300s, 5m or 1h"),
+        };
+    }
+    if !num.is_empty() {
+        bail!("{s:?} is not a duration like 300s, 5m or 1h (a unit is missing)");
+    }
+    Ok(Duration::from_secs(total))
+}
+
 /// Parses `--initial-cluster` and checks that this member is in it.
 fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAddr)>> {
     let mut out: Vec<(String, SocketAddr)> = Vec::new();
@@ -176,6 +207,7 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
 
 fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let kubeconfig = a.kubeconfig.take();
+    let compaction_interval = Some(parse_duration(&a.etcd_compaction_interval).with_context(|| format!("--etcd-compaction-interval {:?}", a.etcd_compaction_interval))?);
     let tls_san = std::mem::take(&mut a.tls_san);
     let initial_cluster = match &a.initial_cluster {
         Some(spec) => {
@@ -256,6 +288,7 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                 pki_dir: data_dir.join("pki"),
                 kubeconfig: Some(kubeconfig.unwrap_or_else(|| data_dir.join("kubeconfig"))),
                 extra_sans: tls_san,
+                compaction_interval: compaction_interval.filter(|d| !d.is_zero()),
             };
             let member = running.as_ref().map(|r| r.member.clone());
             let api = shoal_apiserver::server::start(cfg, backend, ready, |reg| {
