@@ -229,6 +229,11 @@ pub enum Delivery {
 struct WatcherReg {
     prefix: String,
     tx: mpsc::Sender<Delivery>,
+    /// For pod watchers pinned to one node (`fieldSelector=spec.nodeName=X`, what every
+    /// node agent runs): the node. Such watchers are indexed by it, so an event reaches
+    /// the watchers of its node (old and new), not all 5,000 of them (upstream's indexed
+    /// triggers).
+    node: Option<String>,
 }
 
 #[derive(Default)]
@@ -239,7 +244,24 @@ struct Inner {
     /// Every event with revision > `ring_from` is in the ring.
     ring_from: i64,
     watchers: HashMap<u64, WatcherReg>,
+    /// Watchers with a node trigger, by node.
+    by_node: HashMap<String, Vec<u64>>,
     next_watcher: u64,
+}
+
+impl Inner {
+    fn remove_watcher(&mut self, id: u64) -> Option<WatcherReg> {
+        let w = self.watchers.remove(&id)?;
+        if let Some(n) = &w.node {
+            if let Some(v) = self.by_node.get_mut(n) {
+                v.retain(|x| *x != id);
+                if v.is_empty() {
+                    self.by_node.remove(n);
+                }
+            }
+        }
+        Some(w)
+    }
 }
 
 /// The cache of one API server process.
@@ -261,7 +283,7 @@ pub struct Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.cache.inner.write().watchers.remove(&self.id);
+        self.cache.inner.write().remove_watcher(self.id);
     }
 }
 
@@ -348,6 +370,7 @@ impl Cache {
             for (_, w) in g.watchers.drain() {
                 let _ = w.tx.try_send(Delivery::Reset);
             }
+            g.by_node.clear();
             g.objects = objects;
             g.rev = rev;
             g.ring.clear();
@@ -403,13 +426,34 @@ impl Cache {
                 }
             }
             let mut slow = Vec::new();
+            let is_pod = ce.key.starts_with("/registry/pods/");
             for (id, w) in &g.watchers {
+                if w.node.is_some() && is_pod {
+                    continue;
+                }
                 if ce.key.starts_with(&w.prefix) && w.tx.try_send(Delivery::Event(ce.clone())).is_err() {
                     slow.push(*id);
                 }
             }
+            if is_pod && !g.by_node.is_empty() {
+                let mut nodes: Vec<String> = ce.obj.field("spec.nodeName").into_iter().collect();
+                if let Some(p) = ce.prev.as_ref().and_then(|p| p.field("spec.nodeName")) {
+                    if !nodes.contains(&p) {
+                        nodes.push(p);
+                    }
+                }
+                for n in nodes {
+                    for id in g.by_node.get(&n).into_iter().flatten() {
+                        if let Some(w) = g.watchers.get(id) {
+                            if ce.key.starts_with(&w.prefix) && w.tx.try_send(Delivery::Event(ce.clone())).is_err() {
+                                slow.push(*id);
+                            }
+                        }
+                    }
+                }
+            }
             for id in slow {
-                if let Some(w) = g.watchers.remove(&id) {
+                if let Some(w) = g.remove_watcher(id) {
                     let _ = w.tx.try_send(Delivery::Reset);
                     tracing::info!(prefix = %w.prefix, "closed a watcher that fell too far behind");
                 }
@@ -505,7 +549,11 @@ impl Cache {
         let (tx, rx) = mpsc::channel(WATCHER_QUEUE);
         let id = g.next_watcher;
         g.next_watcher += 1;
-        g.watchers.insert(id, WatcherReg { prefix: prefix.to_string(), tx });
+        let node = if prefix.starts_with("/registry/pods/") { filter.fields.exact("spec.nodeName").map(String::from) } else { None };
+        if let Some(n) = &node {
+            g.by_node.entry(n.clone()).or_default().push(id);
+        }
+        g.watchers.insert(id, WatcherReg { prefix: prefix.to_string(), tx, node });
         let rev = g.rev;
         Some((Subscription { cache: self.clone(), id, rx }, initial, replay, rev))
     }

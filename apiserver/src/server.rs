@@ -178,7 +178,10 @@ async fn serve(api: Arc<Api>, l: std::net::TcpListener, tls_cfg: Arc<rustls::Ser
                 let api = api.clone();
                 async move { Ok::<_, Infallible>(api.handle(req).await) }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            // Watches are long-lived streams: allow many per connection (kube-apiserver's
+            // default is 1,000 streams per HTTP/2 connection).
+            builder.http2().max_concurrent_streams(1000);
             if let Err(e) = builder.serve_connection_with_upgrades(hyper_util::rt::TokioIo::new(tls), svc).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }

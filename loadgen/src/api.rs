@@ -23,7 +23,10 @@ pub enum ApiScenario {
     Crud,
     /// Create --pods pods, then LIST all of them --lists times.
     List,
-    /// Both.
+    /// --watchers node watchers (`fieldSelector=spec.nodeName=node-N`, as node agents
+    /// watch), then --events pods created for random nodes: delivery latency per event.
+    Watch,
+    /// crud and list.
     All,
 }
 
@@ -58,6 +61,12 @@ pub struct ApiArgs {
     /// LIST requests of all pods in the list case.
     #[arg(long, default_value_t = 5)]
     pub lists: usize,
+    /// Node watchers in the watch case.
+    #[arg(long, default_value_t = 5000)]
+    pub watchers: usize,
+    /// Pods created (one event each) in the watch case.
+    #[arg(long, default_value_t = 5000)]
+    pub events: usize,
     /// The shoal binary (default: the one beside loadgen).
     #[arg(long)]
     pub shoal_bin: Option<std::path::PathBuf>,
@@ -188,6 +197,7 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 struct System {
     name: &'static str,
     api: Proc,
+    data_dir: std::path::PathBuf,
     etcd: Vec<Proc>,
     client: Client,
 }
@@ -222,7 +232,7 @@ async fn start(a: &ApiArgs, which: &'static str) -> anyhow::Result<System> {
     if code != 201 && code != 409 {
         bail!("creating namespace lg: {code} {}", String::from_utf8_lossy(&body));
     }
-    Ok(System { name: which, api, etcd, client })
+    Ok(System { name: which, api, data_dir: dir, etcd, client })
 }
 
 fn bar(len: u64, msg: String) -> ProgressBar {
@@ -384,6 +394,115 @@ async fn list(sys: &System, a: &ApiArgs) -> anyhow::Result<Map<String, Value>> {
     Ok(m)
 }
 
+/// The watch case: node watchers, then pods for random nodes; latency from create to the
+/// node's watcher.
+async fn watch(sys: &System, a: &ApiArgs) -> anyhow::Result<Map<String, Value>> {
+    let conns = a.watchers.div_ceil(900).max(1);
+    let addr = sys.api.endpoint;
+    let wclient = Client::connect(addr, &sys_dir(sys), conns).await?;
+    let epoch = Instant::now();
+    let lat = Arc::new(parking_lot_free::Lat::default());
+    let pb = bar(a.watchers as u64, format!("{} open {} watches", sys.name, a.watchers));
+    let mut streams = Vec::new();
+    for i in 0..a.watchers {
+        let mut s = wclient.senders[i % wclient.senders.len()].clone();
+        s.ready().await?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("https://{}/api/v1/namespaces/lg/pods?watch=1&fieldSelector=spec.nodeName%3Dnode-{i}", wclient.authority))
+            .header("authorization", format!("Bearer {}", wclient.token))
+            .body(Full::new(Bytes::new()))?;
+        let resp = s.send_request(req).await?;
+        if resp.status() != 200 {
+            bail!("watch {i} answered {}", resp.status());
+        }
+        let lat = lat.clone();
+        streams.push(tokio::spawn(async move {
+            let mut body = resp.into_body();
+            let mut buf = Vec::new();
+            while let Some(Ok(frame)) = body.frame().await {
+                let Ok(data) = frame.into_data() else { continue };
+                buf.extend_from_slice(&data);
+                while let Some(nl) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=nl).collect();
+                    if let Ok(v) = serde_json::from_slice::<Value>(&line) {
+                        if let Some(sent) = v.pointer("/object/metadata/annotations/loadgen~1sent-us").and_then(Value::as_str).and_then(|s| s.parse::<u64>().ok()) {
+                            lat.push((epoch.elapsed().as_micros() as u64).saturating_sub(sent) as u32);
+                        }
+                    }
+                }
+            }
+        }));
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let cpu0 = sys.cpu();
+    let pb = bar(a.events as u64, format!("{} create {} pods", sys.name, a.events));
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..16 {
+        let (client, next, pb, n, w) = (sys.client.clone(), next.clone(), pb.clone(), a.events as u64, a.watchers.max(1));
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    break;
+                }
+                let mut p = pod(&format!("w-{i}"), i as usize);
+                p["spec"]["nodeName"] = json!(format!("node-{}", (i as usize * 7919) % w));
+                p["metadata"]["annotations"]["loadgen/sent-us"] = json!((epoch.elapsed().as_micros() as u64).to_string());
+                let _ = client.req(c, Method::POST, "/api/v1/namespaces/lg/pods", "application/json", Some(Bytes::from(p.to_string()))).await;
+                pb.inc(1);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let t = Instant::now();
+    while lat.len() < a.events && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    pb.finish_and_clear();
+    let cpu = sys.cpu() - cpu0;
+    for s in streams {
+        s.abort();
+    }
+    let mut l = lat.take();
+    l.sort_unstable();
+    let n = sys.name;
+    let mut m = Map::new();
+    m.insert(format!("{n}_watchers"), json!(a.watchers));
+    m.insert(format!("{n}_events_delivered"), json!(l.len()));
+    m.insert(format!("{n}_lost"), json!(a.events.saturating_sub(l.len())));
+    m.insert(format!("{n}_watch_p50_ms"), json!(pct(&l, 0.5)));
+    m.insert(format!("{n}_watch_p99_ms"), json!(pct(&l, 0.99)));
+    m.insert(format!("{n}_server_cpu_us_per_event"), json!(cpu * 1e6 / a.events.max(1) as f64));
+    println!("{n}: {} watchers, {} events delivered, p50 {:.1} ms, p99 {:.1} ms, {:.0} us server CPU per event (create + fan-out)", a.watchers, l.len(), pct(&l, 0.5), pct(&l, 0.99), cpu * 1e6 / a.events.max(1) as f64);
+    Ok(m)
+}
+
+fn sys_dir(sys: &System) -> std::path::PathBuf {
+    sys.data_dir.clone()
+}
+
+mod parking_lot_free {
+    /// Latencies collected from many tasks.
+    #[derive(Default)]
+    pub struct Lat(std::sync::Mutex<Vec<u32>>);
+    impl Lat {
+        pub fn push(&self, v: u32) {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).push(v);
+        }
+        pub fn len(&self) -> usize {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).len()
+        }
+        pub fn take(&self) -> Vec<u32> {
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+    }
+}
+
 pub async fn run(a: ApiArgs) -> anyhow::Result<Value> {
     if a.clients == 0 || a.conns == 0 {
         bail!("--clients and --conns must be at least 1");
@@ -397,6 +516,7 @@ pub async fn run(a: ApiArgs) -> anyhow::Result<Value> {
     let name = match a.scenario {
         ApiScenario::Crud => "api/crud",
         ApiScenario::List => "api/list",
+        ApiScenario::Watch => "api/watch",
         ApiScenario::All => "api/all",
     };
     out.insert("scenario".into(), json!(name));
@@ -409,6 +529,9 @@ pub async fn run(a: ApiArgs) -> anyhow::Result<Value> {
         }
         if matches!(a.scenario, ApiScenario::List | ApiScenario::All) {
             m.extend(list(&sys, &a).await?);
+        }
+        if a.scenario == ApiScenario::Watch {
+            m.extend(watch(&sys, &a).await?);
         }
         let f = |k: &str| m.get(&format!("{s}_{k}")).and_then(Value::as_f64).map_or("-".to_string(), |v| format!("{v:.1}"));
         println!("{:<10} {:>10} {:>10} {:>10} {:>10} {:>12} {:>12} {:>12}", s, f("create_p99_ms"), f("get_p99_ms"), f("update_p99_ms"), f("delete_p99_ms"), f("requests_per_s"), f("list_p99_ms"), f("rss_bytes_per_pod"));

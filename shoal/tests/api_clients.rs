@@ -388,3 +388,31 @@ fn api_server_compacts_history() {
     assert_eq!(got[0]["type"], "ERROR", "{got:?}");
     assert_eq!(got[0]["object"]["code"], 410);
 }
+
+#[test]
+fn node_watchers_get_their_pods_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "api", &[]);
+    s.wait_api();
+    let pods = "/api/v1/namespaces/default/pods";
+    let pod = |name: &str, node: &str| {
+        let node = if node.is_empty() { String::new() } else { format!(r#","nodeName":"{node}""#) };
+        format!(r#"{{"metadata":{{"name":"{name}"}},"spec":{{"containers":[{{"name":"c","image":"i"}}]{node}}}}}"#)
+    };
+    let got = watch_lines(&s, "/api/v1/pods?watch=1&fieldSelector=spec.nodeName%3Dnode-a", 3, || {
+        assert_eq!(curl(&s, "POST", pods, "application/json", Some(pod("on-a", "node-a").as_bytes()), true).0, 201);
+        assert_eq!(curl(&s, "POST", pods, "application/json", Some(pod("on-b", "node-b").as_bytes()), true).0, 201);
+        assert_eq!(curl(&s, "POST", pods, "application/json", Some(pod("pending", "").as_bytes()), true).0, 201);
+        // The scheduler's binding moves "pending" onto node-a: the node's watcher gets it.
+        let (code, st) = curl(&s, "POST", &format!("{pods}/pending/binding"), "application/json", Some(br#"{"apiVersion":"v1","kind":"Binding","metadata":{"name":"pending"},"target":{"kind":"Node","name":"node-a"}}"#), true);
+        assert_eq!(code, 201, "{st}");
+        let (code, st) = curl(&s, "POST", &format!("{pods}/pending/binding"), "application/json", Some(br#"{"metadata":{"name":"pending"},"target":{"name":"node-b"}}"#), true);
+        assert_eq!(code, 409, "a bound pod is not bound again: {st}");
+        assert_eq!(curl(&s, "DELETE", &format!("{pods}/on-a?gracePeriodSeconds=0"), "application/json", None, true).0, 200);
+    });
+    let evs: Vec<(String, String)> = got.iter().map(|e| (e["type"].as_str().unwrap().to_string(), e["object"]["metadata"]["name"].as_str().unwrap().to_string())).collect();
+    assert_eq!(evs, [("ADDED".into(), "on-a".into()), ("ADDED".into(), "pending".into()), ("DELETED".into(), "on-a".into())]);
+    let (_, p) = curl(&s, "GET", &format!("{pods}/pending"), "application/json", None, true);
+    assert_eq!(p["spec"]["nodeName"], "node-a");
+    assert_eq!(p["status"]["conditions"][0]["type"], "PodScheduled");
+}
