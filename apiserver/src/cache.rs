@@ -22,7 +22,9 @@ use bytes::{BufMut, Bytes, BytesMut};
 use parking_lot::RwLock;
 use serde_json::{Map, Value};
 use shoal_proto::etcdserverpb::RangeRequest;
-use shoal_proto::mvccpb::{event::EventType, Event, KeyValue};
+use shoal_proto::mvccpb::event::EventType;
+#[cfg(test)]
+use shoal_proto::mvccpb::KeyValue;
 use tokio::sync::{mpsc, watch as twatch};
 
 use crate::backend::{prefix_end, Backend, BackendError};
@@ -41,12 +43,12 @@ const WATCHER_QUEUE: usize = 4096;
 /// One cached object.
 pub struct Entry {
     pub key: String,
-    /// The object as served: stored JSON with `metadata.resourceVersion` spliced in.
-    pub json: Bytes,
+    /// The stored JSON. With the embedded store it is the store's own buffer (shared, not
+    /// copied); `metadata.resourceVersion` is spliced in at `rv_at` when it is written out.
+    stored: Bytes,
+    rv_at: usize,
     pub mod_rev: i64,
     pub create_rev: i64,
-    /// Where the resourceVersion was spliced into `json`.
-    rv_at: usize,
     labels: Option<Map<String, Value>>,
     name: String,
     namespace: String,
@@ -64,31 +66,32 @@ impl Entry {
     pub fn matches(&self, f: &Filter) -> bool {
         f.matches_parts(self.labels.as_ref(), |x| self.field(x))
     }
+    /// Appends the object as served (resourceVersion spliced in).
+    pub fn write_json(&self, out: &mut BytesMut) {
+        let i = self.rv_at;
+        out.put_slice(&self.stored[..i]);
+        out.put_slice(b"\"resourceVersion\":\"");
+        out.put_slice(self.mod_rev.to_string().as_bytes());
+        out.put_u8(b'"');
+        if self.stored.get(i) != Some(&b'}') {
+            out.put_u8(b',');
+        }
+        out.put_slice(&self.stored[i..]);
+    }
+    /// Bytes the served JSON takes (within a few bytes).
+    pub fn json_len(&self) -> usize {
+        self.stored.len() + 40
+    }
+    /// The object as served.
+    pub fn json(&self) -> Bytes {
+        let mut b = BytesMut::with_capacity(self.json_len());
+        self.write_json(&mut b);
+        b.freeze()
+    }
     /// The parsed object (for tables, conversion, metadata-only views).
     pub fn value(&self) -> Value {
-        serde_json::from_slice(&self.json).unwrap_or(Value::Null)
+        serde_json::from_slice(&self.json()).unwrap_or(Value::Null)
     }
-}
-
-/// Inserts `"resourceVersion":"N"` at the start of the top-level `metadata` object of a
-/// stored object (serialized by this server with `metadata` as an object).
-#[cfg(test)]
-fn stamp(json: &[u8], rev: i64) -> Option<Bytes> {
-    stamp_at(json, rev).map(|(b, _)| b)
-}
-
-/// `stamp`, also returning the offset of the inserted text.
-fn stamp_at(json: &[u8], rev: i64) -> Option<(Bytes, usize)> {
-    let i = top_level_metadata(json)?;
-    let rv = format!("\"resourceVersion\":\"{rev}\"");
-    let mut out = BytesMut::with_capacity(json.len() + rv.len() + 1);
-    out.put_slice(&json[..i]);
-    out.put_slice(rv.as_bytes());
-    if json.get(i) != Some(&b'}') {
-        out.put_u8(b',');
-    }
-    out.put_slice(&json[i..]);
-    Some((out.freeze(), i))
 }
 
 /// The offset just after the `{` opening the top-level `metadata` object.
@@ -135,23 +138,37 @@ fn def_of_key(key: &str) -> Option<&'static ResourceDef> {
     crate::resources::all().into_iter().filter(|r| !r.is_virtual() && r.is_storage_version()).find(|r| rest.starts_with(r.storage) && rest.as_bytes().get(r.storage.len()) == Some(&b'/'))
 }
 
-fn entry_of(kv: &KeyValue) -> Option<Arc<Entry>> {
-    let key = String::from_utf8(kv.key.to_vec()).ok()?;
+/// One change to a key, from either feed (an etcd watch event or the embedded store's tap).
+struct Change<'a> {
+    key: &'a [u8],
+    value: Bytes,
+    create_rev: i64,
+    mod_rev: i64,
+    delete: bool,
+}
+
+fn entry_of(key: &[u8], stored: Bytes, create_rev: i64, mod_rev: i64) -> Option<Arc<Entry>> {
+    let key = String::from_utf8(key.to_vec()).ok()?;
     let def = def_of_key(&key)?;
-    let v: Value = serde_json::from_slice(&kv.value).ok()?;
-    let (json, rv_at) = stamp_at(&kv.value, kv.mod_revision)?;
+    let v: Value = serde_json::from_slice(&stored).ok()?;
+    let rv_at = top_level_metadata(&stored)?;
     let fields = kinds::field_names(def.kind).iter().map(|f| (*f, kinds::field_value(def.kind, &v, f).unwrap_or_default())).collect();
     Some(Arc::new(Entry {
         key,
-        json,
-        mod_rev: kv.mod_revision,
-        create_rev: kv.create_revision,
+        stored,
         rv_at,
+        mod_rev,
+        create_rev,
         labels: v.pointer("/metadata/labels").and_then(Value::as_object).cloned(),
         name: v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string(),
         namespace: v.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string(),
         fields,
     }))
+}
+
+#[cfg(test)]
+fn entry_of_kv(kv: &KeyValue) -> Option<Arc<Entry>> {
+    entry_of(&kv.key, kv.value.clone(), kv.create_revision, kv.mod_revision)
 }
 
 /// One change, with its rendered lines (built on first use, shared by every watcher).
@@ -185,12 +202,12 @@ impl EvType {
 }
 
 /// `{"type":"T","object":OBJ}\n` without re-serializing the object.
-pub fn line_bytes(ty: &str, obj: &[u8]) -> Bytes {
-    let mut b = BytesMut::with_capacity(obj.len() + 32);
+pub fn line_bytes(ty: &str, obj: &Entry) -> Bytes {
+    let mut b = BytesMut::with_capacity(obj.json_len() + 32);
     b.put_slice(b"{\"type\":\"");
     b.put_slice(ty.as_bytes());
     b.put_slice(b"\",\"object\":");
-    b.put_slice(obj);
+    obj.write_json(&mut b);
     b.put_slice(b"}\n");
     b.freeze()
 }
@@ -213,7 +230,7 @@ impl CacheEvent {
     }
     /// The shared line for a type.
     pub fn line(&self, ty: EvType) -> Bytes {
-        self.lines[ty as usize].get_or_init(|| line_bytes(ty.name(), &self.obj.json)).clone()
+        self.lines[ty as usize].get_or_init(|| line_bytes(ty.name(), &self.obj)).clone()
     }
 }
 
@@ -326,45 +343,52 @@ impl Cache {
 
     async fn sync_once(self: &Arc<Self>, progress_rx: &mut mpsc::Receiver<()>) -> Result<(), BackendError> {
         let (start, end) = (b"/registry/".to_vec(), prefix_end(b"/registry/"));
-        let mut objects = BTreeMap::new();
-        let mut key = start.clone();
-        let mut rev = 0i64;
-        loop {
-            let r = self.backend.range(RangeRequest { key: key.clone().into(), range_end: end.clone().into(), limit: 10_000, revision: rev, ..Default::default() }).await?;
-            if rev == 0 {
-                rev = r.header.as_ref().map_or(0, |h| h.revision);
-            }
-            for kv in &r.kvs {
-                if let Some(e) = entry_of(kv) {
-                    objects.insert(e.key.clone(), e);
-                }
-            }
-            if !r.more || r.kvs.is_empty() {
-                break;
-            }
-            key = r.kvs.last().expect("non-empty").key.to_vec();
-            key.push(0);
+        // With the embedded store: its keys and a tap of every later event, sharing the
+        // stored value buffers. With etcd: a paged list, then a watch.
+        enum Feed {
+            Tap(mpsc::Receiver<shoal_store::watch::TapBatch>),
+            Watch(crate::backend::WatchStream),
         }
-        // CRDs first: their custom resources are only recognised once they are served.
-        let crds: Vec<Value> = objects.values().filter(|e: &&Arc<Entry>| e.key.starts_with(CRD_PREFIX)).map(|e| e.value()).collect();
-        crate::crd::rebuild(&crds);
-        if !crds.is_empty() {
-            let mut key = start.clone();
-            loop {
-                let r = self.backend.range(RangeRequest { key: key.clone().into(), range_end: end.clone().into(), limit: 10_000, revision: rev, ..Default::default() }).await?;
-                for kv in &r.kvs {
-                    if let Some(e) = entry_of(kv) {
-                        objects.entry(e.key.clone()).or_insert(e);
+        let mut kvs: Vec<(Bytes, Bytes, i64, i64)> = Vec::new();
+        let (rev, mut feed) = match &self.backend {
+            Backend::Embedded(m) => {
+                let (tx, rx) = mpsc::channel(4096);
+                let range = shoal_store::mvcc::KeyRange::from_etcd(&Bytes::from(start.clone()), &Bytes::from(end.clone()));
+                let (list, rev) = m.snapshot_and_tap(&range, tx)?;
+                kvs.extend(list.into_iter().map(|kv| (kv.key, kv.value, kv.create_rev, kv.mod_rev)));
+                (rev, Feed::Tap(rx))
+            }
+            Backend::Etcd { .. } => {
+                let mut key = start.clone();
+                let mut rev = 0i64;
+                loop {
+                    let r = self.backend.range(RangeRequest { key: key.clone().into(), range_end: end.clone().into(), limit: 10_000, revision: rev, ..Default::default() }).await?;
+                    if rev == 0 {
+                        rev = r.header.as_ref().map_or(0, |h| h.revision);
+                    }
+                    let n = r.kvs.len();
+                    let more = r.more;
+                    if let Some(last) = r.kvs.last() {
+                        key = last.key.to_vec();
+                        key.push(0);
+                    }
+                    kvs.extend(r.kvs.into_iter().map(|kv| (kv.key, kv.value, kv.create_revision, kv.mod_revision)));
+                    if !more || n == 0 {
+                        break;
                     }
                 }
-                if !r.more || r.kvs.is_empty() {
-                    break;
-                }
-                key = r.kvs.last().expect("non-empty").key.to_vec();
-                key.push(0);
+                (rev, Feed::Watch(self.backend.watch(start, end, rev + 1).await?))
+            }
+        };
+        // CRDs first: their custom resources are only recognised once they are served.
+        let crds: Vec<Value> = kvs.iter().filter(|(k, ..)| k.starts_with(CRD_PREFIX.as_bytes())).filter_map(|(_, v, ..)| serde_json::from_slice(v).ok()).collect();
+        crate::crd::rebuild(&crds);
+        let mut objects = BTreeMap::new();
+        for (k, v, c, m) in kvs {
+            if let Some(e) = entry_of(&k, v, c, m) {
+                objects.insert(e.key.clone(), e);
             }
         }
-        let mut stream = self.backend.watch(start, end, rev + 1).await?;
         {
             let mut g = self.inner.write();
             for (_, w) in g.watchers.drain() {
@@ -380,39 +404,64 @@ impl Cache {
         self.ready.store(true, Ordering::Release);
         tracing::info!(revision = rev, objects = self.object_count(), "watch cache synced");
         loop {
-            tokio::select! {
-                c = stream.next() => match c {
-                    None => return Err(BackendError::Unavailable("store watch ended".into())),
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(chunk)) => self.apply(&chunk.events, chunk.revision),
+            match &mut feed {
+                Feed::Tap(rx) => tokio::select! {
+                    b = rx.recv() => match b {
+                        None => return Err(BackendError::Unavailable("the store dropped the cache's tap (queue full or state replaced)".into())),
+                        Some(batch) => self.apply(batch.iter().map(|(_, ev)| Change {
+                            key: &ev.kv.key,
+                            value: ev.kv.value.clone(),
+                            create_rev: ev.kv.create_rev,
+                            mod_rev: ev.kv.mod_rev,
+                            delete: ev.kind == shoal_store::mvcc::EventKind::Delete,
+                        }), 0),
+                    },
+                    // The tap carries every revision: the cache is as fresh as the store
+                    // once its queue is drained, no progress notification needed.
+                    Some(()) = progress_rx.recv() => {}
                 },
-                Some(()) = progress_rx.recv() => stream.request_progress(),
+                Feed::Watch(stream) => tokio::select! {
+                    c = stream.next() => match c {
+                        None => return Err(BackendError::Unavailable("store watch ended".into())),
+                        Some(Err(e)) => return Err(e),
+                        Some(Ok(chunk)) => {
+                            let empty = chunk.events.is_empty();
+                            self.apply(chunk.events.iter().filter_map(|ev| {
+                                let kv = ev.kv.as_ref()?;
+                                Some(Change { key: &kv.key, value: kv.value.clone(), create_rev: kv.create_revision, mod_rev: kv.mod_revision, delete: ev.r#type == EventType::Delete as i32 })
+                            }), if empty { chunk.revision } else { 0 });
+                        }
+                    },
+                    Some(()) = progress_rx.recv() => stream.request_progress(),
+                },
             }
         }
     }
 
-    /// Applies store events in order and fans them out.
-    fn apply(&self, events: &[Event], header_rev: i64) {
+    /// Applies changes in revision order and fans them out. `progress_rev` > 0 is a
+    /// progress notification (no changes, the store's revision).
+    fn apply<'a>(&self, changes: impl Iterator<Item = Change<'a>>, progress_rev: i64) {
         let mut g = self.inner.write();
         let mut new_rev = g.rev;
-        for ev in events {
-            let Some(kv) = ev.kv.as_ref() else { continue };
-            new_rev = new_rev.max(kv.mod_revision);
-            let Ok(key) = String::from_utf8(kv.key.to_vec()) else { continue };
-            if def_of_key(&key).is_none() {
+        let mut any = false;
+        for ch in changes {
+            any = true;
+            new_rev = new_rev.max(ch.mod_rev);
+            let Ok(key) = std::str::from_utf8(ch.key) else { continue };
+            if def_of_key(key).is_none() {
                 continue;
             }
+            let key = key.to_string();
             let prev = g.objects.get(&key).cloned();
-            let ce = if ev.r#type == EventType::Delete as i32 {
+            let ce = if ch.delete {
                 let Some(p) = prev.clone() else { continue };
                 g.objects.remove(&key);
-                let Some((json, rv_at)) = stamp_at(&p.json_unstamped(), kv.mod_revision) else { continue };
-                let obj = Arc::new(Entry { key: key.clone(), json, mod_rev: kv.mod_revision, create_rev: p.create_rev, rv_at, labels: p.labels.clone(), name: p.name.clone(), namespace: p.namespace.clone(), fields: p.fields.clone() });
-                CacheEvent { rev: kv.mod_revision, key: key.clone(), obj, prev, deleted: true, lines: Default::default() }
+                let obj = Arc::new(Entry { key: key.clone(), stored: p.stored.clone(), rv_at: p.rv_at, mod_rev: ch.mod_rev, create_rev: p.create_rev, labels: p.labels.clone(), name: p.name.clone(), namespace: p.namespace.clone(), fields: p.fields.clone() });
+                CacheEvent { rev: ch.mod_rev, key: key.clone(), obj, prev, deleted: true, lines: Default::default() }
             } else {
-                let Some(e) = entry_of(kv) else { continue };
+                let Some(e) = entry_of(ch.key, ch.value, ch.create_rev, ch.mod_rev) else { continue };
                 g.objects.insert(key.clone(), e.clone());
-                CacheEvent { rev: kv.mod_revision, key: key.clone(), obj: e, prev, deleted: false, lines: Default::default() }
+                CacheEvent { rev: ch.mod_rev, key: key.clone(), obj: e, prev, deleted: false, lines: Default::default() }
             };
             let ce = Arc::new(ce);
             if key.starts_with(CRD_PREFIX) {
@@ -459,15 +508,15 @@ impl Cache {
                 }
             }
         }
-        if events.is_empty() {
-            new_rev = new_rev.max(header_rev);
+        if !any && progress_rev > 0 {
+            new_rev = new_rev.max(progress_rev);
             for w in g.watchers.values() {
                 let _ = w.tx.try_send(Delivery::Progress(new_rev));
             }
         }
         if new_rev > g.rev {
             g.rev = new_rev;
-            if events.is_empty() {
+            if !any {
                 g.ring_from = g.ring_from.max(g.ring.back().map_or(new_rev, |e| e.rev.min(new_rev)));
             }
             drop(g);
@@ -559,36 +608,17 @@ impl Cache {
     }
 }
 
-impl Entry {
-    /// The JSON without the spliced resourceVersion (to re-stamp a deleted object).
-    fn json_unstamped(&self) -> Vec<u8> {
-        let rv = format!("\"resourceVersion\":\"{}\"", self.mod_rev);
-        let s = &self.json[..];
-        let i = self.rv_at;
-        if s.get(i..i + rv.len()) != Some(rv.as_bytes()) {
-            return s.to_vec();
-        }
-        let mut out = s[..i].to_vec();
-        let mut j = i + rv.len();
-        if s.get(j) == Some(&b',') {
-            j += 1;
-        }
-        out.extend_from_slice(&s[j..]);
-        out
-    }
-}
-
 /// A list response body assembled from cached JSON: `{"kind":..., "items":[...]}`.
 pub fn list_body(kind_list: &str, api_version: &str, meta: &Value, items: &[Arc<Entry>]) -> Bytes {
     let head = format!("{{\"apiVersion\":{},\"items\":[", Value::String(api_version.to_string()));
-    let total: usize = items.iter().map(|e| e.json.len() + 1).sum::<usize>() + head.len() + 128;
+    let total: usize = items.iter().map(|e| e.json_len() + 1).sum::<usize>() + head.len() + 128;
     let mut b = BytesMut::with_capacity(total);
     b.put_slice(head.as_bytes());
     for (i, e) in items.iter().enumerate() {
         if i > 0 {
             b.put_u8(b',');
         }
-        b.put_slice(&e.json);
+        e.write_json(&mut b);
     }
     b.put_slice(format!("],\"kind\":{},\"metadata\":{}}}", Value::String(kind_list.to_string()), meta).as_bytes());
     b.freeze()
@@ -597,6 +627,10 @@ pub fn list_body(kind_list: &str, api_version: &str, meta: &Value, items: &[Arc<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn stamp(json: &[u8], rev: i64) -> Option<Bytes> {
+        entry_of(b"/registry/configmaps/d/x", Bytes::copy_from_slice(json), 1, rev).map(|e| e.json())
+    }
 
     #[test]
     fn stamping_splices_the_resource_version() {
@@ -618,19 +652,17 @@ mod tests {
     #[test]
     fn entries_and_lists() {
         let kv = KeyValue { key: b"/registry/pods/d/p".to_vec().into(), value: serde_json::to_vec(&serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "namespace": "d", "labels": {"app": "web"}}, "spec": {"nodeName": "n1"}})).unwrap().into(), create_revision: 3, mod_revision: 5, version: 2, lease: 0 };
-        let e = entry_of(&kv).unwrap();
+        let e = entry_of_kv(&kv).unwrap();
         assert_eq!(e.field("spec.nodeName").as_deref(), Some("n1"));
         assert_eq!(e.value()["metadata"]["resourceVersion"], "5");
-        let unstamped: Value = serde_json::from_slice(&e.json_unstamped()).unwrap();
-        assert!(unstamped["metadata"].get("resourceVersion").is_none());
         let body = list_body("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), &[e.clone(), e]);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["items"].as_array().unwrap().len(), 2);
         assert_eq!(v["kind"], "PodList");
-        assert!(entry_of(&KeyValue { key: b"/registry/ipaddresses/10.96.0.1".to_vec().into(), value: b"x".to_vec().into(), ..Default::default() }).is_none());
+        assert!(entry_of_kv(&KeyValue { key: b"/registry/ipaddresses/10.96.0.1".to_vec().into(), value: b"x".to_vec().into(), ..Default::default() }).is_none());
         let pods = crate::resources::find("", "v1", "pods").unwrap();
-        let line = line_bytes("ADDED", b"{}");
-        assert_eq!(&line[..], b"{\"type\":\"ADDED\",\"object\":{}}\n");
+        let line = line_bytes("ADDED", &entry_of(b"/registry/configmaps/d/x", Bytes::from_static(br#"{"metadata":{}}"#), 1, 2).unwrap());
+        assert_eq!(&line[..], b"{\"type\":\"ADDED\",\"object\":{\"metadata\":{\"resourceVersion\":\"2\"}}}\n");
         assert!(def_of_key("/registry/pods/d/p").is_some_and(|d| std::ptr::eq(d, pods)));
         assert!(def_of_key("/registry/services/specs/d/s").is_some());
         assert!(def_of_key("/registry/podsx/d/p").is_none());

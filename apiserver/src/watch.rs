@@ -259,7 +259,7 @@ pub async fn start_cached(cache: &std::sync::Arc<crate::cache::Cache>, def: &'st
         let deadline = tokio::time::Instant::now() + timeout;
         let render_entry = |ty: &str, e: &crate::cache::Entry| -> Bytes {
             if shared {
-                crate::cache::line_bytes(ty, &e.json)
+                crate::cache::line_bytes(ty, e)
             } else {
                 line(ty, &e.value(), def, served, render)
             }

@@ -476,6 +476,16 @@ impl Member {
 
     /// Waits until this member's state reflects every write acknowledged before the call
     /// (raft read index: the leader confirms it still leads, a follower asks the leader).
+    /// Every live key in `range` now, and a tap (see `WatchHub::tap`) that receives every
+    /// event applied after that read: together, a consistent starting point for an
+    /// in-process cache.
+    pub fn snapshot_and_tap(&self, range: &crate::mvcc::KeyRange, tx: mpsc::Sender<crate::watch::TapBatch>) -> Result<(Vec<crate::mvcc::Kv>, crate::mvcc::Rev), StoreError> {
+        let st = self.state.read();
+        let r = st.mvcc.range(range, &crate::mvcc::RangeOpts { limit: 0, rev: 0, count_only: false, cur: None })?;
+        self.hub.tap(tx);
+        Ok((r.kvs, r.rev))
+    }
+
     /// An etcd Range: linearizable (after a read barrier) unless it asks to be
     /// serializable. The header carries the revision it was served at.
     pub async fn range(&self, r: shoal_proto::etcdserverpb::RangeRequest) -> Result<shoal_proto::etcdserverpb::RangeResponse, StoreError> {

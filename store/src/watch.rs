@@ -26,6 +26,9 @@ use crate::state::{event_to_pb, State};
 /// One response as the client stream yields it.
 pub type WatchItem = Result<WatchResponseRaw, tonic::Status>;
 
+/// What a tap receives: the events of one apply, shared (values are the stored buffers).
+pub type TapBatch = std::sync::Arc<Vec<(Rev, Event)>>;
+
 /// What a stream's queue carries: responses queued together (one publish fans out to a
 /// stream's watchers as one queue operation, not one per watcher).
 pub type WatchBatch = Vec<WatchItem>;
@@ -80,6 +83,8 @@ struct Inner {
     /// scan of its key range in the MVCC history.
     ring: std::collections::VecDeque<(Rev, Event)>,
     ring_start: Rev,
+    /// In-process subscribers of every event (the API server's watch cache), see `tap`.
+    taps: Vec<mpsc::Sender<TapBatch>>,
 }
 
 /// Events kept in the ring.
@@ -198,9 +203,19 @@ impl WatchHub {
         }
     }
 
+    /// Registers an in-process subscriber of every event applied from now on, delivered
+    /// unencoded with the stored value buffers shared. Call it while holding the state's
+    /// read lock after reading a snapshot of the keys: no event can be applied in between.
+    /// A tap whose queue is full, or any tap when the state is replaced by a snapshot, is
+    /// dropped: its receiver ends and must re-read and re-tap.
+    pub fn tap(&self, tx: mpsc::Sender<TapBatch>) {
+        self.inner.lock().taps.push(tx);
+    }
+
     /// Makes every watcher catch up from history (after the state was replaced wholesale).
     pub fn mark_all_lagging(&self, next_rev: Rev) {
         let mut g = self.inner.lock();
+        g.taps.clear();
         g.ring.clear();
         g.ring_start = next_rev;
         let mut n = 0;
@@ -234,7 +249,11 @@ impl WatchHub {
         }
         let mut enc: Vec<Encoded> = events.iter().map(|(rev, ev)| Encoded { rev: *rev, ev, plain: None, with_prev: None }).collect();
         let mut g = self.inner.lock();
-        let Inner { watchers, streams, lagging, ring, ring_start } = &mut *g;
+        if !g.taps.is_empty() {
+            let batch: TapBatch = std::sync::Arc::new(events.to_vec());
+            g.taps.retain(|t| t.try_send(batch.clone()).is_ok());
+        }
+        let Inner { watchers, streams, lagging, ring, ring_start, .. } = &mut *g;
         ring.extend(events.iter().cloned());
         while ring.len() > RING_EVENTS {
             // Evict whole revisions only: the ring must hold every event from ring_start on.
@@ -365,7 +384,7 @@ impl WatchHub {
             None => g.watchers.iter().filter(|(_, w)| w.lagging).map(|(k, _)| *k).collect(),
         };
         for key in keys {
-            let Inner { watchers, streams, lagging, ring, ring_start } = &mut *g;
+            let Inner { watchers, streams, lagging, ring, ring_start, .. } = &mut *g;
             let Some(w) = watchers.get_mut(&key) else { continue };
             let Some(s) = streams.get(&w.stream) else { continue };
             if w.next_rev < compact {
