@@ -214,6 +214,9 @@ fn error_response(e: &ApiError) -> Response<Body> {
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Want {
     Json,
+    /// `application/vnd.kubernetes.protobuf` (objects, lists and statuses; watches stay JSON
+    /// when the client also accepts it).
+    Protobuf,
     Table,
     Metadata,
 }
@@ -228,6 +231,7 @@ fn negotiate(accept: &str) -> Result<Want, ApiError> {
         let params: Vec<(&str, &str)> = it.filter_map(|p| p.split_once('=')).collect();
         let get = |k: &str| params.iter().find(|(pk, _)| *pk == k).map(|(_, v)| *v);
         match media {
+            "application/vnd.kubernetes.protobuf" if get("as").is_none() => return Ok(Want::Protobuf),
             "application/json" | "application/*" | "*/*" | "application/yaml" => match get("as") {
                 None => return Ok(Want::Json),
                 Some("Table") if get("g") == Some("meta.k8s.io") && matches!(get("v"), Some("v1" | "v1beta1")) => return Ok(Want::Table),
@@ -237,7 +241,7 @@ fn negotiate(accept: &str) -> Result<Want, ApiError> {
             _ => continue,
         }
     }
-    Err(ApiError::not_acceptable(&["application/json", "application/yaml"]))
+    Err(ApiError::not_acceptable(&["application/json", "application/yaml", "application/vnd.kubernetes.protobuf"]))
 }
 
 /// Which verb a request is, for metrics (upstream's names).
@@ -443,6 +447,11 @@ impl Api {
         let watch = routed.watch_path || q.flag("watch");
         let labels = Some((verb_of(method, !routed.name.is_empty(), watch), routed.def.group, routed.def.plural, routed.sub.clone()));
         let want = match negotiate(accept) {
+            // A watch is streamed as JSON lines; protobuf clients accept JSON too.
+            Ok(Want::Protobuf) if watch => match negotiate(&accept.replace("application/vnd.kubernetes.protobuf", "application/x-unused")) {
+                Ok(w) => w,
+                Err(e) => return (error_response(&e), labels),
+            },
             Ok(w) => w,
             Err(e) => return (error_response(&e), labels),
         };
@@ -471,6 +480,7 @@ impl Api {
             Ok(r) => r,
             Err(e) => error_response(&e),
         };
+        let resp = if want == Want::Protobuf { to_protobuf(resp).await } else { resp };
         if routed.def.kind == "CustomResourceDefinition" && !routed.def.custom && *method != Method::GET && resp.status().is_success() {
             if let Err(e) = rest::refresh_crds(&self.backend).await {
                 tracing::warn!(error = %e.message, "refreshing custom resources after a CRD write");
@@ -526,7 +536,7 @@ impl Api {
                 let render = match want {
                     Want::Table => Render::Table(Include::parse(q.get("includeObject"))),
                     Want::Metadata => Render::Metadata,
-                    Want::Json => Render::Object,
+                    Want::Json | Want::Protobuf => Render::Object,
                 };
                 let rx = match watch::start_cached(&self.cache, def, served, &r.ns, q, render).await? {
                     Some(rx) => rx,
@@ -574,7 +584,7 @@ impl Api {
                         }
                         json_response(200, &l)
                     }
-                    Want::Json => {
+                    Want::Json | Want::Protobuf => {
                         let page = rest::Page { items: page.items.into_iter().map(|o| crate::conversion::convert(o, served)).collect(), ..page };
                         json_response(200, &rest::list_object(served, page))
                     }
@@ -641,6 +651,29 @@ impl Api {
             }
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),
         }
+    }
+}
+
+/// Re-encodes a JSON response (object, list or Status) as Kubernetes protobuf. A body the
+/// schema cannot express stays JSON (the client accepts both).
+async fn to_protobuf(resp: Response<Body>) -> Response<Body> {
+    let is_json = resp.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) == Some("application/json");
+    if !is_json {
+        return resp;
+    }
+    let (mut parts, body) = resp.into_parts();
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(never) => match never {},
+    };
+    let encoded = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| crate::schema::encode_k8s_protobuf(&v).ok());
+    match encoded {
+        Some(pb) => {
+            parts.headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/vnd.kubernetes.protobuf"));
+            parts.headers.remove(header::CONTENT_LENGTH);
+            Response::from_parts(parts, Full::new(Bytes::from(pb)).boxed())
+        }
+        None => Response::from_parts(parts, Full::new(bytes).boxed()),
     }
 }
 
@@ -718,7 +751,7 @@ impl Api {
                 md["continue"] = json!(rest::continue_token(rev, &format!("{}\0", &last.key[prefix.len()..])));
             }
         }
-        if want == Want::Json && std::ptr::eq(def, served) {
+        if matches!(want, Want::Json | Want::Protobuf) && std::ptr::eq(def, served) {
             let body = crate::cache::list_body(&format!("{}List", def.kind), &def.api_version(), &md, &items);
             return Ok(Some(full(200, "application/json", body)));
         }
@@ -729,7 +762,7 @@ impl Api {
                 let items: Vec<Value> = values.into_iter().map(|v| json!({"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1", "metadata": v["metadata"]})).collect();
                 json_response(200, &json!({"kind": "PartialObjectMetadataList", "apiVersion": "meta.k8s.io/v1", "metadata": md, "items": items}))
             }
-            Want::Json => {
+            Want::Json | Want::Protobuf => {
                 let items: Vec<Value> = values.into_iter().map(|o| crate::conversion::convert(o, served)).collect();
                 json_response(200, &json!({"kind": format!("{}List", served.kind), "apiVersion": served.api_version(), "metadata": md, "items": items}))
             }
@@ -805,9 +838,10 @@ mod tests {
     #[test]
     fn accept_negotiation() {
         assert_eq!(negotiate("application/json;as=Table;v=v1;g=meta.k8s.io,application/json;as=Table;v=v1beta1;g=meta.k8s.io,application/json").unwrap(), Want::Table);
-        assert_eq!(negotiate("application/vnd.kubernetes.protobuf,application/json").unwrap(), Want::Json);
+        assert_eq!(negotiate("application/vnd.kubernetes.protobuf,application/json").unwrap(), Want::Protobuf);
+        assert_eq!(negotiate("application/vnd.kubernetes.protobuf;as=Table;g=meta.k8s.io;v=v1,application/json").unwrap(), Want::Json);
         assert_eq!(negotiate("").unwrap(), Want::Json);
-        assert_eq!(negotiate("application/vnd.kubernetes.protobuf").unwrap_err().code, 406);
+        assert_eq!(negotiate("text/plain").unwrap_err().code, 406);
         assert_eq!(negotiate("application/json;as=Bogus;g=x;v=y,application/json").unwrap(), Want::Json);
     }
 

@@ -194,6 +194,17 @@ fn bad_input_gets_a_status_and_writes_nothing() {
     assert_eq!(code, 200);
     let before_rv = curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"].clone();
     assert_eq!(curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"], before_rv);
+    // Protobuf responses for clients that prefer them (client-go's protobuf content type).
+    let o = Command::new("curl")
+        .args(["-sk", "-H", &format!("Authorization: Bearer {}", token(&s)), "-H", "Accept: application/vnd.kubernetes.protobuf,application/json", "-D", "-"])
+        .arg(format!("https://{}/api/v1/namespaces/default", s.api))
+        .output()
+        .unwrap();
+    let raw = o.stdout;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
+    assert!(head.contains("content-type: application/vnd.kubernetes.protobuf"), "{head}");
+    assert!(raw[split..].starts_with(b"k8s\0"), "protobuf body");
     // The server is still healthy.
     let (code, _) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"fine"}}"#), true);
     assert_eq!(code, 201);
