@@ -608,6 +608,31 @@ impl Cache {
     }
 }
 
+/// The same list as `list_body`, produced in chunks of about `chunk` bytes as the client
+/// reads: a list of 150,000 pods never exists as one 300 MB buffer.
+pub fn list_chunks(kind_list: &str, api_version: &str, meta: &Value, items: Vec<Arc<Entry>>, chunk: usize) -> impl futures::Stream<Item = Bytes> + Send + 'static {
+    let head = Bytes::from(format!("{{\"apiVersion\":{},\"items\":[", Value::String(api_version.to_string())));
+    let tail = Bytes::from(format!("],\"kind\":{},\"metadata\":{}}}", Value::String(kind_list.to_string()), meta));
+    let state = (items, 0usize, Some(head), Some(tail));
+    futures::stream::unfold(state, move |(items, mut i, mut head, mut tail)| async move {
+        if let Some(h) = head.take() {
+            return Some((h, (items, i, None, tail)));
+        }
+        if i < items.len() {
+            let mut b = BytesMut::with_capacity(chunk + 4096);
+            while i < items.len() && b.len() < chunk {
+                if i > 0 {
+                    b.put_u8(b',');
+                }
+                items[i].write_json(&mut b);
+                i += 1;
+            }
+            return Some((b.freeze(), (items, i, None, tail)));
+        }
+        tail.take().map(|t| (t, (items, i, None, None)))
+    })
+}
+
 /// A list response body assembled from cached JSON: `{"kind":..., "items":[...]}`.
 pub fn list_body(kind_list: &str, api_version: &str, meta: &Value, items: &[Arc<Entry>]) -> Bytes {
     let head = format!("{{\"apiVersion\":{},\"items\":[", Value::String(api_version.to_string()));
@@ -655,9 +680,15 @@ mod tests {
         let e = entry_of_kv(&kv).unwrap();
         assert_eq!(e.field("spec.nodeName").as_deref(), Some("n1"));
         assert_eq!(e.value()["metadata"]["resourceVersion"], "5");
-        let body = list_body("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), &[e.clone(), e]);
+        let body = list_body("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), &[e.clone(), e.clone()]);
         let v: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v["items"].as_array().unwrap().len(), 2);
+        let items = vec![e.clone(), e.clone(), e.clone()];
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let chunks: Vec<Bytes> = rt.block_on(futures::StreamExt::collect(list_chunks("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), items.clone(), 10)));
+        assert!(chunks.len() >= 4);
+        let joined: Vec<u8> = chunks.concat();
+        assert_eq!(&joined[..], &list_body("PodList", "v1", &serde_json::json!({"resourceVersion": "9"}), &items)[..]);
         assert_eq!(v["kind"], "PodList");
         assert!(entry_of_kv(&KeyValue { key: b"/registry/ipaddresses/10.96.0.1".to_vec().into(), value: b"x".to_vec().into(), ..Default::default() }).is_none());
         let pods = crate::resources::find("", "v1", "pods").unwrap();

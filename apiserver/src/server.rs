@@ -752,6 +752,10 @@ impl Api {
             }
         }
         if matches!(want, Want::Json | Want::Protobuf) && std::ptr::eq(def, served) {
+            if want == Want::Json {
+                let stream = crate::cache::list_chunks(&format!("{}List", def.kind), &def.api_version(), &md, items, 256 << 10).map(|b| Ok::<_, Infallible>(Frame::data(b)));
+                return Ok(Some(Response::builder().status(200).header(header::CONTENT_TYPE, "application/json").header(header::CACHE_CONTROL, "no-cache, private").body(BodyExt::boxed(StreamBody::new(stream))).expect("static headers are valid")));
+            }
             let body = crate::cache::list_body(&format!("{}List", def.kind), &def.api_version(), &md, &items);
             return Ok(Some(full(200, "application/json", body)));
         }

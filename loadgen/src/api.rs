@@ -360,6 +360,7 @@ async fn list(sys: &System, a: &ApiArgs) -> anyhow::Result<Map<String, Value>> {
     }
     let create_secs = t0.elapsed().as_secs_f64();
     pb.finish_and_clear();
+    let rss_created = sys.rss();
     let pb = bar(a.lists as u64, format!("{} list all pods", sys.name));
     let mut lat = Vec::new();
     let mut bytes = 0usize;
@@ -389,6 +390,7 @@ async fn list(sys: &System, a: &ApiArgs) -> anyhow::Result<Map<String, Value>> {
     m.insert(format!("{n}_list_mib"), json!(bytes as f64 / (1 << 20) as f64));
     m.insert(format!("{n}_stored_mib"), json!(stored.load(Ordering::Relaxed) as f64 / (1 << 20) as f64));
     m.insert(format!("{n}_rss_mib"), json!(rss1));
+    m.insert(format!("{n}_rss_after_create_mib"), json!(rss_created));
     m.insert(format!("{n}_rss_growth_mib"), json!(rss1 - rss0));
     m.insert(format!("{n}_rss_bytes_per_pod"), json!((rss1 - rss0) * (1 << 20) as f64 / a.pods.max(1) as f64));
     Ok(m)
