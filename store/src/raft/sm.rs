@@ -53,13 +53,22 @@ pub struct SmShared {
     pub snapshot_due: Arc<tokio::sync::Notify>,
 }
 
+/// The smallest byte threshold between snapshots.
+const MIN_SNAPSHOT_BYTES: u64 = 64 << 20;
+
 impl SmShared {
     /// True when enough was applied since the last snapshot to take another.
     pub fn snapshot_due(&self) -> bool {
         use std::sync::atomic::Ordering::Relaxed;
         let cmds = self.applied_cmds.load(Relaxed) - self.snap_cmds.load(Relaxed);
         let bytes = self.applied_bytes.load(Relaxed) - self.snap_bytes.load(Relaxed);
-        cmds >= self.snapshot_every.0 || bytes >= self.snapshot_every.1
+        // The log kept in memory until the next snapshot is bounded by a quarter of the
+        // state (at least 64 MiB): snapshot work stays linear in the bytes written (each
+        // snapshot costs the state's size, every state/4 bytes) while the log costs at most
+        // 25% of the state's memory.
+        let db = u64::try_from(self.metrics.db_size_bytes.get()).unwrap_or(0);
+        let by_bytes = self.snapshot_every.1.min((db / 4).max(MIN_SNAPSHOT_BYTES));
+        cmds >= self.snapshot_every.0 || bytes >= by_bytes
     }
 }
 
