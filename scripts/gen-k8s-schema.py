@@ -53,6 +53,18 @@ def camel(snake, known):
         out += ACRONYMS.get(p, p[:1].upper() + p[1:])
     return out
 
+# Fields the Go types embed with `json:",inline"`: their members appear at the parent's
+# level in JSON while protobuf nests them (flag 2 in the output).
+INLINE = {
+    ("Volume", "volumeSource"), ("PersistentVolumeSpec", "persistentVolumeSource"), ("Probe", "handler"),
+    ("EphemeralContainer", "ephemeralContainerCommon"),
+    ("ConfigMapEnvSource", "localObjectReference"), ("ConfigMapKeySelector", "localObjectReference"),
+    ("ConfigMapProjection", "localObjectReference"), ("ConfigMapVolumeSource", "localObjectReference"),
+    ("SecretEnvSource", "localObjectReference"), ("SecretKeySelector", "localObjectReference"),
+    ("SecretProjection", "localObjectReference"),
+    ("RuleWithOperations", "rule"), ("NamedRuleWithOperations", "ruleWithOperations"), ("IngressRule", "ingressRuleValue"),
+}
+
 FIELD_RE = re.compile(r'#\[prost\((.*?)\)\]\s*pub (r#)?(\w+):\s*(.*?),\s*$', re.S)
 
 def main():
@@ -102,7 +114,9 @@ def main():
                     ftype = "bytes"
                 else:
                     ftype = kind
-                fields.append([tag, camel(fname, known), ftype, 1 if repeated else 0])
+                jname = camel(fname, known)
+                flags = (1 if repeated else 0) | (2 if (name, jname) in INLINE else 0)
+                fields.append([tag, jname, ftype, flags])
             if name.startswith("JsonSchemaProps"):
                 # Go's JSON names these fields with a '$' the client models spell otherwise.
                 for f in fields:

@@ -80,6 +80,8 @@ pub struct Field {
     pub name: String,
     pub ty: Ty,
     pub repeated: bool,
+    /// Embedded with `json:",inline"`: its members are the parent's in JSON.
+    pub inline: bool,
 }
 
 #[derive(Debug, Default)]
@@ -126,7 +128,8 @@ pub fn schema() -> &'static Schema {
                     tag: f[0].as_u64().unwrap_or(0) as u32,
                     name: f[1].as_str().unwrap_or("").to_string(),
                     ty: parse_ty(f[2].as_str().unwrap_or("")),
-                    repeated: f[3].as_u64() == Some(1),
+                    repeated: f[3].as_u64().unwrap_or(0) & 1 == 1,
+                    inline: f[3].as_u64().unwrap_or(0) & 2 == 2,
                 };
                 m.by_tag.insert(field.tag, m.fields.len());
                 m.by_name.insert(field.name.clone(), m.fields.len());
@@ -141,6 +144,19 @@ pub fn schema() -> &'static Schema {
 impl Schema {
     pub fn message(&self, name: &str) -> Option<&Message> {
         self.messages.get(name)
+    }
+
+    /// The field a JSON key names in message `msg`, looking through inline members.
+    fn json_field<'a>(&'a self, msg: &'a Message, key: &str) -> Option<&'a Field> {
+        if let Some(f) = msg.field(key) {
+            if !f.inline {
+                return Some(f);
+            }
+        }
+        msg.fields.iter().filter(|f| f.inline).find_map(|f| match &f.ty {
+            Ty::Message(m) => self.messages.get(m).and_then(|im| self.json_field(im, key)),
+            _ => None,
+        })
     }
 
     /// Decodes a protobuf message into its Kubernetes JSON form.
@@ -185,6 +201,10 @@ impl Schema {
                         if let [Value::String(k), val] = kv.as_slice() {
                             m.insert(k.clone(), val.clone());
                         }
+                    }
+                } else if field.inline {
+                    if let Value::Object(m) = v {
+                        out.extend(m);
                     }
                 } else {
                     out.insert(field.name.clone(), v);
@@ -290,7 +310,7 @@ impl Schema {
         let Some(obj) = v.as_object_mut() else { return };
         let mut unknown = Vec::new();
         for (k, val) in obj.iter_mut() {
-            let Some(f) = msg.field(k) else {
+            let Some(f) = self.json_field(msg, k) else {
                 if !(path.is_empty() && (k == "apiVersion" || k == "kind")) {
                     unknown.push(k.clone());
                 }
@@ -340,7 +360,7 @@ impl Schema {
         let Some(obj) = v.as_object() else { return };
         let simple = name.rsplit('.').next().unwrap_or("");
         for (k, val) in obj {
-            let Some(f) = msg.field(k) else { continue };
+            let Some(f) = self.json_field(msg, k) else { continue };
             let p = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
             if val.is_null() {
                 continue;
@@ -417,7 +437,17 @@ impl Schema {
                 Special::None => {
                     let mut props = Map::new();
                     let simple = name.rsplit('.').next().unwrap_or("");
-                    for f in &msg.fields {
+                    let mut fields: Vec<&Field> = Vec::new();
+                    let mut stack: Vec<&Message> = vec![msg];
+                    while let Some(m) = stack.pop() {
+                        for f in &m.fields {
+                            match (&f.ty, f.inline) {
+                                (Ty::Message(im), true) => stack.extend(self.messages.get(im)),
+                                _ => fields.push(f),
+                            }
+                        }
+                    }
+                    for f in fields {
                         let mut t = self.type_schema(&f.ty, refs, &mut todo);
                         if f.repeated {
                             t = json!({"type": "array", "items": t});
@@ -717,6 +747,16 @@ impl Schema {
                 let msg = self.messages.get(name).ok_or_else(|| format!("no schema for {name}"))?;
                 let Some(obj) = v.as_object() else { return Err(format!("{name} must be an object")) };
                 for f in &msg.fields {
+                    if f.inline {
+                        if let Ty::Message(m) = &f.ty {
+                            let inner = self.messages.get(m).ok_or_else(|| format!("no schema for {m}"))?;
+                            let sub: Map<String, Value> = obj.iter().filter(|(k, _)| self.json_field(inner, k).is_some()).map(|(k, v)| (k.clone(), v.clone())).collect();
+                            if !sub.is_empty() {
+                                put_bytes(&mut out, f.tag, &self.encode(m, &Value::Object(sub))?);
+                            }
+                        }
+                        continue;
+                    }
                     let Some(val) = obj.get(&f.name) else { continue };
                     if val.is_null() {
                         continue;
@@ -929,6 +969,15 @@ mod tests {
         let mut p = json!({"spec": {"containers": [{"name": "c", "resources": {"limits": {"cpu": 1, "memory": "1Gi"}}}]}});
         schema().prune("io.k8s.api.core.v1.Pod", &mut p, "", &mut vec![]);
         assert_eq!(p["spec"]["containers"][0]["resources"]["limits"]["cpu"], "1");
+        // Inline members (Go's `json:",inline"`) are the parent's fields in JSON.
+        let mut pv = json!({"spec": {"capacity": {"storage": "1Gi"}, "hostPath": {"path": "/x"}, "volumes": 1}});
+        let mut unknown = vec![];
+        schema().prune("io.k8s.api.core.v1.PersistentVolume", &mut pv, "", &mut unknown);
+        assert_eq!(unknown, ["spec.volumes"]);
+        let full = json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": "pv"}, "spec": {"capacity": {"storage": "1Gi"}, "hostPath": {"path": "/x"}}});
+        assert_eq!(decode_k8s_protobuf(&encode_k8s_protobuf(&full).unwrap(), message_for).unwrap(), full);
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c", "readinessProbe": {"httpGet": {"path": "/", "port": 80}, "periodSeconds": 5}, "env": [{"name": "A", "valueFrom": {"configMapKeyRef": {"name": "cm", "key": "k"}}}]}], "volumes": [{"name": "v", "emptyDir": {}}]}});
+        assert_eq!(decode_k8s_protobuf(&encode_k8s_protobuf(&pod).unwrap(), message_for).unwrap(), pod);
         let bad = json!({"spec": {"replicas": "three", "template": {"spec": {"containers": {"name": "c"}}}, "selector": {"matchLabels": {"a": 1}}}});
         let mut errs = vec![];
         schema().type_errors("io.k8s.api.apps.v1.Deployment", &bad, "", &mut errs);
