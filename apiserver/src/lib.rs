@@ -41,4 +41,5 @@ pub mod status;
 pub mod strategic;
 pub mod table;
 pub mod tls;
+pub mod token;
 pub mod watch;

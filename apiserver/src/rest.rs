@@ -1245,6 +1245,50 @@ pub async fn evict(backend: &Backend, t: &Target<'_>, eviction: Value, q: &Query
     Ok((201, crate::status::success_status(None)))
 }
 
+/// POST of a TokenRequest to `serviceaccounts/<name>/token`: a signed, expiring token for
+/// the service account, optionally bound to a pod, secret or node that must exist.
+pub async fn token_request(backend: &Backend, t: &Target<'_>, req: Value, signer: &crate::token::Signer) -> Result<(u16, Value), ApiError> {
+    let Some((sa, _)) = get_current(backend, &t.key()).await? else {
+        return Err(ApiError::not_found(t.gr(), t.name));
+    };
+    let (auds, exp, bound) = crate::token::check_request(&req, t.name)?;
+    let mut bound_ids = None;
+    if let Some(b) = &bound {
+        let kind = b["kind"].as_str().unwrap_or("");
+        let name = b["name"].as_str().unwrap_or("");
+        let (plural, ns) = match kind {
+            "Pod" => ("pods", t.ns),
+            "Secret" => ("secrets", t.ns),
+            _ => ("nodes", ""),
+        };
+        let def = crate::resources::find("", "v1", plural).expect("built-in kinds");
+        let Some((obj, _)) = get_current(backend, &def.key(ns, name)).await? else {
+            return Err(ApiError::not_found(Gr { group: "", resource: plural }, name));
+        };
+        let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+        if let Some(want) = b.get("uid").and_then(Value::as_str).filter(|u| !u.is_empty()) {
+            if want != uid {
+                return Err(ApiError::conflict_msg(Gr { group: "", resource: plural }, name, &format!("the UID in the bound object reference ({want}) does not match the UID in record. The object might have been deleted and then recreated")));
+            }
+        }
+        bound_ids = Some((kind.to_string(), name.to_string(), uid));
+    }
+    let now = meta::now_secs();
+    let claims = crate::token::claims(t.ns, &sa, &auds, exp, bound_ids.as_ref().map(|(k, n, u)| (k.as_str(), n.as_str(), u.as_str())), now);
+    let token = signer.sign(&claims)?;
+    let mut spec = json!({"audiences": auds, "expirationSeconds": exp});
+    if let Some(b) = bound {
+        spec["boundObjectRef"] = b;
+    }
+    Ok((201, json!({
+        "kind": "TokenRequest",
+        "apiVersion": "authentication.k8s.io/v1",
+        "metadata": {"name": t.name, "namespace": t.ns, "creationTimestamp": null},
+        "spec": spec,
+        "status": {"token": token, "expirationTimestamp": meta::format_time(now + exp)},
+    })))
+}
+
 /// Re-reads every CRD from the store and serves what they define (called after a CRD
 /// write, so the next request can use it without waiting for the watch cache).
 pub async fn refresh_crds(backend: &Backend) -> Result<(), ApiError> {

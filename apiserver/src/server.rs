@@ -62,6 +62,8 @@ pub struct Api {
     pub backend: Backend,
     /// Lists and watches are served from here when it can (see cache.rs).
     pub cache: Arc<crate::cache::Cache>,
+    /// Signs service account tokens.
+    pub signer: Arc<crate::token::Signer>,
     pub admin_token: String,
     pub server_address: String,
     pub metrics: Arc<ApiMetrics>,
@@ -113,7 +115,8 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
             });
         })?;
     }
-    let api = Arc::new(Api { backend, cache, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
+    let signer = Arc::new(crate::token::Signer::load_or_create(&cfg.pki_dir)?);
+    let api = Arc::new(Api { backend, cache, signer, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
 
     for (i, l) in listeners.into_iter().enumerate() {
         let api = api.clone();
@@ -607,6 +610,11 @@ impl Api {
                 let (code, v) = rest::create(b, &t, obj, q).await?;
                 Ok(render_one(code, v))
             }
+            (&Method::POST, false, "token") => {
+                let obj = decode_body(ctype, body)?;
+                let (code, v) = rest::token_request(b, &t, obj, &self.signer).await?;
+                Ok(json_response(code, &v))
+            }
             (&Method::POST, false, "eviction") => {
                 let obj = decode_body(ctype, body)?;
                 let (code, v) = rest::evict(b, &t, obj, q).await?;
@@ -646,7 +654,7 @@ impl Api {
                 }
                 Ok(json_response(200, &rest::delete_collection(b, def, &r.ns, body, q).await?))
             }
-            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "token" | "ephemeralcontainers") => {
+            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "ephemeralcontainers") => {
                 Err(ApiError::new(501, "NotImplemented", format!("{}/{} is served once the node agent protocol lands", def.plural, r.sub)))
             }
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),

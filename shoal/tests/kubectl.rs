@@ -206,6 +206,13 @@ fn kubectl_135_objects_round_trip() {
     assert!(k.ok(&["auth", "whoami"]).contains("shoal-admin"));
     assert!(k.err(&["get", "pods", "-n", "t1", "--as=system:serviceaccount:t1:default"], None).contains("cannot list resource \"pods\""));
 
+    // Service account tokens (TokenRequest).
+    k.ok(&["create", "serviceaccount", "bot", "-n", "t1"]);
+    let tok = k.ok(&["create", "token", "bot", "-n", "t1", "--duration=1h"]);
+    assert_eq!(tok.trim().split('.').count(), 3, "a JWT: {tok}");
+    assert!(k.err(&["create", "token", "bot", "-n", "t1", "--duration=1m"], None).contains("may not specify a duration less than 10 minutes"));
+    assert!(k.err(&["create", "token", "nobody", "-n", "t1"], None).contains("serviceaccounts \"nobody\" not found"));
+
     // Delete: plain, and a namespace goes Terminating.
     k.ok(&["delete", "pod", "p1", "-n", "t1"]);
     k.err(&["get", "pod", "p1", "-n", "t1"], None);
