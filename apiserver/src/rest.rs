@@ -618,8 +618,10 @@ async fn commit_update(backend: &Backend, t: &Target<'_>, old: &Value, cur_rev: 
     if let Some(m) = manager {
         crate::apply::record_update(Some(old), &mut new, m, &t.def.api_version(), t.sub);
     }
+    // A namespace also waits for its spec finalizers (the namespace controller's).
     let finalizing = new.pointer("/metadata/deletionTimestamp").is_some()
-        && new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty());
+        && new.pointer("/metadata/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty())
+        && (t.def.kind != "Namespace" || new.pointer("/spec/finalizers").and_then(Value::as_array).is_none_or(|f| f.is_empty()));
     if dry {
         return Ok(Some(new));
     }

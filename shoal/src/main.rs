@@ -128,6 +128,10 @@ struct ServerArgs {
     /// Extra DNS names or IP addresses for the API serving certificate (repeatable).
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
+    /// Run the controllers (namespace deletion, ReplicaSets, garbage collector) in this
+    /// process, leader-elected through a Lease with the other servers.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    controllers: bool,
     /// How often the API server compacts the store's history, keeping at least this much
     /// (`300s`, `5m`, `1h`; `0` disables), as kube-apiserver's flag of the same name.
     #[arg(long, default_value = "5m")]
@@ -207,6 +211,8 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
 
 fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let kubeconfig = a.kubeconfig.take();
+    let run_controllers = a.controllers;
+    let name = a.name.clone();
     let compaction_interval = Some(parse_duration(&a.etcd_compaction_interval).with_context(|| format!("--etcd-compaction-interval {:?}", a.etcd_compaction_interval))?);
     let tls_san = std::mem::take(&mut a.tls_san);
     let initial_cluster = match &a.initial_cluster {
@@ -297,6 +303,24 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                 }
             })?;
             tracing::info!(kubeconfig = %data_dir.join("kubeconfig").display(), "use it with: kubectl --kubeconfig {}", data_dir.join("kubeconfig").display());
+            if run_controllers {
+                let host = if api.addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { api.addr.ip().to_string() };
+                let cfg = shoal_client::Config {
+                    server: format!("https://{}", if api.addr.is_ipv6() { format!("[{host}]:{}", api.addr.port()) } else { format!("{host}:{}", api.addr.port()) }),
+                    ca_pem: api.credentials.ca_pem.clone(),
+                    token: api.credentials.admin_token.clone(),
+                    user_agent: "shoal-controller-manager/v0.1.0".into(),
+                };
+                let client = shoal_client::Client::new(cfg, 2)?;
+                let opts = shoal_controllers::Options { identity: format!("{}-{}", name, std::process::id()), ..Default::default() };
+                std::thread::Builder::new().name("controllers".into()).spawn(move || {
+                    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("controllers").enable_all().build().expect("building the controllers runtime");
+                    rt.block_on(async move {
+                        let _lead = shoal_controllers::start(client, opts);
+                        std::future::pending::<()>().await
+                    });
+                })?;
+            }
             Some(api)
         }
         None => None,

@@ -145,7 +145,7 @@ fn curl(s: &Server, method: &str, path: &str, ctype: &str, body: Option<&[u8]>, 
 #[test]
 fn bad_input_gets_a_status_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_api(dir.path(), "api", &[]);
+    let s = Server::start_api(dir.path(), "api", &["--controllers=false"]);
     s.wait_api();
     let cms = "/api/v1/namespaces/default/configmaps";
     let count = |s: &Server| curl(s, "GET", cms, "application/json", None, true).1["items"].as_array().map_or(0, Vec::len);
@@ -322,7 +322,7 @@ fn watch_lines(s: &Server, path: &str, n: usize, action: impl FnOnce()) -> Vec<s
 #[test]
 fn watch_cache_lists_and_watches() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_api(dir.path(), "api", &[]);
+    let s = Server::start_api(dir.path(), "api", &["--controllers=false"]);
     s.wait_api();
     let cms = "/api/v1/namespaces/default/configmaps";
     // A list right after a write sees it (consistent read from the cache).
@@ -368,7 +368,7 @@ fn watch_cache_lists_and_watches() {
 #[test]
 fn api_server_compacts_history() {
     let dir = tempfile::tempdir().unwrap();
-    let mut s = Server::start_api(dir.path(), "api", &["--etcd-compaction-interval", "1s"]);
+    let mut s = Server::start_api(dir.path(), "api", &["--etcd-compaction-interval", "1s", "--controllers=false"]);
     s.wait_api();
     let cms = "/api/v1/namespaces/default/configmaps";
     let (code, c) = curl(&s, "POST", cms, "application/json", Some(br#"{"metadata":{"name":"h"},"data":{"v":"0"}}"#), true);
@@ -403,7 +403,7 @@ fn api_server_compacts_history() {
 #[test]
 fn node_watchers_get_their_pods_only() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_api(dir.path(), "api", &[]);
+    let s = Server::start_api(dir.path(), "api", &["--controllers=false"]);
     s.wait_api();
     let pods = "/api/v1/namespaces/default/pods";
     let pod = |name: &str, node: &str| {

@@ -65,7 +65,8 @@ impl Kubectl {
 }
 
 fn server(dir: &std::path::Path) -> Server {
-    let s = Server::start_api(dir, "api", &[]);
+    // Controllers off: these tests observe API semantics (e.g. a Terminating namespace).
+    let s = Server::start_api(dir, "api", &["--controllers=false"]);
     s.wait_api();
     s
 }

@@ -1,0 +1,99 @@
+//! Shoal's controllers, run inside `shoal server` while it holds the controller Lease:
+//! level-triggered reconcilers over informers (list + watch of the public API) and work
+//! queues. Today: namespace deletion, ReplicaSets, and the garbage collector.
+//!
+//! Architecture Invariant 3: a reconcile compares desired and observed state and acts on
+//! the difference; every key is reconciled again on a periodic resync, so a missed event
+//! only delays convergence. This crate talks to the API server only through
+//! `shoal-client` (the REST API), never to its internals.
+
+#![forbid(unsafe_code)]
+
+pub mod gc;
+pub mod informer;
+pub mod leader;
+pub mod namespace;
+pub mod queue;
+pub mod replicaset;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use shoal_client::Client;
+
+/// Settings of the controller manager.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Identity in the leader Lease.
+    pub identity: String,
+    /// Period of the full resync.
+    pub resync: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10) }
+    }
+}
+
+/// Whether this process currently leads; controllers act only while it does.
+#[derive(Clone, Default)]
+pub struct Leadership(Arc<AtomicBool>);
+
+impl Leadership {
+    pub fn is_leader(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+    fn set(&self, v: bool) {
+        self.0.store(v, Ordering::Release);
+    }
+}
+
+/// Runs a reconcile function over a queue with `workers` concurrent workers; failures are
+/// retried with backoff, and nothing runs while another process leads.
+pub(crate) fn spawn_workers<F, Fut>(name: &'static str, q: queue::WorkQueue, lead: Leadership, workers: usize, f: F)
+where
+    F: Fn(String) -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future<Output = Result<(), String>> + Send,
+{
+    for _ in 0..workers.max(1) {
+        let (q, lead, f) = (q.clone(), lead.clone(), f.clone());
+        tokio::spawn(async move {
+            loop {
+                let key = q.next().await;
+                if !lead.is_leader() {
+                    q.done(&key, false);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+                match f(key.clone()).await {
+                    Ok(()) => q.done(&key, true),
+                    Err(e) => {
+                        tracing::debug!(controller = name, key = %key, error = %e, "reconcile failed; retrying");
+                        q.done(&key, false);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Starts leader election and every controller on the current tokio runtime.
+pub fn start(client: Client, opts: Options) -> Leadership {
+    let lead = Leadership::default();
+    tokio::spawn(leader::run(client.clone(), opts.identity.clone(), lead.clone()));
+    let inf = |path: &str| {
+        let i = informer::Informer::new(path);
+        tokio::spawn(i.clone().run(client.clone(), opts.resync));
+        i
+    };
+    let namespaces = inf("/api/v1/namespaces");
+    let pods = inf("/api/v1/pods");
+    let replicasets = inf("/apis/apps/v1/replicasets");
+    let deployments = inf("/apis/apps/v1/deployments");
+    namespace::start(client.clone(), namespaces, lead.clone());
+    replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
+    gc::start(client, vec![pods, replicasets, deployments], lead.clone());
+    lead
+}

@@ -1,0 +1,119 @@
+//! Controllers running inside `shoal server`, driven and observed with kubectl.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Server;
+
+fn kubectl_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("KUBECTL_135") {
+        return PathBuf::from(p);
+    }
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/acceptance/get-kubectl.sh");
+    static FETCH: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _g = FETCH.lock().unwrap_or_else(|e| e.into_inner());
+    let o = Command::new("bash").arg(&script).output().expect("running get-kubectl.sh");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    PathBuf::from(String::from_utf8(o.stdout).unwrap().trim())
+}
+
+struct K {
+    bin: PathBuf,
+    cfg: PathBuf,
+}
+
+impl K {
+    fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        use std::io::Write;
+        let mut c = Command::new(&self.bin).arg("--kubeconfig").arg(&self.cfg).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+        let o = c.wait_with_output().unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let (ok, out) = self.run(args, None);
+        assert!(ok, "kubectl {args:?}: {out}");
+        out
+    }
+    fn apply(&self, yaml: &str) {
+        let (ok, out) = self.run(&["apply", "-f", "-"], Some(yaml));
+        assert!(ok, "apply: {out}");
+    }
+    /// Waits until `f(output of kubectl args)` holds.
+    fn eventually(&self, args: &[&str], what: &str, f: impl Fn(&str) -> bool) {
+        let t = Instant::now();
+        loop {
+            let (_, out) = self.run(args, None);
+            if f(&out) {
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "{what}: last output of kubectl {args:?}: {out}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn pod_names(out: &str) -> Vec<String> {
+    out.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect()
+}
+
+const RS: &str = "apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {name: rs1, namespace: c1}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: r}}
+  template:
+    metadata: {labels: {app: r}}
+    spec: {containers: [{name: c, image: busybox}]}
+";
+
+#[test]
+fn replicasets_garbage_collection_and_namespace_deletion() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    k.ok(&["create", "namespace", "c1"]);
+    // An orphan pod matching the selector is adopted, and counts.
+    k.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: orphan, namespace: c1, labels: {app: r}}\nspec: {containers: [{name: c, image: busybox}]}\n");
+    k.apply(RS);
+    let names = ["get", "pods", "-n", "c1", "-o", "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}"];
+    k.eventually(&names, "3 pods", |o| pod_names(o).len() == 3);
+    k.eventually(&["get", "pod", "orphan", "-n", "c1", "-o", "jsonpath={.metadata.ownerReferences[0].name}"], "adoption", |o| o == "rs1");
+    k.eventually(&["get", "rs", "rs1", "-n", "c1", "-o", "jsonpath={.status.replicas}/{.status.observedGeneration}"], "status", |o| o == "3/1");
+    // A deleted pod is replaced.
+    let first = pod_names(&k.ok(&names)).into_iter().find(|n| n != "orphan").unwrap();
+    k.ok(&["delete", "pod", &first, "-n", "c1"]);
+    k.eventually(&names, "replacement", |o| pod_names(o).len() == 3 && !pod_names(o).contains(&first));
+    // Scale down, then up (through the scale subresource).
+    k.ok(&["scale", "rs", "rs1", "-n", "c1", "--replicas=1"]);
+    k.eventually(&names, "scaled to 1", |o| pod_names(o).len() == 1);
+    k.ok(&["scale", "rs", "rs1", "-n", "c1", "--replicas=2"]);
+    k.eventually(&names, "scaled to 2", |o| pod_names(o).len() == 2);
+    // Orphan propagation keeps the pods, without their owner reference.
+    k.ok(&["delete", "rs", "rs1", "-n", "c1", "--cascade=orphan"]);
+    k.eventually(&["get", "rs", "-n", "c1", "-o", "name"], "rs gone", |o| !o.contains("rs1"));
+    k.eventually(&["get", "pods", "-n", "c1", "-o", "jsonpath={range .items[*]}{.metadata.ownerReferences}{\"|\"}{end}"], "references removed", |o| o == "||");
+    // A new ReplicaSet adopts them; background deletion then removes them with it.
+    k.apply(RS);
+    k.eventually(&names, "3 pods again", |o| pod_names(o).len() == 3);
+    k.ok(&["delete", "rs", "rs1", "-n", "c1"]);
+    k.eventually(&names, "pods collected", |o| pod_names(o).is_empty());
+    // Foreground: the owner goes only after its dependents.
+    k.apply(RS);
+    k.eventually(&names, "3 pods for foreground", |o| pod_names(o).len() == 3);
+    k.ok(&["delete", "rs", "rs1", "-n", "c1", "--cascade=foreground"]);
+    k.eventually(&names, "foreground dependents", |o| pod_names(o).is_empty());
+    k.eventually(&["get", "rs", "-n", "c1", "-o", "name"], "foreground owner", |o| !o.contains("rs1"));
+    // Namespace deletion removes everything inside, then the namespace.
+    k.ok(&["create", "configmap", "cm", "-n", "c1"]);
+    k.apply(RS);
+    k.ok(&["delete", "namespace", "c1", "--wait=false"]);
+    k.eventually(&["get", "namespace", "c1"], "namespace gone", |o| o.contains("NotFound"));
+    // The controllers hold the leader Lease.
+    assert!(k.ok(&["get", "lease", "shoal-controller-manager", "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"]).starts_with("ctl-"));
+}
