@@ -1,6 +1,6 @@
 //! Shoal's controllers, run inside `shoal server` while it holds the controller Lease:
 //! level-triggered reconcilers over informers (list + watch of the public API) and work
-//! queues. Today: namespace deletion, ReplicaSets, and the garbage collector.
+//! queues. Today: namespace deletion, Deployments, ReplicaSets, and the garbage collector.
 //!
 //! Architecture Invariant 3: a reconcile compares desired and observed state and acts on
 //! the difference; every key is reconciled again on a periodic resync, so a missed event
@@ -9,6 +9,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod deployment;
 pub mod gc;
 pub mod informer;
 pub mod leader;
@@ -94,6 +95,7 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let deployments = inf("/apis/apps/v1/deployments");
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
+    deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     gc::start(client, vec![pods, replicasets, deployments], lead.clone());
     lead
 }

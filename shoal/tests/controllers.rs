@@ -117,3 +117,32 @@ fn replicasets_garbage_collection_and_namespace_deletion() {
     // The controllers hold the leader Lease.
     assert!(k.ok(&["get", "lease", "shoal-controller-manager", "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"]).starts_with("ctl-"));
 }
+
+#[test]
+fn deployments_roll_out_scale_and_roll_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    k.ok(&["create", "deployment", "web", "--image=busybox:1.36", "--replicas=3"]);
+    let rs_of = |rev: &str| format!("jsonpath={{range .items[?(@.metadata.annotations.deployment\\.kubernetes\\.io/revision==\"{rev}\")]}}{{.metadata.name}} {{.spec.replicas}} {{.metadata.ownerReferences[0].kind}}{{end}}");
+    k.eventually(&["get", "rs", "-l", "app=web", "-o", &rs_of("1")], "revision 1", |o| o.ends_with(" 3 Deployment"));
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "name"], "3 pods", |o| o.lines().count() == 3);
+    k.eventually(&["get", "deploy", "web", "-o", "jsonpath={.status.replicas}/{.status.updatedReplicas}/{.status.observedGeneration}"], "status", |o| o == "3/3/1");
+    // A new template is a new ReplicaSet and revision; the old one is scaled away.
+    k.ok(&["set", "image", "deploy/web", "busybox=busybox:1.37"]);
+    k.eventually(&["get", "rs", "-l", "app=web", "-o", &rs_of("2")], "revision 2", |o| o.ends_with(" 3 Deployment"));
+    k.eventually(&["get", "rs", "-l", "app=web", "-o", &rs_of("1")], "old scaled to 0", |o| o.ends_with(" 0 Deployment"));
+    k.eventually(&["rollout", "history", "deploy/web"], "history", |o| o.lines().any(|l| l.starts_with('1')) && o.lines().any(|l| l.starts_with('2')));
+    assert!(k.ok(&["rollout", "history", "deploy/web", "--revision=2"]).contains("busybox:1.37"));
+    // Undo restores the previous template, which becomes revision 3.
+    assert!(k.ok(&["rollout", "undo", "deploy/web"]).contains("rolled back"));
+    k.eventually(&["get", "deploy", "web", "-o", "jsonpath={.spec.template.spec.containers[0].image}"], "undo", |o| o == "busybox:1.36");
+    k.eventually(&["get", "rs", "-l", "app=web", "-o", &rs_of("3")], "revision 3 reuses the first ReplicaSet", |o| o.ends_with(" 3 Deployment"));
+    // Scaling goes to the current ReplicaSet.
+    k.ok(&["scale", "deploy", "web", "--replicas=5"]);
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "name"], "5 pods", |o| o.lines().count() == 5);
+    // Deleting the Deployment removes its ReplicaSets and pods (garbage collector).
+    k.ok(&["delete", "deploy", "web"]);
+    k.eventually(&["get", "rs,pods", "-l", "app=web", "-o", "name"], "cascade", |o| o.trim().is_empty() || o.contains("No resources"));
+}
