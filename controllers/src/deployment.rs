@@ -100,13 +100,17 @@ fn int(v: &Value, p: &str) -> i64 {
     v.pointer(p).and_then(Value::as_i64).unwrap_or(0)
 }
 
-async fn scale_rs(client: &Client, rs: &Value, replicas: i64) -> Result<(), String> {
-    if int(rs, "/spec/replicas") == replicas {
+async fn scale_rs(client: &Client, d: &Value, rs: &Value, replicas: i64) -> Result<(), String> {
+    let from = int(rs, "/spec/replicas");
+    if from == replicas {
         return Ok(());
     }
     let ns = rs.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
     let name = rs.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-    client.merge_patch(&format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}"), &json!({"spec": {"replicas": replicas}})).await.map(|_| ()).map_err(|e| e.to_string())
+    client.merge_patch(&format!("/apis/apps/v1/namespaces/{ns}/replicasets/{name}"), &json!({"spec": {"replicas": replicas}})).await.map_err(|e| e.to_string())?;
+    let dir = if replicas > from { "up" } else { "down" };
+    crate::events::record(client, d, "Normal", "ScalingReplicaSet", &format!("Scaled {dir} replica set {name} from {from} to {replicas}"), "deployment-controller").await;
+    Ok(())
 }
 
 async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key: &str) -> Result<(), String> {
@@ -173,7 +177,10 @@ async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key:
                 "spec": {"replicas": initial, "minReadySeconds": d.pointer("/spec/minReadySeconds").cloned().unwrap_or(json!(0)), "selector": s, "template": t},
             });
             match client.create(&rs_path, &rs).await {
-                Ok(v) => v,
+                Ok(v) => {
+                    crate::events::record(client, &d, "Normal", "ScalingReplicaSet", &format!("Scaled up replica set {name}-{hash} from 0 to {initial}"), "deployment-controller").await;
+                    v
+                }
                 Err(e) if e.is_conflict() => return Err(format!("ReplicaSet {name}-{hash} exists but is not owned yet: {e}")),
                 Err(e) => return Err(e.to_string()),
             }
@@ -193,20 +200,20 @@ async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key:
         let new_replicas = int(&new_rs, "/spec/replicas");
         if strategy == "Recreate" {
             for r in &olds {
-                scale_rs(client, r, 0).await?;
+                scale_rs(client, &d, r, 0).await?;
             }
             let old_pods: i64 = olds.iter().map(|r| int(r, "/status/replicas")).sum();
             if old_pods == 0 {
-                scale_rs(client, &new_rs, replicas).await?;
+                scale_rs(client, &d, &new_rs, replicas).await?;
             }
         } else if olds.is_empty() || old_total == 0 {
-            scale_rs(client, &new_rs, replicas).await?;
+            scale_rs(client, &d, &new_rs, replicas).await?;
         } else {
             // Up: as far as the surge allows.
             let total: i64 = old_total + new_replicas;
             let up = (replicas + surge - total).max(0);
             let target_new = (new_replicas + up).min(replicas);
-            scale_rs(client, &new_rs, target_new).await?;
+            scale_rs(client, &d, &new_rs, target_new).await?;
             // Down: keep at least replicas - maxUnavailable available.
             let available: i64 = owned.iter().map(|r| int(r, "/status/availableReplicas")).sum();
             let mut can_remove = (available - (replicas - unavailable)).max(0);
@@ -217,7 +224,7 @@ async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key:
                 let unhealthy = have - int(r, "/status/availableReplicas");
                 let cut = (unhealthy.max(0) + can_remove).min(have);
                 if cut > 0 {
-                    scale_rs(client, r, have - cut).await?;
+                    scale_rs(client, &d, r, have - cut).await?;
                     can_remove = (can_remove - (cut - unhealthy.max(0)).max(0)).max(0);
                 }
             }

@@ -23,6 +23,7 @@ fn path_of(api_version: &str, kind: &str, ns: &str) -> Option<String> {
         "ConfigMap" => "configmaps",
         "Secret" => "secrets",
         "Service" => "services",
+        "EndpointSlice" => "endpointslices",
         _ => return None,
     };
     let base = if api_version == "v1" { "/api/v1".to_string() } else { format!("/apis/{api_version}") };

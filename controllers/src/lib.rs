@@ -1,6 +1,7 @@
 //! Shoal's controllers, run inside `shoal server` while it holds the controller Lease:
 //! level-triggered reconcilers over informers (list + watch of the public API) and work
-//! queues. Today: namespace deletion, Deployments, ReplicaSets, and the garbage collector.
+//! queues. Today: namespace deletion, Deployments, ReplicaSets, Endpoints/EndpointSlices, and
+//! the garbage collector.
 //!
 //! Architecture Invariant 3: a reconcile compares desired and observed state and acts on
 //! the difference; every key is reconciled again on a periodic resync, so a missed event
@@ -10,6 +11,8 @@
 #![forbid(unsafe_code)]
 
 pub mod deployment;
+pub mod endpoints;
+pub mod events;
 pub mod gc;
 pub mod informer;
 pub mod leader;
@@ -93,9 +96,12 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let pods = inf("/api/v1/pods");
     let replicasets = inf("/apis/apps/v1/replicasets");
     let deployments = inf("/apis/apps/v1/deployments");
+    let services = inf("/api/v1/services");
+    let slices = inf("/apis/discovery.k8s.io/v1/endpointslices");
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
-    gc::start(client, vec![pods, replicasets, deployments], lead.clone());
+    endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
+    gc::start(client, vec![pods, replicasets, deployments, services, slices], lead.clone());
     lead
 }

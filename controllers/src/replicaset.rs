@@ -118,7 +118,11 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
             });
             for r in futures_join(creates).await {
                 match r {
-                    Ok(_) => ok += 1,
+                    Ok(p) => {
+                        ok += 1;
+                        let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                        crate::events::record(client, &rs, "Normal", "SuccessfulCreate", &format!("Created pod: {pn}"), "replicaset-controller").await;
+                    }
                     Err(e) => last_err = Some(e.to_string()),
                 }
             }
@@ -134,6 +138,7 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
         for p in victims.into_iter().take((active.len() - want).min(BURST)) {
             let pname = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
             client.delete(&format!("{pods_path}/{pname}"), None).await.map_err(|e| e.to_string())?;
+            crate::events::record(client, &rs, "Normal", "SuccessfulDelete", &format!("Deleted pod: {pname}"), "replicaset-controller").await;
         }
     }
     // Status from what is observed now (the next event brings the effect of the writes).

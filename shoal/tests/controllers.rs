@@ -146,3 +146,32 @@ fn deployments_roll_out_scale_and_roll_back() {
     k.ok(&["delete", "deploy", "web"]);
     k.eventually(&["get", "rs,pods", "-l", "app=web", "-o", "name"], "cascade", |o| o.trim().is_empty() || o.contains("No resources"));
 }
+
+#[test]
+fn services_get_endpoints_and_slices_that_follow_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    k.ok(&["create", "deployment", "web", "--image=busybox", "--replicas=2"]);
+    k.ok(&["expose", "deployment", "web", "--port=80", "--target-port=8080"]);
+    k.eventually(&["get", "endpoints", "web", "-o", "name"], "endpoints", |o| o.contains("endpoints/web"));
+    k.eventually(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[0].metadata.labels.endpointslice\\.kubernetes\\.io/managed-by}/{.items[0].ports[0].port}"], "slice", |o| o == "endpointslice-controller.k8s.io/8080");
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "name"], "pods", |o| o.lines().count() == 2);
+    // A pod turning Ready with an IP (what the agent reports) becomes a ready endpoint.
+    let pod = k.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let token = std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap();
+    let o = Command::new("curl")
+        .args(["-sk", "-X", "PATCH", "-H", &format!("Authorization: Bearer {}", token.trim()), "-H", "Content-Type: application/merge-patch+json", "-d", r#"{"status":{"podIP":"10.0.0.7","phase":"Running","conditions":[{"type":"Ready","status":"True"}]}}"#])
+        .arg(format!("https://{}/api/v1/namespaces/default/pods/{pod}/status", s.api))
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    k.eventually(&["get", "endpoints", "web", "-o", "jsonpath={.subsets[0].addresses[0].ip}:{.subsets[0].ports[0].port}"], "ready address", |o| o == "10.0.0.7:8080");
+    k.eventually(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[0].endpoints[0].addresses[0]}/{.items[0].endpoints[0].conditions.ready}"], "ready slice endpoint", |o| o == "10.0.0.7/true");
+    // Controllers record events.
+    k.eventually(&["get", "events", "-o", "jsonpath={range .items[*]}{.reason}{\" \"}{end}"], "events", |o| o.contains("ScalingReplicaSet") && o.contains("SuccessfulCreate"));
+    // Deleting the Service removes both.
+    k.ok(&["delete", "service", "web"]);
+    k.eventually(&["get", "endpoints,endpointslices", "-o", "name"], "cleanup", |o| !o.contains("web"));
+}
