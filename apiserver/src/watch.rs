@@ -86,21 +86,40 @@ fn convert(ev: &Event, filter: &Filter) -> Option<(&'static str, Value)> {
     }
 }
 
+/// The watch parameters of a request.
+struct Params {
+    filter: Filter,
+    rv: String,
+    send_initial: bool,
+    bookmarks: bool,
+    timeout: Duration,
+}
+
+impl Params {
+    fn from_query(def: &ResourceDef, q: &Query) -> Result<Params, ApiError> {
+        let send_initial = q.flag("sendInitialEvents");
+        if send_initial && q.get("resourceVersionMatch") != Some("NotOlderThan") {
+            return Err(ApiError::invalid("ListOptions", "meta.k8s.io", "", &[crate::status::FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
+        }
+        let timeout = match q.get("timeoutSeconds") {
+            Some(t) => Duration::from_secs(t.parse().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?),
+            // Upstream spreads default watch lifetimes over 30-60 minutes.
+            None => Duration::from_secs(1800 + (crate::meta::now_secs() as u64 % 1800)),
+        };
+        Ok(Params {
+            filter: Filter::from_query(def, q)?,
+            rv: q.get("resourceVersion").unwrap_or("").to_string(),
+            send_initial,
+            bookmarks: q.flag("allowWatchBookmarks"),
+            timeout,
+        })
+    }
+}
+
 /// Starts a watch; the returned receiver yields the body's lines and ends when the watch
 /// does (timeout, store error, or client gone).
 pub async fn start(backend: &Backend, def: &'static ResourceDef, served: &'static ResourceDef, ns: &str, q: &Query, render: Render) -> Result<mpsc::Receiver<Bytes>, ApiError> {
-    let filter = Filter::from_query(def, q)?;
-    let rv = q.get("resourceVersion").unwrap_or("").to_string();
-    let send_initial = q.flag("sendInitialEvents");
-    let bookmarks = q.flag("allowWatchBookmarks");
-    if send_initial && q.get("resourceVersionMatch") != Some("NotOlderThan") {
-        return Err(ApiError::invalid("ListOptions", "meta.k8s.io", "", &[crate::status::FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
-    }
-    let timeout = match q.get("timeoutSeconds") {
-        Some(t) => Duration::from_secs(t.parse().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?),
-        // Upstream spreads default watch lifetimes over 30-60 minutes.
-        None => Duration::from_secs(1800 + (crate::meta::now_secs() as u64 % 1800)),
-    };
+    let Params { filter, rv, send_initial, bookmarks, timeout } = Params::from_query(def, q)?;
     let (tx, rx) = mpsc::channel::<Bytes>(256);
     let mut initial = Vec::new();
     let start_rev = if send_initial || rv.is_empty() || rv == "0" {
@@ -226,17 +245,7 @@ mod tests {
 /// to a store watch.
 pub async fn start_cached(cache: &std::sync::Arc<crate::cache::Cache>, def: &'static ResourceDef, served: &'static ResourceDef, ns: &str, q: &Query, render: Render) -> Result<Option<mpsc::Receiver<Bytes>>, ApiError> {
     use crate::cache::Delivery;
-    let filter = Filter::from_query(def, q)?;
-    let rv = q.get("resourceVersion").unwrap_or("").to_string();
-    let send_initial = q.flag("sendInitialEvents");
-    let bookmarks = q.flag("allowWatchBookmarks");
-    if send_initial && q.get("resourceVersionMatch") != Some("NotOlderThan") {
-        return Err(ApiError::invalid("ListOptions", "meta.k8s.io", "", &[crate::status::FieldError::forbidden("resourceVersionMatch", "sendInitialEvents requires setting resourceVersionMatch to NotOlderThan")]));
-    }
-    let timeout = match q.get("timeoutSeconds") {
-        Some(t) => Duration::from_secs(t.parse().map_err(|_| ApiError::bad_request(format!("invalid timeoutSeconds {t:?}")))?),
-        None => Duration::from_secs(1800 + (crate::meta::now_secs() as u64 % 1800)),
-    };
+    let Params { filter, rv, send_initial, bookmarks, timeout } = Params::from_query(def, q)?;
     let since = if send_initial || rv.is_empty() || rv == "0" {
         if rv.is_empty() && cache.wait_fresh().await.is_err() {
             return Ok(None);

@@ -69,7 +69,8 @@ impl Config {
     }
 }
 
-fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+/// The certificates of a PEM bundle.
+pub fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
     let mut out = Vec::new();
     for block in pem.split("-----BEGIN CERTIFICATE-----").skip(1) {
         let b64: String = block.split("-----END CERTIFICATE-----").next().unwrap_or("").chars().filter(|c| !c.is_whitespace()).collect();

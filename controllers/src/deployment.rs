@@ -9,7 +9,6 @@ use shoal_client::{selector, time, Client};
 
 use crate::informer::Informer;
 use crate::queue::WorkQueue;
-use crate::replicaset::controller_of;
 use crate::Leadership;
 
 const REVISION: &str = "deployment.kubernetes.io/revision";
@@ -17,25 +16,8 @@ const HASH_LABEL: &str = "pod-template-hash";
 
 pub fn start(client: Client, deployments: Informer, rss: Informer, lead: Leadership) {
     let q = WorkQueue::default();
-    let mut d_rx = deployments.subscribe();
-    let qq = q.clone();
-    tokio::spawn(async move {
-        while let Some((k, _)) = d_rx.recv().await {
-            qq.add(&k);
-        }
-    });
-    let mut rs_rx = rss.subscribe();
-    let (qq, rss2) = (q.clone(), rss.clone());
-    tokio::spawn(async move {
-        while let Some((k, old)) = rs_rx.recv().await {
-            for r in [rss2.get(&k), old].into_iter().flatten() {
-                if let Some(owner) = controller_of(&r, "Deployment") {
-                    let ns = r.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-                    qq.add(&format!("{ns}/{owner}"));
-                }
-            }
-        }
-    });
+    crate::feed(&deployments, &q, |k, _, _| vec![k.to_string()]);
+    crate::feed(&rss, &q, |_, now, old| crate::owner_keys("Deployment", [now, old]));
     crate::spawn_workers("deployment", q, lead, 2, move |key| {
         let (client, deployments, rss) = (client.clone(), deployments.clone(), rss.clone());
         async move { reconcile(&client, &deployments, &rss, &key).await }

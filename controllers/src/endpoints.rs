@@ -14,30 +14,23 @@ pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 
 pub fn start(client: Client, services: Informer, pods: Informer, lead: Leadership) {
     let q = WorkQueue::default();
-    let mut s_rx = services.subscribe();
-    let qq = q.clone();
-    tokio::spawn(async move {
-        while let Some((k, _)) = s_rx.recv().await {
-            qq.add(&k);
-        }
-    });
+    crate::feed(&services, &q, |k, _, _| vec![k.to_string()]);
     // A pod change wakes the services of its namespace that select it (before or after).
-    let mut p_rx = pods.subscribe();
-    let (qq, pods2, svcs) = (q.clone(), pods.clone(), services.clone());
-    tokio::spawn(async move {
-        while let Some((k, old)) = p_rx.recv().await {
-            for p in [pods2.get(&k), old].into_iter().flatten() {
-                let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-                let labels = p.pointer("/metadata/labels").and_then(Value::as_object).cloned();
-                for s in svcs.list(|s| s.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)) {
-                    if let Some(sel) = s.pointer("/spec/selector").filter(|x| x.is_object()) {
-                        if selector::matches(&json!({"matchLabels": sel}), labels.as_ref()) {
-                            qq.add(&crate::informer::key_of(&s));
-                        }
+    let svcs = services.clone();
+    crate::feed(&pods, &q, move |_, now, old| {
+        let mut keys = Vec::new();
+        for p in [now, old].into_iter().flatten() {
+            let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
+            let labels = p.pointer("/metadata/labels").and_then(Value::as_object).cloned();
+            for s in svcs.list(|s| s.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)) {
+                if let Some(sel) = s.pointer("/spec/selector").filter(|x| x.is_object()) {
+                    if selector::matches(&json!({"matchLabels": sel}), labels.as_ref()) {
+                        keys.push(crate::informer::key_of(&s));
                     }
                 }
             }
         }
+        keys
     });
     crate::spawn_workers("endpoints", q, lead, 2, move |key| {
         let (client, services, pods) = (client.clone(), services.clone(), pods.clone());

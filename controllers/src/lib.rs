@@ -54,6 +54,34 @@ impl Leadership {
     }
 }
 
+/// Queues every key `inf` announces, mapped by `to_keys` (the object now and before).
+pub(crate) fn feed<F>(inf: &informer::Informer, q: &queue::WorkQueue, to_keys: F)
+where
+    F: Fn(&str, Option<serde_json::Value>, Option<serde_json::Value>) -> Vec<String> + Send + 'static,
+{
+    let mut rx = inf.subscribe();
+    let (q, inf) = (q.clone(), inf.clone());
+    tokio::spawn(async move {
+        while let Some((k, old)) = rx.recv().await {
+            for key in to_keys(&k, inf.get(&k), old) {
+                q.add(&key);
+            }
+        }
+    });
+}
+
+/// The `namespace/owner` keys of the controller owners of kind `kind` of the objects given.
+pub(crate) fn owner_keys(kind: &str, objs: [Option<serde_json::Value>; 2]) -> Vec<String> {
+    objs.into_iter()
+        .flatten()
+        .filter_map(|o| {
+            let owner = replicaset::controller_of(&o, kind)?;
+            let ns = o.pointer("/metadata/namespace").and_then(serde_json::Value::as_str).unwrap_or("");
+            Some(format!("{ns}/{owner}"))
+        })
+        .collect()
+}
+
 /// Runs a reconcile function over a queue with `workers` concurrent workers; failures are
 /// retried with backoff, and nothing runs while another process leads.
 pub(crate) fn spawn_workers<F, Fut>(name: &'static str, q: queue::WorkQueue, lead: Leadership, workers: usize, f: F)

@@ -12,13 +12,7 @@ use crate::Leadership;
 
 pub fn start(client: Client, namespaces: Informer, lead: Leadership) {
     let q = WorkQueue::default();
-    let mut rx = namespaces.subscribe();
-    let qq = q.clone();
-    tokio::spawn(async move {
-        while let Some((k, _)) = rx.recv().await {
-            qq.add(&k);
-        }
-    });
+    crate::feed(&namespaces, &q, |k, _, _| vec![k.to_string()]);
     crate::spawn_workers("namespace", q, lead, 2, move |key| {
         let (client, namespaces) = (client.clone(), namespaces.clone());
         async move { reconcile(&client, &namespaces, &key).await }

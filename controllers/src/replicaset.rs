@@ -16,26 +16,9 @@ const BURST: usize = 500;
 
 pub fn start(client: Client, rss: Informer, pods: Informer, lead: Leadership) {
     let q = WorkQueue::default();
-    let mut rs_rx = rss.subscribe();
-    let qq = q.clone();
-    tokio::spawn(async move {
-        while let Some((k, _)) = rs_rx.recv().await {
-            qq.add(&k);
-        }
-    });
+    crate::feed(&rss, &q, |k, _, _| vec![k.to_string()]);
     // A pod change wakes its owner (and its former owner).
-    let mut pod_rx = pods.subscribe();
-    let (qq, pods2) = (q.clone(), pods.clone());
-    tokio::spawn(async move {
-        while let Some((k, old)) = pod_rx.recv().await {
-            for p in [pods2.get(&k), old].into_iter().flatten() {
-                if let Some(owner) = controller_of(&p, "ReplicaSet") {
-                    let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-                    qq.add(&format!("{ns}/{owner}"));
-                }
-            }
-        }
-    });
+    crate::feed(&pods, &q, |_, now, old| crate::owner_keys("ReplicaSet", [now, old]));
     crate::spawn_workers("replicaset", q, lead, 4, move |key| {
         let (client, rss, pods) = (client.clone(), rss.clone(), pods.clone());
         async move { reconcile(&client, &rss, &pods, &key).await }

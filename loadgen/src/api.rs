@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full};
@@ -89,17 +88,6 @@ struct Client {
     authority: Arc<str>,
 }
 
-fn pem_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
-    let mut out = Vec::new();
-    for block in pem.split("-----BEGIN CERTIFICATE-----").skip(1) {
-        let b64: String = block.split("-----END CERTIFICATE-----").next().unwrap_or("").chars().filter(|c| !c.is_whitespace()).collect();
-        if let Ok(der) = base64::engine::general_purpose::STANDARD.decode(b64) {
-            out.push(der.into());
-        }
-    }
-    out
-}
-
 impl Client {
     async fn connect(addr: std::net::SocketAddr, data_dir: &std::path::Path, conns: usize) -> anyhow::Result<Client> {
         let pki = data_dir.join("pki");
@@ -113,7 +101,7 @@ impl Client {
         let ca = std::fs::read_to_string(pki.join("ca.crt")).context("while reading the cluster CA")?;
         let token = std::fs::read_to_string(pki.join("admin.token"))?.trim().to_string();
         let mut roots = rustls::RootCertStore::empty();
-        for c in pem_certs(&ca) {
+        for c in shoal_client::pem_certs(&ca) {
             roots.add(c)?;
         }
         let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
