@@ -1,7 +1,7 @@
 //! Shoal's controllers, run inside `shoal server` while it holds the controller Lease:
 //! level-triggered reconcilers over informers (list + watch of the public API) and work
-//! queues. Today: namespace deletion, Deployments, ReplicaSets, Endpoints/EndpointSlices, and
-//! the garbage collector.
+//! queues. Today: namespace deletion, default ServiceAccounts, Deployments, ReplicaSets,
+//! Endpoints/EndpointSlices, and the garbage collector.
 //!
 //! Architecture Invariant 3: a reconcile compares desired and observed state and acts on
 //! the difference; every key is reconciled again on a periodic resync, so a missed event
@@ -19,6 +19,7 @@ pub mod leader;
 pub mod namespace;
 pub mod queue;
 pub mod replicaset;
+pub mod serviceaccount;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -126,6 +127,8 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let deployments = inf("/apis/apps/v1/deployments");
     let services = inf("/api/v1/services");
     let slices = inf("/apis/discovery.k8s.io/v1/endpointslices");
+    let accounts = inf("/api/v1/serviceaccounts");
+    serviceaccount::start(client.clone(), namespaces.clone(), accounts, lead.clone());
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());

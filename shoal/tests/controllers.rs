@@ -114,6 +114,11 @@ fn replicasets_garbage_collection_and_namespace_deletion() {
     k.apply(RS);
     k.ok(&["delete", "namespace", "c1", "--wait=false"]);
     k.eventually(&["get", "namespace", "c1"], "namespace gone", |o| o.contains("NotFound"));
+    // Every namespace gets its default ServiceAccount back when it is deleted.
+    k.ok(&["create", "namespace", "c2"]);
+    k.eventually(&["get", "serviceaccount", "default", "-n", "c2", "-o", "name"], "default account", |o| o.trim() == "serviceaccount/default");
+    k.ok(&["delete", "serviceaccount", "default", "-n", "c2"]);
+    k.eventually(&["get", "serviceaccount", "default", "-n", "c2", "-o", "name"], "default account re-created", |o| o.trim() == "serviceaccount/default");
     // The controllers hold the leader Lease.
     assert!(k.ok(&["get", "lease", "shoal-controller-manager", "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"]).starts_with("ctl-"));
 }
