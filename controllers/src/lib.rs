@@ -17,6 +17,7 @@ pub mod gc;
 pub mod informer;
 pub mod leader;
 pub mod namespace;
+pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;
 pub mod serviceaccount;
@@ -34,11 +35,13 @@ pub struct Options {
     pub identity: String,
     /// Period of the full resync.
     pub resync: Duration,
+    /// Node lifecycle settings.
+    pub nodes: nodelifecycle::Settings,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10) }
+        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default() }
     }
 }
 
@@ -128,6 +131,9 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let services = inf("/api/v1/services");
     let slices = inf("/apis/discovery.k8s.io/v1/endpointslices");
     let accounts = inf("/api/v1/serviceaccounts");
+    let nodes = inf("/api/v1/nodes");
+    let node_leases = inf("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases");
+    nodelifecycle::start(client.clone(), nodes, node_leases, pods.clone(), lead.clone(), opts.nodes.clone());
     serviceaccount::start(client.clone(), namespaces.clone(), accounts, lead.clone());
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());

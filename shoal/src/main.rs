@@ -132,6 +132,13 @@ struct ServerArgs {
     /// process, leader-elected through a Lease with the other servers.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     controllers: bool,
+    /// How long a node may go without renewing its Lease or posting status before it is
+    /// marked Unknown and tainted unreachable (`300s`, `40s`, `1m`).
+    #[arg(long, default_value = "40s")]
+    node_monitor_grace_period: String,
+    /// Nodes per second whose pods may be evicted after they became unreachable or not ready.
+    #[arg(long, default_value_t = 0.1)]
+    node_eviction_rate: f64,
     /// How often the API server compacts the store's history, keeping at least this much
     /// (`300s`, `5m`, `1h`; `0` disables), as kube-apiserver's flag of the same name.
     #[arg(long, default_value = "5m")]
@@ -212,6 +219,11 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
 fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let kubeconfig = a.kubeconfig.take();
     let run_controllers = a.controllers;
+    let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
+    let node_eviction_rate = a.node_eviction_rate;
+    if !(node_eviction_rate > 0.0 && node_eviction_rate.is_finite()) {
+        bail!("--node-eviction-rate must be a positive number, got {node_eviction_rate}");
+    }
     let name = a.name.clone();
     let compaction_interval = Some(parse_duration(&a.etcd_compaction_interval).with_context(|| format!("--etcd-compaction-interval {:?}", a.etcd_compaction_interval))?);
     let tls_san = std::mem::take(&mut a.tls_san);
@@ -312,7 +324,15 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                     user_agent: "shoal-controller-manager/v0.1.0".into(),
                 };
                 let client = shoal_client::Client::new(cfg, 2)?;
-                let opts = shoal_controllers::Options { identity: format!("{}-{}", name, std::process::id()), ..Default::default() };
+                let opts = shoal_controllers::Options {
+                    identity: format!("{}-{}", name, std::process::id()),
+                    nodes: shoal_controllers::nodelifecycle::Settings {
+                        grace: node_grace,
+                        period: std::time::Duration::from_secs(node_grace.as_secs().clamp(1, 5)),
+                        eviction_rate: node_eviction_rate,
+                    },
+                    ..Default::default()
+                };
                 std::thread::Builder::new().name("controllers".into()).spawn(move || {
                     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("controllers").enable_all().build().expect("building the controllers runtime");
                     rt.block_on(async move {

@@ -180,3 +180,54 @@ fn services_get_endpoints_and_slices_that_follow_pods() {
     k.ok(&["delete", "service", "web"]);
     k.eventually(&["get", "endpoints,endpointslices", "-o", "name"], "cleanup", |o| !o.contains("web"));
 }
+
+fn patch_status(s: &Server, path: &str, body: &str) {
+    let token = std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap();
+    let o = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PATCH", "-H", &format!("Authorization: Bearer {}", token.trim()), "-H", "Content-Type: application/merge-patch+json", "-d", body])
+        .arg(format!("https://{}{path}", s.api))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "200", "PATCH {path}");
+}
+
+fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let o = Command::new("date").args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"]).output().unwrap();
+    String::from_utf8(o.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn silent_nodes_are_tainted_and_their_pods_evicted() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &["--node-monitor-grace-period", "3s", "--node-eviction-rate", "10"]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    k.apply("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n");
+    let ready = |s: &Server| patch_status(s, "/api/v1/nodes/n1/status", &format!(r#"{{"status":{{"conditions":[{{"type":"Ready","status":"True","reason":"KubeletReady","lastHeartbeatTime":"{}"}}]}}}}"#, now_rfc3339()));
+    ready(&s);
+    k.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs1}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: nodetest}}\n  template:\n    metadata: {labels: {app: nodetest}}\n    spec: {containers: [{name: c, image: busybox}]}\n");
+    let names = ["get", "pods", "-l", "app=nodetest", "-o", "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}"];
+    k.eventually(&names, "2 pods", |o| pod_names(o).len() == 2);
+    let token = std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap();
+    for p in pod_names(&k.ok(&names)) {
+        let binding = format!(r#"{{"apiVersion":"v1","kind":"Binding","metadata":{{"name":"{p}"}},"target":{{"kind":"Node","name":"n1"}}}}"#);
+        let o = Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-X", "POST", "-H", &format!("Authorization: Bearer {}", token.trim()), "-H", "Content-Type: application/json", "-d", &binding])
+            .arg(format!("https://{}/api/v1/namespaces/default/pods/{p}/binding", s.api))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&o.stdout), "201", "binding {p}");
+    }
+    k.eventually(&["get", "pods", "-l", "app=nodetest", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\" \"}{end}"], "bound", |o| o.trim() == "n1 n1");
+    // No heartbeat for longer than the grace period: Unknown, tainted, pods evicted and replaced.
+    k.eventually(&["get", "node", "n1", "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}"], "Unknown", |o| o == "Unknown");
+    k.eventually(&["get", "node", "n1", "-o", "jsonpath={.spec.taints[*].key}"], "taint", |o| o.contains("node.kubernetes.io/unreachable"));
+    k.eventually(&["get", "pods", "-l", "app=nodetest", "-o", "jsonpath={range .items[*]}{.metadata.deletionTimestamp}|{.spec.nodeName}{\"\\n\"}{end}"], "evicted and replaced", |o| {
+        let lines: Vec<&str> = o.lines().collect();
+        lines.iter().filter(|l| !l.starts_with('|')).count() == 2 && lines.iter().filter(|l| **l == "|").count() == 2
+    });
+    // The node reports Ready again: the taint goes away.
+    ready(&s);
+    k.eventually(&["get", "node", "n1", "-o", "jsonpath={.spec.taints}"], "untainted", |o| !o.contains("unreachable"));
+}
