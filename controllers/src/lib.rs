@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod events;
 pub mod gc;
 pub mod informer;
+pub mod ipam;
 pub mod leader;
 pub mod namespace;
 pub mod nodelifecycle;
@@ -37,11 +38,13 @@ pub struct Options {
     pub resync: Duration,
     /// Node lifecycle settings.
     pub nodes: nodelifecycle::Settings,
+    /// Pod and service address ranges.
+    pub plan: ipam::Plan,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default() }
+        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default(), plan: Default::default() }
     }
 }
 
@@ -133,7 +136,8 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let accounts = inf("/api/v1/serviceaccounts");
     let nodes = inf("/api/v1/nodes");
     let node_leases = inf("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases");
-    nodelifecycle::start(client.clone(), nodes, node_leases, pods.clone(), lead.clone(), opts.nodes.clone());
+    nodelifecycle::start(client.clone(), nodes.clone(), node_leases, pods.clone(), lead.clone(), opts.nodes.clone());
+    ipam::start(client.clone(), nodes, lead.clone(), opts.plan.clone());
     serviceaccount::start(client.clone(), namespaces.clone(), accounts, lead.clone());
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());

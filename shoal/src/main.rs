@@ -136,6 +136,15 @@ struct ServerArgs {
     /// marked Unknown and tainted unreachable (`300s`, `40s`, `1m`).
     #[arg(long, default_value = "40s")]
     node_monitor_grace_period: String,
+    /// The pod network: every node gets a slice of it (`--node-cidr-mask-size`).
+    #[arg(long, default_value = "10.0.0.0/8")]
+    cluster_cidr: String,
+    /// Prefix length of each node's pod range.
+    #[arg(long, default_value_t = 24)]
+    node_cidr_mask_size: u8,
+    /// The service (ClusterIP) range, carved out of the cluster CIDR; node ranges skip it.
+    #[arg(long, default_value = "10.96.0.0/12")]
+    service_cluster_ip_range: String,
     /// Nodes per second whose pods may be evicted after they became unreachable or not ready.
     #[arg(long, default_value_t = 0.1)]
     node_eviction_rate: f64,
@@ -221,6 +230,15 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let run_controllers = a.controllers;
     let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
     let node_eviction_rate = a.node_eviction_rate;
+    let plan = shoal_controllers::ipam::Plan {
+        cluster: shoal_controllers::ipam::Cidr::parse(&a.cluster_cidr).map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?,
+        service: shoal_controllers::ipam::Cidr::parse(&a.service_cluster_ip_range).map_err(|e| anyhow::anyhow!("--service-cluster-ip-range: {e}"))?,
+        node_mask: a.node_cidr_mask_size,
+    };
+    plan.validate().map_err(|e| anyhow::anyhow!("address plan refused: {e}"))?;
+    if plan.service != shoal_controllers::ipam::Plan::default().service {
+        bail!("--service-cluster-ip-range other than 10.96.0.0/12 is not supported yet (the API server allocates ClusterIPs from 10.96.0.0/12)");
+    }
     if !(node_eviction_rate > 0.0 && node_eviction_rate.is_finite()) {
         bail!("--node-eviction-rate must be a positive number, got {node_eviction_rate}");
     }
@@ -326,6 +344,7 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                 let client = shoal_client::Client::new(cfg, 2)?;
                 let opts = shoal_controllers::Options {
                     identity: format!("{}-{}", name, std::process::id()),
+                    plan: plan.clone(),
                     nodes: shoal_controllers::nodelifecycle::Settings {
                         grace: node_grace,
                         period: std::time::Duration::from_secs(node_grace.as_secs().clamp(1, 5)),

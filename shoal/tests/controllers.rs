@@ -206,6 +206,13 @@ fn silent_nodes_are_tainted_and_their_pods_evicted() {
     k.apply("apiVersion: v1\nkind: Node\nmetadata: {name: n1}\n");
     let ready = |s: &Server| patch_status(s, "/api/v1/nodes/n1/status", &format!(r#"{{"status":{{"conditions":[{{"type":"Ready","status":"True","reason":"KubeletReady","lastHeartbeatTime":"{}"}}]}}}}"#, now_rfc3339()));
     ready(&s);
+    // Node IPAM: each node gets the next /24 of the cluster range.
+    k.apply("apiVersion: v1\nkind: Node\nmetadata: {name: n2}\n");
+    k.eventually(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.spec.podCIDR} {end}"], "pod CIDRs", |o| {
+        let mut cidrs: Vec<&str> = o.split_whitespace().filter_map(|x| x.split_once('=').map(|(_, c)| c)).collect();
+        cidrs.sort();
+        cidrs == ["10.0.0.0/24", "10.0.1.0/24"]
+    });
     k.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs1}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: nodetest}}\n  template:\n    metadata: {labels: {app: nodetest}}\n    spec: {containers: [{name: c, image: busybox}]}\n");
     let names = ["get", "pods", "-l", "app=nodetest", "-o", "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}"];
     k.eventually(&names, "2 pods", |o| pod_names(o).len() == 2);
