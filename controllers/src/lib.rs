@@ -10,6 +10,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod events;
@@ -137,12 +138,14 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     let nodes = inf("/api/v1/nodes");
     let node_leases = inf("/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases");
     nodelifecycle::start(client.clone(), nodes.clone(), node_leases, pods.clone(), lead.clone(), opts.nodes.clone());
-    ipam::start(client.clone(), nodes, lead.clone(), opts.plan.clone());
+    ipam::start(client.clone(), nodes.clone(), lead.clone(), opts.plan.clone());
+    let daemonsets = inf("/apis/apps/v1/daemonsets");
+    daemonset::start(client.clone(), daemonsets.clone(), pods.clone(), nodes, lead.clone());
     serviceaccount::start(client.clone(), namespaces.clone(), accounts, lead.clone());
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
-    gc::start(client, vec![pods, replicasets, deployments, services, slices], lead.clone());
+    gc::start(client, vec![pods, replicasets, deployments, services, slices, daemonsets], lead.clone());
     lead
 }

@@ -238,3 +238,31 @@ fn silent_nodes_are_tainted_and_their_pods_evicted() {
     ready(&s);
     k.eventually(&["get", "node", "n1", "-o", "jsonpath={.spec.taints}"], "untainted", |o| !o.contains("unreachable"));
 }
+
+#[test]
+fn daemonsets_run_one_pod_per_eligible_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    for (n, role) in [("e1", "edge"), ("e2", "edge"), ("c1", "core")] {
+        k.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{role: {role}}}}}\n"));
+    }
+    k.apply("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {role: edge}\n      containers: [{name: c, image: busybox}]\n");
+    let pinned = ["get", "pods", "-l", "app=agent", "-o", "jsonpath={range .items[*]}{.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchFields[0].values[0]} {end}"];
+    let sorted = |o: &str| {
+        let mut v: Vec<String> = o.split_whitespace().map(String::from).collect();
+        v.sort();
+        v
+    };
+    k.eventually(&pinned, "a pod per edge node", |o| sorted(o) == ["e1", "e2"]);
+    k.eventually(&["get", "ds", "agent", "-o", "jsonpath={.status.desiredNumberScheduled}/{.status.currentNumberScheduled}"], "status", |o| o == "2/2");
+    // A node joining the selection gets a pod; one leaving it loses its pod.
+    k.ok(&["label", "node", "c1", "role=edge", "--overwrite"]);
+    k.eventually(&pinned, "three edge nodes", |o| sorted(o) == ["c1", "e1", "e2"]);
+    k.ok(&["label", "node", "e2", "role=core", "--overwrite"]);
+    k.eventually(&pinned, "e2 left", |o| sorted(o) == ["c1", "e1"]);
+    // Deleting the DaemonSet removes its pods.
+    k.ok(&["delete", "ds", "agent"]);
+    k.eventually(&["get", "pods", "-l", "app=agent", "-o", "name"], "cleanup", |o| o.trim().is_empty() || o.contains("No resources"));
+}
