@@ -23,6 +23,7 @@ pub mod nodelifecycle;
 pub mod queue;
 pub mod replicaset;
 pub mod serviceaccount;
+pub mod statefulset;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -141,11 +142,13 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     ipam::start(client.clone(), nodes.clone(), lead.clone(), opts.plan.clone());
     let daemonsets = inf("/apis/apps/v1/daemonsets");
     daemonset::start(client.clone(), daemonsets.clone(), pods.clone(), nodes, lead.clone());
+    let statefulsets = inf("/apis/apps/v1/statefulsets");
+    statefulset::start(client.clone(), statefulsets.clone(), pods.clone(), lead.clone());
     serviceaccount::start(client.clone(), namespaces.clone(), accounts, lead.clone());
     namespace::start(client.clone(), namespaces, lead.clone());
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
-    gc::start(client, vec![pods, replicasets, deployments, services, slices, daemonsets], lead.clone());
+    gc::start(client, vec![pods, replicasets, deployments, services, slices, daemonsets, statefulsets], lead.clone());
     lead
 }

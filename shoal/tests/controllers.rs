@@ -266,3 +266,31 @@ fn daemonsets_run_one_pod_per_eligible_node() {
     k.ok(&["delete", "ds", "agent"]);
     k.eventually(&["get", "pods", "-l", "app=agent", "-o", "name"], "cleanup", |o| o.trim().is_empty() || o.contains("No resources"));
 }
+
+#[test]
+fn statefulsets_create_in_order_with_stable_names_and_claims() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "ctl", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    k.apply("apiVersion: apps/v1\nkind: StatefulSet\nmetadata: {name: db}\nspec:\n  replicas: 3\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec: {containers: [{name: c, image: busybox, volumeMounts: [{name: data, mountPath: /data}]}]}\n  volumeClaimTemplates:\n  - metadata: {name: data}\n    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n");
+    let names = ["get", "pods", "-l", "app=db", "-o", "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}"];
+    // OrderedReady: db-1 waits until db-0 is Running and Ready.
+    k.eventually(&names, "db-0 first", |o| pod_names(o) == ["db-0"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(pod_names(&k.ok(&names)), ["db-0"], "db-1 must wait for db-0");
+    let running = r#"{"status":{"phase":"Running","podIP":"10.0.0.9","conditions":[{"type":"Ready","status":"True"}]}}"#;
+    patch_status(&s, "/api/v1/namespaces/default/pods/db-0/status", running);
+    k.eventually(&names, "db-1", |o| pod_names(o) == ["db-0", "db-1"]);
+    patch_status(&s, "/api/v1/namespaces/default/pods/db-1/status", running);
+    k.eventually(&names, "db-2", |o| pod_names(o) == ["db-0", "db-1", "db-2"]);
+    assert_eq!(k.ok(&["get", "pod", "db-1", "-o", "jsonpath={.spec.hostname}.{.spec.subdomain} {.spec.volumes[?(@.name==\"data\")].persistentVolumeClaim.claimName}"]), "db-1.db data-db-1");
+    k.eventually(&["get", "pvc", "-o", "name"], "claims", |o| o.lines().count() == 3 && o.contains("data-db-2"));
+    // Scale down removes the highest ordinal; the claims stay.
+    k.ok(&["scale", "sts", "db", "--replicas=2"]);
+    k.eventually(&names, "db-2 removed", |o| pod_names(o) == ["db-0", "db-1"]);
+    assert!(k.ok(&["get", "pvc", "data-db-2", "-o", "name"]).contains("data-db-2"));
+    // A deleted pod comes back with the same name.
+    k.ok(&["delete", "pod", "db-1", "--grace-period=0"]);
+    k.eventually(&["get", "pod", "db-1", "-o", "jsonpath={.metadata.name}/{.metadata.deletionTimestamp}"], "db-1 recreated", |o| o == "db-1/");
+}
