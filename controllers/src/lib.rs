@@ -21,6 +21,7 @@ pub mod leader;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod queue;
+pub mod quota;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
@@ -149,6 +150,17 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
+    let quotas = inf("/api/v1/resourcequotas");
+    let counted = vec![
+        ("pods", pods.clone()),
+        ("services", services.clone()),
+        ("configmaps", inf("/api/v1/configmaps")),
+        ("secrets", inf("/api/v1/secrets")),
+        ("persistentvolumeclaims", inf("/api/v1/persistentvolumeclaims")),
+        ("deployments", deployments.clone()),
+        ("replicasets", replicasets.clone()),
+    ];
+    quota::start(client.clone(), quotas, counted, lead.clone());
     gc::start(client, vec![pods, replicasets, deployments, services, slices, daemonsets, statefulsets], lead.clone());
     lead
 }

@@ -119,6 +119,11 @@ fn replicasets_garbage_collection_and_namespace_deletion() {
     k.eventually(&["get", "serviceaccount", "default", "-n", "c2", "-o", "name"], "default account", |o| o.trim() == "serviceaccount/default");
     k.ok(&["delete", "serviceaccount", "default", "-n", "c2"]);
     k.eventually(&["get", "serviceaccount", "default", "-n", "c2", "-o", "name"], "default account re-created", |o| o.trim() == "serviceaccount/default");
+    // ResourceQuota status counts what the namespace holds.
+    k.apply("apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: q, namespace: c2}\nspec: {hard: {pods: '10', configmaps: '5', requests.cpu: '4'}}\n");
+    k.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: p, namespace: c2}\nspec: {containers: [{name: c, image: busybox, resources: {requests: {cpu: 250m}}}, {name: d, image: busybox, resources: {requests: {cpu: 250m}}}]}\n");
+    k.ok(&["create", "configmap", "cfg", "-n", "c2"]);
+    k.eventually(&["get", "quota", "q", "-n", "c2", "-o", "jsonpath={.status.used.pods}/{.status.used.requests\\.cpu}/{.status.hard.pods}"], "quota usage", |o| o == "1/500m/10");
     // The controllers hold the leader Lease.
     assert!(k.ok(&["get", "lease", "shoal-controller-manager", "-n", "kube-system", "-o", "jsonpath={.spec.holderIdentity}"]).starts_with("ctl-"));
 }
