@@ -102,9 +102,8 @@ async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Inf
     let tmpl = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let hash = crate::deployment::template_hash(&tmpl);
     let pods_path = format!("/api/v1/namespaces/{ns}/pods");
-    let owned: Vec<Value> = pods.list(|p| {
-        p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)
-            && p.pointer("/metadata/deletionTimestamp").is_none()
+    let owned: Vec<Value> = pods.list_in(&ns, |p| {
+        p.pointer("/metadata/deletionTimestamp").is_none()
             && p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid.as_str() && o["controller"] == true))
     });
     let all_nodes = nodes.list(|_| true);

@@ -106,9 +106,8 @@ async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key:
     let replicas = d.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
     let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let sel = d.pointer("/spec/selector").cloned().unwrap_or(Value::Null);
-    let owned: Vec<Value> = rss.list(|r| {
-        r.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)
-            && r.pointer("/metadata/deletionTimestamp").is_none()
+    let owned: Vec<Value> = rss.list_in(&ns, |r| {
+        r.pointer("/metadata/deletionTimestamp").is_none()
             && r.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x["uid"] == uid.as_str() && x["controller"] == true))
     });
     let want = strip_hash(&template);

@@ -22,7 +22,7 @@ pub fn start(client: Client, services: Informer, pods: Informer, lead: Leadershi
         for p in [now, old].into_iter().flatten() {
             let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
             let labels = p.pointer("/metadata/labels").and_then(Value::as_object).cloned();
-            for s in svcs.list(|s| s.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)) {
+            for s in svcs.list_in(&ns, |_| true) {
                 if let Some(sel) = s.pointer("/spec/selector").filter(|x| x.is_object()) {
                     if selector::matches(&json!({"matchLabels": sel}), labels.as_ref()) {
                         keys.push(crate::informer::key_of(&s));
@@ -65,9 +65,8 @@ async fn reconcile(client: &Client, services: &Informer, pods: &Informer, key: &
     };
     let sel = json!({"matchLabels": sel});
     let ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut selected: Vec<Value> = pods.list(|p| {
-        p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(ns)
-            && selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))
+    let mut selected: Vec<Value> = pods.list_in(ns, |p| {
+        selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))
             && p.pointer("/status/podIP").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty())
             && !matches!(p.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"))
     });

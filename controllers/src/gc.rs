@@ -36,7 +36,9 @@ fn self_path(obj: &Value) -> Option<String> {
     Some(format!("{}/{name}", path_of(obj["apiVersion"].as_str().unwrap_or("v1"), obj["kind"].as_str()?, ns)?))
 }
 
-pub fn start(client: Client, informers: Vec<Informer>, lead: Leadership) {
+pub fn start(client: Client, kinds: Vec<(&'static str, Informer)>, lead: Leadership) {
+    let informers: Vec<Informer> = kinds.iter().map(|(_, i)| i.clone()).collect();
+    let kind_names: Vec<&'static str> = kinds.iter().map(|(k, _)| *k).collect();
     let q = WorkQueue::default();
     // Queue items are "<informer index>|<key>".
     for (i, inf) in informers.iter().enumerate() {
@@ -45,8 +47,17 @@ pub fn start(client: Client, informers: Vec<Informer>, lead: Leadership) {
         tokio::spawn(async move {
             while let Some((k, old)) = rx.recv().await {
                 qq.add(&format!("{i}|{k}"));
-                // An owner's change (deletion above all) wakes its dependents.
-                let uid = old.as_ref().and_then(|o| o.pointer("/metadata/uid")).and_then(Value::as_str).map(String::from);
+                // An owner going away (deleted, or being deleted) wakes its dependents. Pods
+                // and slices own nothing here: no scan for them.
+                let Some(old) = old else { continue };
+                if matches!(old.get("kind").and_then(Value::as_str), Some("Pod" | "EndpointSlice")) {
+                    continue;
+                }
+                let going = all[i].get_arc(&k).is_none_or(|cur| cur.pointer("/metadata/deletionTimestamp").is_some());
+                if !going {
+                    continue;
+                }
+                let uid = old.pointer("/metadata/uid").and_then(Value::as_str).map(String::from);
                 if let Some(uid) = uid {
                     for (j, dep) in all.iter().enumerate() {
                         for d in dep.list(|d| d.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid))) {
@@ -58,13 +69,20 @@ pub fn start(client: Client, informers: Vec<Informer>, lead: Leadership) {
         });
     }
     crate::spawn_workers("garbagecollector", q, lead, 2, move |item| {
-        let (client, informers) = (client.clone(), informers.clone());
-        async move { reconcile(&client, &informers, &item).await }
+        let (client, informers, kind_names) = (client.clone(), informers.clone(), kind_names.clone());
+        async move { reconcile(&client, &informers, &kind_names, &item).await }
     });
 }
 
-async fn owner_exists(client: &Client, ns: &str, r: &Value) -> Result<bool, String> {
+async fn owner_exists(client: &Client, informers: &[Informer], kinds: &[&str], ns: &str, r: &Value) -> Result<bool, String> {
     let (api, kind, name) = (r["apiVersion"].as_str().unwrap_or(""), r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or(""));
+    // The cache answers "alive" cheaply; only a missing owner is confirmed with a live read.
+    if let Some(i) = kinds.iter().position(|k| *k == kind) {
+        let key = if ns.is_empty() { name.to_string() } else { format!("{ns}/{name}") };
+        if informers[i].get_arc(&key).is_some_and(|o| o.pointer("/metadata/uid") == r.get("uid")) {
+            return Ok(true);
+        }
+    }
     let Some(coll) = path_of(api, kind, ns) else { return Ok(true) }; // unknown kinds are kept
     match client.get(&format!("{coll}/{name}")).await.map_err(|e| e.to_string())? {
         Some(o) => Ok(o.pointer("/metadata/uid") == r.get("uid")),
@@ -72,7 +90,7 @@ async fn owner_exists(client: &Client, ns: &str, r: &Value) -> Result<bool, Stri
     }
 }
 
-async fn reconcile(client: &Client, informers: &[Informer], item: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, informers: &[Informer], kinds: &[&str], item: &str) -> Result<(), String> {
     let Some((i, key)) = item.split_once('|') else { return Ok(()) };
     let Some(inf) = i.parse::<usize>().ok().and_then(|i| informers.get(i)) else { return Ok(()) };
     let Some(obj) = inf.get(key) else { return Ok(()) };
@@ -84,7 +102,7 @@ async fn reconcile(client: &Client, informers: &[Informer], item: &str) -> Resul
     if !refs.is_empty() {
         let mut any_alive = false;
         for r in &refs {
-            if owner_exists(client, &ns, r).await? {
+            if owner_exists(client, informers, kinds, &ns, r).await? {
                 any_alive = true;
                 break;
             }

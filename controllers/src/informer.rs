@@ -21,13 +21,54 @@ pub fn key_of(obj: &Value) -> String {
     }
 }
 
+/// Keeps only what the controllers read, so a cache of 150,000 pods stays small: no managed
+/// fields or last-applied annotation on any object, and for pods only identity, labels,
+/// owners, deletion, node, tolerations, affinity, container names/ports/resources and the
+/// status phase, IP and conditions.
+fn trim(v: &mut Value) {
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.remove("managedFields");
+        if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove("kubectl.kubernetes.io/last-applied-configuration");
+        }
+    }
+    if v.get("kind").and_then(Value::as_str) != Some("Pod") {
+        return;
+    }
+    let keep = |o: &mut serde_json::Map<String, Value>, fields: &[&str]| o.retain(|k, _| fields.contains(&k.as_str()));
+    if let Some(o) = v.as_object_mut() {
+        keep(o, &["apiVersion", "kind", "metadata", "spec", "status"]);
+    }
+    if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        keep(m, &["name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "labels", "ownerReferences"]);
+    }
+    if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
+        keep(spec, &["nodeName", "tolerations", "affinity", "containers", "initContainers"]);
+        for list in ["containers", "initContainers"] {
+            for c in spec.get_mut(list).and_then(Value::as_array_mut).into_iter().flatten() {
+                if let Some(c) = c.as_object_mut() {
+                    keep(c, &["name", "ports", "resources"]);
+                }
+            }
+        }
+    }
+    if let Some(st) = v.get_mut("status").and_then(Value::as_object_mut) {
+        keep(st, &["phase", "podIP", "conditions"]);
+        for c in st.get_mut("conditions").and_then(Value::as_array_mut).into_iter().flatten() {
+            if let Some(c) = c.as_object_mut() {
+                keep(c, &["type", "status"]);
+            }
+        }
+    }
+}
+
 /// A shared, read-mostly copy of one resource.
 #[derive(Clone)]
 pub struct Informer {
     /// Collection path, e.g. `/api/v1/pods`.
     pub path: String,
-    store: Arc<RwLock<BTreeMap<String, Value>>>,
-    subscribers: Arc<RwLock<Vec<mpsc::UnboundedSender<(String, Option<Value>)>>>>,
+    store: Arc<RwLock<BTreeMap<String, Arc<Value>>>>,
+    subscribers: Arc<RwLock<Vec<mpsc::UnboundedSender<(String, Option<Arc<Value>>)>>>>,
     synced: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -37,19 +78,31 @@ impl Informer {
     }
 
     /// Changes are sent as (key, the object before the change, if any).
-    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<(String, Option<Value>)> {
+    pub fn subscribe(&self) -> mpsc::UnboundedReceiver<(String, Option<Arc<Value>>)> {
         let (tx, rx) = mpsc::unbounded_channel();
         self.subscribers.write().push(tx);
         rx
     }
 
     pub fn get(&self, key: &str) -> Option<Value> {
+        self.store.read().get(key).map(|v| (**v).clone())
+    }
+
+    /// The shared copy (no clone).
+    pub fn get_arc(&self, key: &str) -> Option<Arc<Value>> {
         self.store.read().get(key).cloned()
     }
 
     /// Every object for which `f` holds.
     pub fn list(&self, f: impl Fn(&Value) -> bool) -> Vec<Value> {
-        self.store.read().values().filter(|v| f(v)).cloned().collect()
+        self.store.read().values().filter(|v| f(v)).map(|v| (**v).clone()).collect()
+    }
+
+    /// The objects of namespace `ns` for which `f` holds (a range of the key space, not a
+    /// scan of every object).
+    pub fn list_in(&self, ns: &str, f: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let (from, to) = (format!("{ns}/"), format!("{ns}0"));
+        self.store.read().range(from..to).filter(|(_, v)| f(v)).map(|(_, v)| (**v).clone()).collect()
     }
 
     pub fn keys(&self) -> Vec<String> {
@@ -60,7 +113,7 @@ impl Informer {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    fn announce(&self, key: &str, old: Option<Value>) {
+    fn announce(&self, key: &str, old: Option<Arc<Value>>) {
         self.subscribers.write().retain(|s| s.send((key.to_string(), old.clone())).is_ok());
     }
 
@@ -76,7 +129,10 @@ impl Informer {
                     continue;
                 }
             };
-            let fresh: BTreeMap<String, Value> = items.into_iter().map(|o| (key_of(&o), o)).collect();
+            let fresh: BTreeMap<String, Arc<Value>> = items.into_iter().map(|mut o| (key_of(&o), {
+                trim(&mut o);
+                Arc::new(o)
+            })).collect();
             let old = std::mem::replace(&mut *self.store.write(), fresh.clone());
             for (k, o) in &old {
                 if !fresh.contains_key(k) {
@@ -98,7 +154,7 @@ impl Informer {
                     _ = tokio::time::sleep_until(next_resync) => {
                         next_resync = tokio::time::Instant::now() + resync;
                         for k in self.keys() {
-                            let cur = self.get(&k);
+                            let cur = self.get_arc(&k);
                             self.announce(&k, cur);
                         }
                         continue;
@@ -111,13 +167,15 @@ impl Informer {
                 match ty.as_str() {
                     "ADDED" | "MODIFIED" => {
                         let k = key_of(&obj);
-                        let old = self.store.write().insert(k.clone(), obj);
+                        let mut obj = obj;
+                        trim(&mut obj);
+                        let old = self.store.write().insert(k.clone(), Arc::new(obj));
                         self.announce(&k, old);
                     }
                     "DELETED" => {
                         let k = key_of(&obj);
                         let old = self.store.write().remove(&k);
-                        self.announce(&k, old.or(Some(obj)));
+                        self.announce(&k, old.or(Some(Arc::new(obj))));
                     }
                     "BOOKMARK" => {}
                     _ => break, // ERROR (e.g. 410): relist

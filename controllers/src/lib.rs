@@ -67,13 +67,13 @@ impl Leadership {
 /// Queues every key `inf` announces, mapped by `to_keys` (the object now and before).
 pub(crate) fn feed<F>(inf: &informer::Informer, q: &queue::WorkQueue, to_keys: F)
 where
-    F: Fn(&str, Option<serde_json::Value>, Option<serde_json::Value>) -> Vec<String> + Send + 'static,
+    F: Fn(&str, Option<Arc<serde_json::Value>>, Option<Arc<serde_json::Value>>) -> Vec<String> + Send + 'static,
 {
     let mut rx = inf.subscribe();
     let (q, inf) = (q.clone(), inf.clone());
     tokio::spawn(async move {
         while let Some((k, old)) = rx.recv().await {
-            for key in to_keys(&k, inf.get(&k), old) {
+            for key in to_keys(&k, inf.get_arc(&k), old) {
                 q.add(&key);
             }
         }
@@ -81,7 +81,7 @@ where
 }
 
 /// The `namespace/owner` keys of the controller owners of kind `kind` of the objects given.
-pub(crate) fn owner_keys(kind: &str, objs: [Option<serde_json::Value>; 2]) -> Vec<String> {
+pub(crate) fn owner_keys(kind: &str, objs: [Option<Arc<serde_json::Value>>; 2]) -> Vec<String> {
     objs.into_iter()
         .flatten()
         .filter_map(|o| {
@@ -161,6 +161,10 @@ pub fn start(client: Client, opts: Options) -> Leadership {
         ("replicasets", replicasets.clone()),
     ];
     quota::start(client.clone(), quotas, counted, lead.clone());
-    gc::start(client, vec![pods, replicasets, deployments, services, slices, daemonsets, statefulsets], lead.clone());
+    gc::start(
+        client,
+        vec![("Pod", pods), ("ReplicaSet", replicasets), ("Deployment", deployments), ("Service", services), ("EndpointSlice", slices), ("DaemonSet", daemonsets), ("StatefulSet", statefulsets)],
+        lead.clone(),
+    );
     lead
 }

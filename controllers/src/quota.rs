@@ -70,7 +70,7 @@ pub fn start(client: Client, quotas: Informer, counted: Vec<(&'static str, Infor
         let qs = quotas.clone();
         crate::feed(inf, &q, move |k, _, _| {
             let ns = k.split_once('/').map_or("", |(n, _)| n).to_string();
-            qs.list(|x| x.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)).iter().map(crate::informer::key_of).collect()
+            qs.list_in(&ns, |_| true).iter().map(crate::informer::key_of).collect()
         });
     }
     crate::spawn_workers("resourcequota", q, lead, 1, move |key| {
@@ -78,7 +78,7 @@ pub fn start(client: Client, quotas: Informer, counted: Vec<(&'static str, Infor
         async move {
             let Some(quota) = quotas.get(&key) else { return Ok(()) };
             let ns = quota.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-            let in_ns = |name: &str| counted.iter().find(|(n, _)| *n == name).map(|(_, i)| i.list(|o| o.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns))).unwrap_or_default();
+            let in_ns = |name: &str| counted.iter().find(|(n, _)| *n == name).map(|(_, i)| i.list_in(&ns, |_| true)).unwrap_or_default();
             let pods = in_ns("pods");
             let hard = quota.pointer("/spec/hard").and_then(Value::as_object).cloned().unwrap_or_default();
             let mut used = Map::new();

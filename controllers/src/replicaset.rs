@@ -62,7 +62,7 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
 
     // Adopt matching orphans (no controller owner); they count as owned from now on.
     let mut adopted: Vec<Value> = Vec::new();
-    for p in pods.list(|p| p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns) && is_active(p) && selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))) {
+    for p in pods.list_in(&ns, |p| is_active(p) && selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))) {
         let has_controller = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["controller"] == true));
         if !has_controller {
             let mut refs = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
@@ -72,7 +72,7 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
             adopted.push(client.merge_patch(&format!("{pods_path}/{pname}"), &patch).await.map_err(|e| e.to_string())?);
         }
     }
-    let mut owned: Vec<Value> = pods.list(|p| p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns) && is_owned_by(p, &uid));
+    let mut owned: Vec<Value> = pods.list_in(&ns, |p| is_owned_by(p, &uid));
     for a in adopted {
         if !owned.iter().any(|o| o.pointer("/metadata/uid") == a.pointer("/metadata/uid")) {
             owned.push(a);

@@ -45,9 +45,8 @@ async fn reconcile(client: &Client, sets: &Informer, pods: &Informer, key: &str)
     let tmpl = set.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let revision = format!("{name}-{}", crate::deployment::template_hash(&tmpl));
     let pods_path = format!("/api/v1/namespaces/{ns}/pods");
-    let mut owned: Vec<Value> = pods.list(|p| {
-        p.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&ns)
-            && p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid.as_str() && o["controller"] == true))
+    let mut owned: Vec<Value> = pods.list_in(&ns, |p| {
+        p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid.as_str() && o["controller"] == true))
     });
     owned.sort_by_key(|p| ordinal(&name, p).unwrap_or(usize::MAX));
     let at = |i: usize| owned.iter().find(|p| ordinal(&name, p) == Some(i));

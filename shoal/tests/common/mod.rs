@@ -23,6 +23,9 @@ pub struct Server {
     /// Kubernetes API (HTTPS); only served when `with_api` is set.
     pub api: SocketAddr,
     pub with_api: bool,
+    pub port_retries: u32,
+    /// Set once the process listened: restarts keep their ports (clients know them).
+    pub started_once: bool,
     pub extra: Vec<String>,
     pub log: PathBuf,
 }
@@ -49,6 +52,8 @@ impl Server {
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             with_api,
+            port_retries: 0,
+            started_once: false,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             log: dir.join(format!("{name}.log")),
         };
@@ -104,11 +109,23 @@ impl Server {
         let port = if self.extra.iter().any(|a| a == "--store") { self.api } else { self.etcd };
         while TcpStream::connect(port).is_err() {
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                // free_port() releases its port before shoal binds it; another test may take
+                // it in between. A fresh single server (no data yet) retries on new ports.
+                let fresh = !self.extra.iter().any(|a| a == "--initial-cluster") && !self.started_once;
+                if fresh && self.log_text().contains("Address already in use") && self.port_retries < 5 {
+                    self.port_retries += 1;
+                    self.etcd = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    self.peer = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    self.metrics = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    self.api = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    return self.spawn();
+                }
                 panic!("shoal exited with {st} before listening; log:\n{}", self.log_text());
             }
             assert!(t.elapsed() < Duration::from_secs(20), "shoal did not start listening; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.started_once = true;
     }
 
     /// SIGKILL, like a crash: no shutdown code runs.
@@ -161,6 +178,8 @@ impl Server {
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             with_api: false,
+            port_retries: 0,
+            started_once: false,
             extra: ["--initial-cluster", initial_cluster, "--initial-cluster-state", state, "--heartbeat-interval", "50", "--election-timeout", "400", "--fault-file"]
                 .iter()
                 .map(|s| s.to_string())
