@@ -40,7 +40,7 @@ fn trim(v: &mut Value) {
         keep(o, &["apiVersion", "kind", "metadata", "spec", "status"]);
     }
     if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
-        keep(m, &["name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "labels", "ownerReferences"]);
+        keep(m, &["name", "namespace", "uid", "resourceVersion", "generation", "creationTimestamp", "deletionTimestamp", "labels", "ownerReferences", "finalizers"]);
     }
     if let Some(spec) = v.get_mut("spec").and_then(Value::as_object_mut) {
         keep(spec, &["nodeName", "tolerations", "affinity", "containers", "initContainers"]);

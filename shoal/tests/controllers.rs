@@ -28,7 +28,8 @@ struct K {
 impl K {
     fn run(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
         use std::io::Write;
-        let mut c = Command::new(&self.bin).arg("--kubeconfig").arg(&self.cfg).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+        // Bounded: a hung request fails the test instead of hanging CI.
+        let mut c = Command::new("timeout").arg("90").arg(&self.bin).arg("--kubeconfig").arg(&self.cfg).args(args).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
         c.stdin.take().unwrap().write_all(stdin.unwrap_or("").as_bytes()).unwrap();
         let o = c.wait_with_output().unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))

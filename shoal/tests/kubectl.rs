@@ -30,8 +30,9 @@ pub struct Kubectl {
 
 impl Kubectl {
     fn run(&self, args: &[&str], stdin: Option<&str>) -> Output {
-        let mut c = Command::new(&self.bin);
-        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        // Bounded: a hung request fails the test instead of hanging CI.
+        let mut c = Command::new("timeout");
+        c.arg("90").arg(&self.bin).arg("--kubeconfig").arg(&self.kubeconfig).args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().expect("spawning kubectl");
         {
             use std::io::Write;

@@ -107,7 +107,13 @@ impl Server {
         let t = Instant::now();
         // With --store the embedded store (and its etcd port) is not started.
         let port = if self.extra.iter().any(|a| a == "--store") { self.api } else { self.etcd };
-        while TcpStream::connect(port).is_err() {
+        loop {
+            let listening = TcpStream::connect(port).is_ok();
+            if listening {
+                // Someone listens there; make sure it is this process (a port taken between
+                // free_port() and our bind makes ours exit).
+                std::thread::sleep(Duration::from_millis(100));
+            }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 // free_port() releases its port before shoal binds it; another test may take
                 // it in between. A fresh single server (no data yet) retries on new ports.
@@ -118,9 +124,13 @@ impl Server {
                     self.peer = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                     self.metrics = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                     self.api = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    let _ = std::fs::write(&self.log, "");
                     return self.spawn();
                 }
                 panic!("shoal exited with {st} before listening; log:\n{}", self.log_text());
+            }
+            if listening {
+                break;
             }
             assert!(t.elapsed() < Duration::from_secs(20), "shoal did not start listening; log:\n{}", self.log_text());
             std::thread::sleep(Duration::from_millis(20));
