@@ -99,21 +99,27 @@ impl Plan {
 pub fn start(client: Client, nodes: Informer, lead: Leadership, plan: Plan) {
     let q = WorkQueue::default();
     crate::feed(&nodes, &q, |k, _, _| vec![k.to_string()]);
+    // Ranges this process handed out and may not see in its cache yet (one worker: no race
+    // among its own allocations; a new leader starts from the nodes it observes).
+    let handed_out: std::sync::Arc<parking_lot::Mutex<HashSet<u32>>> = Default::default();
     crate::spawn_workers("nodeipam", q, lead, 1, move |name| {
-        let (client, nodes, plan) = (client.clone(), nodes.clone(), plan.clone());
+        let (client, nodes, plan, handed_out) = (client.clone(), nodes.clone(), plan.clone(), handed_out.clone());
         async move {
             let Some(node) = nodes.get(&name) else { return Ok(()) };
             if node.pointer("/spec/podCIDR").and_then(Value::as_str).is_some_and(|c| !c.is_empty()) {
                 return Ok(());
             }
-            let used: HashSet<u32> = nodes.list(|_| true).iter().filter_map(|n| n.pointer("/spec/podCIDR").and_then(Value::as_str)).filter_map(|c| Cidr::parse(c).ok()).map(|c| c.base).collect();
+            let mut used: HashSet<u32> = nodes.list(|_| true).iter().filter_map(|n| n.pointer("/spec/podCIDR").and_then(Value::as_str)).filter_map(|c| Cidr::parse(c).ok()).map(|c| c.base).collect();
+            used.extend(handed_out.lock().iter().copied());
             let Some(cidr) = plan.next_free(&used) else {
                 crate::events::record(&client, &node, "Warning", "CIDRNotAvailable", &format!("Node {name} status is now: CIDRNotAvailable"), "node-ipam-controller").await;
                 return Err("no pod CIDR left".into());
             };
             // Conditioned on the node's resourceVersion: two allocations cannot race.
             let patch = json!({"metadata": {"resourceVersion": node.pointer("/metadata/resourceVersion")}, "spec": {"podCIDR": cidr.to_string(), "podCIDRs": [cidr.to_string()]}});
-            client.merge_patch(&format!("/api/v1/nodes/{name}"), &patch).await.map(|_| ()).map_err(|e| e.to_string())
+            client.merge_patch(&format!("/api/v1/nodes/{name}"), &patch).await.map_err(|e| e.to_string())?;
+            handed_out.lock().insert(cidr.base);
+            Ok(())
         }
     });
 }
