@@ -128,8 +128,9 @@ struct ServerArgs {
     /// Extra DNS names or IP addresses for the API serving certificate (repeatable).
     #[arg(long = "tls-san")]
     tls_san: Vec<String>,
-    /// Run the controllers (namespace deletion, ReplicaSets, garbage collector) in this
-    /// process, leader-elected through a Lease with the other servers.
+    /// Run the controllers (Deployments, ReplicaSets, DaemonSets, StatefulSets, endpoints,
+    /// namespaces, garbage collection, node lifecycle and IPAM, quotas) in this process,
+    /// leader-elected through a Lease with the other servers.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     controllers: bool,
     /// How long a node may go without renewing its Lease or posting status before it is
@@ -143,6 +144,7 @@ struct ServerArgs {
     #[arg(long, default_value_t = 24)]
     node_cidr_mask_size: u8,
     /// The service (ClusterIP) range, carved out of the cluster CIDR; node ranges skip it.
+    /// Only the default is accepted today (the API server's allocator uses it).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cluster_ip_range: String,
     /// Nodes per second whose pods may be evicted after they became unreachable or not ready.
