@@ -240,10 +240,14 @@ pub mod selector {
 
     /// Whether `labels` satisfy `sel`. An empty selector matches everything; a null one nothing.
     pub fn matches(sel: &Value, labels: Option<&Map<String, Value>>) -> bool {
+        matches_with(sel, |k| labels.and_then(|l| l.get(k)).and_then(Value::as_str))
+    }
+
+    /// [`matches`] over labels looked up by `get` (for callers with their own label type).
+    pub fn matches_with<'a>(sel: &Value, get: impl Fn(&str) -> Option<&'a str>) -> bool {
         if sel.is_null() {
             return false;
         }
-        let get = |k: &str| labels.and_then(|l| l.get(k)).and_then(Value::as_str);
         for (k, v) in sel.get("matchLabels").and_then(Value::as_object).into_iter().flatten() {
             if get(k) != v.as_str() {
                 return false;

@@ -7,13 +7,16 @@
 use serde_json::{json, Value};
 use shoal_client::{selector, Client};
 
+use std::sync::Arc;
+
 use crate::informer::Informer;
+use crate::pod::Pod;
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
 const HASH_LABEL: &str = "controller-revision-hash";
 
-pub fn start(client: Client, dss: Informer, pods: Informer, nodes: Informer, lead: Leadership) {
+pub fn start(client: Client, dss: Informer, pods: Informer<Pod>, nodes: Informer, lead: Leadership) {
     let q = WorkQueue::default();
     crate::feed(&dss, &q, |k, _, _| vec![k.to_string()]);
     crate::feed(&pods, &q, |_, now, old| crate::owner_keys("DaemonSet", [now, old]));
@@ -65,15 +68,6 @@ fn eligible(tmpl: &Value, node: &Value) -> bool {
     true
 }
 
-/// The node a daemon pod is pinned to.
-fn pinned_node(p: &Value) -> Option<String> {
-    if let Some(n) = p.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
-        return Some(n.to_string());
-    }
-    let terms = p.pointer("/spec/affinity/nodeAffinity/requiredDuringSchedulingIgnoredDuringExecution/nodeSelectorTerms")?.as_array()?;
-    terms.iter().flat_map(|t| t["matchFields"].as_array().cloned().unwrap_or_default()).find(|f| f["key"] == "metadata.name").and_then(|f| f["values"][0].as_str().map(String::from))
-}
-
 fn daemon_tolerations(existing: Option<&Value>) -> Value {
     let mut t: Vec<Value> = existing.and_then(Value::as_array).cloned().unwrap_or_default();
     for (key, effect) in [
@@ -91,7 +85,7 @@ fn daemon_tolerations(existing: Option<&Value>) -> Value {
     Value::Array(t)
 }
 
-async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Informer, key: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, dss: &Informer, pods: &Informer<Pod>, nodes: &Informer, key: &str) -> Result<(), String> {
     let Some(ds) = dss.get(key) else { return Ok(()) };
     if ds.pointer("/metadata/deletionTimestamp").is_some() {
         return Ok(());
@@ -102,18 +96,15 @@ async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Inf
     let tmpl = ds.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let hash = crate::deployment::template_hash(&tmpl);
     let pods_path = format!("/api/v1/namespaces/{ns}/pods");
-    let owned: Vec<Value> = pods.list_in(&ns, |p| {
-        p.pointer("/metadata/deletionTimestamp").is_none()
-            && p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid.as_str() && o["controller"] == true))
-    });
+    let owned: Vec<Arc<Pod>> = pods.dependents_of(&uid).into_iter().filter(|p| !p.deleting && p.controlled_by(&uid)).collect();
     let all_nodes = nodes.list(|_| true);
     let wanted: Vec<String> = all_nodes.iter().filter(|n| eligible(&tmpl, n)).filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str).map(String::from)).collect();
     // Remove pods on nodes that no longer qualify (or that are gone) and duplicates.
     let mut seen: Vec<String> = Vec::new();
     for p in &owned {
-        let node = pinned_node(p).unwrap_or_default();
+        let node = p.target_node().unwrap_or_default().to_string();
         if !wanted.contains(&node) || seen.contains(&node) {
-            let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+            let pn = &*p.name;
             client.delete(&format!("{pods_path}/{pn}"), None).await.map_err(|e| e.to_string())?;
         } else {
             seen.push(node);
@@ -122,23 +113,22 @@ async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Inf
     // Rolling update: replace pods of an old template, maxUnavailable at a time.
     let max_unavailable = ds.pointer("/spec/updateStrategy/rollingUpdate/maxUnavailable").and_then(Value::as_i64).unwrap_or(1).max(1) as usize;
     let rolling = ds.pointer("/spec/updateStrategy/type").and_then(Value::as_str).unwrap_or("RollingUpdate") == "RollingUpdate";
-    let outdated: Vec<&Value> = owned.iter().filter(|p| p.pointer(&format!("/metadata/labels/{HASH_LABEL}")).and_then(Value::as_str) != Some(hash.as_str())).collect();
+    let outdated: Vec<&Arc<Pod>> = owned.iter().filter(|p| p.label(HASH_LABEL) != Some(hash.as_str())).collect();
     if rolling && !outdated.is_empty() {
         // Outdated pods that are not ready go at once; ready ones within the budget of
         // nodes allowed to be without a ready daemon pod.
-        let unavailable = wanted.len().saturating_sub(owned.iter().filter(|p| is_ready(p)).count());
+        let unavailable = wanted.len().saturating_sub(owned.iter().filter(|p| p.ready).count());
         let mut budget = max_unavailable.saturating_sub(unavailable);
         for p in outdated {
-            let ready = is_ready(p);
+            let ready = p.ready;
             if ready && budget == 0 {
                 continue;
             }
             if ready {
                 budget -= 1;
             }
-            let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-            client.delete(&format!("{pods_path}/{pn}"), None).await.map_err(|e| e.to_string())?;
-            seen.retain(|n| Some(n.clone()) != pinned_node(p));
+            client.delete(&format!("{pods_path}/{}", p.name), None).await.map_err(|e| e.to_string())?;
+            seen.retain(|n| Some(n.as_str()) != p.target_node());
         }
     }
     // Create the missing pods, each pinned to its node.
@@ -162,9 +152,9 @@ async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Inf
             Err(e) => return Err(e.to_string()),
         }
     }
-    let ready = owned.iter().filter(|p| is_ready(p)).count();
-    let current = owned.iter().filter(|p| pinned_node(p).is_some_and(|n| wanted.contains(&n))).count();
-    let updated = owned.iter().filter(|p| p.pointer(&format!("/metadata/labels/{HASH_LABEL}")).and_then(Value::as_str) == Some(hash.as_str())).count();
+    let ready = owned.iter().filter(|p| p.ready).count();
+    let current = owned.iter().filter(|p| p.target_node().is_some_and(|n| wanted.iter().any(|w| w == n))).count();
+    let updated = owned.iter().filter(|p| p.label(HASH_LABEL) == Some(hash.as_str())).count();
     let status = json!({
         "desiredNumberScheduled": wanted.len(),
         "currentNumberScheduled": current,
@@ -187,10 +177,6 @@ async fn reconcile(client: &Client, dss: &Informer, pods: &Informer, nodes: &Inf
     Ok(())
 }
 
-fn is_ready(p: &Value) -> bool {
-    p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,8 +191,6 @@ mod tests {
         assert!(eligible(&tmpl, &node(json!({"role": "edge"}), json!([{"key": "node.kubernetes.io/unreachable", "effect": "NoExecute"}]))));
         let tolerant = json!({"spec": {"tolerations": [{"key": "gpu", "operator": "Exists"}]}});
         assert!(eligible(&tolerant, &node(json!({}), json!([{"key": "gpu", "effect": "NoSchedule"}]))));
-        let p = json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchFields": [{"key": "metadata.name", "operator": "In", "values": ["n1"]}]}]}}}}});
-        assert_eq!(pinned_node(&p).as_deref(), Some("n1"));
         assert_eq!(daemon_tolerations(None).as_array().unwrap().len(), 6);
     }
 }

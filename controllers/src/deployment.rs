@@ -106,10 +106,15 @@ async fn reconcile(client: &Client, deployments: &Informer, rss: &Informer, key:
     let replicas = d.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
     let template = d.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let sel = d.pointer("/spec/selector").cloned().unwrap_or(Value::Null);
-    let owned: Vec<Value> = rss.list_in(&ns, |r| {
-        r.pointer("/metadata/deletionTimestamp").is_none()
-            && r.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x["uid"] == uid.as_str() && x["controller"] == true))
-    });
+    let owned: Vec<Value> = rss
+        .dependents_of(&uid)
+        .iter()
+        .filter(|r| {
+            r.pointer("/metadata/deletionTimestamp").is_none()
+                && r.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|o| o.iter().any(|x| x["uid"] == uid.as_str() && x["controller"] == true))
+        })
+        .map(|r| (**r).clone())
+        .collect();
     let want = strip_hash(&template);
     let hash = template_hash(&want);
     let max_rev = owned.iter().map(revision).max().unwrap_or(0);

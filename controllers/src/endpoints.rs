@@ -4,15 +4,18 @@
 //! number or by the pods' named ports.
 
 use serde_json::{json, Value};
-use shoal_client::{selector, Client};
+use shoal_client::Client;
+
+use std::sync::Arc;
 
 use crate::informer::Informer;
+use crate::pod::{Phase, Pod};
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
 pub const MANAGED_BY: &str = "endpointslice-controller.k8s.io";
 
-pub fn start(client: Client, services: Informer, pods: Informer, lead: Leadership) {
+pub fn start(client: Client, services: Informer, pods: Informer<Pod>, lead: Leadership) {
     let q = WorkQueue::default();
     crate::feed(&services, &q, |k, _, _| vec![k.to_string()]);
     // A pod change wakes the services of its namespace that select it (before or after).
@@ -20,11 +23,9 @@ pub fn start(client: Client, services: Informer, pods: Informer, lead: Leadershi
     crate::feed(&pods, &q, move |_, now, old| {
         let mut keys = Vec::new();
         for p in [now, old].into_iter().flatten() {
-            let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-            let labels = p.pointer("/metadata/labels").and_then(Value::as_object).cloned();
-            for s in svcs.list_in(&ns, |_| true) {
+            for s in svcs.list_in(&p.namespace, |_| true) {
                 if let Some(sel) = s.pointer("/spec/selector").filter(|x| x.is_object()) {
-                    if selector::matches(&json!({"matchLabels": sel}), labels.as_ref()) {
+                    if p.selected_by(&json!({"matchLabels": sel})) {
                         keys.push(crate::informer::key_of(&s));
                     }
                 }
@@ -38,20 +39,16 @@ pub fn start(client: Client, services: Informer, pods: Informer, lead: Leadershi
     });
 }
 
-fn is_ready(p: &Value) -> bool {
-    p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
 /// The port a service port targets on a pod (number, or a named container port).
-fn target_port(sp: &Value, pod: &Value) -> Option<i64> {
+fn target_port(sp: &Value, pod: &Pod) -> Option<i64> {
     match sp.get("targetPort") {
         Some(Value::Number(n)) => n.as_i64(),
-        Some(Value::String(name)) => pod.pointer("/spec/containers")?.as_array()?.iter().flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default()).find(|p| p["name"] == name.as_str()).and_then(|p| p["containerPort"].as_i64()),
+        Some(Value::String(name)) => pod.named_port(name),
         _ => sp.get("port").and_then(Value::as_i64),
     }
 }
 
-async fn reconcile(client: &Client, services: &Informer, pods: &Informer, key: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, services: &Informer, pods: &Informer<Pod>, key: &str) -> Result<(), String> {
     let (ns, name) = key.split_once('/').unwrap_or(("", key));
     let ep_path = format!("/api/v1/namespaces/{ns}/endpoints");
     let slice_path = format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices");
@@ -65,20 +62,16 @@ async fn reconcile(client: &Client, services: &Informer, pods: &Informer, key: &
     };
     let sel = json!({"matchLabels": sel});
     let ports: Vec<Value> = svc.pointer("/spec/ports").and_then(Value::as_array).cloned().unwrap_or_default();
-    let mut selected: Vec<Value> = pods.list_in(ns, |p| {
-        selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))
-            && p.pointer("/status/podIP").and_then(Value::as_str).is_some_and(|ip| !ip.is_empty())
-            && !matches!(p.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed"))
-    });
-    selected.sort_by(|a, b| a.pointer("/metadata/name").and_then(Value::as_str).cmp(&b.pointer("/metadata/name").and_then(Value::as_str)));
-    let with_node = |mut o: Value, p: &Value| {
-        if let Some(n) = p.pointer("/spec/nodeName").filter(|n| n.as_str().is_some_and(|s| !s.is_empty())) {
-            o["nodeName"] = n.clone();
+    let mut selected: Vec<Arc<Pod>> = pods.list_in(ns, |p| p.ip.is_some() && !matches!(p.phase, Phase::Succeeded | Phase::Failed) && p.selected_by(&sel));
+    selected.sort_by(|a, b| a.name.cmp(&b.name));
+    let with_node = |mut o: Value, p: &Pod| {
+        if let Some(n) = &p.node_name {
+            o["nodeName"] = json!(&**n);
         }
         o
     };
-    let addr = |p: &Value| with_node(json!({"ip": p.pointer("/status/podIP"), "targetRef": {"kind": "Pod", "name": p.pointer("/metadata/name"), "namespace": ns, "uid": p.pointer("/metadata/uid")}}), p);
-    let (ready, not_ready): (Vec<&Value>, Vec<&Value>) = selected.iter().filter(|p| p.pointer("/metadata/deletionTimestamp").is_none()).partition(|p| is_ready(p));
+    let addr = |p: &Pod| with_node(json!({"ip": p.ip.as_deref(), "targetRef": {"kind": "Pod", "name": &*p.name, "namespace": ns, "uid": &*p.uid}}), p);
+    let (ready, not_ready): (Vec<&Arc<Pod>>, Vec<&Arc<Pod>>) = selected.iter().filter(|p| !p.deleting).partition(|p| p.ready);
     let ep_ports: Vec<Value> = ports.iter().map(|sp| {
         let port = selected.first().and_then(|p| target_port(sp, p)).or_else(|| sp.get("targetPort").and_then(Value::as_i64)).unwrap_or(0);
         let mut o = json!({"port": port, "protocol": sp.get("protocol").cloned().unwrap_or(json!("TCP"))});
@@ -105,11 +98,11 @@ async fn reconcile(client: &Client, services: &Informer, pods: &Informer, key: &
     let slice_name = format!("{name}-shoal");
     let uid = svc.pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
     let endpoints_list: Vec<Value> = selected.iter().map(|p| {
-        let terminating = p.pointer("/metadata/deletionTimestamp").is_some();
+        let terminating = p.deleting;
         with_node(json!({
-            "addresses": [p.pointer("/status/podIP")],
-            "conditions": {"ready": is_ready(p) && !terminating, "serving": is_ready(p), "terminating": terminating},
-            "targetRef": {"kind": "Pod", "name": p.pointer("/metadata/name"), "namespace": ns, "uid": p.pointer("/metadata/uid")},
+            "addresses": [p.ip.as_deref()],
+            "conditions": {"ready": p.ready && !terminating, "serving": p.ready, "terminating": terminating},
+            "targetRef": {"kind": "Pod", "name": &*p.name, "namespace": ns, "uid": &*p.uid},
         }), p)
     }).collect();
     let slice_ports: Vec<Value> = ep_ports.clone();

@@ -4,10 +4,13 @@
 //! them; then the finalizer is removed. An owner is confirmed missing with a live read
 //! before anything is deleted, so a lagging informer never causes a deletion.
 
+use std::sync::Arc;
+
 use serde_json::{json, Value};
 use shoal_client::Client;
+use tokio::sync::mpsc;
 
-use crate::informer::{key_of, Informer};
+use crate::informer::{Cached, Informer, Meta, OwnerRef};
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
@@ -30,105 +33,132 @@ fn path_of(api_version: &str, kind: &str, ns: &str) -> Option<String> {
     Some(if ns.is_empty() { format!("{base}/{plural}") } else { format!("{base}/namespaces/{ns}/{plural}") })
 }
 
-fn self_path(obj: &Value) -> Option<String> {
-    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str)?;
-    Some(format!("{}/{name}", path_of(obj["apiVersion"].as_str().unwrap_or("v1"), obj["kind"].as_str()?, ns)?))
+fn self_path(m: &Meta) -> Option<String> {
+    Some(format!("{}/{}", path_of(&m.api_version, &m.kind, &m.namespace)?, m.name))
 }
 
-pub fn start(client: Client, kinds: Vec<(&'static str, Informer)>, lead: Leadership) {
-    let informers: Vec<Informer> = kinds.iter().map(|(_, i)| i.clone()).collect();
-    let kind_names: Vec<&'static str> = kinds.iter().map(|(k, _)| *k).collect();
+/// An informer of any cached type, seen through object metadata.
+pub trait Watched: Send + Sync {
+    fn meta(&self, key: &str) -> Option<Meta>;
+    /// Objects with an owner reference to `uid`.
+    fn dependents(&self, uid: &str) -> Vec<Meta>;
+    /// Changes as (key, metadata before the change).
+    fn changes(&self) -> mpsc::UnboundedReceiver<(String, Option<Meta>)>;
+}
+
+impl<T: Cached> Watched for Informer<T> {
+    fn meta(&self, key: &str) -> Option<Meta> {
+        self.get(key).map(|o| o.meta())
+    }
+
+    fn dependents(&self, uid: &str) -> Vec<Meta> {
+        self.dependents_of(uid).iter().map(|o| o.meta()).collect()
+    }
+
+    fn changes(&self) -> mpsc::UnboundedReceiver<(String, Option<Meta>)> {
+        let mut rx = self.subscribe();
+        let (tx, out) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some((k, old)) = rx.recv().await {
+                if tx.send((k, old.map(|o| o.meta()))).is_err() {
+                    break;
+                }
+            }
+        });
+        out
+    }
+}
+
+type Kinds = Arc<Vec<(&'static str, Arc<dyn Watched>)>>;
+
+pub fn start(client: Client, kinds: Vec<(&'static str, Arc<dyn Watched>)>, lead: Leadership) {
+    let kinds: Kinds = Arc::new(kinds);
     let q = WorkQueue::default();
     // Queue items are "<informer index>|<key>".
-    for (i, inf) in informers.iter().enumerate() {
-        let mut rx = inf.subscribe();
-        let (qq, all) = (q.clone(), informers.clone());
+    for (i, (_, inf)) in kinds.iter().enumerate() {
+        let mut rx = inf.changes();
+        let (qq, all) = (q.clone(), kinds.clone());
         tokio::spawn(async move {
             while let Some((k, old)) = rx.recv().await {
                 qq.add(&format!("{i}|{k}"));
-                // An owner going away (deleted, or being deleted) wakes its dependents. Pods
-                // and slices own nothing here: no scan for them.
+                // An owner going away (deleted, or being deleted) wakes its dependents (an
+                // index lookup per informer).
                 let Some(old) = old else { continue };
-                if matches!(old.get("kind").and_then(Value::as_str), Some("Pod" | "EndpointSlice")) {
+                if matches!(old.kind.as_str(), "Pod" | "EndpointSlice") {
+                    continue; // they own nothing here
+                }
+                let going = all[i].1.meta(&k).is_none_or(|cur| cur.deleting);
+                if !going || old.uid.is_empty() {
                     continue;
                 }
-                let going = all[i].get_arc(&k).is_none_or(|cur| cur.pointer("/metadata/deletionTimestamp").is_some());
-                if !going {
-                    continue;
-                }
-                let uid = old.pointer("/metadata/uid").and_then(Value::as_str).map(String::from);
-                if let Some(uid) = uid {
-                    for (j, dep) in all.iter().enumerate() {
-                        for d in dep.list(|d| d.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid))) {
-                            qq.add(&format!("{j}|{}", key_of(&d)));
-                        }
+                for (j, (_, dep)) in all.iter().enumerate() {
+                    for d in dep.dependents(&old.uid) {
+                        qq.add(&format!("{j}|{}", key_of_meta(&d)));
                     }
                 }
             }
         });
     }
     crate::spawn_workers("garbagecollector", q, lead, 2, move |item| {
-        let (client, informers, kind_names) = (client.clone(), informers.clone(), kind_names.clone());
-        async move { reconcile(&client, &informers, &kind_names, &item).await }
+        let (client, kinds) = (client.clone(), kinds.clone());
+        async move { reconcile(&client, &kinds, &item).await }
     });
 }
 
-async fn owner_exists(client: &Client, informers: &[Informer], kinds: &[&str], ns: &str, r: &Value) -> Result<bool, String> {
-    let (api, kind, name) = (r["apiVersion"].as_str().unwrap_or(""), r["kind"].as_str().unwrap_or(""), r["name"].as_str().unwrap_or(""));
+fn key_of_meta(m: &Meta) -> String {
+    if m.namespace.is_empty() {
+        m.name.clone()
+    } else {
+        format!("{}/{}", m.namespace, m.name)
+    }
+}
+
+async fn owner_exists(client: &Client, kinds: &Kinds, ns: &str, r: &OwnerRef) -> Result<bool, String> {
     // The cache answers "alive" cheaply; only a missing owner is confirmed with a live read.
-    if let Some(i) = kinds.iter().position(|k| *k == kind) {
-        let key = if ns.is_empty() { name.to_string() } else { format!("{ns}/{name}") };
-        if informers[i].get_arc(&key).is_some_and(|o| o.pointer("/metadata/uid") == r.get("uid")) {
+    if let Some((_, inf)) = kinds.iter().find(|(k, _)| *k == &*r.kind) {
+        let key = if ns.is_empty() { r.name.to_string() } else { format!("{ns}/{}", r.name) };
+        if inf.meta(&key).is_some_and(|o| o.uid == *r.uid) {
             return Ok(true);
         }
     }
-    let Some(coll) = path_of(api, kind, ns) else { return Ok(true) }; // unknown kinds are kept
-    match client.get(&format!("{coll}/{name}")).await.map_err(|e| e.to_string())? {
-        Some(o) => Ok(o.pointer("/metadata/uid") == r.get("uid")),
+    let Some(coll) = path_of(&r.api_version, &r.kind, ns) else { return Ok(true) }; // unknown kinds are kept
+    match client.get(&format!("{coll}/{}", r.name)).await.map_err(|e| e.to_string())? {
+        Some(o) => Ok(o.pointer("/metadata/uid").and_then(Value::as_str) == Some(&*r.uid)),
         None => Ok(false),
     }
 }
 
-async fn reconcile(client: &Client, informers: &[Informer], kinds: &[&str], item: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, kinds: &Kinds, item: &str) -> Result<(), String> {
     let Some((i, key)) = item.split_once('|') else { return Ok(()) };
-    let Some(inf) = i.parse::<usize>().ok().and_then(|i| informers.get(i)) else { return Ok(()) };
-    let Some(obj) = inf.get(key) else { return Ok(()) };
-    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
-    let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("").to_string();
+    let Some((_, inf)) = i.parse::<usize>().ok().and_then(|i| kinds.get(i)) else { return Ok(()) };
+    let Some(obj) = inf.meta(key) else { return Ok(()) };
     let Some(me) = self_path(&obj) else { return Ok(()) };
     // 1. Dependent side: all owners gone → delete (background).
-    let refs = obj.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
-    if !refs.is_empty() {
+    if !obj.owners.is_empty() {
         let mut any_alive = false;
-        for r in &refs {
-            if owner_exists(client, informers, kinds, &ns, r).await? {
+        for r in &obj.owners {
+            if owner_exists(client, kinds, &obj.namespace, r).await? {
                 any_alive = true;
                 break;
             }
         }
-        if !any_alive && obj.pointer("/metadata/deletionTimestamp").is_none() {
+        if !any_alive && !obj.deleting {
             client.delete(&me, Some("Background")).await.map_err(|e| e.to_string())?;
             return Ok(());
         }
     }
     // 2. Owner side: finalizers of a deletion in progress.
-    if obj.pointer("/metadata/deletionTimestamp").is_none() {
+    if !obj.deleting {
         return Ok(());
     }
-    let fins: Vec<String> = obj.pointer("/metadata/finalizers").and_then(Value::as_array).map(|a| a.iter().filter_map(|f| f.as_str().map(String::from)).collect()).unwrap_or_default();
-    let dependents: Vec<(usize, Value)> = informers
-        .iter()
-        .enumerate()
-        .flat_map(|(j, d)| d.list(|o| o.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|x| x["uid"] == uid))).into_iter().map(move |o| (j, o)))
-        .collect();
+    let dependents: Vec<Meta> = kinds.iter().flat_map(|(_, d)| d.dependents(&obj.uid)).collect();
     let remove_fin = |f: &str| {
-        let rest: Vec<&String> = fins.iter().filter(|x| *x != f).collect();
-        json!({"metadata": {"finalizers": rest, "resourceVersion": obj.pointer("/metadata/resourceVersion")}})
+        let rest: Vec<&String> = obj.finalizers.iter().filter(|x| *x != f).collect();
+        json!({"metadata": {"finalizers": rest, "resourceVersion": obj.resource_version}})
     };
-    if fins.iter().any(|f| f == "orphan") {
-        for (_, d) in &dependents {
-            let keep: Vec<&Value> = d.pointer("/metadata/ownerReferences").and_then(Value::as_array).map(|r| r.iter().filter(|x| x["uid"] != uid.as_str()).collect()).unwrap_or_default();
+    if obj.finalizers.iter().any(|f| f == "orphan") {
+        for d in &dependents {
+            let keep: Vec<Value> = d.owners.iter().filter(|x| *x.uid != *obj.uid).map(OwnerRef::to_value).collect();
             if let Some(p) = self_path(d) {
                 let refs = if keep.is_empty() { Value::Null } else { json!(keep) };
                 client.merge_patch(&p, &json!({"metadata": {"ownerReferences": refs}})).await.map_err(|e| e.to_string())?;
@@ -137,13 +167,13 @@ async fn reconcile(client: &Client, informers: &[Informer], kinds: &[&str], item
         client.merge_patch(&me, &remove_fin("orphan")).await.map_err(|e| e.to_string())?;
         return Ok(());
     }
-    if fins.iter().any(|f| f == "foregroundDeletion") {
+    if obj.finalizers.iter().any(|f| f == "foregroundDeletion") {
         if dependents.is_empty() {
             client.merge_patch(&me, &remove_fin("foregroundDeletion")).await.map_err(|e| e.to_string())?;
             return Ok(());
         }
-        for (_, d) in &dependents {
-            if d.pointer("/metadata/deletionTimestamp").is_none() {
+        for d in &dependents {
+            if !d.deleting {
                 if let Some(p) = self_path(d) {
                     client.delete(&p, Some("Foreground")).await.map_err(|e| e.to_string())?;
                 }

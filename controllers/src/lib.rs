@@ -20,6 +20,7 @@ pub mod ipam;
 pub mod leader;
 pub mod namespace;
 pub mod nodelifecycle;
+pub mod pod;
 pub mod queue;
 pub mod quota;
 pub mod replicaset;
@@ -65,15 +66,16 @@ impl Leadership {
 }
 
 /// Queues every key `inf` announces, mapped by `to_keys` (the object now and before).
-pub(crate) fn feed<F>(inf: &informer::Informer, q: &queue::WorkQueue, to_keys: F)
+pub(crate) fn feed<T, F>(inf: &informer::Informer<T>, q: &queue::WorkQueue, to_keys: F)
 where
-    F: Fn(&str, Option<Arc<serde_json::Value>>, Option<Arc<serde_json::Value>>) -> Vec<String> + Send + 'static,
+    T: informer::Cached,
+    F: Fn(&str, Option<Arc<T>>, Option<Arc<T>>) -> Vec<String> + Send + 'static,
 {
     let mut rx = inf.subscribe();
     let (q, inf) = (q.clone(), inf.clone());
     tokio::spawn(async move {
         while let Some((k, old)) = rx.recv().await {
-            for key in to_keys(&k, inf.get_arc(&k), old) {
+            for key in to_keys(&k, inf.get(&k), old) {
                 q.add(&key);
             }
         }
@@ -81,13 +83,13 @@ where
 }
 
 /// The `namespace/owner` keys of the controller owners of kind `kind` of the objects given.
-pub(crate) fn owner_keys(kind: &str, objs: [Option<Arc<serde_json::Value>>; 2]) -> Vec<String> {
+pub(crate) fn owner_keys<T: informer::Cached>(kind: &str, objs: [Option<Arc<T>>; 2]) -> Vec<String> {
     objs.into_iter()
         .flatten()
         .filter_map(|o| {
-            let owner = replicaset::controller_of(&o, kind)?;
-            let ns = o.pointer("/metadata/namespace").and_then(serde_json::Value::as_str).unwrap_or("");
-            Some(format!("{ns}/{owner}"))
+            let m = o.meta();
+            let owner = m.owners.iter().find(|r| r.controller && &*r.kind == kind)?;
+            Some(format!("{}/{}", m.namespace, owner.name))
         })
         .collect()
 }
@@ -125,13 +127,14 @@ where
 pub fn start(client: Client, opts: Options) -> Leadership {
     let lead = Leadership::default();
     tokio::spawn(leader::run(client.clone(), opts.identity.clone(), lead.clone()));
-    let inf = |path: &str| {
+    fn informer<T: informer::Cached>(client: &Client, path: &str, resync: Duration) -> informer::Informer<T> {
         let i = informer::Informer::new(path);
-        tokio::spawn(i.clone().run(client.clone(), opts.resync));
+        tokio::spawn(i.clone().run(client.clone(), resync));
         i
-    };
+    }
+    let inf = |path: &str| informer::<serde_json::Value>(&client, path, opts.resync);
     let namespaces = inf("/api/v1/namespaces");
-    let pods = inf("/api/v1/pods");
+    let pods: informer::Informer<pod::Pod> = informer(&client, "/api/v1/pods", opts.resync);
     let replicasets = inf("/apis/apps/v1/replicasets");
     let deployments = inf("/apis/apps/v1/deployments");
     let services = inf("/api/v1/services");
@@ -152,7 +155,6 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
     let quotas = inf("/api/v1/resourcequotas");
     let counted = vec![
-        ("pods", pods.clone()),
         ("services", services.clone()),
         ("configmaps", inf("/api/v1/configmaps")),
         ("secrets", inf("/api/v1/secrets")),
@@ -160,10 +162,18 @@ pub fn start(client: Client, opts: Options) -> Leadership {
         ("deployments", deployments.clone()),
         ("replicasets", replicasets.clone()),
     ];
-    quota::start(client.clone(), quotas, counted, lead.clone());
+    quota::start(client.clone(), quotas, pods.clone(), counted, lead.clone());
     gc::start(
         client,
-        vec![("Pod", pods), ("ReplicaSet", replicasets), ("Deployment", deployments), ("Service", services), ("EndpointSlice", slices), ("DaemonSet", daemonsets), ("StatefulSet", statefulsets)],
+        vec![
+            ("Pod", Arc::new(pods) as Arc<dyn gc::Watched>),
+            ("ReplicaSet", Arc::new(replicasets)),
+            ("Deployment", Arc::new(deployments)),
+            ("Service", Arc::new(services)),
+            ("EndpointSlice", Arc::new(slices)),
+            ("DaemonSet", Arc::new(daemonsets)),
+            ("StatefulSet", Arc::new(statefulsets)),
+        ],
         lead.clone(),
     );
     lead

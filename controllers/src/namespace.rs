@@ -67,7 +67,7 @@ async fn reconcile(client: &Client, namespaces: &Informer, key: &str) -> Result<
     if remaining > 0 {
         return Err(format!("{remaining} objects still in namespace {key}"));
     }
-    let mut done = ns.clone();
+    let mut done = (*ns).clone();
     done["spec"]["finalizers"] = Value::Array(fins.into_iter().filter(|f| f != "kubernetes").collect());
     match client.update(&format!("/api/v1/namespaces/{key}/finalize"), &done).await {
         Ok(_) => Ok(()),

@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 use shoal_client::{time, Client};
 
 use crate::informer::Informer;
+use crate::pod::Pod;
 use crate::Leadership;
 
 const UNREACHABLE: &str = "node.kubernetes.io/unreachable";
@@ -47,23 +48,7 @@ fn last_heartbeat(node: &Value, lease: Option<&Value>) -> i64 {
     from_lease.max(from_status).max(created)
 }
 
-/// Whether `pod` tolerates `taint`, and for how long (None: forever).
-fn toleration_for(pod: &Value, taint: &Value) -> Option<Option<i64>> {
-    let key = taint["key"].as_str().unwrap_or("");
-    let effect = taint["effect"].as_str().unwrap_or("");
-    for t in pod.pointer("/spec/tolerations").and_then(Value::as_array).into_iter().flatten() {
-        let op = t["operator"].as_str().unwrap_or("Equal");
-        let key_ok = t["key"].as_str().unwrap_or("").is_empty() && op == "Exists" || t["key"].as_str() == Some(key);
-        let val_ok = op == "Exists" || t["value"].as_str().unwrap_or("") == taint["value"].as_str().unwrap_or("");
-        let eff_ok = t["effect"].as_str().unwrap_or("").is_empty() || t["effect"].as_str() == Some(effect);
-        if key_ok && val_ok && eff_ok {
-            return Some(t["tolerationSeconds"].as_i64());
-        }
-    }
-    None
-}
-
-pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer, lead: Leadership, s: Settings) {
+pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer<Pod>, lead: Leadership, s: Settings) {
     tokio::spawn(async move {
         let mut tokens = 1.0f64;
         let mut last = Instant::now();
@@ -80,7 +65,7 @@ pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer, 
             for node in nodes.list(|_| true) {
                 let name = node.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
                 let lease = leases.get(&format!("kube-node-lease/{name}"));
-                let silent = now - last_heartbeat(&node, lease.as_ref()) > s.grace.as_secs() as i64;
+                let silent = now - last_heartbeat(&node, lease.as_deref()) > s.grace.as_secs() as i64;
                 let ready = ready_condition(&node).and_then(|c| c["status"].as_str()).unwrap_or("Unknown").to_string();
                 if let Err(e) = update_node(&client, &node, silent, &ready).await {
                     tracing::debug!(node = %name, error = %e, "updating node conditions failed");
@@ -95,20 +80,18 @@ pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer, 
                 if tokens < 1.0 {
                     continue;
                 }
-                let taint = json!({"key": key, "effect": "NoExecute"});
                 let mut evicted = 0;
-                for p in pods.list(|p| p.pointer("/spec/nodeName").and_then(Value::as_str) == Some(name.as_str()) && p.pointer("/metadata/deletionTimestamp").is_none()) {
-                    let due = match toleration_for(&p, &taint) {
+                for p in pods.list(|p| p.node_name.as_deref() == Some(name.as_str()) && !p.deleting) {
+                    let due = match p.toleration_for(key, "", "NoExecute") {
                         None => true,
                         Some(None) => false,
                         Some(Some(secs)) => now - since >= secs,
                     };
                     if due {
-                        let ns = p.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
-                        let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                        let (ns, pn) = (&*p.namespace, &*p.name);
                         if client.delete(&format!("/api/v1/namespaces/{ns}/pods/{pn}"), None).await.is_ok() {
                             evicted += 1;
-                            crate::events::record(&client, &p, "Normal", "TaintManagerEviction", &format!("Marking for deletion Pod {ns}/{pn}"), "taint-eviction-controller").await;
+                            crate::events::record(&client, &p.reference(), "Normal", "TaintManagerEviction", &format!("Marking for deletion Pod {ns}/{pn}"), "taint-eviction-controller").await;
                         }
                     }
                 }
@@ -163,12 +146,11 @@ mod tests {
 
     #[test]
     fn tolerations() {
-        let taint = json!({"key": UNREACHABLE, "effect": "NoExecute"});
-        let pod = |t: Value| json!({"spec": {"tolerations": t}});
-        assert_eq!(toleration_for(&pod(json!([])), &taint), None);
-        assert_eq!(toleration_for(&pod(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}])), &taint), Some(Some(300)));
-        assert_eq!(toleration_for(&pod(json!([{"operator": "Exists"}])), &taint), Some(None));
-        assert_eq!(toleration_for(&pod(json!([{"key": NOT_READY, "operator": "Exists"}])), &taint), None);
+        let tol = |t: Value| Pod::from_value(&json!({"spec": {"tolerations": t}})).toleration_for(UNREACHABLE, "", "NoExecute");
+        assert_eq!(tol(json!([])), None);
+        assert_eq!(tol(json!([{"key": UNREACHABLE, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}])), Some(Some(300)));
+        assert_eq!(tol(json!([{"operator": "Exists"}])), Some(None));
+        assert_eq!(tol(json!([{"key": NOT_READY, "operator": "Exists"}])), None);
         let node = json!({"metadata": {"creationTimestamp": "2026-11-25T10:00:00Z"}, "status": {"conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": "2026-11-25T10:00:30Z"}]}});
         let lease = json!({"spec": {"renewTime": "2026-11-25T10:01:00.000000Z"}});
         assert_eq!(last_heartbeat(&node, Some(&lease)), time::parse("2026-11-25T10:01:00Z").unwrap());

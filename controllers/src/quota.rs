@@ -6,7 +6,10 @@
 use serde_json::{json, Map, Value};
 use shoal_client::Client;
 
+use std::sync::Arc;
+
 use crate::informer::Informer;
+use crate::pod::Pod;
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
@@ -46,45 +49,37 @@ pub fn format_milli(m: i128) -> String {
     n.to_string()
 }
 
-fn active(p: &Value) -> bool {
-    !matches!(p.pointer("/status/phase").and_then(Value::as_str), Some("Succeeded" | "Failed")) && p.pointer("/metadata/deletionTimestamp").is_none()
+fn pod_sum(pods: &[Arc<Pod>], limits: bool, resource: &str) -> i128 {
+    pods.iter().filter(|p| p.is_active()).map(|p| p.resource_sum(limits, resource)).sum()
 }
 
-fn pod_sum(pods: &[Value], section: &str, resource: &str) -> i128 {
-    pods.iter()
-        .filter(|p| active(p))
-        .map(|p| {
-            p.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten().filter_map(|c| c.pointer(&format!("/resources/{section}/{resource}"))).filter_map(|q| match q {
-                Value::String(s) => milli(s),
-                Value::Number(n) => n.as_f64().map(|f| (f * 1000.0) as i128),
-                _ => None,
-            }).sum::<i128>()
-        })
-        .sum()
-}
-
-pub fn start(client: Client, quotas: Informer, counted: Vec<(&'static str, Informer)>, lead: Leadership) {
+pub fn start(client: Client, quotas: Informer, pods: Informer<Pod>, counted: Vec<(&'static str, Informer)>, lead: Leadership) {
     let q = WorkQueue::default();
     crate::feed(&quotas, &q, |k, _, _| vec![k.to_string()]);
-    for (_, inf) in &counted {
-        let qs = quotas.clone();
-        crate::feed(inf, &q, move |k, _, _| {
+    let quotas_of = |qs: Informer| {
+        move |k: &str| {
             let ns = k.split_once('/').map_or("", |(n, _)| n).to_string();
-            qs.list_in(&ns, |_| true).iter().map(crate::informer::key_of).collect()
-        });
+            qs.list_in(&ns, |_| true).iter().map(|q| crate::informer::key_of(q)).collect::<Vec<String>>()
+        }
+    };
+    for (_, inf) in &counted {
+        let of = quotas_of(quotas.clone());
+        crate::feed(inf, &q, move |k, _, _| of(k));
     }
+    let of = quotas_of(quotas.clone());
+    crate::feed(&pods, &q, move |k, _, _| of(k));
     crate::spawn_workers("resourcequota", q, lead, 1, move |key| {
-        let (client, quotas, counted) = (client.clone(), quotas.clone(), counted.clone());
+        let (client, quotas, pods, counted) = (client.clone(), quotas.clone(), pods.clone(), counted.clone());
         async move {
             let Some(quota) = quotas.get(&key) else { return Ok(()) };
             let ns = quota.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("").to_string();
             let in_ns = |name: &str| counted.iter().find(|(n, _)| *n == name).map(|(_, i)| i.list_in(&ns, |_| true)).unwrap_or_default();
-            let pods = in_ns("pods");
+            let pods = pods.list_in(&ns, |_| true);
             let hard = quota.pointer("/spec/hard").and_then(Value::as_object).cloned().unwrap_or_default();
             let mut used = Map::new();
             for (res, _) in &hard {
                 let v: Option<String> = match res.as_str() {
-                    "pods" | "count/pods" => Some(pods.iter().filter(|p| active(p)).count().to_string()),
+                    "pods" | "count/pods" => Some(pods.iter().filter(|p| p.is_active()).count().to_string()),
                     "services" | "count/services" => Some(in_ns("services").len().to_string()),
                     "configmaps" | "count/configmaps" => Some(in_ns("configmaps").len().to_string()),
                     "secrets" | "count/secrets" => Some(in_ns("secrets").len().to_string()),
@@ -93,10 +88,10 @@ pub fn start(client: Client, quotas: Informer, counted: Vec<(&'static str, Infor
                     "services.loadbalancers" => Some(in_ns("services").iter().filter(|s| s.pointer("/spec/type").and_then(Value::as_str) == Some("LoadBalancer")).count().to_string()),
                     "count/deployments.apps" => Some(in_ns("deployments").len().to_string()),
                     "count/replicasets.apps" => Some(in_ns("replicasets").len().to_string()),
-                    "cpu" | "requests.cpu" => Some(format_milli(pod_sum(&pods, "requests", "cpu"))),
-                    "memory" | "requests.memory" => Some(format_milli(pod_sum(&pods, "requests", "memory"))),
-                    "limits.cpu" => Some(format_milli(pod_sum(&pods, "limits", "cpu"))),
-                    "limits.memory" => Some(format_milli(pod_sum(&pods, "limits", "memory"))),
+                    "cpu" | "requests.cpu" => Some(format_milli(pod_sum(&pods, false, "cpu"))),
+                    "memory" | "requests.memory" => Some(format_milli(pod_sum(&pods, false, "memory"))),
+                    "limits.cpu" => Some(format_milli(pod_sum(&pods, true, "cpu"))),
+                    "limits.memory" => Some(format_milli(pod_sum(&pods, true, "memory"))),
                     "requests.storage" => Some(format_milli(in_ns("persistentvolumeclaims").iter().filter_map(|c| c.pointer("/spec/resources/requests/storage").and_then(Value::as_str)).filter_map(milli).sum())),
                     _ => None,
                 };

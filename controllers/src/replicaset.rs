@@ -5,16 +5,19 @@
 //! replicas, readyReplicas, availableReplicas and observedGeneration.
 
 use serde_json::{json, Value};
-use shoal_client::{selector, Client};
+use shoal_client::Client;
 
-use crate::informer::{key_of, Informer};
+use std::sync::Arc;
+
+use crate::informer::Informer;
+use crate::pod::{Phase, Pod};
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
 /// Most pods created or deleted by one reconcile (upstream's burst).
 const BURST: usize = 500;
 
-pub fn start(client: Client, rss: Informer, pods: Informer, lead: Leadership) {
+pub fn start(client: Client, rss: Informer, pods: Informer<Pod>, lead: Leadership) {
     let q = WorkQueue::default();
     crate::feed(&rss, &q, |k, _, _| vec![k.to_string()]);
     // A pod change wakes its owner (and its former owner).
@@ -25,29 +28,12 @@ pub fn start(client: Client, rss: Informer, pods: Informer, lead: Leadership) {
     });
 }
 
-/// The name of the controller owner of `obj` if it is of `kind`.
-pub fn controller_of(obj: &Value, kind: &str) -> Option<String> {
-    obj.pointer("/metadata/ownerReferences")?.as_array()?.iter().find(|r| r["controller"] == true && r["kind"] == kind).and_then(|r| r["name"].as_str()).map(String::from)
-}
-
-fn is_active(p: &Value) -> bool {
-    let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
-    p.pointer("/metadata/deletionTimestamp").is_none() && phase != "Succeeded" && phase != "Failed"
-}
-
-fn is_ready(p: &Value) -> bool {
-    p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
-}
-
 /// Lower sorts first: the pods to delete first (upstream's ranking, simplified).
-fn deletion_rank(p: &Value) -> (u8, u8, u8, std::cmp::Reverse<String>) {
-    let unassigned = p.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("").is_empty();
-    let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
-    let created = p.pointer("/metadata/creationTimestamp").and_then(Value::as_str).unwrap_or("").to_string();
-    (u8::from(!unassigned), u8::from(phase != "Pending"), u8::from(is_ready(p)), std::cmp::Reverse(created))
+fn deletion_rank(p: &Pod) -> (u8, u8, u8, std::cmp::Reverse<&str>) {
+    (u8::from(p.node_name.is_some()), u8::from(p.phase != Phase::Pending), u8::from(p.ready), std::cmp::Reverse(&*p.created))
 }
 
-async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, rss: &Informer, pods: &Informer<Pod>, key: &str) -> Result<(), String> {
     let Some(rs) = rss.get(key) else { return Ok(()) };
     if rs.pointer("/metadata/deletionTimestamp").is_some() {
         return Ok(());
@@ -61,24 +47,22 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
     let owner_ref = json!({"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name, "uid": uid, "controller": true, "blockOwnerDeletion": true});
 
     // Adopt matching orphans (no controller owner); they count as owned from now on.
-    let mut adopted: Vec<Value> = Vec::new();
-    for p in pods.list_in(&ns, |p| is_active(p) && selector::matches(&sel, p.pointer("/metadata/labels").and_then(Value::as_object))) {
-        let has_controller = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["controller"] == true));
-        if !has_controller {
-            let mut refs = p.pointer("/metadata/ownerReferences").and_then(Value::as_array).cloned().unwrap_or_default();
-            refs.push(owner_ref.clone());
-            let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": p.pointer("/metadata/resourceVersion")}});
-            let pname = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-            adopted.push(client.merge_patch(&format!("{pods_path}/{pname}"), &patch).await.map_err(|e| e.to_string())?);
-        }
+    // Orphans and owned pods both come from the owner index, not a scan of the namespace.
+    let mut adopted: Vec<Arc<Pod>> = Vec::new();
+    for p in pods.orphans_in(&ns).into_iter().filter(|p| p.is_active() && p.selected_by(&sel)) {
+        let mut refs: Vec<Value> = p.owners.iter().map(|o| o.to_value()).collect();
+        refs.push(owner_ref.clone());
+        let patch = json!({"metadata": {"ownerReferences": refs, "resourceVersion": &*p.resource_version}});
+        let v = client.merge_patch(&format!("{pods_path}/{}", p.name), &patch).await.map_err(|e| e.to_string())?;
+        adopted.push(Arc::new(Pod::from_value(&v)));
     }
-    let mut owned: Vec<Value> = pods.list_in(&ns, |p| is_owned_by(p, &uid));
+    let mut owned: Vec<Arc<Pod>> = pods.dependents_of(&uid).into_iter().filter(|p| p.controlled_by(&uid)).collect();
     for a in adopted {
-        if !owned.iter().any(|o| o.pointer("/metadata/uid") == a.pointer("/metadata/uid")) {
+        if !owned.iter().any(|o| o.uid == a.uid) {
             owned.push(a);
         }
     }
-    let active: Vec<&Value> = owned.iter().filter(|p| is_active(p)).collect();
+    let active: Vec<&Pod> = owned.iter().filter(|p| p.is_active()).map(|p| &**p).collect();
     if active.len() < want {
         let mut missing = (want - active.len()).min(BURST);
         let mut batch = 1usize;
@@ -116,17 +100,18 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
             batch *= 2;
         }
     } else if active.len() > want {
-        let mut victims: Vec<&Value> = active.clone();
+        let mut victims: Vec<&Pod> = active.clone();
         victims.sort_by_key(|p| deletion_rank(p));
         for p in victims.into_iter().take((active.len() - want).min(BURST)) {
-            let pname = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+            let pname = &*p.name;
             client.delete(&format!("{pods_path}/{pname}"), None).await.map_err(|e| e.to_string())?;
             crate::events::record(client, &rs, "Normal", "SuccessfulDelete", &format!("Deleted pod: {pname}"), "replicaset-controller").await;
         }
     }
     // Status from what is observed now (the next event brings the effect of the writes).
-    let labels_match = |p: &&&Value| selector::matches(rs.pointer("/spec/template/metadata/labels").map(|l| json!({"matchLabels": l})).as_ref().unwrap_or(&Value::Null), p.pointer("/metadata/labels").and_then(Value::as_object));
-    let ready = active.iter().filter(|p| is_ready(p)).count();
+    let template_sel = rs.pointer("/spec/template/metadata/labels").map(|l| json!({"matchLabels": l})).unwrap_or(Value::Null);
+    let labels_match = |p: &&&Pod| p.selected_by(&template_sel);
+    let ready = active.iter().filter(|p| p.ready).count();
     let status = json!({
         "replicas": active.len(),
         "fullyLabeledReplicas": active.iter().filter(labels_match).count(),
@@ -144,12 +129,7 @@ async fn reconcile(client: &Client, rss: &Informer, pods: &Informer, key: &str) 
             Err(e) => return Err(e.to_string()),
         }
     }
-    let _ = key_of;
     Ok(())
-}
-
-fn is_owned_by(p: &Value, uid: &str) -> bool {
-    p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid && o["controller"] == true))
 }
 
 /// Runs futures concurrently and collects their outputs in order.

@@ -8,13 +8,16 @@
 use serde_json::{json, Value};
 use shoal_client::Client;
 
+use std::sync::Arc;
+
 use crate::informer::Informer;
+use crate::pod::{Phase, Pod};
 use crate::queue::WorkQueue;
 use crate::Leadership;
 
 const REVISION_LABEL: &str = "controller-revision-hash";
 
-pub fn start(client: Client, sets: Informer, pods: Informer, lead: Leadership) {
+pub fn start(client: Client, sets: Informer, pods: Informer<Pod>, lead: Leadership) {
     let q = WorkQueue::default();
     crate::feed(&sets, &q, |k, _, _| vec![k.to_string()]);
     crate::feed(&pods, &q, |_, now, old| crate::owner_keys("StatefulSet", [now, old]));
@@ -24,15 +27,15 @@ pub fn start(client: Client, sets: Informer, pods: Informer, lead: Leadership) {
     });
 }
 
-fn is_ready(p: &Value) -> bool {
-    p.pointer("/status/phase").and_then(Value::as_str) == Some("Running") && p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+fn is_ready(p: &Pod) -> bool {
+    p.phase == Phase::Running && p.ready
 }
 
-fn ordinal(set: &str, pod: &Value) -> Option<usize> {
-    pod.pointer("/metadata/name")?.as_str()?.strip_prefix(&format!("{set}-"))?.parse().ok()
+fn ordinal(set: &str, pod: &Pod) -> Option<usize> {
+    pod.name.strip_prefix(set)?.strip_prefix('-')?.parse().ok()
 }
 
-async fn reconcile(client: &Client, sets: &Informer, pods: &Informer, key: &str) -> Result<(), String> {
+async fn reconcile(client: &Client, sets: &Informer, pods: &Informer<Pod>, key: &str) -> Result<(), String> {
     let Some(set) = sets.get(key) else { return Ok(()) };
     if set.pointer("/metadata/deletionTimestamp").is_some() {
         return Ok(());
@@ -45,19 +48,17 @@ async fn reconcile(client: &Client, sets: &Informer, pods: &Informer, key: &str)
     let tmpl = set.pointer("/spec/template").cloned().unwrap_or(json!({}));
     let revision = format!("{name}-{}", crate::deployment::template_hash(&tmpl));
     let pods_path = format!("/api/v1/namespaces/{ns}/pods");
-    let mut owned: Vec<Value> = pods.list_in(&ns, |p| {
-        p.pointer("/metadata/ownerReferences").and_then(Value::as_array).is_some_and(|r| r.iter().any(|o| o["uid"] == uid.as_str() && o["controller"] == true))
-    });
+    let mut owned: Vec<Arc<Pod>> = pods.dependents_of(&uid).into_iter().filter(|p| p.controlled_by(&uid)).collect();
     owned.sort_by_key(|p| ordinal(&name, p).unwrap_or(usize::MAX));
     let at = |i: usize| owned.iter().find(|p| ordinal(&name, p) == Some(i));
-    let terminating = owned.iter().any(|p| p.pointer("/metadata/deletionTimestamp").is_some());
+    let terminating = owned.iter().any(|p| p.deleting);
 
     // Create missing ordinals (in order unless Parallel).
     for i in 0..replicas {
         if at(i).is_some() {
             continue;
         }
-        if !parallel && (terminating || (0..i).any(|j| !at(j).is_some_and(is_ready))) {
+        if !parallel && (terminating || (0..i).any(|j| !at(j).is_some_and(|p| is_ready(p)))) {
             break;
         }
         for ct in set.pointer("/spec/volumeClaimTemplates").and_then(Value::as_array).into_iter().flatten() {
@@ -106,9 +107,9 @@ async fn reconcile(client: &Client, sets: &Informer, pods: &Informer, key: &str)
         }
     }
     // Remove ordinals past the count, highest first (one at a time unless Parallel).
-    let extra: Vec<&Value> = owned.iter().rev().filter(|p| ordinal(&name, p).is_some_and(|i| i >= replicas) && p.pointer("/metadata/deletionTimestamp").is_none()).collect();
+    let extra: Vec<&Arc<Pod>> = owned.iter().rev().filter(|p| ordinal(&name, p).is_some_and(|i| i >= replicas) && !p.deleting).collect();
     for p in extra.into_iter().take(if parallel { usize::MAX } else if terminating { 0 } else { 1 }) {
-        let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+        let pn = &*p.name;
         client.delete(&format!("{pods_path}/{pn}"), None).await.map_err(|e| e.to_string())?;
         crate::events::record(client, &set, "Normal", "SuccessfulDelete", &format!("delete Pod {pn} in StatefulSet {name} successful"), "statefulset-controller").await;
     }
@@ -116,16 +117,16 @@ async fn reconcile(client: &Client, sets: &Informer, pods: &Informer, key: &str)
     // other pod is Ready.
     let partition = set.pointer("/spec/updateStrategy/rollingUpdate/partition").and_then(Value::as_i64).unwrap_or(0).max(0) as usize;
     let rolling = set.pointer("/spec/updateStrategy/type").and_then(Value::as_str).unwrap_or("RollingUpdate") == "RollingUpdate";
-    let in_range: Vec<&Value> = owned.iter().filter(|p| ordinal(&name, p).is_some_and(|i| i < replicas)).collect();
+    let in_range: Vec<&Arc<Pod>> = owned.iter().filter(|p| ordinal(&name, p).is_some_and(|i| i < replicas)).collect();
     if rolling && !terminating && in_range.len() == replicas && in_range.iter().all(|p| is_ready(p)) {
-        if let Some(p) = in_range.iter().rev().find(|p| ordinal(&name, p).is_some_and(|i| i >= partition) && p.pointer(&format!("/metadata/labels/{REVISION_LABEL}")).and_then(Value::as_str) != Some(revision.as_str())) {
-            let pn = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+        if let Some(p) = in_range.iter().rev().find(|p| ordinal(&name, p).is_some_and(|i| i >= partition) && p.label(REVISION_LABEL) != Some(revision.as_str())) {
+            let pn = &*p.name;
             client.delete(&format!("{pods_path}/{pn}"), None).await.map_err(|e| e.to_string())?;
         }
     }
-    let live: Vec<&Value> = owned.iter().filter(|p| p.pointer("/metadata/deletionTimestamp").is_none()).collect();
+    let live: Vec<&Arc<Pod>> = owned.iter().filter(|p| !p.deleting).collect();
     let ready = live.iter().filter(|p| is_ready(p)).count();
-    let updated = live.iter().filter(|p| p.pointer(&format!("/metadata/labels/{REVISION_LABEL}")).and_then(Value::as_str) == Some(revision.as_str())).count();
+    let updated = live.iter().filter(|p| p.label(REVISION_LABEL) == Some(revision.as_str())).count();
     let status = json!({
         "observedGeneration": set.pointer("/metadata/generation").cloned().unwrap_or(json!(1)),
         "replicas": live.len(), "readyReplicas": ready, "availableReplicas": ready,
