@@ -31,7 +31,7 @@ pub mod meta;
 pub mod openapi;
 pub mod metrics;
 pub mod patch;
-pub mod quantity;
+pub use shoal_client::quantity;
 pub mod resources;
 pub mod rest;
 pub mod schema;

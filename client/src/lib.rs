@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod quantity;
+
 use std::sync::Arc;
 use std::time::Duration;
 

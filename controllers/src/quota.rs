@@ -15,24 +15,7 @@ use crate::Leadership;
 
 /// Milli-units of a quantity (`500m`, `1Gi`, `2`); None when malformed.
 pub fn milli(q: &str) -> Option<i128> {
-    let q = q.trim();
-    let split = q.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(q.len());
-    let (num, suffix) = q.split_at(split);
-    let v: f64 = num.parse().ok()?;
-    let mult: f64 = match suffix {
-        "" => 1.0,
-        "m" => 1e-3,
-        "k" => 1e3,
-        "M" => 1e6,
-        "G" => 1e9,
-        "T" => 1e12,
-        "Ki" => 1024.0,
-        "Mi" => 1_048_576.0,
-        "Gi" => 1_073_741_824.0,
-        "Ti" => 1_099_511_627_776.0,
-        _ => return None,
-    };
-    Some((v * mult * 1000.0).round() as i128)
+    shoal_client::quantity::parse(q)
 }
 
 /// A quantity from milli-units, in the plainest exact form (`1500m`, `2`, `128Mi`).
