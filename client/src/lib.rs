@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod events;
+pub mod leader;
 pub mod quantity;
 
 use std::sync::Arc;
@@ -175,6 +177,10 @@ impl Client {
     }
     pub async fn merge_patch(&self, path: &str, patch: &Value) -> Result<Value, Error> {
         self.request(Method::PATCH, path, "application/merge-patch+json", Some(Bytes::from(patch.to_string()))).await
+    }
+    /// PATCH with a strategic merge patch (lists such as conditions merge by their key).
+    pub async fn strategic_patch(&self, path: &str, patch: &Value) -> Result<Value, Error> {
+        self.request(Method::PATCH, path, "application/strategic-merge-patch+json", Some(Bytes::from(patch.to_string()))).await
     }
     /// DELETE with a propagation policy (`Background`, `Foreground`, `Orphan`); a missing
     /// object is not an error.

@@ -17,7 +17,6 @@ pub mod events;
 pub mod gc;
 pub mod informer;
 pub mod ipam;
-pub mod leader;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod pod;
@@ -27,7 +26,6 @@ pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -52,18 +50,7 @@ impl Default for Options {
     }
 }
 
-/// Whether this process currently leads; controllers act only while it does.
-#[derive(Clone, Default)]
-pub struct Leadership(Arc<AtomicBool>);
-
-impl Leadership {
-    pub fn is_leader(&self) -> bool {
-        self.0.load(Ordering::Acquire)
-    }
-    fn set(&self, v: bool) {
-        self.0.store(v, Ordering::Release);
-    }
-}
+pub use shoal_client::leader::Leadership;
 
 /// Queues every key `inf` announces, mapped by `to_keys` (the object now and before).
 pub(crate) fn feed<T, F>(inf: &informer::Informer<T>, q: &queue::WorkQueue, to_keys: F)
@@ -126,7 +113,7 @@ where
 /// Starts leader election and every controller on the current tokio runtime.
 pub fn start(client: Client, opts: Options) -> Leadership {
     let lead = Leadership::default();
-    tokio::spawn(leader::run(client.clone(), opts.identity.clone(), lead.clone()));
+    tokio::spawn(shoal_client::leader::run(client.clone(), "shoal-controller-manager", opts.identity.clone(), lead.clone()));
     fn informer<T: informer::Cached>(client: &Client, path: &str, resync: Duration) -> informer::Informer<T> {
         let i = informer::Informer::new(path);
         tokio::spawn(i.clone().run(client.clone(), resync));

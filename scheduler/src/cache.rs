@@ -1,0 +1,364 @@
+//! The scheduler's cache: every node as a row of a structure-of-arrays table (so one pass
+//! over 5,000 nodes reads a few dense columns), and every pod that holds resources on a
+//! node — bound ones from the API and *assumed* ones the scheduler has chosen a node for
+//! but whose binding is not yet confirmed.
+//!
+//! Architecture Invariant 4: `assume` re-checks the fit of the chosen node under the write
+//! lock, against every bound and assumed pod, so concurrent workers never overcommit a node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::model::{HostPort, Interner, NodeSpec, PodInfo, Resources, Taint};
+
+/// What the pods on one node use (kept by node name, so pods bound to a node the cache has
+/// not seen yet are counted once it arrives).
+#[derive(Clone, Debug, Default)]
+pub struct Usage {
+    pub requested: Resources,
+    pub nonzero_cpu: i64,
+    pub nonzero_memory: i64,
+    pub pods: i64,
+    pub ports: Vec<HostPort>,
+}
+
+impl Usage {
+    fn apply(&mut self, p: &PodInfo, sign: i64) {
+        let r = &p.requests;
+        self.requested.milli_cpu += sign * r.milli_cpu;
+        self.requested.memory += sign * r.memory;
+        self.requested.ephemeral += sign * r.ephemeral;
+        for &(k, v) in &r.scalars {
+            match self.requested.scalars.iter_mut().find(|(n, _)| *n == k) {
+                Some(e) => e.1 += sign * v,
+                None => self.requested.scalars.push((k, sign * v)),
+            }
+        }
+        self.nonzero_cpu += sign * p.nonzero_cpu;
+        self.nonzero_memory += sign * p.nonzero_memory;
+        self.pods += sign;
+        for hp in &p.host_ports {
+            if sign > 0 {
+                self.ports.push(hp.clone());
+            } else if let Some(i) = self.ports.iter().position(|x| x == hp) {
+                self.ports.swap_remove(i);
+            }
+        }
+    }
+}
+
+/// The node rows. Column `i` of every vector is node `i`; a removed node's row is marked
+/// dead and reused.
+#[derive(Default, Debug)]
+pub struct NodeTable {
+    pub names: Vec<Arc<str>>,
+    pub live: Vec<bool>,
+    pub alloc_cpu: Vec<i64>,
+    pub alloc_memory: Vec<i64>,
+    pub alloc_ephemeral: Vec<i64>,
+    pub max_pods: Vec<i64>,
+    pub req_cpu: Vec<i64>,
+    pub req_memory: Vec<i64>,
+    pub req_ephemeral: Vec<i64>,
+    pub pod_count: Vec<i64>,
+    pub nonzero_cpu: Vec<i64>,
+    pub nonzero_memory: Vec<i64>,
+    /// (resource, allocatable, requested) of extended resources.
+    pub scalars: Vec<Vec<(u32, i64, i64)>>,
+    /// Sorted (key, value) ids.
+    pub labels: Vec<Vec<(u32, u32)>>,
+    pub taints: Vec<Vec<Taint>>,
+    pub unschedulable: Vec<bool>,
+    pub ports: Vec<Vec<HostPort>>,
+    pub images: Vec<Vec<(Arc<str>, i64)>>,
+    free: Vec<u32>,
+}
+
+impl NodeTable {
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// The value of label `key` on node `i`.
+    pub fn label(&self, i: usize, key: u32) -> Option<u32> {
+        let l = &self.labels[i];
+        l.binary_search_by_key(&key, |&(k, _)| k).ok().map(|j| l[j].1)
+    }
+
+    fn set_usage(&mut self, i: usize, u: &Usage) {
+        self.req_cpu[i] = u.requested.milli_cpu;
+        self.req_memory[i] = u.requested.memory;
+        self.req_ephemeral[i] = u.requested.ephemeral;
+        self.pod_count[i] = u.pods;
+        self.nonzero_cpu[i] = u.nonzero_cpu;
+        self.nonzero_memory[i] = u.nonzero_memory;
+        for s in &mut self.scalars[i] {
+            s.2 = u.requested.scalars.iter().find(|(k, _)| *k == s.0).map_or(0, |x| x.1);
+        }
+        self.ports[i] = u.ports.clone();
+    }
+
+    fn set_spec(&mut self, i: usize, n: &NodeSpec) {
+        self.names[i] = n.name.clone();
+        self.live[i] = true;
+        self.alloc_cpu[i] = n.allocatable.milli_cpu;
+        self.alloc_memory[i] = n.allocatable.memory;
+        self.alloc_ephemeral[i] = n.allocatable.ephemeral;
+        self.max_pods[i] = n.max_pods;
+        self.scalars[i] = n.allocatable.scalars.iter().map(|&(k, v)| (k, v, 0)).collect();
+        self.labels[i] = n.labels.clone();
+        self.taints[i] = n.taints.clone();
+        self.unschedulable[i] = n.unschedulable;
+        self.images[i] = n.images.clone();
+    }
+
+    fn same_spec(&self, i: usize, n: &NodeSpec) -> bool {
+        self.alloc_cpu[i] == n.allocatable.milli_cpu
+            && self.alloc_memory[i] == n.allocatable.memory
+            && self.alloc_ephemeral[i] == n.allocatable.ephemeral
+            && self.max_pods[i] == n.max_pods
+            && self.scalars[i].len() == n.allocatable.scalars.len()
+            && self.scalars[i].iter().zip(&n.allocatable.scalars).all(|(a, b)| a.0 == b.0 && a.1 == b.1)
+            && self.labels[i] == n.labels
+            && self.taints[i] == n.taints
+            && self.unschedulable[i] == n.unschedulable
+            && self.images[i] == n.images
+    }
+
+    fn push_row(&mut self) -> usize {
+        if let Some(i) = self.free.pop() {
+            return i as usize;
+        }
+        self.names.push(Arc::from(""));
+        self.live.push(false);
+        for c in [&mut self.alloc_cpu, &mut self.alloc_memory, &mut self.alloc_ephemeral, &mut self.max_pods, &mut self.req_cpu, &mut self.req_memory, &mut self.req_ephemeral, &mut self.pod_count, &mut self.nonzero_cpu, &mut self.nonzero_memory] {
+            c.push(0);
+        }
+        self.scalars.push(Vec::new());
+        self.labels.push(Vec::new());
+        self.taints.push(Vec::new());
+        self.unschedulable.push(false);
+        self.ports.push(Vec::new());
+        self.images.push(Vec::new());
+        self.names.len() - 1
+    }
+}
+
+/// Why an assumption was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AssumeError {
+    UnknownNode,
+    NoLongerFits,
+    AlreadyAssigned,
+}
+
+struct PodEntry {
+    node: Arc<str>,
+    info: Arc<PodInfo>,
+    /// Set while the binding is in flight; cleared when the API confirms it. (Assumptions
+    /// never expire on a timer: the binder always reports, and forgetting a pod whose
+    /// binding succeeded but whose event is late would overcommit its node.)
+    assumed_at: Option<Instant>,
+}
+
+/// Nodes, the pods placed on them, and the strings they use.
+#[derive(Default)]
+pub struct Cache {
+    pub nodes: NodeTable,
+    pub names: Interner,
+    by_name: HashMap<Arc<str>, u32>,
+    usage: HashMap<Arc<str>, Usage>,
+    pods: HashMap<Arc<str>, PodEntry>,
+    /// How many nodes carry each image (ImageLocality scales by spread).
+    pub image_nodes: HashMap<Arc<str>, u32>,
+    /// Bumped on every change that can make a pod fit where it did not.
+    pub generation: u64,
+}
+
+impl Cache {
+    pub fn node_index(&self, name: &str) -> Option<usize> {
+        self.by_name.get(name).map(|&i| i as usize)
+    }
+
+    pub fn live_nodes(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Adds or updates a node; false when nothing the scheduler reads changed (a heartbeat).
+    pub fn upsert_node(&mut self, n: NodeSpec) -> bool {
+        let i = match self.by_name.get(&n.name) {
+            Some(&i) if self.nodes.same_spec(i as usize, &n) => return false,
+            Some(&i) => {
+                let old: Vec<Arc<str>> = self.nodes.images[i as usize].iter().map(|(n, _)| n.clone()).collect();
+                self.unindex_images(&old);
+                i as usize
+            }
+            None => {
+                let i = self.nodes.push_row();
+                self.by_name.insert(n.name.clone(), i as u32);
+                i
+            }
+        };
+        self.nodes.set_spec(i, &n);
+        let u = self.usage.get(&n.name).cloned().unwrap_or_default();
+        self.nodes.set_usage(i, &u);
+        for (img, _) in &n.images {
+            *self.image_nodes.entry(img.clone()).or_default() += 1;
+        }
+        self.generation += 1;
+        true
+    }
+
+    fn unindex_images(&mut self, imgs: &[Arc<str>]) {
+        for img in imgs {
+            if let Some(c) = self.image_nodes.get_mut(img) {
+                *c -= 1;
+                if *c == 0 {
+                    self.image_nodes.remove(img);
+                }
+            }
+        }
+    }
+
+    pub fn remove_node(&mut self, name: &str) {
+        let Some(i) = self.by_name.remove(name) else { return };
+        let i = i as usize;
+        let old: Vec<Arc<str>> = self.nodes.images[i].iter().map(|(n, _)| n.clone()).collect();
+        self.unindex_images(&old);
+        self.nodes.live[i] = false;
+        self.nodes.free.push(i as u32);
+        self.generation += 1;
+    }
+
+    fn account(&mut self, node: &Arc<str>, p: &PodInfo, sign: i64) {
+        let u = self.usage.entry(node.clone()).or_default();
+        u.apply(p, sign);
+        let empty = u.pods == 0;
+        let snapshot = u.clone();
+        if empty {
+            self.usage.remove(node);
+        }
+        if let Some(&i) = self.by_name.get(node) {
+            self.nodes.set_usage(i as usize, &snapshot);
+        }
+    }
+
+    /// A pod the API shows bound to a node (or its update). Pods that are finished or
+    /// gone hold nothing.
+    pub fn set_bound_pod(&mut self, p: PodInfo) {
+        let Some(node) = p.node_name.clone() else {
+            self.remove_pod(&p.uid);
+            return;
+        };
+        if p.finished {
+            self.remove_pod(&p.uid);
+            return;
+        }
+        if let Some(e) = self.pods.get_mut(&p.uid) {
+            if e.node == node && e.info.requests == p.requests && e.info.host_ports == p.host_ports {
+                e.assumed_at = None; // the binding is confirmed
+                return;
+            }
+        }
+        self.remove_pod(&p.uid);
+        self.account(&node, &p, 1);
+        self.pods.insert(p.uid.clone(), PodEntry { node, info: Arc::new(p), assumed_at: None });
+    }
+
+    pub fn remove_pod(&mut self, uid: &str) {
+        if let Some(e) = self.pods.remove(uid) {
+            let node = e.node.clone();
+            self.account(&node, &e.info, -1);
+            self.generation += 1;
+        }
+    }
+
+    /// Reserves the node for a pod the scheduler chose, if it still fits there.
+    pub fn assume(&mut self, p: &Arc<PodInfo>, node: usize) -> Result<(), AssumeError> {
+        if !self.nodes.live.get(node).copied().unwrap_or(false) {
+            return Err(AssumeError::UnknownNode);
+        }
+        if self.pods.contains_key(&p.uid) {
+            return Err(AssumeError::AlreadyAssigned);
+        }
+        let c = self.ctx();
+        if !crate::plugins::fit::fits(p, &c, node) || !crate::plugins::ports::free(p, &c, node) {
+            return Err(AssumeError::NoLongerFits);
+        }
+        let name = self.nodes.names[node].clone();
+        self.account(&name, p, 1);
+        self.pods.insert(p.uid.clone(), PodEntry { node: name, info: p.clone(), assumed_at: Some(Instant::now()) });
+        Ok(())
+    }
+
+    /// Drops an assumption whose binding failed.
+    pub fn forget(&mut self, uid: &str) {
+        if self.pods.get(uid).is_some_and(|e| e.assumed_at.is_some()) {
+            self.remove_pod(uid);
+        }
+    }
+
+    pub fn is_placed(&self, uid: &str) -> bool {
+        self.pods.contains_key(uid)
+    }
+
+    pub fn pod_count(&self) -> usize {
+        self.pods.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(c: &mut Cache, name: &str, cpu: &str) {
+        let spec = NodeSpec::from_value(&json!({"metadata": {"name": name}, "status": {"allocatable": {"cpu": cpu, "memory": "1Gi", "pods": "10"}}}), &mut c.names);
+        c.upsert_node(spec);
+    }
+
+    fn pod(c: &mut Cache, uid: &str, cpu: &str, node: Option<&str>) -> PodInfo {
+        PodInfo::from_value(&json!({"metadata": {"name": uid, "namespace": "d", "uid": uid}, "spec": {"nodeName": node, "containers": [{"name": "c", "resources": {"requests": {"cpu": cpu}}}]}}), &mut c.names)
+    }
+
+    #[test]
+    fn usage_follows_pods_before_and_after_their_node() {
+        let mut c = Cache::default();
+        // A pod bound to a node the cache has not seen yet is counted when it arrives.
+        let p = pod(&mut c, "a", "500m", Some("n1"));
+        c.set_bound_pod(p);
+        node(&mut c, "n1", "2");
+        let i = c.node_index("n1").unwrap();
+        assert_eq!((c.nodes.req_cpu[i], c.nodes.pod_count[i]), (500, 1));
+        let p = pod(&mut c, "b", "1", None);
+        let p = Arc::new(p);
+        assert_eq!(c.assume(&p, i), Ok(()));
+        assert_eq!(c.nodes.req_cpu[i], 1500);
+        // 600m more does not fit in 2 CPUs.
+        let q = Arc::new(pod(&mut c, "c", "600m", None));
+        assert_eq!(c.assume(&q, i), Err(AssumeError::NoLongerFits));
+        c.forget("b");
+        assert_eq!(c.nodes.req_cpu[i], 500);
+        assert_eq!(c.assume(&q, i), Ok(()));
+        // Confirmation keeps the count; deletion releases it.
+        let mut confirmed = (*q).clone();
+        confirmed.node_name = Some(Arc::from("n1"));
+        c.set_bound_pod(confirmed);
+        assert_eq!(c.nodes.req_cpu[i], 1100);
+        c.forget("c"); // confirmed: not an assumption any more
+        assert_eq!(c.nodes.req_cpu[i], 1100);
+        c.remove_pod("c");
+        c.remove_pod("a");
+        assert_eq!((c.nodes.req_cpu[i], c.nodes.pod_count[i]), (0, 0));
+        // A removed node's row is reused.
+        c.remove_node("n1");
+        node(&mut c, "n2", "1");
+        assert_eq!(c.node_index("n2"), Some(i));
+        assert_eq!(c.live_nodes(), 1);
+    }
+}

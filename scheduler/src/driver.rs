@@ -1,0 +1,353 @@
+//! The scheduler at work inside `shoal server`: list + watch of nodes and pods into the
+//! cache and the queue, worker threads running `schedule_one`, and an async binder that
+//! writes `pods/binding` (many in flight at once). Results show as upstream: a `Scheduled`
+//! event, or a `PodScheduled=False` condition with reason `Unschedulable` and a
+//! `FailedScheduling` event carrying the "0/N nodes are available: ..." summary.
+//! Only the holder of Lease `kube-system/shoal-scheduler` schedules.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::RwLock;
+use serde_json::{json, Value};
+use shoal_client::leader::Leadership;
+use shoal_client::{events, Client};
+use tokio::sync::{mpsc, Semaphore};
+
+use crate::cache::{AssumeError, Cache};
+use crate::framework::{schedule_one, Profile, Rng};
+use crate::metrics::SchedulerMetrics;
+use crate::model::{NodeSpec, PodInfo};
+use crate::queue::Queue;
+
+/// Settings of the scheduler.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Identity in the leader Lease.
+    pub identity: String,
+    /// The profile used for pods that name `default-scheduler` (or nothing).
+    pub default_profile: Profile,
+    /// Worker threads running scheduling cycles at once.
+    pub workers: usize,
+    /// Bindings in flight at once.
+    pub bind_concurrency: usize,
+    /// Record a `Scheduled` event per bound pod (upstream does).
+    pub scheduled_events: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { identity: format!("shoal-{}", std::process::id()), default_profile: Profile::shoal(), workers: 2, bind_concurrency: 64, scheduled_events: true }
+    }
+}
+
+impl Options {
+    pub fn validate(&self) -> Result<(), String> {
+        self.default_profile.validate()?;
+        if !(1..=64).contains(&self.workers) {
+            return Err(format!("scheduler workers must be between 1 and 64, got {}", self.workers));
+        }
+        if !(1..=10_000).contains(&self.bind_concurrency) {
+            return Err(format!("bind concurrency must be between 1 and 10000, got {}", self.bind_concurrency));
+        }
+        Ok(())
+    }
+}
+
+/// The profiles by `schedulerName`.
+pub type Profiles = Arc<RwLock<HashMap<String, Profile>>>;
+
+/// A running scheduler: its shared state, for admin and tests.
+#[derive(Clone)]
+pub struct Handle {
+    pub cache: Arc<RwLock<Cache>>,
+    pub queue: Arc<Queue>,
+    pub profiles: Profiles,
+    pub leadership: Leadership,
+}
+
+struct Bind {
+    pod: Arc<PodInfo>,
+    node: Arc<str>,
+    attempts: u32,
+    started: Instant,
+    profile: String,
+}
+
+enum Report {
+    Bind(Bind),
+    Unschedulable { pod: Arc<PodInfo>, message: String },
+}
+
+/// Starts the scheduler on the current tokio runtime (its workers on threads of their own).
+pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> Handle {
+    let lead = Leadership::default();
+    tokio::spawn(shoal_client::leader::run(client.clone(), "shoal-scheduler", opts.identity.clone(), lead.clone()));
+    let mut profiles = HashMap::new();
+    profiles.insert("default-scheduler".to_string(), opts.default_profile.clone());
+    for p in [Profile::shoal(), Profile::kubernetes()] {
+        profiles.entry(p.name.clone()).or_insert(p);
+    }
+    let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead };
+    tokio::spawn(watch_nodes(client.clone(), h.clone()));
+    tokio::spawn(watch_pods(client.clone(), h.clone()));
+    let (tx, rx) = mpsc::unbounded_channel::<Report>();
+    tokio::spawn(report(client, h.clone(), rx, opts.clone(), metrics.clone()));
+    for w in 0..opts.workers.max(1) {
+        let (h, tx, metrics) = (h.clone(), tx.clone(), metrics.clone());
+        let spawned = std::thread::Builder::new().name(format!("scheduler-{w}")).spawn(move || worker(h, tx, metrics));
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "starting a scheduler worker failed");
+        }
+    }
+    let (q, m, lead) = (h.queue.clone(), metrics, h.leadership.clone());
+    tokio::spawn(async move {
+        loop {
+            m.set_pending(q.stats());
+            m.leader.set(i64::from(lead.is_leader()));
+            q.cluster_changed(false); // releases pods parked for 5 minutes
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+    h
+}
+
+/// One worker: pop a pod, decide, reserve, hand the binding to the binder.
+fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMetrics>) {
+    let mut rng = Rng::from_entropy();
+    loop {
+        let Some(item) = h.queue.pop(Duration::from_secs(1)) else {
+            if tx.is_closed() {
+                return;
+            }
+            continue;
+        };
+        if !h.leadership.is_leader() {
+            h.queue.retry(&item.key);
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        let started = Instant::now();
+        let profile_name = item.pod.scheduler_name.to_string();
+        let Some(profile) = h.profiles.read().get(&profile_name).cloned() else {
+            h.queue.done(&item.key); // another scheduler's pod
+            continue;
+        };
+        // A reservation can lose a race with another worker: decide again (bounded).
+        let mut outcome = None;
+        for _ in 0..5 {
+            let decision = {
+                let c = h.cache.read();
+                if c.is_placed(&item.pod.uid) {
+                    break;
+                }
+                schedule_one(&item.pod, &c.ctx(), &profile, &mut rng)
+            };
+            match decision {
+                Ok(node) => match h.cache.write().assume(&item.pod, node) {
+                    Ok(()) => {
+                        let name = h.cache.read().nodes.names[node].clone();
+                        outcome = Some(Ok(name));
+                        break;
+                    }
+                    Err(AssumeError::NoLongerFits | AssumeError::UnknownNode) => continue,
+                    Err(AssumeError::AlreadyAssigned) => break,
+                },
+                Err(fit) => {
+                    outcome = Some(Err(fit.to_string()));
+                    break;
+                }
+            }
+        }
+        let secs = started.elapsed().as_secs_f64();
+        match outcome {
+            Some(Ok(node)) => {
+                h.queue.done(&item.key);
+                let _ = tx.send(Report::Bind(Bind { pod: item.pod, node, attempts: item.attempts, started, profile: profile_name }));
+            }
+            Some(Err(message)) => {
+                metrics.attempt("unschedulable", &profile_name, secs);
+                h.queue.unschedulable(&item.key);
+                let _ = tx.send(Report::Unschedulable { pod: item.pod, message });
+            }
+            None => {
+                // Lost every race, or already placed: try again later.
+                metrics.attempt("error", &profile_name, secs);
+                h.queue.retry(&item.key);
+            }
+        }
+    }
+}
+
+/// Writes bindings (concurrently) and unschedulable conditions and events.
+async fn report(client: Client, h: Handle, mut rx: mpsc::UnboundedReceiver<Report>, opts: Options, metrics: Arc<SchedulerMetrics>) {
+    let slots = Arc::new(Semaphore::new(opts.bind_concurrency.max(1)));
+    while let Some(r) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { return };
+        let (client, h, metrics) = (client.clone(), h.clone(), metrics.clone());
+        let events_on = opts.scheduled_events;
+        tokio::spawn(async move {
+            match r {
+                Report::Bind(b) => bind(&client, &h, &metrics, b, events_on).await,
+                Report::Unschedulable { pod, message } => mark_unschedulable(&client, &pod, &message).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+fn reference(p: &PodInfo) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": &*p.name, "namespace": &*p.namespace, "uid": &*p.uid, "resourceVersion": &*p.resource_version}})
+}
+
+async fn bind(client: &Client, h: &Handle, metrics: &SchedulerMetrics, b: Bind, events_on: bool) {
+    let p = &b.pod;
+    let body = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": &*p.name, "namespace": &*p.namespace, "uid": &*p.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": &*b.node}});
+    let path = format!("/api/v1/namespaces/{}/pods/{}/binding", p.namespace, p.name);
+    let res = client.create(&path, &body).await;
+    let secs = b.started.elapsed().as_secs_f64();
+    match res {
+        Ok(_) => {
+            metrics.attempt("scheduled", &b.profile, secs);
+            metrics.bindings.get_or_create(&vec![("result", "ok".to_string())]).inc();
+            if events_on {
+                events::record(client, &reference(p), "Normal", "Scheduled", &format!("Successfully assigned {}/{} to {}", p.namespace, p.name, b.node), "default-scheduler").await;
+            }
+        }
+        Err(e) => {
+            metrics.attempt("error", &b.profile, secs);
+            metrics.bindings.get_or_create(&vec![("result", "error".to_string())]).inc();
+            h.cache.write().forget(&p.uid);
+            // Gone, or bound by someone else (409): the watch tells the rest.
+            if e.is_not_found() || e.is_conflict() {
+                tracing::debug!(pod = %p.key(), error = %e, "binding refused; dropping the pod from the queue");
+                return;
+            }
+            tracing::warn!(pod = %p.key(), node = %b.node, error = %e, "binding failed; retrying after backoff");
+            h.queue.requeue(b.pod.clone(), b.attempts);
+        }
+    }
+}
+
+async fn mark_unschedulable(client: &Client, p: &PodInfo, message: &str) {
+    if p.unschedulable_message.as_deref() != Some(message) {
+        let now = shoal_client::time::format(shoal_client::time::now_secs());
+        let patch = json!({"status": {"conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message, "lastProbeTime": null, "lastTransitionTime": now}]}});
+        let path = format!("/api/v1/namespaces/{}/pods/{}/status", p.namespace, p.name);
+        if let Err(e) = client.strategic_patch(&path, &patch).await {
+            tracing::debug!(pod = %p.key(), error = %e, "writing the PodScheduled condition failed");
+        }
+    }
+    events::record(client, &reference(p), "Warning", "FailedScheduling", message, "default-scheduler").await;
+}
+
+/// Keeps the node table in step with the API.
+async fn watch_nodes(client: Client, h: Handle) {
+    loop {
+        let (items, rv) = match client.list("/api/v1/nodes").await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing nodes failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        {
+            let mut c = h.cache.write();
+            let listed: Vec<String> = items.iter().filter_map(|n| n.pointer("/metadata/name").and_then(Value::as_str).map(String::from)).collect();
+            let stale: Vec<String> = c.nodes.names.iter().enumerate().filter(|(i, n)| c.nodes.live[*i] && !listed.iter().any(|l| l.as_str() == &***n)).map(|(_, n)| n.to_string()).collect();
+            for n in stale {
+                c.remove_node(&n);
+            }
+            for n in &items {
+                let spec = NodeSpec::from_value(n, &mut c.names);
+                c.upsert_node(spec);
+            }
+        }
+        h.queue.cluster_changed(true);
+        let Ok(mut rx) = client.watch("/api/v1/nodes", &rv).await else { continue };
+        while let Some((ty, obj)) = rx.recv().await {
+            match ty.as_str() {
+                "ADDED" | "MODIFIED" => {
+                    let changed = {
+                        let mut c = h.cache.write();
+                        let spec = NodeSpec::from_value(&obj, &mut c.names);
+                        c.upsert_node(spec)
+                    };
+                    if changed {
+                        h.queue.cluster_changed(true);
+                    }
+                }
+                "DELETED" => {
+                    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                    h.cache.write().remove_node(name);
+                }
+                "BOOKMARK" => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+/// Bound pods go to the cache, pending ones to the queue.
+async fn watch_pods(client: Client, h: Handle) {
+    loop {
+        let (items, rv) = match client.list("/api/v1/pods").await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(error = %e, "listing pods failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        for p in &items {
+            apply_pod(&h, p);
+        }
+        let Ok(mut rx) = client.watch("/api/v1/pods", &rv).await else { continue };
+        while let Some((ty, obj)) = rx.recv().await {
+            match ty.as_str() {
+                "ADDED" | "MODIFIED" => apply_pod(&h, &obj),
+                "DELETED" => {
+                    let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
+                    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+                    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                    let held = h.cache.read().is_placed(uid);
+                    h.cache.write().remove_pod(uid);
+                    h.queue.remove(&format!("{ns}/{name}"));
+                    if held {
+                        h.queue.cluster_changed(true); // freed resources may help
+                    }
+                }
+                "BOOKMARK" => {}
+                _ => break,
+            }
+        }
+    }
+}
+
+fn apply_pod(h: &Handle, v: &Value) {
+    let pod = {
+        let mut c = h.cache.write();
+        PodInfo::from_value(v, &mut c.names)
+    };
+    if pod.node_name.is_some() {
+        let key = pod.key();
+        let finished = pod.finished;
+        let uid = pod.uid.clone();
+        h.cache.write().set_bound_pod(pod);
+        h.queue.remove(&key);
+        if finished {
+            h.cache.write().remove_pod(&uid);
+            h.queue.cluster_changed(true);
+        }
+        return;
+    }
+    if pod.deleting || pod.finished {
+        h.queue.remove(&pod.key());
+        return;
+    }
+    if h.profiles.read().contains_key(&*pod.scheduler_name) {
+        h.queue.add(pod);
+    }
+}

@@ -1,0 +1,57 @@
+//! NodeResourcesFit: the filter (requests fit in what is left of allocatable, and the pod
+//! count limit) and its LeastAllocated score; NodeResourcesBalancedAllocation.
+
+use super::Ctx;
+use crate::model::PodInfo;
+
+use super::{Failure, CPU, EPHEMERAL, MEMORY, PODS, SCALAR};
+
+/// Which resources do not fit (upstream checks them all and reports each).
+pub fn check(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
+    let mut f = Failure::default();
+    if c.t.pod_count[i] + 1 > c.t.max_pods[i] {
+        f.bits |= PODS;
+    }
+    let r = &p.requests;
+    if r.milli_cpu > 0 && r.milli_cpu > c.t.alloc_cpu[i] - c.t.req_cpu[i] {
+        f.bits |= CPU;
+    }
+    if r.memory > 0 && r.memory > c.t.alloc_memory[i] - c.t.req_memory[i] {
+        f.bits |= MEMORY;
+    }
+    if r.ephemeral > 0 && r.ephemeral > c.t.alloc_ephemeral[i] - c.t.req_ephemeral[i] {
+        f.bits |= EPHEMERAL;
+    }
+    for &(k, v) in &r.scalars {
+        if v == 0 {
+            continue;
+        }
+        let (alloc, used) = c.t.scalars[i].iter().find(|s| s.0 == k).map_or((0, 0), |s| (s.1, s.2));
+        if v > alloc - used {
+            f.bits |= SCALAR;
+            f.scalar = f.scalar.or(Some(k));
+        }
+    }
+    f
+}
+
+pub fn fits(p: &PodInfo, c: &Ctx, i: usize) -> bool {
+    check(p, c, i).bits == 0
+}
+
+/// LeastAllocated: the mean over cpu and memory of the share left free after placing the
+/// pod, 0–100 (upstream's default NodeResourcesFit score, weights 1:1).
+pub fn least_allocated(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
+    let part = |req: i64, alloc: i64| if alloc <= 0 || req > alloc { 0 } else { (alloc - req) * 100 / alloc };
+    (part(c.t.nonzero_cpu[i] + p.nonzero_cpu, c.t.alloc_cpu[i]) + part(c.t.nonzero_memory[i] + p.nonzero_memory, c.t.alloc_memory[i])) / 2
+}
+
+/// BalancedAllocation: 100 × (1 − the standard deviation of the cpu and memory fractions
+/// requested after placing the pod); for two resources the deviation is |a − b| / 2.
+pub fn balanced(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
+    let frac = |req: i64, alloc: i64| if alloc <= 0 { 1.0 } else { (req as f64 / alloc as f64).min(1.0) };
+    let cpu = frac(c.t.req_cpu[i] + p.requests.milli_cpu, c.t.alloc_cpu[i]);
+    let m = frac(c.t.req_memory[i] + p.requests.memory, c.t.alloc_memory[i]);
+    let std = (cpu - m).abs() / 2.0;
+    ((1.0 - std) * 100.0) as i64
+}

@@ -1,0 +1,83 @@
+//! Filter and score plugins, each a plain function of (pod, cache view, node row) that does
+//! no I/O and allocates nothing: the framework calls them for every node.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::cache::{Cache, NodeTable};
+use crate::model::{Interner, Taint};
+
+pub mod affinity;
+pub mod fit;
+pub mod image;
+pub mod ports;
+pub mod taints;
+
+/// A read-only view of the cache for one scheduling cycle.
+pub struct Ctx<'a> {
+    pub t: &'a NodeTable,
+    pub names: &'a Interner,
+    pub image_nodes: &'a HashMap<Arc<str>, u32>,
+    pub total_nodes: usize,
+    pub unschedulable_key: u32,
+}
+
+impl Cache {
+    pub fn ctx(&self) -> Ctx<'_> {
+        Ctx { t: &self.nodes, names: &self.names, image_nodes: &self.image_nodes, total_nodes: self.live_nodes(), unschedulable_key: self.names.get(UNSCHEDULABLE_TAINT) }
+    }
+}
+
+/// The taint that stands for `spec.unschedulable`.
+pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
+
+// Why a node was filtered out (bits of `Failure::bits`).
+pub const UNSCHEDULABLE: u16 = 1 << 0;
+pub const NODE_NAME: u16 = 1 << 1;
+pub const TAINT: u16 = 1 << 2;
+pub const AFFINITY: u16 = 1 << 3;
+pub const PORTS: u16 = 1 << 4;
+pub const CPU: u16 = 1 << 5;
+pub const MEMORY: u16 = 1 << 6;
+pub const EPHEMERAL: u16 = 1 << 7;
+pub const PODS: u16 = 1 << 8;
+pub const SCALAR: u16 = 1 << 9;
+
+/// The verdict of the filters on one node: empty means it fits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Failure {
+    pub bits: u16,
+    pub taint: Option<Taint>,
+    pub scalar: Option<u32>,
+}
+
+/// Upstream's wording of each reason, as `FailedScheduling` events show it.
+pub fn messages(f: &Failure, names: &Interner) -> Vec<String> {
+    let mut out = Vec::new();
+    let fixed: [(u16, &str); 8] = [
+        (UNSCHEDULABLE, "node(s) were unschedulable"),
+        (NODE_NAME, "node(s) didn't match the requested node name"),
+        (AFFINITY, "node(s) didn't match Pod's node affinity/selector"),
+        (PORTS, "node(s) didn't have free ports for the requested pod ports"),
+        (CPU, "Insufficient cpu"),
+        (MEMORY, "Insufficient memory"),
+        (EPHEMERAL, "Insufficient ephemeral-storage"),
+        (PODS, "Too many pods"),
+    ];
+    for (bit, msg) in fixed {
+        if f.bits & bit != 0 {
+            out.push(msg.to_string());
+        }
+    }
+    if f.bits & TAINT != 0 {
+        if let Some(t) = f.taint {
+            out.push(format!("node(s) had untolerated taint {{{}: {}}}", names.name(t.key), names.name(t.value)));
+        }
+    }
+    if f.bits & SCALAR != 0 {
+        if let Some(s) = f.scalar {
+            out.push(format!("Insufficient {}", names.name(s)));
+        }
+    }
+    out
+}
