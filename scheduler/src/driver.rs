@@ -145,9 +145,11 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
                 schedule_one(&item.pod, &c.ctx(), &profile, &mut rng)
             };
             match decision {
-                Ok(node) => match h.cache.write().assume(&item.pod, node) {
-                    Ok(()) => {
-                        let name = h.cache.read().nodes.names[node].clone();
+                Ok(node) => match {
+                    let mut c = h.cache.write();
+                    c.assume(&item.pod, node).map(|()| c.nodes.names[node].clone())
+                } {
+                    Ok(name) => {
                         outcome = Some(Ok(name));
                         break;
                     }

@@ -133,6 +133,19 @@ struct ServerArgs {
     /// leader-elected through a Lease with the other servers.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     controllers: bool,
+    /// Run the scheduler in this process (leader-elected through Lease
+    /// kube-system/shoal-scheduler): it binds pending pods whose schedulerName is
+    /// `default-scheduler`, `shoal` or `kubernetes`.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    scheduler: bool,
+    /// The scheduling profile for pods that name `default-scheduler`: `shoal` (resource
+    /// balance 30%, image locality 20%, pod affinity 25%, node affinity 25%) or
+    /// `kubernetes` (kube-scheduler's default plugins and weights).
+    #[arg(long, default_value = "shoal")]
+    scheduler_profile: String,
+    /// Scheduling cycles run at once (each filters and scores nodes in parallel).
+    #[arg(long, default_value_t = 2)]
+    scheduler_workers: usize,
     /// How long a node may go without renewing its Lease or posting status before it is
     /// marked Unknown and tainted unreachable (`300s`, `40s`, `1m`).
     #[arg(long, default_value = "40s")]
@@ -230,6 +243,15 @@ fn parse_cluster(spec: &str, name: &str) -> anyhow::Result<Vec<(String, SocketAd
 fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let kubeconfig = a.kubeconfig.take();
     let run_controllers = a.controllers;
+    let scheduler_opts = if a.scheduler {
+        let profile = shoal_scheduler::framework::Profile::builtin(&a.scheduler_profile).ok_or_else(|| anyhow::anyhow!("--scheduler-profile {:?}: expected shoal or kubernetes", a.scheduler_profile))?;
+        let opts = shoal_scheduler::driver::Options { identity: format!("{}-{}", a.name, std::process::id()), default_profile: profile, workers: a.scheduler_workers, ..Default::default() };
+        opts.validate().map_err(|e| anyhow::anyhow!("scheduler settings refused: {e}"))?;
+        Some(opts)
+    } else {
+        None
+    };
+    let scheduler_metrics = std::sync::Arc::new(shoal_scheduler::metrics::SchedulerMetrics::default());
     let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
     let node_eviction_rate = a.node_eviction_rate;
     let plan = shoal_controllers::ipam::Plan {
@@ -329,21 +351,37 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                 compaction_interval: compaction_interval.filter(|d| !d.is_zero()),
             };
             let member = running.as_ref().map(|r| r.member.clone());
+            let sm = scheduler_metrics.clone();
             let api = shoal_apiserver::server::start(cfg, backend, ready, |reg| {
                 if let Some(m) = member {
                     m.metrics.register(reg.sub_registry_with_prefix("etcd"));
                 }
+                sm.register(reg);
             })?;
             tracing::info!(kubeconfig = %data_dir.join("kubeconfig").display(), "use it with: kubectl --kubeconfig {}", data_dir.join("kubeconfig").display());
-            if run_controllers {
-                let host = if api.addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { api.addr.ip().to_string() };
+            let host = if api.addr.ip().is_unspecified() { "127.0.0.1".to_string() } else { api.addr.ip().to_string() };
+            let client_for = |user_agent: &str, conns: usize| {
                 let cfg = shoal_client::Config {
                     server: format!("https://{}", if api.addr.is_ipv6() { format!("[{host}]:{}", api.addr.port()) } else { format!("{host}:{}", api.addr.port()) }),
                     ca_pem: api.credentials.ca_pem.clone(),
                     token: api.credentials.admin_token.clone(),
-                    user_agent: "shoal-controller-manager/v0.1.0".into(),
+                    user_agent: user_agent.into(),
                 };
-                let client = shoal_client::Client::new(cfg, 2)?;
+                shoal_client::Client::new(cfg, conns)
+            };
+            if let Some(opts) = scheduler_opts {
+                let client = client_for("shoal-scheduler/v0.1.0", 2)?;
+                let metrics = scheduler_metrics.clone();
+                std::thread::Builder::new().name("scheduler".into()).spawn(move || {
+                    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("scheduler-io").enable_all().build().expect("building the scheduler runtime");
+                    rt.block_on(async move {
+                        let _handle = shoal_scheduler::driver::start(client, opts, metrics);
+                        std::future::pending::<()>().await
+                    });
+                })?;
+            }
+            if run_controllers {
+                let client = client_for("shoal-controller-manager/v0.1.0", 2)?;
                 let opts = shoal_controllers::Options {
                     identity: format!("{}-{}", name, std::process::id()),
                     plan: plan.clone(),

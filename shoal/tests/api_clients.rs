@@ -149,7 +149,6 @@ fn bad_input_gets_a_status_and_writes_nothing() {
     s.wait_api();
     let cms = "/api/v1/namespaces/default/configmaps";
     let count = |s: &Server| curl(s, "GET", cms, "application/json", None, true).1["items"].as_array().map_or(0, Vec::len);
-    let before_rv = curl(&s, "GET", cms, "application/json", None, true).1["metadata"]["resourceVersion"].clone();
 
     let (code, st) = curl(&s, "GET", cms, "application/json", None, false);
     assert_eq!((code, st["reason"].as_str()), (401, Some("Unauthorized")));

@@ -1,6 +1,8 @@
 //! Helpers for integration tests that run the real `shoal` binary and real clients.
 #![allow(dead_code)]
 
+pub mod kube;
+
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

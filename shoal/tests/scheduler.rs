@@ -1,0 +1,82 @@
+//! The scheduler inside `shoal server`, driven and observed with kubectl: pending pods get
+//! bound within what nodes allocate, a pod that fits nowhere gets upstream's condition and
+//! event, and a new node makes it schedulable.
+
+mod common;
+
+use common::kube::{kubectl_bin, patch_status, K};
+use common::Server;
+
+fn add_node(k: &K, s: &Server, name: &str, cpu: &str, labels: &str) {
+    k.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {name}, labels: {{{labels}}}}}\n"));
+    patch_status(s, &format!("/api/v1/nodes/{name}/status"), &format!(r#"{{"status":{{"allocatable":{{"cpu":"{cpu}","memory":"4Gi","pods":"110"}},"capacity":{{"cpu":"{cpu}","memory":"4Gi","pods":"110"}}}}}}"#));
+}
+
+const DEPLOY: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 6
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: busybox, resources: {requests: {cpu: 500m}}}]}
+";
+
+fn nodes_of(k: &K, selector: &str) -> Vec<String> {
+    let out = k.ok(&["get", "pods", "-l", selector, "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"]);
+    out.lines().map(String::from).collect()
+}
+
+#[test]
+fn pending_pods_are_bound_within_capacity_and_unschedulable_ones_are_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "sched", &["--scheduler-profile", "kubernetes"]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    for (n, zone) in [("n1", "a"), ("n2", "a"), ("n3", "b")] {
+        add_node(&k, &s, n, "1", &format!("zone: {zone}"));
+    }
+    // 6 pods of 500m on three 1-CPU nodes: exactly two per node.
+    k.apply(DEPLOY);
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"], "6 bound", |o| o.lines().filter(|l| !l.is_empty()).count() == 6);
+    let mut per_node = nodes_of(&k, "app=web");
+    per_node.sort();
+    assert_eq!(per_node, ["n1", "n1", "n2", "n2", "n3", "n3"]);
+    k.eventually(&["get", "events", "--field-selector", "reason=Scheduled", "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}"], "Scheduled events", |o| {
+        o.lines().filter(|l| l.starts_with("Successfully assigned default/web-")).count() == 6
+    });
+
+    // A seventh fits nowhere: PodScheduled=False/Unschedulable and a FailedScheduling event
+    // with upstream's summary.
+    k.ok(&["scale", "deployment", "web", "--replicas", "7"]);
+    let msg = "0/3 nodes are available: 3 Insufficient cpu.";
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"PodScheduled\")].reason}|{.status.conditions[?(@.type==\"PodScheduled\")].message}{\"\\n\"}{end}"], "unschedulable condition", |o| {
+        o.lines().any(|l| l == format!("Unschedulable|{msg}"))
+    });
+    k.eventually(&["get", "events", "--field-selector", "reason=FailedScheduling", "-o", "jsonpath={range .items[*]}{.type} {.message}{\"\\n\"}{end}"], "FailedScheduling event", |o| o.lines().any(|l| l == format!("Warning {msg}")));
+
+    // A new node makes it schedulable.
+    add_node(&k, &s, "n4", "1", "zone: c");
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"], "7th bound to n4", |o| o.lines().filter(|l| *l == "n4").count() == 1 && o.lines().filter(|l| !l.is_empty()).count() == 7);
+
+    // nodeSelector and a toleration-less pod against a tainted node.
+    k.ok(&["taint", "node", "n4", "dedicated=batch:NoSchedule"]);
+    k.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: zoned, labels: {app: zoned}}\nspec:\n  nodeSelector: {zone: c}\n  containers: [{name: c, image: busybox}]\n");
+    k.eventually(&["get", "pod", "zoned", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}"], "taint blocks zone c", |o| {
+        o == "0/4 nodes are available: 1 node(s) had untolerated taint {dedicated: batch}, 3 node(s) didn't match Pod's node affinity/selector."
+    });
+    k.ok(&["taint", "node", "n4", "dedicated-"]);
+    k.eventually(&["get", "pod", "zoned", "-o", "jsonpath={.spec.nodeName}"], "zoned pod bound once the taint is gone", |o| o == "n4");
+
+    // Deleting pods frees their share: scale down, and a big pod fits again.
+    // (No agent runs here to finish graceful deletion: force it, as for a lost node.)
+    k.ok(&["scale", "deployment", "web", "--replicas", "0"]);
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "jsonpath={range .items[*]}{.metadata.deletionTimestamp}{\"\\n\"}{end}"], "all terminating", |o| o.lines().count() == 7 && o.lines().all(|l| !l.is_empty()));
+    k.ok(&["delete", "pods", "-l", "app=web", "--force", "--grace-period=0"]);
+    k.eventually(&["get", "pods", "-l", "app=web", "-o", "name"], "scaled down", |o| o.trim().is_empty());
+    k.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox, resources: {requests: {cpu: '1'}}}]\n");
+    k.eventually(&["get", "pod", "big", "-o", "jsonpath={.spec.nodeName}"], "big pod bound", |o| o.starts_with('n'));
+    let scheduled = k.ok(&["get", "--raw", "/metrics"]);
+    assert!(scheduled.contains("scheduler_schedule_attempts_total{result=\"scheduled\",profile=\"default-scheduler\"}"), "metrics: {}", scheduled.lines().filter(|l| l.contains("scheduler_")).collect::<Vec<_>>().join("\n"));
+}
