@@ -3,6 +3,7 @@
 
 mod api;
 mod procs;
+mod scheduler;
 mod store;
 
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ enum Cmd {
     /// Kubernetes API workloads (pod create/get/update/delete, LIST of many pods) against
     /// `shoal server` on its embedded store and on a real etcd.
     Api(api::ApiArgs),
+    /// Upstream scheduler_perf workloads against Shoal's scheduling core, in-process.
+    Scheduler(scheduler::SchedulerArgs),
 }
 
 fn main() {
@@ -46,6 +49,7 @@ fn main() {
         match cli.cmd {
             Cmd::Store(a) => store::run(a).await,
             Cmd::Api(a) => api::run(a).await,
+            Cmd::Scheduler(a) => scheduler::run(a).await,
         }
     });
     match res {

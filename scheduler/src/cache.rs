@@ -3,12 +3,22 @@
 //! node — bound ones from the API and *assumed* ones the scheduler has chosen a node for
 //! but whose binding is not yet confirmed.
 //!
-//! Architecture Invariant 4: `assume` re-checks the fit of the chosen node under the write
-//! lock, against every bound and assumed pod, so concurrent workers never overcommit a node.
+//! Architecture Invariant 4: `assume` re-checks the fit of the chosen node under the
+//! ledger's lock, against every bound and assumed pod, so concurrent workers never
+//! overcommit a node.
+//!
+//! Concurrency: node structure (rows, labels, taints, allocatable) changes under the
+//! caller's write lock (`&mut self`); what pods use changes through `&self` — the ledger
+//! (a mutex) holds the truth and mirrors it into atomic columns that workers read without
+//! locks while they filter and score. A worker may decide on a slightly stale view; the
+//! reservation is then refused and it decides again (optimistic concurrency).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use crate::model::{HostPort, Interner, NodeSpec, PodInfo, Resources, Taint};
 
@@ -58,19 +68,20 @@ pub struct NodeTable {
     pub alloc_memory: Vec<i64>,
     pub alloc_ephemeral: Vec<i64>,
     pub max_pods: Vec<i64>,
-    pub req_cpu: Vec<i64>,
-    pub req_memory: Vec<i64>,
-    pub req_ephemeral: Vec<i64>,
-    pub pod_count: Vec<i64>,
-    pub nonzero_cpu: Vec<i64>,
-    pub nonzero_memory: Vec<i64>,
+    req_cpu: Vec<AtomicI64>,
+    req_memory: Vec<AtomicI64>,
+    req_ephemeral: Vec<AtomicI64>,
+    pod_count: Vec<AtomicI64>,
+    nonzero_cpu: Vec<AtomicI64>,
+    nonzero_memory: Vec<AtomicI64>,
     /// (resource, allocatable, requested) of extended resources.
-    pub scalars: Vec<Vec<(u32, i64, i64)>>,
+    pub scalars: Vec<Vec<(u32, i64, AtomicI64)>>,
     /// Sorted (key, value) ids.
     pub labels: Vec<Vec<(u32, u32)>>,
     pub taints: Vec<Vec<Taint>>,
     pub unschedulable: Vec<bool>,
-    pub ports: Vec<Vec<HostPort>>,
+    /// Host ports in use (locked only for pods that ask for host ports).
+    pub ports: Vec<Mutex<Vec<HostPort>>>,
     pub images: Vec<Vec<(Arc<str>, i64)>>,
     free: Vec<u32>,
 }
@@ -90,17 +101,37 @@ impl NodeTable {
         l.binary_search_by_key(&key, |&(k, _)| k).ok().map(|j| l[j].1)
     }
 
-    fn set_usage(&mut self, i: usize, u: &Usage) {
-        self.req_cpu[i] = u.requested.milli_cpu;
-        self.req_memory[i] = u.requested.memory;
-        self.req_ephemeral[i] = u.requested.ephemeral;
-        self.pod_count[i] = u.pods;
-        self.nonzero_cpu[i] = u.nonzero_cpu;
-        self.nonzero_memory[i] = u.nonzero_memory;
-        for s in &mut self.scalars[i] {
-            s.2 = u.requested.scalars.iter().find(|(k, _)| *k == s.0).map_or(0, |x| x.1);
+    pub fn req_cpu(&self, i: usize) -> i64 {
+        self.req_cpu[i].load(Relaxed)
+    }
+    pub fn req_memory(&self, i: usize) -> i64 {
+        self.req_memory[i].load(Relaxed)
+    }
+    pub fn req_ephemeral(&self, i: usize) -> i64 {
+        self.req_ephemeral[i].load(Relaxed)
+    }
+    pub fn pod_count(&self, i: usize) -> i64 {
+        self.pod_count[i].load(Relaxed)
+    }
+    pub fn nonzero_cpu(&self, i: usize) -> i64 {
+        self.nonzero_cpu[i].load(Relaxed)
+    }
+    pub fn nonzero_memory(&self, i: usize) -> i64 {
+        self.nonzero_memory[i].load(Relaxed)
+    }
+
+    /// Mirrors a node's usage into the columns (callers hold the ledger lock or `&mut`).
+    fn set_usage(&self, i: usize, u: &Usage) {
+        self.req_cpu[i].store(u.requested.milli_cpu, Relaxed);
+        self.req_memory[i].store(u.requested.memory, Relaxed);
+        self.req_ephemeral[i].store(u.requested.ephemeral, Relaxed);
+        self.pod_count[i].store(u.pods, Relaxed);
+        self.nonzero_cpu[i].store(u.nonzero_cpu, Relaxed);
+        self.nonzero_memory[i].store(u.nonzero_memory, Relaxed);
+        for s in &self.scalars[i] {
+            s.2.store(u.requested.scalars.iter().find(|(k, _)| *k == s.0).map_or(0, |x| x.1), Relaxed);
         }
-        self.ports[i] = u.ports.clone();
+        *self.ports[i].lock() = u.ports.clone();
     }
 
     fn set_spec(&mut self, i: usize, n: &NodeSpec) {
@@ -110,7 +141,7 @@ impl NodeTable {
         self.alloc_memory[i] = n.allocatable.memory;
         self.alloc_ephemeral[i] = n.allocatable.ephemeral;
         self.max_pods[i] = n.max_pods;
-        self.scalars[i] = n.allocatable.scalars.iter().map(|&(k, v)| (k, v, 0)).collect();
+        self.scalars[i] = n.allocatable.scalars.iter().map(|&(k, v)| (k, v, AtomicI64::new(0))).collect();
         self.labels[i] = n.labels.clone();
         self.taints[i] = n.taints.clone();
         self.unschedulable[i] = n.unschedulable;
@@ -136,14 +167,17 @@ impl NodeTable {
         }
         self.names.push(Arc::from(""));
         self.live.push(false);
-        for c in [&mut self.alloc_cpu, &mut self.alloc_memory, &mut self.alloc_ephemeral, &mut self.max_pods, &mut self.req_cpu, &mut self.req_memory, &mut self.req_ephemeral, &mut self.pod_count, &mut self.nonzero_cpu, &mut self.nonzero_memory] {
+        for c in [&mut self.alloc_cpu, &mut self.alloc_memory, &mut self.alloc_ephemeral, &mut self.max_pods] {
             c.push(0);
+        }
+        for c in [&mut self.req_cpu, &mut self.req_memory, &mut self.req_ephemeral, &mut self.pod_count, &mut self.nonzero_cpu, &mut self.nonzero_memory] {
+            c.push(AtomicI64::new(0));
         }
         self.scalars.push(Vec::new());
         self.labels.push(Vec::new());
         self.taints.push(Vec::new());
         self.unschedulable.push(false);
-        self.ports.push(Vec::new());
+        self.ports.push(Mutex::new(Vec::new()));
         self.images.push(Vec::new());
         self.names.len() - 1
     }
@@ -166,14 +200,20 @@ struct PodEntry {
     assumed_at: Option<Instant>,
 }
 
+/// What pods use, by node name, and every pod holding resources.
+#[derive(Default)]
+struct Ledger {
+    usage: HashMap<Arc<str>, Usage>,
+    pods: HashMap<Arc<str>, PodEntry>,
+}
+
 /// Nodes, the pods placed on them, and the strings they use.
 #[derive(Default)]
 pub struct Cache {
     pub nodes: NodeTable,
     pub names: Interner,
     by_name: HashMap<Arc<str>, u32>,
-    usage: HashMap<Arc<str>, Usage>,
-    pods: HashMap<Arc<str>, PodEntry>,
+    ledger: Mutex<Ledger>,
     /// How many nodes carry each image (ImageLocality scales by spread).
     pub image_nodes: HashMap<Arc<str>, u32>,
     /// Bumped on every change that can make a pod fit where it did not.
@@ -205,7 +245,7 @@ impl Cache {
             }
         };
         self.nodes.set_spec(i, &n);
-        let u = self.usage.get(&n.name).cloned().unwrap_or_default();
+        let u = self.ledger.get_mut().usage.get(&n.name).cloned().unwrap_or_default();
         self.nodes.set_usage(i, &u);
         for (img, _) in &n.images {
             *self.image_nodes.entry(img.clone()).or_default() += 1;
@@ -235,22 +275,20 @@ impl Cache {
         self.generation += 1;
     }
 
-    fn account(&mut self, node: &Arc<str>, p: &PodInfo, sign: i64) {
-        let u = self.usage.entry(node.clone()).or_default();
+    fn account(&self, l: &mut Ledger, node: &Arc<str>, p: &PodInfo, sign: i64) {
+        let u = l.usage.entry(node.clone()).or_default();
         u.apply(p, sign);
-        let empty = u.pods == 0;
-        let snapshot = u.clone();
-        if empty {
-            self.usage.remove(node);
-        }
         if let Some(&i) = self.by_name.get(node) {
-            self.nodes.set_usage(i as usize, &snapshot);
+            self.nodes.set_usage(i as usize, u);
+        }
+        if u.pods == 0 {
+            l.usage.remove(node);
         }
     }
 
     /// A pod the API shows bound to a node (or its update). Pods that are finished or
     /// gone hold nothing.
-    pub fn set_bound_pod(&mut self, p: PodInfo) {
+    pub fn set_bound_pod(&self, p: PodInfo) {
         let Some(node) = p.node_name.clone() else {
             self.remove_pod(&p.uid);
             return;
@@ -259,31 +297,38 @@ impl Cache {
             self.remove_pod(&p.uid);
             return;
         }
-        if let Some(e) = self.pods.get_mut(&p.uid) {
+        let mut l = self.ledger.lock();
+        if let Some(e) = l.pods.get_mut(&p.uid) {
             if e.node == node && e.info.requests == p.requests && e.info.host_ports == p.host_ports {
                 e.assumed_at = None; // the binding is confirmed
                 return;
             }
         }
-        self.remove_pod(&p.uid);
-        self.account(&node, &p, 1);
-        self.pods.insert(p.uid.clone(), PodEntry { node, info: Arc::new(p), assumed_at: None });
+        self.drop_pod(&mut l, &p.uid);
+        self.account(&mut l, &node, &p, 1);
+        l.pods.insert(p.uid.clone(), PodEntry { node, info: Arc::new(p), assumed_at: None });
     }
 
-    pub fn remove_pod(&mut self, uid: &str) {
-        if let Some(e) = self.pods.remove(uid) {
-            let node = e.node.clone();
-            self.account(&node, &e.info, -1);
-            self.generation += 1;
-        }
+    fn drop_pod(&self, l: &mut Ledger, uid: &str) -> bool {
+        let Some(e) = l.pods.remove(uid) else { return false };
+        self.account(l, &e.node, &e.info, -1);
+        true
     }
 
-    /// Reserves the node for a pod the scheduler chose, if it still fits there.
-    pub fn assume(&mut self, p: &Arc<PodInfo>, node: usize) -> Result<(), AssumeError> {
+    /// The pod is gone; true if it held resources.
+    pub fn remove_pod(&self, uid: &str) -> bool {
+        let mut l = self.ledger.lock();
+        self.drop_pod(&mut l, uid)
+    }
+
+    /// Reserves the node for a pod the scheduler chose, if it still fits there (checked
+    /// under the ledger lock: the guarantee against overcommit).
+    pub fn assume(&self, p: &Arc<PodInfo>, node: usize) -> Result<Arc<str>, AssumeError> {
         if !self.nodes.live.get(node).copied().unwrap_or(false) {
             return Err(AssumeError::UnknownNode);
         }
-        if self.pods.contains_key(&p.uid) {
+        let mut l = self.ledger.lock();
+        if l.pods.contains_key(&p.uid) {
             return Err(AssumeError::AlreadyAssigned);
         }
         let c = self.ctx();
@@ -291,24 +336,25 @@ impl Cache {
             return Err(AssumeError::NoLongerFits);
         }
         let name = self.nodes.names[node].clone();
-        self.account(&name, p, 1);
-        self.pods.insert(p.uid.clone(), PodEntry { node: name, info: p.clone(), assumed_at: Some(Instant::now()) });
-        Ok(())
+        self.account(&mut l, &name, p, 1);
+        l.pods.insert(p.uid.clone(), PodEntry { node: name.clone(), info: p.clone(), assumed_at: Some(Instant::now()) });
+        Ok(name)
     }
 
     /// Drops an assumption whose binding failed.
-    pub fn forget(&mut self, uid: &str) {
-        if self.pods.get(uid).is_some_and(|e| e.assumed_at.is_some()) {
-            self.remove_pod(uid);
+    pub fn forget(&self, uid: &str) {
+        let mut l = self.ledger.lock();
+        if l.pods.get(uid).is_some_and(|e| e.assumed_at.is_some()) {
+            self.drop_pod(&mut l, uid);
         }
     }
 
     pub fn is_placed(&self, uid: &str) -> bool {
-        self.pods.contains_key(uid)
+        self.ledger.lock().pods.contains_key(uid)
     }
 
     pub fn pod_count(&self) -> usize {
-        self.pods.len()
+        self.ledger.lock().pods.len()
     }
 }
 
@@ -334,27 +380,27 @@ mod tests {
         c.set_bound_pod(p);
         node(&mut c, "n1", "2");
         let i = c.node_index("n1").unwrap();
-        assert_eq!((c.nodes.req_cpu[i], c.nodes.pod_count[i]), (500, 1));
+        assert_eq!((c.nodes.req_cpu(i), c.nodes.pod_count(i)), (500, 1));
         let p = pod(&mut c, "b", "1", None);
         let p = Arc::new(p);
-        assert_eq!(c.assume(&p, i), Ok(()));
-        assert_eq!(c.nodes.req_cpu[i], 1500);
+        assert_eq!(c.assume(&p, i), Ok(Arc::from("n1")));
+        assert_eq!(c.nodes.req_cpu(i), 1500);
         // 600m more does not fit in 2 CPUs.
         let q = Arc::new(pod(&mut c, "c", "600m", None));
         assert_eq!(c.assume(&q, i), Err(AssumeError::NoLongerFits));
         c.forget("b");
-        assert_eq!(c.nodes.req_cpu[i], 500);
-        assert_eq!(c.assume(&q, i), Ok(()));
+        assert_eq!(c.nodes.req_cpu(i), 500);
+        assert_eq!(c.assume(&q, i), Ok(Arc::from("n1")));
         // Confirmation keeps the count; deletion releases it.
         let mut confirmed = (*q).clone();
         confirmed.node_name = Some(Arc::from("n1"));
         c.set_bound_pod(confirmed);
-        assert_eq!(c.nodes.req_cpu[i], 1100);
+        assert_eq!(c.nodes.req_cpu(i), 1100);
         c.forget("c"); // confirmed: not an assumption any more
-        assert_eq!(c.nodes.req_cpu[i], 1100);
+        assert_eq!(c.nodes.req_cpu(i), 1100);
         c.remove_pod("c");
         c.remove_pod("a");
-        assert_eq!((c.nodes.req_cpu[i], c.nodes.pod_count[i]), (0, 0));
+        assert_eq!((c.nodes.req_cpu(i), c.nodes.pod_count(i)), (0, 0));
         // A removed node's row is reused.
         c.remove_node("n1");
         node(&mut c, "n2", "1");

@@ -145,10 +145,7 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
                 schedule_one(&item.pod, &c.ctx(), &profile, &mut rng)
             };
             match decision {
-                Ok(node) => match {
-                    let mut c = h.cache.write();
-                    c.assume(&item.pod, node).map(|()| c.nodes.names[node].clone())
-                } {
+                Ok(node) => match h.cache.read().assume(&item.pod, node) {
                     Ok(name) => {
                         outcome = Some(Ok(name));
                         break;
@@ -220,7 +217,7 @@ async fn bind(client: &Client, h: &Handle, metrics: &SchedulerMetrics, b: Bind, 
         Err(e) => {
             metrics.attempt("error", &b.profile, secs);
             metrics.bindings.get_or_create(&vec![("result", "error".to_string())]).inc();
-            h.cache.write().forget(&p.uid);
+            h.cache.read().forget(&p.uid);
             // Gone, or bound by someone else (409): the watch tells the rest.
             if e.is_not_found() || e.is_conflict() {
                 tracing::debug!(pod = %p.key(), error = %e, "binding refused; dropping the pod from the queue");
@@ -314,8 +311,7 @@ async fn watch_pods(client: Client, h: Handle) {
                     let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
                     let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
                     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
-                    let held = h.cache.read().is_placed(uid);
-                    h.cache.write().remove_pod(uid);
+                    let held = h.cache.read().remove_pod(uid);
                     h.queue.remove(&format!("{ns}/{name}"));
                     if held {
                         h.queue.cluster_changed(true); // freed resources may help
@@ -337,10 +333,10 @@ fn apply_pod(h: &Handle, v: &Value) {
         let key = pod.key();
         let finished = pod.finished;
         let uid = pod.uid.clone();
-        h.cache.write().set_bound_pod(pod);
+        h.cache.read().set_bound_pod(pod);
         h.queue.remove(&key);
         if finished {
-            h.cache.write().remove_pod(&uid);
+            h.cache.read().remove_pod(&uid);
             h.queue.cluster_changed(true);
         }
         return;

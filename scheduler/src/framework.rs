@@ -39,6 +39,15 @@ pub struct Profile {
     /// Stop filtering once this share of the nodes (at least 100) is feasible; 100 (the
     /// default) evaluates every node.
     pub percentage_of_nodes_to_score: u32,
+    /// Threads that filter and score one pod's nodes: 1 evaluates them on the worker's own
+    /// thread (best when the workers already keep every core busy), more splits the nodes
+    /// into chunks on the shared pool.
+    #[serde(default = "default_parallelism")]
+    pub parallelism: u32,
+}
+
+fn default_parallelism() -> u32 {
+    1
 }
 
 impl Profile {
@@ -49,6 +58,7 @@ impl Profile {
             name: "shoal".into(),
             weights: Weights { node_resources_balanced_allocation: 30, image_locality: 20, inter_pod_affinity: 25, node_affinity: 25, ..Weights::zero() },
             percentage_of_nodes_to_score: 100,
+            parallelism: default_parallelism(),
         }
     }
 
@@ -66,6 +76,7 @@ impl Profile {
                 pod_topology_spread: 2,
             },
             percentage_of_nodes_to_score: 100,
+            parallelism: default_parallelism(),
         }
     }
 
@@ -84,6 +95,9 @@ impl Profile {
         }
         if !(1..=100).contains(&self.percentage_of_nodes_to_score) {
             return Err(format!("percentageOfNodesToScore must be between 1 and 100, got {}", self.percentage_of_nodes_to_score));
+        }
+        if !(1..=256).contains(&self.parallelism) {
+            return Err(format!("parallelism must be between 1 and 256, got {}", self.parallelism));
         }
         let w = &self.weights;
         for (name, v) in [
@@ -110,6 +124,7 @@ impl Weights {
 }
 
 /// Runs the filters in upstream's order and stops at the first that fails.
+#[inline]
 pub fn filter(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
     let fail = |bits| Failure { bits, ..Failure::default() };
     if taints::unschedulable(p, c, i) {
@@ -205,10 +220,10 @@ pub fn feasible_nodes(p: &PodInfo, c: &Ctx, profile: &Profile, start: usize) -> 
         }
         (ok, bad)
     };
-    let (ok, bad) = if want != usize::MAX || n < 2 * MIN_CHUNK {
+    let (ok, bad) = if want != usize::MAX || n < 2 * MIN_CHUNK || profile.parallelism <= 1 {
         scan(0..n, want)
     } else {
-        let chunk = (n / (rayon::current_num_threads() * 4)).max(MIN_CHUNK);
+        let chunk = (n / (profile.parallelism as usize * 4)).max(MIN_CHUNK);
         (0..n.div_ceil(chunk))
             .into_par_iter()
             .map(|k| scan(k * chunk..((k + 1) * chunk).min(n), usize::MAX))
@@ -261,7 +276,7 @@ pub fn score(p: &PodInfo, c: &Ctx, profile: &Profile, feasible: &[u32]) -> Vec<i
         let taint = if w.taint_toleration > 0 { taints::intolerable_preferred(p, c, i) } else { 0 };
         (base, aff, taint)
     };
-    let raws: Vec<(i64, i64, i64)> = if feasible.len() < 2 * MIN_CHUNK { feasible.iter().map(raw).collect() } else { feasible.par_iter().with_min_len(MIN_CHUNK).map(raw).collect() };
+    let raws: Vec<(i64, i64, i64)> = if feasible.len() < 2 * MIN_CHUNK || profile.parallelism <= 1 { feasible.iter().map(raw).collect() } else { feasible.par_iter().with_min_len(MIN_CHUNK).map(raw).collect() };
     let max_aff = raws.iter().map(|r| r.1).max().unwrap_or(0);
     let max_taint = raws.iter().map(|r| r.2).max().unwrap_or(0);
     raws.iter()

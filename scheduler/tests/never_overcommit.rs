@@ -42,7 +42,7 @@ proptest! {
                         for _ in 0..5 {
                             let d = { let c = cache.read(); schedule_one(&p, &c.ctx(), &Profile::kubernetes(), &mut rng) };
                             let Ok(node) = d else { break };
-                            if cache.write().assume(&p, node).is_ok() {
+                            if cache.read().assume(&p, node).is_ok() {
                                 placed.write().push((p.clone(), node));
                                 break;
                             }
@@ -53,10 +53,10 @@ proptest! {
         });
         let c = cache.read();
         for i in 0..c.nodes.len() {
-            prop_assert!(c.nodes.req_cpu[i] <= c.nodes.alloc_cpu[i], "node {i} cpu {} > {}", c.nodes.req_cpu[i], c.nodes.alloc_cpu[i]);
-            prop_assert!(c.nodes.req_memory[i] <= c.nodes.alloc_memory[i]);
+            prop_assert!(c.nodes.req_cpu(i) <= c.nodes.alloc_cpu[i], "node {i} cpu {} > {}", c.nodes.req_cpu(i), c.nodes.alloc_cpu[i]);
+            prop_assert!(c.nodes.req_memory(i) <= c.nodes.alloc_memory[i]);
             let (cpu, mem) = placed.read().iter().filter(|(_, n)| *n == i).fold((0, 0), |a, (p, _)| (a.0 + p.requests.milli_cpu, a.1 + p.requests.memory));
-            prop_assert_eq!((c.nodes.req_cpu[i], c.nodes.req_memory[i]), (cpu, mem));
+            prop_assert_eq!((c.nodes.req_cpu(i), c.nodes.req_memory(i)), (cpu, mem));
         }
         prop_assert_eq!(c.pod_count(), placed.read().len());
     }

@@ -4,10 +4,12 @@
 use super::Ctx;
 use crate::model::{Op, PodInfo, Term};
 
+#[inline]
 pub fn name_matches(p: &PodInfo, c: &Ctx, i: usize) -> bool {
     p.node_name.as_ref().is_none_or(|n| *n == c.t.names[i])
 }
 
+#[inline]
 fn term_matches(term: &Term, c: &Ctx, i: usize) -> bool {
     if term.labels.is_empty() && term.names.is_none() {
         return false; // an empty term matches nothing
@@ -38,6 +40,7 @@ fn term_matches(term: &Term, c: &Ctx, i: usize) -> bool {
 }
 
 /// nodeSelector (every pair) and required node affinity (any term).
+#[inline]
 pub fn required_matches(p: &PodInfo, c: &Ctx, i: usize) -> bool {
     if !p.node_selector.iter().all(|&(k, v)| c.t.label(i, k) == Some(v)) {
         return false;
@@ -46,6 +49,7 @@ pub fn required_matches(p: &PodInfo, c: &Ctx, i: usize) -> bool {
 }
 
 /// Sum of the weights of the preferred terms the node matches.
+#[inline]
 pub fn preferred_score(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
     p.preferred.iter().filter(|(_, term)| term_matches(term, c, i)).map(|(w, _)| *w as i64).sum()
 }

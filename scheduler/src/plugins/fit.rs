@@ -7,26 +7,27 @@ use crate::model::PodInfo;
 use super::{Failure, CPU, EPHEMERAL, MEMORY, PODS, SCALAR};
 
 /// Which resources do not fit (upstream checks them all and reports each).
+#[inline]
 pub fn check(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
     let mut f = Failure::default();
-    if c.t.pod_count[i] + 1 > c.t.max_pods[i] {
+    if c.t.pod_count(i) + 1 > c.t.max_pods[i] {
         f.bits |= PODS;
     }
     let r = &p.requests;
-    if r.milli_cpu > 0 && r.milli_cpu > c.t.alloc_cpu[i] - c.t.req_cpu[i] {
+    if r.milli_cpu > 0 && r.milli_cpu > c.t.alloc_cpu[i] - c.t.req_cpu(i) {
         f.bits |= CPU;
     }
-    if r.memory > 0 && r.memory > c.t.alloc_memory[i] - c.t.req_memory[i] {
+    if r.memory > 0 && r.memory > c.t.alloc_memory[i] - c.t.req_memory(i) {
         f.bits |= MEMORY;
     }
-    if r.ephemeral > 0 && r.ephemeral > c.t.alloc_ephemeral[i] - c.t.req_ephemeral[i] {
+    if r.ephemeral > 0 && r.ephemeral > c.t.alloc_ephemeral[i] - c.t.req_ephemeral(i) {
         f.bits |= EPHEMERAL;
     }
     for &(k, v) in &r.scalars {
         if v == 0 {
             continue;
         }
-        let (alloc, used) = c.t.scalars[i].iter().find(|s| s.0 == k).map_or((0, 0), |s| (s.1, s.2));
+        let (alloc, used) = c.t.scalars[i].iter().find(|s| s.0 == k).map_or((0, 0), |s| (s.1, s.2.load(std::sync::atomic::Ordering::Relaxed)));
         if v > alloc - used {
             f.bits |= SCALAR;
             f.scalar = f.scalar.or(Some(k));
@@ -35,23 +36,26 @@ pub fn check(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
     f
 }
 
+#[inline]
 pub fn fits(p: &PodInfo, c: &Ctx, i: usize) -> bool {
     check(p, c, i).bits == 0
 }
 
 /// LeastAllocated: the mean over cpu and memory of the share left free after placing the
 /// pod, 0–100 (upstream's default NodeResourcesFit score, weights 1:1).
+#[inline]
 pub fn least_allocated(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
     let part = |req: i64, alloc: i64| if alloc <= 0 || req > alloc { 0 } else { (alloc - req) * 100 / alloc };
-    (part(c.t.nonzero_cpu[i] + p.nonzero_cpu, c.t.alloc_cpu[i]) + part(c.t.nonzero_memory[i] + p.nonzero_memory, c.t.alloc_memory[i])) / 2
+    (part(c.t.nonzero_cpu(i) + p.nonzero_cpu, c.t.alloc_cpu[i]) + part(c.t.nonzero_memory(i) + p.nonzero_memory, c.t.alloc_memory[i])) / 2
 }
 
 /// BalancedAllocation: 100 × (1 − the standard deviation of the cpu and memory fractions
 /// requested after placing the pod); for two resources the deviation is |a − b| / 2.
+#[inline]
 pub fn balanced(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
     let frac = |req: i64, alloc: i64| if alloc <= 0 { 1.0 } else { (req as f64 / alloc as f64).min(1.0) };
-    let cpu = frac(c.t.req_cpu[i] + p.requests.milli_cpu, c.t.alloc_cpu[i]);
-    let m = frac(c.t.req_memory[i] + p.requests.memory, c.t.alloc_memory[i]);
+    let cpu = frac(c.t.req_cpu(i) + p.requests.milli_cpu, c.t.alloc_cpu[i]);
+    let m = frac(c.t.req_memory(i) + p.requests.memory, c.t.alloc_memory[i]);
     let std = (cpu - m).abs() / 2.0;
     ((1.0 - std) * 100.0) as i64
 }

@@ -9,8 +9,9 @@ use crate::model::PodInfo;
 const MIN_THRESHOLD: i64 = 23 * 1024 * 1024;
 const MAX_CONTAINER_THRESHOLD: i64 = 1000 * 1024 * 1024;
 
+#[inline]
 pub fn score(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
-    if p.images.is_empty() || c.total_nodes == 0 {
+    if p.images.is_empty() || c.total_nodes == 0 || c.t.images[i].is_empty() {
         return 0;
     }
     let mut sum: i64 = 0;
@@ -19,6 +20,9 @@ pub fn score(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
             let spread = c.image_nodes.get(img).copied().unwrap_or(0) as f64 / c.total_nodes as f64;
             sum += (*size as f64 * spread) as i64;
         }
+    }
+    if sum == 0 {
+        return 0;
     }
     let max = MAX_CONTAINER_THRESHOLD * p.images.len() as i64;
     let sum = sum.clamp(MIN_THRESHOLD, max);

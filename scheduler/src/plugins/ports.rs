@@ -3,6 +3,11 @@
 use super::Ctx;
 use crate::model::PodInfo;
 
+#[inline]
 pub fn free(p: &PodInfo, c: &Ctx, i: usize) -> bool {
-    p.host_ports.iter().all(|want| !c.t.ports[i].iter().any(|used| used.conflicts(want)))
+    if p.host_ports.is_empty() {
+        return true;
+    }
+    let used = c.t.ports[i].lock();
+    p.host_ports.iter().all(|want| !used.iter().any(|u| u.conflicts(want)))
 }

@@ -1,0 +1,200 @@
+//! `loadgen scheduler`: upstream's scheduler_perf workloads run in-process against Shoal's
+//! scheduling core (cache, framework, plugins — the code `shoal server` runs, without the
+//! API): nodes and pods from the same templates (nodes of 4 CPU / 32 GiB / 110 pods, pods
+//! of 100m / 500 MiB), `init` pods placed first, then `measure` pods scheduled by
+//! `--workers` threads at once, each cycle a full filter + score of every node followed by
+//! the reservation. Reports pods/s and the per-pod decision latency.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use parking_lot::RwLock;
+use serde_json::{json, Value};
+use shoal_scheduler::cache::Cache;
+use shoal_scheduler::framework::{schedule_one, Profile, Rng};
+use shoal_scheduler::model::{NodeSpec, PodInfo};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Plain pods with requests (upstream SchedulingBasic).
+    SchedulingBasic,
+    /// Every pod requires nodes of zone1 or zone2; every node is in zone1 (upstream
+    /// SchedulingNodeAffinity).
+    NodeAffinity,
+    /// Half the nodes carry a NoSchedule taint that every pod tolerates, plus a preferred
+    /// node affinity: exercises the taint filter and the normalized scores.
+    TaintsAndPreferences,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchedulerArgs {
+    #[arg(long, value_enum, default_value_t = Workload::SchedulingBasic)]
+    pub workload: Workload,
+    /// Node counts to run, comma separated (a scaling curve when several).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![5000usize])]
+    pub nodes: Vec<usize>,
+    /// Pods placed before measuring.
+    #[arg(long, default_value_t = 1000)]
+    pub init_pods: usize,
+    /// Pods scheduled while measuring.
+    #[arg(long, default_value_t = 10_000)]
+    pub measure_pods: usize,
+    /// Scheduling workers (threads) at once.
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Profile: shoal or kubernetes.
+    #[arg(long, default_value = "kubernetes")]
+    pub profile: String,
+    /// Threads evaluating one pod's nodes (1: on the worker's own thread).
+    #[arg(long, default_value_t = 1)]
+    pub parallelism: u32,
+}
+
+fn node(i: usize, w: Workload) -> Value {
+    let mut n = json!({"metadata": {"name": format!("node-{i}"), "labels": {"kubernetes.io/hostname": format!("node-{i}")}},
+        "status": {"allocatable": {"cpu": "4", "memory": "32Gi", "pods": "110"}}});
+    match w {
+        Workload::SchedulingBasic => {}
+        Workload::NodeAffinity => n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("zone1"),
+        Workload::TaintsAndPreferences => {
+            n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!(format!("zone{}", i % 3));
+            if i % 2 == 0 {
+                n["spec"] = json!({"taints": [{"key": "dedicated", "value": "batch", "effect": "NoSchedule"}]});
+            }
+        }
+    }
+    n
+}
+
+fn pod(i: usize, w: Workload) -> Value {
+    let mut p = json!({"metadata": {"name": format!("pod-{i}"), "namespace": "sched-0", "uid": format!("uid-{i}")},
+        "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "ports": [{"containerPort": 80}],
+            "resources": {"requests": {"cpu": "100m", "memory": "500Mi"}, "limits": {"cpu": "100m", "memory": "500Mi"}}}]}});
+    match w {
+        Workload::SchedulingBasic => {}
+        Workload::NodeAffinity => {
+            p["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone1", "zone2"]}]}]}}});
+        }
+        Workload::TaintsAndPreferences => {
+            p["spec"]["tolerations"] = json!([{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}]);
+            p["spec"]["affinity"] = json!({"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 10, "preference": {"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone1"]}]}}]}});
+        }
+    }
+    p
+}
+
+struct Run {
+    nodes: usize,
+    pods_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    unschedulable: usize,
+}
+
+fn run_one(a: &SchedulerArgs, profile: &Profile, nodes: usize) -> Result<Run> {
+    let mut c = Cache::default();
+    for i in 0..nodes {
+        let spec = NodeSpec::from_value(&node(i, a.workload), &mut c.names);
+        c.upsert_node(spec);
+    }
+    let total = a.init_pods + a.measure_pods;
+    let pods: Vec<Arc<PodInfo>> = (0..total).map(|i| Arc::new(PodInfo::from_value(&pod(i, a.workload), &mut c.names))).collect();
+    let cache = Arc::new(RwLock::new(c));
+    let mut rng = Rng::new(1);
+    for p in &pods[..a.init_pods] {
+        let d = schedule_one(p, &cache.read().ctx(), profile, &mut rng);
+        if let Ok(n) = d {
+            let _ = cache.read().assume(p, n);
+        }
+    }
+    let bar = indicatif::ProgressBar::new(a.measure_pods as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} pods {per_sec}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_message(format!("{nodes} nodes"));
+    let next = AtomicUsize::new(a.init_pods);
+    let failed = AtomicUsize::new(0);
+    let started = Instant::now();
+    let mut lat: Vec<u32> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..a.workers.max(1))
+            .map(|w| {
+                let (cache, pods, next, failed, bar) = (&cache, &pods, &next, &failed, &bar);
+                s.spawn(move || {
+                    let mut rng = Rng::new(w as u64 + 2);
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= total {
+                            break;
+                        }
+                        let p = &pods[i];
+                        let t = Instant::now();
+                        let mut placed = false;
+                        for _ in 0..5 {
+                            let d = schedule_one(p, &cache.read().ctx(), profile, &mut rng);
+                            let Ok(n) = d else { break };
+                            if cache.read().assume(p, n).is_ok() {
+                                placed = true;
+                                break;
+                            }
+                        }
+                        if !placed {
+                            failed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        if i % 256 == 0 {
+                            bar.set_position((i - a.init_pods) as u64);
+                        }
+                    }
+                    lat
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap_or_default()).collect()
+    });
+    let secs = started.elapsed().as_secs_f64();
+    bar.finish_and_clear();
+    lat.sort_unstable();
+    let q = |f: f64| lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0) as f64;
+    Ok(Run { nodes, pods_per_s: a.measure_pods as f64 / secs, p50_us: q(0.5), p99_us: q(0.99), unschedulable: failed.load(Ordering::Relaxed) })
+}
+
+pub async fn run(a: SchedulerArgs) -> Result<Value> {
+    let Some(mut profile) = Profile::builtin(&a.profile) else { bail!("--profile {:?}: expected shoal or kubernetes", a.profile) };
+    profile.parallelism = a.parallelism;
+    if let Err(e) = profile.validate() {
+        bail!("{e}");
+    }
+    if a.nodes.is_empty() || a.nodes.contains(&0) {
+        bail!("--nodes needs at least one positive node count");
+    }
+    let runs: Vec<Run> = {
+        let a = a.clone();
+        tokio::task::spawn_blocking(move || a.nodes.iter().map(|&n| run_one(&a, &profile, n)).collect::<Result<Vec<_>>>()).await??
+    };
+    let name = format!("{:?}", a.workload);
+    println!("{:<22} {:>8} {:>12} {:>10} {:>10} {:>14}", "workload", "nodes", "pods/s", "p50 µs", "p99 µs", "unschedulable");
+    for r in &runs {
+        println!("{:<22} {:>8} {:>12.0} {:>10.0} {:>10.0} {:>14}", name, r.nodes, r.pods_per_s, r.p50_us, r.p99_us, r.unschedulable);
+    }
+    let main = runs.iter().find(|r| r.nodes == 5000).unwrap_or(&runs[runs.len() - 1]);
+    let mut out = json!({
+        "scenario": "scheduler/in-process",
+        "workload": name,
+        "profile": a.profile,
+        "workers": a.workers,
+        "parallelism": a.parallelism,
+        "init_pods": a.init_pods,
+        "measure_pods": a.measure_pods,
+        "nodes": main.nodes,
+        "pods_per_s": main.pods_per_s,
+        "p50_ms": main.p50_us / 1000.0,
+        "p99_ms": main.p99_us / 1000.0,
+        "unschedulable": main.unschedulable,
+    });
+    for r in &runs {
+        out[format!("pods_per_s_{}_nodes", r.nodes)] = json!(r.pods_per_s);
+        out[format!("p99_ms_{}_nodes", r.nodes)] = json!(r.p99_us / 1000.0);
+    }
+    Ok(out)
+}
