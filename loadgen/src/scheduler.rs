@@ -50,6 +50,18 @@ pub struct SchedulerArgs {
     /// Threads evaluating one pod's nodes (1: on the worker's own thread).
     #[arg(long, default_value_t = 1)]
     pub parallelism: u32,
+    /// End to end instead of in-process: a `shoal server` (release build beside loadgen,
+    /// or --shoal-bin) with its scheduler; `--measure-pods` pods are created while no node
+    /// exists (all unschedulable), then the nodes (first of `--nodes`), and the binding
+    /// rate is measured from the first bind to the last, as seen by a watch.
+    #[arg(long)]
+    pub e2e: bool,
+    /// The shoal binary for --e2e (default: the one beside loadgen).
+    #[arg(long)]
+    pub shoal_bin: Option<std::path::PathBuf>,
+    /// Requests in flight while creating pods and nodes (--e2e).
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
 }
 
 fn node(i: usize, w: Workload) -> Value {
@@ -160,6 +172,9 @@ fn run_one(a: &SchedulerArgs, profile: &Profile, nodes: usize) -> Result<Run> {
 }
 
 pub async fn run(a: SchedulerArgs) -> Result<Value> {
+    if a.e2e {
+        return e2e(a).await;
+    }
     let Some(mut profile) = Profile::builtin(&a.profile) else { bail!("--profile {:?}: expected shoal or kubernetes", a.profile) };
     profile.parallelism = a.parallelism;
     if let Err(e) = profile.validate() {
@@ -197,4 +212,142 @@ pub async fn run(a: SchedulerArgs) -> Result<Value> {
         out[format!("p99_ms_{}_nodes", r.nodes)] = json!(r.p99_us / 1000.0);
     }
     Ok(out)
+}
+
+/// Creates `objs` at `path` with `concurrency` requests in flight, advancing `bar`.
+async fn create_all(client: &shoal_client::Client, path: &str, objs: Vec<Value>, concurrency: usize, bar: &indicatif::ProgressBar) -> Result<()> {
+    use futures::StreamExt;
+    let mut results = futures::stream::iter(objs.into_iter().map(|o| {
+        let client = client.clone();
+        let path = path.to_string();
+        async move { client.create(&path, &o).await }
+    }))
+    .buffer_unordered(concurrency.max(1));
+    while let Some(r) = results.next().await {
+        r.map_err(|e| anyhow::anyhow!("create at {path}: {e}"))?;
+        bar.inc(1);
+    }
+    Ok(())
+}
+
+async fn e2e(a: SchedulerArgs) -> Result<Value> {
+    use std::collections::HashMap;
+    use std::time::Duration;
+
+    let nodes = a.nodes[0];
+    let pods = a.measure_pods;
+    if pods == 0 {
+        bail!("--measure-pods must be at least 1");
+    }
+    let bin = a.shoal_bin.clone().unwrap_or_else(crate::procs::default_shoal_bin);
+    let extra = vec!["--scheduler-profile".to_string(), a.profile.clone(), "--scheduler-workers".to_string(), a.workers.to_string()];
+    let (server, dir) = crate::procs::start_shoal_api(&bin, None, None, &extra)?;
+    let cfg = shoal_client::Config::from_kubeconfig(&dir.join("kubeconfig"), "loadgen")?;
+    let client = shoal_client::Client::new(cfg, 4)?;
+    let t = Instant::now();
+    while client.get("/api/v1/namespaces/default").await.ok().flatten().is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the API server did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ns = "sched-e2e";
+    client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+    let cpu0 = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0);
+
+    // Watch every pod: when it was found unschedulable and when it was bound.
+    let (_, rv) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
+    let mut rx = client.watch(&format!("/api/v1/namespaces/{ns}/pods"), &rv).await.map_err(|e| anyhow::anyhow!("watch: {e}"))?;
+    let (unsched_tx, mut unsched_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+    let (bound_tx, mut bound_rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, String)>();
+    tokio::spawn(async move {
+        let mut seen_unsched = std::collections::HashSet::new();
+        let mut seen_bound = std::collections::HashSet::new();
+        while let Some((_, p)) = rx.recv().await {
+            let name = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+            if let Some(node) = p.pointer("/spec/nodeName").and_then(Value::as_str).filter(|n| !n.is_empty()) {
+                if seen_bound.insert(name) {
+                    let _ = bound_tx.send((Instant::now(), node.to_string()));
+                }
+            } else if p.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "PodScheduled" && c["status"] == "False")) && seen_unsched.insert(name) {
+                let _ = unsched_tx.send(());
+            }
+        }
+    });
+
+    let template = |i: usize| {
+        let mut p = pod(i, a.workload);
+        p["metadata"]["namespace"] = json!(ns);
+        p["metadata"].as_object_mut().map(|m| m.remove("uid"));
+        p
+    };
+    let bar = indicatif::ProgressBar::new(pods as u64);
+    bar.set_style(indicatif::ProgressStyle::with_template("{msg:24} {bar:40} {pos}/{len} {per_sec}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    bar.set_message("creating pods");
+    create_all(&client, &format!("/api/v1/namespaces/{ns}/pods"), (0..pods).map(template).collect(), a.concurrency, &bar).await?;
+    bar.set_position(0);
+    bar.set_message("waiting: unschedulable");
+    let mut n_unsched = 0;
+    while n_unsched < pods {
+        match tokio::time::timeout(Duration::from_secs(60), unsched_rx.recv()).await {
+            Ok(Some(())) => {
+                n_unsched += 1;
+                bar.inc(1);
+            }
+            _ => bail!("only {n_unsched} of {pods} pods were reported unschedulable within 60 s"),
+        }
+    }
+    bar.set_position(0);
+    bar.set_length(nodes as u64);
+    bar.set_message("creating nodes");
+    let node_objs: Vec<Value> = (0..nodes).map(|i| {
+        let mut n = node(i, a.workload);
+        n["apiVersion"] = json!("v1");
+        n["kind"] = json!("Node");
+        n
+    }).collect();
+    // Nodes are created with their status (as registering kubelets do).
+    create_all(&client, "/api/v1/nodes", node_objs, a.concurrency, &bar).await?;
+    let nodes_done = Instant::now();
+    bar.set_position(0);
+    bar.set_length(pods as u64);
+    bar.set_message("binding");
+    let mut first = None;
+    let mut last = nodes_done;
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    for k in 0..pods {
+        match tokio::time::timeout(Duration::from_secs(120), bound_rx.recv()).await {
+            Ok(Some((t, node))) => {
+                first.get_or_insert(t);
+                last = t;
+                *per_node.entry(node).or_default() += 1;
+                bar.inc(1);
+            }
+            _ => bail!("only {k} of {pods} pods were bound within 120 s of the last event"),
+        }
+    }
+    bar.finish_and_clear();
+    let cpu = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
+    let first = first.unwrap_or(nodes_done);
+    let span = last.duration_since(first).as_secs_f64().max(1e-6);
+    let max_per_node = per_node.values().copied().max().unwrap_or(0);
+    // 100m pods on 4-CPU nodes: at most 40 per node; more would be an overcommit.
+    if max_per_node > 40 {
+        bail!("a node got {max_per_node} pods of 100m on 4 CPUs: overcommitted");
+    }
+    println!("{:<22} {:>8} {:>8} {:>12} {:>14} {:>16}", "workload (e2e)", "nodes", "pods", "binds/s", "all bound s", "server CPU ms");
+    println!("{:<22} {:>8} {:>8} {:>12.0} {:>14.2} {:>16.0}", format!("{:?}", a.workload), nodes, pods, pods as f64 / span, last.duration_since(nodes_done).as_secs_f64(), cpu * 1000.0);
+    Ok(json!({
+        "scenario": "scheduler/e2e",
+        "workload": format!("{:?}", a.workload),
+        "profile": a.profile,
+        "workers": a.workers,
+        "nodes": nodes,
+        "pods": pods,
+        "pods_per_s": pods as f64 / span,
+        "all_bound_after_nodes_s": last.duration_since(nodes_done).as_secs_f64(),
+        "max_pods_per_node": max_per_node,
+        "server_cpu_s": cpu,
+        "server_cpu_us_per_pod": cpu * 1e6 / pods as f64,
+    }))
 }
