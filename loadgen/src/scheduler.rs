@@ -13,7 +13,7 @@ use anyhow::{bail, Result};
 use parking_lot::RwLock;
 use serde_json::{json, Value};
 use shoal_scheduler::cache::Cache;
-use shoal_scheduler::framework::{schedule_one, Profile, Rng};
+use shoal_scheduler::framework::{place, Profile, Rng};
 use shoal_scheduler::model::{NodeSpec, PodInfo};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +23,12 @@ pub enum Workload {
     /// Every pod requires nodes of zone1 or zone2; every node is in zone1 (upstream
     /// SchedulingNodeAffinity).
     NodeAffinity,
+    /// Every pod refuses nodes holding another pod of its colour (required anti-affinity per
+    /// hostname; upstream SchedulingPodAntiAffinity).
+    PodAntiAffinity,
+    /// Every pod spreads over three zones with maxSkew 5 (DoNotSchedule; upstream
+    /// TopologySpreading).
+    TopologySpreading,
     /// Half the nodes carry a NoSchedule taint that every pod tolerates, plus a preferred
     /// node affinity: exercises the taint filter and the normalized scores.
     TaintsAndPreferences,
@@ -70,6 +76,8 @@ fn node(i: usize, w: Workload) -> Value {
     match w {
         Workload::SchedulingBasic => {}
         Workload::NodeAffinity => n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!("zone1"),
+        Workload::PodAntiAffinity => {}
+        Workload::TopologySpreading => n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!(format!("zone{}", i % 3)),
         Workload::TaintsAndPreferences => {
             n["metadata"]["labels"]["topology.kubernetes.io/zone"] = json!(format!("zone{}", i % 3));
             if i % 2 == 0 {
@@ -88,6 +96,14 @@ fn pod(i: usize, w: Workload) -> Value {
         Workload::SchedulingBasic => {}
         Workload::NodeAffinity => {
             p["spec"]["affinity"] = json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [{"matchExpressions": [{"key": "topology.kubernetes.io/zone", "operator": "In", "values": ["zone1", "zone2"]}]}]}}});
+        }
+        Workload::PodAntiAffinity => {
+            p["metadata"]["labels"] = json!({"color": "green"});
+            p["spec"]["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchLabels": {"color": "green"}}, "topologyKey": "kubernetes.io/hostname"}]}});
+        }
+        Workload::TopologySpreading => {
+            p["metadata"]["labels"] = json!({"color": "blue"});
+            p["spec"]["topologySpreadConstraints"] = json!([{"maxSkew": 5, "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"color": "blue"}}}]);
         }
         Workload::TaintsAndPreferences => {
             p["spec"]["tolerations"] = json!([{"key": "dedicated", "operator": "Equal", "value": "batch", "effect": "NoSchedule"}]);
@@ -116,10 +132,7 @@ fn run_one(a: &SchedulerArgs, profile: &Profile, nodes: usize) -> Result<Run> {
     let cache = Arc::new(RwLock::new(c));
     let mut rng = Rng::new(1);
     for p in &pods[..a.init_pods] {
-        let d = schedule_one(p, &cache.read().ctx(), profile, &mut rng);
-        if let Ok(n) = d {
-            let _ = cache.read().assume(p, n);
-        }
+        let _ = place(&cache.read(), p, profile, &mut rng);
     }
     let bar = indicatif::ProgressBar::new(a.measure_pods as u64);
     bar.set_style(indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} pods {per_sec}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -141,16 +154,7 @@ fn run_one(a: &SchedulerArgs, profile: &Profile, nodes: usize) -> Result<Run> {
                         }
                         let p = &pods[i];
                         let t = Instant::now();
-                        let mut placed = false;
-                        for _ in 0..5 {
-                            let d = schedule_one(p, &cache.read().ctx(), profile, &mut rng);
-                            let Ok(n) = d else { break };
-                            if cache.read().assume(p, n).is_ok() {
-                                placed = true;
-                                break;
-                            }
-                        }
-                        if !placed {
+                        if place(&cache.read(), p, profile, &mut rng).is_err() {
                             failed.fetch_add(1, Ordering::Relaxed);
                         }
                         lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);

@@ -13,7 +13,7 @@
 //! locks while they filter and score. A worker may decide on a slightly stale view; the
 //! reservation is then refused and it decides again (optimistic concurrency).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Instant;
@@ -189,6 +189,8 @@ pub enum AssumeError {
     UnknownNode,
     NoLongerFits,
     AlreadyAssigned,
+    /// A pod that changes the inter-pod counts was placed after the decision: decide again.
+    Stale,
 }
 
 struct PodEntry {
@@ -205,7 +207,16 @@ struct PodEntry {
 struct Ledger {
     usage: HashMap<Arc<str>, Usage>,
     pods: HashMap<Arc<str>, PodEntry>,
+    /// Placed pods with required anti-affinity (every candidate must be checked against them).
+    with_anti_affinity: usize,
+    /// Bumped by every placement; the recent ones are kept so a reservation decided on
+    /// older topology counts can tell whether a relevant pod arrived meanwhile.
+    version: u64,
+    recent: VecDeque<(u64, Arc<PodInfo>)>,
 }
+
+/// Placements remembered for the staleness check of topology-aware reservations.
+const RECENT: usize = 4096;
 
 /// Nodes, the pods placed on them, and the strings they use.
 #[derive(Default)]
@@ -214,6 +225,9 @@ pub struct Cache {
     pub names: Interner,
     by_name: HashMap<Arc<str>, u32>,
     ledger: Mutex<Ledger>,
+    /// `Ledger::with_anti_affinity`, readable without the lock.
+    anti_affinity_pods: std::sync::atomic::AtomicUsize,
+    topology: Mutex<()>,
     /// How many nodes carry each image (ImageLocality scales by spread).
     pub image_nodes: HashMap<Arc<str>, u32>,
     /// Bumped on every change that can make a pod fit where it did not.
@@ -275,7 +289,19 @@ impl Cache {
         self.generation += 1;
     }
 
-    fn account(&self, l: &mut Ledger, node: &Arc<str>, p: &PodInfo, sign: i64) {
+    fn account(&self, l: &mut Ledger, node: &Arc<str>, p: &Arc<PodInfo>, sign: i64) {
+        if !p.anti_affinity.is_empty() {
+            l.with_anti_affinity = (l.with_anti_affinity as i64 + sign).max(0) as usize;
+            self.anti_affinity_pods.store(l.with_anti_affinity, Relaxed);
+        }
+        if sign > 0 {
+            l.version += 1;
+            let v = l.version;
+            l.recent.push_back((v, p.clone()));
+            if l.recent.len() > RECENT {
+                l.recent.pop_front();
+            }
+        }
         let u = l.usage.entry(node.clone()).or_default();
         u.apply(p, sign);
         if let Some(&i) = self.by_name.get(node) {
@@ -305,13 +331,15 @@ impl Cache {
             }
         }
         self.drop_pod(&mut l, &p.uid);
+        let p = Arc::new(p);
         self.account(&mut l, &node, &p, 1);
-        l.pods.insert(p.uid.clone(), PodEntry { node, info: Arc::new(p), assumed_at: None });
+        l.pods.insert(p.uid.clone(), PodEntry { node, info: p, assumed_at: None });
     }
 
     fn drop_pod(&self, l: &mut Ledger, uid: &str) -> bool {
         let Some(e) = l.pods.remove(uid) else { return false };
-        self.account(l, &e.node, &e.info, -1);
+        let info = e.info.clone();
+        self.account(l, &e.node, &info, -1);
         true
     }
 
@@ -322,8 +350,16 @@ impl Cache {
     }
 
     /// Reserves the node for a pod the scheduler chose, if it still fits there (checked
-    /// under the ledger lock: the guarantee against overcommit).
+    /// under the ledger lock: the guarantee against overcommit). For a pod decided without
+    /// topology counts; see [`Cache::assume_at`].
     pub fn assume(&self, p: &Arc<PodInfo>, node: usize) -> Result<Arc<str>, AssumeError> {
+        self.assume_at(p, node, None)
+    }
+
+    /// Like [`Cache::assume`], for a decision taken on the topology counts of placement
+    /// `version` (None: taken without them, valid only while no placed pod has required
+    /// anti-affinity).
+    pub fn assume_at(&self, p: &Arc<PodInfo>, node: usize, version: Option<u64>) -> Result<Arc<str>, AssumeError> {
         if !self.nodes.live.get(node).copied().unwrap_or(false) {
             return Err(AssumeError::UnknownNode);
         }
@@ -334,6 +370,16 @@ impl Cache {
         let c = self.ctx();
         if !crate::plugins::fit::fits(p, &c, node) || !crate::plugins::ports::free(p, &c, node) {
             return Err(AssumeError::NoLongerFits);
+        }
+        match version {
+            None if l.with_anti_affinity > 0 || p.has_pod_constraints() => return Err(AssumeError::Stale),
+            None => {}
+            Some(v) => {
+                let covered = l.recent.front().is_none_or(|(first, _)| *first <= v + 1) || l.version == v;
+                if !covered || l.recent.iter().rev().take_while(|(n, _)| *n > v).any(|(_, q)| crate::plugins::podtopology::relevant(p, q)) {
+                    return Err(AssumeError::Stale);
+                }
+            }
         }
         let name = self.nodes.names[node].clone();
         self.account(&mut l, &name, p, 1);
@@ -347,6 +393,28 @@ impl Cache {
         if l.pods.get(uid).is_some_and(|e| e.assumed_at.is_some()) {
             self.drop_pod(&mut l, uid);
         }
+    }
+
+    /// Calls `f` with (node row, pod) for every placed pod on a known node (under the
+    /// ledger lock: reservations wait meanwhile); returns the placement version seen.
+    pub fn for_each_placed(&self, mut f: impl FnMut(usize, &PodInfo)) -> u64 {
+        let l = self.ledger.lock();
+        for e in l.pods.values() {
+            if let Some(&i) = self.by_name.get(&e.node) {
+                f(i as usize, &e.info);
+            }
+        }
+        l.version
+    }
+
+    /// Serializes the decisions that use topology counts (see `framework::place`).
+    pub fn topology_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
+        self.topology.lock()
+    }
+
+    /// Whether any placed pod has required anti-affinity.
+    pub fn any_anti_affinity(&self) -> bool {
+        self.anti_affinity_pods.load(Relaxed) > 0
     }
 
     pub fn is_placed(&self, uid: &str) -> bool {

@@ -15,8 +15,8 @@ use shoal_client::leader::Leadership;
 use shoal_client::{events, Client};
 use tokio::sync::{mpsc, Semaphore};
 
-use crate::cache::{AssumeError, Cache};
-use crate::framework::{schedule_one, Profile, Rng};
+use crate::cache::Cache;
+use crate::framework::{place, PlaceError, Profile, Rng};
 use crate::metrics::SchedulerMetrics;
 use crate::model::{NodeSpec, PodInfo};
 use crate::queue::Queue;
@@ -134,31 +134,18 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
             h.queue.done(&item.key); // another scheduler's pod
             continue;
         };
-        // A reservation can lose a race with another worker: decide again (bounded).
-        let mut outcome = None;
-        for _ in 0..5 {
-            let decision = {
-                let c = h.cache.read();
-                if c.is_placed(&item.pod.uid) {
-                    break;
-                }
-                schedule_one(&item.pod, &c.ctx(), &profile, &mut rng)
-            };
-            match decision {
-                Ok(node) => match h.cache.read().assume(&item.pod, node) {
-                    Ok(name) => {
-                        outcome = Some(Ok(name));
-                        break;
-                    }
-                    Err(AssumeError::NoLongerFits | AssumeError::UnknownNode) => continue,
-                    Err(AssumeError::AlreadyAssigned) => break,
-                },
-                Err(fit) => {
-                    outcome = Some(Err(fit.to_string()));
-                    break;
+        let outcome = {
+            let c = h.cache.read();
+            match place(&c, &item.pod, &profile, &mut rng) {
+                Ok((_, name)) => Some(Ok(name)),
+                Err(PlaceError::Unschedulable(fit)) => Some(Err(fit.to_string())),
+                Err(PlaceError::Conflict) => None,
+                Err(PlaceError::AlreadyPlaced) => {
+                    h.queue.done(&item.key);
+                    continue;
                 }
             }
-        }
+        };
         let secs = started.elapsed().as_secs_f64();
         match outcome {
             Some(Ok(node)) => {

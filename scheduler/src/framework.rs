@@ -8,6 +8,7 @@ use std::fmt;
 use rayon::prelude::*;
 
 use crate::model::PodInfo;
+use crate::plugins::podtopology::State;
 use crate::plugins::{self, affinity, fit, image, ports, taints, Ctx, Failure};
 
 /// Score weights per plugin (0 disables the plugin's score).
@@ -125,7 +126,16 @@ impl Weights {
 
 /// Runs the filters in upstream's order and stops at the first that fails.
 #[inline]
-pub fn filter(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
+pub fn filter(p: &PodInfo, c: &Ctx, st: Option<&State>, i: usize) -> Failure {
+    let f = filter_node(p, c, i);
+    match st {
+        Some(st) if f.bits == 0 => st.filter(c, i),
+        _ => f,
+    }
+}
+
+#[inline]
+fn filter_node(p: &PodInfo, c: &Ctx, i: usize) -> Failure {
     let fail = |bits| Failure { bits, ..Failure::default() };
     if taints::unschedulable(p, c, i) {
         return fail(plugins::UNSCHEDULABLE);
@@ -193,7 +203,7 @@ impl Rng {
 const MIN_CHUNK: usize = 256;
 
 /// Filters every live node; returns the feasible rows or the reasons none fit.
-pub fn feasible_nodes(p: &PodInfo, c: &Ctx, profile: &Profile, start: usize) -> Result<Vec<u32>, FitError> {
+pub fn feasible_nodes(p: &PodInfo, c: &Ctx, st: Option<&State>, profile: &Profile, start: usize) -> Result<Vec<u32>, FitError> {
     let n = c.t.len();
     let want = if profile.percentage_of_nodes_to_score >= 100 { usize::MAX } else { (c.total_nodes * profile.percentage_of_nodes_to_score as usize / 100).max(100) };
     type Acc = (Vec<u32>, Vec<(Failure, usize)>);
@@ -205,7 +215,7 @@ pub fn feasible_nodes(p: &PodInfo, c: &Ctx, profile: &Profile, start: usize) -> 
             if !c.t.live[i] {
                 continue;
             }
-            let f = filter(p, c, i);
+            let f = filter(p, c, st, i);
             if f.bits == 0 {
                 ok.push(i as u32);
                 if ok.len() >= limit {
@@ -258,8 +268,9 @@ pub fn feasible_nodes(p: &PodInfo, c: &Ctx, profile: &Profile, start: usize) -> 
 }
 
 /// Weighted total score of every feasible node (same order as `feasible`).
-pub fn score(p: &PodInfo, c: &Ctx, profile: &Profile, feasible: &[u32]) -> Vec<i64> {
+pub fn score(p: &PodInfo, c: &Ctx, st: Option<&State>, profile: &Profile, feasible: &[u32]) -> Vec<i64> {
     let w = &profile.weights;
+    let seq = feasible.len() < 2 * MIN_CHUNK || profile.parallelism <= 1;
     let raw = |&i: &u32| {
         let i = i as usize;
         let mut base = 0;
@@ -276,10 +287,11 @@ pub fn score(p: &PodInfo, c: &Ctx, profile: &Profile, feasible: &[u32]) -> Vec<i
         let taint = if w.taint_toleration > 0 { taints::intolerable_preferred(p, c, i) } else { 0 };
         (base, aff, taint)
     };
-    let raws: Vec<(i64, i64, i64)> = if feasible.len() < 2 * MIN_CHUNK || profile.parallelism <= 1 { feasible.iter().map(raw).collect() } else { feasible.par_iter().with_min_len(MIN_CHUNK).map(raw).collect() };
+    let raws: Vec<(i64, i64, i64)> = if seq { feasible.iter().map(raw).collect() } else { feasible.par_iter().with_min_len(MIN_CHUNK).map(raw).collect() };
     let max_aff = raws.iter().map(|r| r.1).max().unwrap_or(0);
     let max_taint = raws.iter().map(|r| r.2).max().unwrap_or(0);
-    raws.iter()
+    let mut totals: Vec<i64> = raws
+        .iter()
         .map(|&(base, aff, taint)| {
             let mut total = base;
             if max_aff > 0 {
@@ -290,17 +302,47 @@ pub fn score(p: &PodInfo, c: &Ctx, profile: &Profile, feasible: &[u32]) -> Vec<i
             }
             total
         })
-        .collect()
+        .collect();
+    // Topology-aware scores only for pods with the counts: InterPodAffinity min–max
+    // normalized, PodTopologySpread with fewer matching pods better.
+    if let Some(st) = st {
+        let topo: Vec<(i64, Option<i64>)> = feasible.iter().map(|&i| (st.affinity_raw(c, i as usize), st.spread_raw(c, i as usize))).collect();
+        let (min_pa, max_pa) = topo.iter().fold((i64::MAX, i64::MIN), |(lo, hi), r| (lo.min(r.0), hi.max(r.0)));
+        let (min_sp, max_sp) = topo.iter().filter_map(|r| r.1).fold((i64::MAX, i64::MIN), |(lo, hi), v| (lo.min(v), hi.max(v)));
+        for (total, &(pod_aff, spread)) in totals.iter_mut().zip(&topo) {
+            if w.inter_pod_affinity > 0 && max_pa > min_pa {
+                *total += w.inter_pod_affinity * 100 * (pod_aff - min_pa) / (max_pa - min_pa);
+            }
+            if let Some(sp) = spread.filter(|_| w.pod_topology_spread > 0) {
+                *total += w.pod_topology_spread * if max_sp <= 0 { 100 } else { 100 * (max_sp + min_sp - sp) / max_sp };
+            }
+        }
+    }
+    totals
 }
 
 /// Picks the node for `p`: the best-scored feasible node, ties broken at random.
 pub fn schedule_one(p: &PodInfo, c: &Ctx, profile: &Profile, rng: &mut Rng) -> Result<usize, FitError> {
+    decide(p, c, profile, rng).map(|d| d.node)
+}
+
+/// A chosen node, and the placement version of the topology counts it was chosen on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub node: usize,
+    pub version: Option<u64>,
+}
+
+/// [`schedule_one`], saying which topology counts the decision used.
+pub fn decide(p: &PodInfo, c: &Ctx, profile: &Profile, rng: &mut Rng) -> Result<Decision, FitError> {
     let start = if profile.percentage_of_nodes_to_score >= 100 || c.t.is_empty() { 0 } else { rng.below(c.t.len() as u64) as usize };
-    let feasible = feasible_nodes(p, c, profile, start)?;
+    let st = State::compute(p, c);
+    let version = st.as_ref().map(|s| s.version);
+    let feasible = feasible_nodes(p, c, st.as_ref(), profile, start)?;
     if feasible.len() == 1 {
-        return Ok(feasible[0] as usize);
+        return Ok(Decision { node: feasible[0] as usize, version });
     }
-    let scores = score(p, c, profile, &feasible);
+    let scores = score(p, c, st.as_ref(), profile, &feasible);
     let mut best = i64::MIN;
     let mut chosen = 0usize;
     let mut ties = 0u64;
@@ -316,7 +358,37 @@ pub fn schedule_one(p: &PodInfo, c: &Ctx, profile: &Profile, rng: &mut Rng) -> R
             }
         }
     }
-    Ok(feasible[chosen] as usize)
+    Ok(Decision { node: feasible[chosen] as usize, version })
+}
+
+/// Why `place` placed nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PlaceError {
+    /// No node fits.
+    Unschedulable(FitError),
+    /// The pod already holds a node (its binding is on the way).
+    AlreadyPlaced,
+    /// Every attempt lost a race: try later.
+    Conflict,
+}
+
+/// Decides and reserves a node for `p` — what a scheduling worker does for one pod.
+/// Decisions that use topology counts (inter-pod affinity, spreading, or any placed pod
+/// with anti-affinity) run one at a time under the cache's topology lock, and their
+/// reservation is refused if a relevant pod was placed meanwhile; plain decisions run in
+/// parallel. A lost race is decided again, a few times.
+pub fn place(cache: &crate::cache::Cache, p: &std::sync::Arc<PodInfo>, profile: &Profile, rng: &mut Rng) -> Result<(usize, std::sync::Arc<str>), PlaceError> {
+    use crate::cache::AssumeError;
+    for _ in 0..5 {
+        let _serial = (p.has_pod_constraints() || cache.any_anti_affinity()).then(|| cache.topology_lock());
+        let d = decide(p, &cache.ctx(), profile, rng).map_err(PlaceError::Unschedulable)?;
+        match cache.assume_at(p, d.node, d.version) {
+            Ok(name) => return Ok((d.node, name)),
+            Err(AssumeError::AlreadyAssigned) => return Err(PlaceError::AlreadyPlaced),
+            Err(AssumeError::NoLongerFits | AssumeError::UnknownNode | AssumeError::Stale) => continue,
+        }
+    }
+    Err(PlaceError::Conflict)
 }
 
 #[cfg(test)]
@@ -361,7 +433,9 @@ mod tests {
 
     fn feasible(c: &mut Cache, p: &Value) -> Result<Vec<String>, String> {
         let pod = PodInfo::from_value(p, &mut c.names);
-        match feasible_nodes(&pod, &c.ctx(), &Profile::kubernetes(), 0) {
+        let ctx = c.ctx();
+        let st = State::compute(&pod, &ctx);
+        match feasible_nodes(&pod, &ctx, st.as_ref(), &Profile::kubernetes(), 0) {
             Ok(v) => {
                 let mut names: Vec<String> = v.iter().map(|&i| c.nodes.names[i as usize].to_string()).collect();
                 names.sort();
@@ -493,8 +567,131 @@ mod tests {
         let p = PodInfo::from_value(&pod(json!({})), &mut c.names);
         let mut prof = Profile::kubernetes();
         prof.percentage_of_nodes_to_score = 10; // 30 nodes, but at least 100
-        assert_eq!(feasible_nodes(&p, &c.ctx(), &prof, 17).unwrap().len(), 100);
+        assert_eq!(feasible_nodes(&p, &c.ctx(), None, &prof, 17).unwrap().len(), 100);
         prof.percentage_of_nodes_to_score = 100;
-        assert_eq!(feasible_nodes(&p, &c.ctx(), &prof, 0).unwrap().len(), 300);
+        assert_eq!(feasible_nodes(&p, &c.ctx(), None, &prof, 0).unwrap().len(), 300);
+    }
+
+    fn zoned() -> Cache {
+        cluster(&[
+            node("n1", "4", "8Gi", json!({"metadata": {"labels": {"zone": "a", "kubernetes.io/hostname": "n1"}}})),
+            node("n2", "4", "8Gi", json!({"metadata": {"labels": {"zone": "a", "kubernetes.io/hostname": "n2"}}})),
+            node("n3", "4", "8Gi", json!({"metadata": {"labels": {"zone": "b", "kubernetes.io/hostname": "n3"}}})),
+            node("n4", "4", "8Gi", json!({"metadata": {"labels": {"kubernetes.io/hostname": "n4"}}})),
+        ])
+    }
+
+    fn place_on(c: &mut Cache, name: &str, node: &str, extra: Value) {
+        let mut p = pod(extra);
+        p["metadata"]["name"] = json!(name);
+        p["metadata"]["uid"] = json!(name);
+        p["spec"]["nodeName"] = json!(node);
+        let info = PodInfo::from_value(&p, &mut c.names);
+        c.set_bound_pod(info);
+    }
+
+    fn term(key: &str, app: &str) -> Value {
+        json!({"labelSelector": {"matchLabels": {"app": app}}, "topologyKey": key})
+    }
+
+    /// Inter-pod affinity and topology spreading, after upstream's plugin tests.
+    #[test]
+    fn pod_affinity_anti_affinity_and_spreading() {
+        let web = json!({"metadata": {"labels": {"app": "web"}}});
+        let cases: Vec<(&str, Vec<(&str, &str, Value)>, Value, Result<Vec<&str>, &str>)> = vec![
+            ("anti-affinity per host", vec![("w1", "n1", web.clone())],
+                json!({"metadata": {"labels": {"app": "web"}}, "spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("kubernetes.io/hostname", "web")]}}}}),
+                Ok(vec!["n2", "n3", "n4"])),
+            ("anti-affinity per zone; a node without the key is fine", vec![("w1", "n1", web.clone())],
+                json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("zone", "web")]}}}}),
+                Ok(vec!["n3", "n4"])),
+            ("an existing pod's anti-affinity keeps matching pods out of its zone",
+                vec![("guard", "n3", json!({"spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("zone", "db")]}}}}))],
+                json!({"metadata": {"labels": {"app": "db"}}}),
+                Ok(vec!["n1", "n2", "n4"])),
+            ("affinity to a zone holding a matching pod", vec![("c1", "n3", json!({"metadata": {"labels": {"app": "cache"}}}))],
+                json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("zone", "cache")]}}}}),
+                Ok(vec!["n3"])),
+            ("the first pod of a group may go wherever the key exists", vec![],
+                json!({"metadata": {"labels": {"app": "cache"}}, "spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("zone", "cache")]}}}}),
+                Ok(vec!["n1", "n2", "n3"])),
+            ("affinity nothing satisfies", vec![],
+                json!({"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("zone", "cache")]}}}}),
+                Err("0/4 nodes are available: 4 node(s) didn't match pod affinity rules.")),
+            ("spread: zone a already has two", vec![("w1", "n1", web.clone()), ("w2", "n2", web.clone())],
+                json!({"metadata": {"labels": {"app": "web"}}, "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]}}),
+                Ok(vec!["n3"])),
+            ("spread: skew within bounds", vec![("w1", "n1", web.clone())],
+                json!({"metadata": {"labels": {"app": "web"}}, "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]}}),
+                Ok(vec!["n3"])),
+            ("spread: every domain full", vec![("w1", "n1", web.clone()), ("w3", "n3", web.clone())],
+                json!({"metadata": {"labels": {"app": "web"}}, "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]}}),
+                Ok(vec!["n1", "n2", "n3"])),
+            ("spread on a key no node has", vec![],
+                json!({"spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "rack", "whenUnsatisfiable": "DoNotSchedule", "labelSelector": {"matchLabels": {"app": "web"}}}]}}),
+                Err("0/4 nodes are available: 4 node(s) didn't match pod topology spread constraints (missing required label).")),
+        ];
+        for (name, existing, p, want) in cases {
+            let mut c = zoned();
+            for (pn, n, extra) in existing {
+                place_on(&mut c, pn, n, extra);
+            }
+            let got = feasible(&mut c, &pod(p));
+            let want = want.map(|v| v.iter().map(|s| s.to_string()).collect::<Vec<_>>()).map_err(String::from);
+            assert_eq!(got, want, "case {name}");
+        }
+    }
+
+    #[test]
+    fn soft_constraints_steer_scores() {
+        // ScheduleAnyway spreading prefers the emptier zone; preferred affinity the zone
+        // with the matching pod.
+        let mut c = zoned();
+        place_on(&mut c, "w1", "n1", json!({"metadata": {"labels": {"app": "web"}}}));
+        let mut rng = Rng::new(3);
+        let spread = PodInfo::from_value(&pod(json!({"metadata": {"labels": {"app": "web"}}, "spec": {"topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "zone", "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app": "web"}}}]}})), &mut c.names);
+        for _ in 0..10 {
+            let i = schedule_one(&spread, &c.ctx(), &Profile::kubernetes(), &mut rng).unwrap();
+            assert_eq!(&*c.nodes.names[i], "n3");
+        }
+        let near = PodInfo::from_value(&pod(json!({"spec": {"affinity": {"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "podAffinityTerm": term("kubernetes.io/hostname", "web")}]}}}})), &mut c.names);
+        for _ in 0..10 {
+            let i = schedule_one(&near, &c.ctx(), &Profile::kubernetes(), &mut rng).unwrap();
+            assert_eq!(&*c.nodes.names[i], "n1");
+        }
+    }
+
+    #[test]
+    fn concurrent_workers_respect_anti_affinity() {
+        let nodes: Vec<Value> = (0..30).map(|i| node(&format!("n{i}"), "8", "8Gi", json!({"metadata": {"labels": {"kubernetes.io/hostname": format!("n{i}")}}}))).collect();
+        let mut c = cluster(&nodes);
+        let pods: Vec<Arc<PodInfo>> = (0..40)
+            .map(|i| {
+                let mut p = pod(json!({"metadata": {"labels": {"app": "one-per-node"}}, "spec": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term("kubernetes.io/hostname", "one-per-node")]}}}}));
+                p["metadata"]["uid"] = json!(format!("u{i}"));
+                p["metadata"]["name"] = json!(format!("p{i}"));
+                Arc::new(PodInfo::from_value(&p, &mut c.names))
+            })
+            .collect();
+        let placed = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|s| {
+            for w in 0..3 {
+                let (c, pods, placed) = (&c, &pods, &placed);
+                s.spawn(move || {
+                    let mut rng = Rng::new(w + 1);
+                    for p in pods.iter().skip(w as usize).step_by(3) {
+                        if let Ok((n, _)) = place(c, p, &Profile::kubernetes(), &mut rng) {
+                            placed.lock().unwrap().push(n);
+                        }
+                    }
+                });
+            }
+        });
+        let mut nodes_used = placed.into_inner().unwrap();
+        nodes_used.sort_unstable();
+        let before = nodes_used.len();
+        nodes_used.dedup();
+        assert_eq!(before, nodes_used.len(), "two pods with anti-affinity share a node");
+        assert_eq!(before, 30, "every node took one");
     }
 }

@@ -193,6 +193,116 @@ impl HostPort {
     }
 }
 
+/// A LabelSelector compiled once: `matchLabels` pairs and `matchExpressions`.
+#[derive(Clone, Debug, Default)]
+pub struct Selector {
+    /// A missing selector selects nothing; `{}` selects everything.
+    nothing: bool,
+    labels: Vec<(Arc<str>, Arc<str>)>,
+    exprs: Vec<(Arc<str>, Op, Vec<Arc<str>>)>,
+}
+
+impl Selector {
+    pub fn compile(v: &Value) -> Selector {
+        if !v.is_object() {
+            return Selector { nothing: true, ..Selector::default() };
+        }
+        let labels = v["matchLabels"].as_object().into_iter().flatten().map(|(k, x)| (Arc::from(k.as_str()), Arc::from(x.as_str().unwrap_or("")))).collect();
+        let mut nothing = false;
+        let exprs = v["matchExpressions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                let op = match e["operator"].as_str().unwrap_or("") {
+                    "In" => Op::In,
+                    "NotIn" => Op::NotIn,
+                    "Exists" => Op::Exists,
+                    "DoesNotExist" => Op::DoesNotExist,
+                    _ => {
+                        nothing = true; // validation rejects it; match nothing rather than guess
+                        Op::In
+                    }
+                };
+                let vals = e["values"].as_array().into_iter().flatten().filter_map(Value::as_str).map(Arc::from).collect();
+                (Arc::from(e["key"].as_str().unwrap_or("")), op, vals)
+            })
+            .collect();
+        Selector { nothing, labels, exprs }
+    }
+
+    pub fn matches(&self, labels: &[(Arc<str>, Arc<str>)]) -> bool {
+        if self.nothing {
+            return false;
+        }
+        let get = |k: &str| labels.iter().find(|(l, _)| &**l == k).map(|(_, v)| v);
+        self.labels.iter().all(|(k, v)| get(k) == Some(v))
+            && self.exprs.iter().all(|(k, op, vals)| match op {
+                Op::In => get(k).is_some_and(|v| vals.contains(v)),
+                Op::NotIn => get(k).is_none_or(|v| !vals.contains(v)),
+                Op::Exists => get(k).is_some(),
+                Op::DoesNotExist => get(k).is_none(),
+                Op::Gt | Op::Lt => false,
+            })
+    }
+}
+
+/// Which namespaces a pod affinity term looks at.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Namespaces {
+    /// The term's `namespaces`, or the pod's own namespace when it names none.
+    Listed(Vec<Arc<str>>),
+    /// An empty `namespaceSelector` (`{}`): every namespace. A non-empty selector is read
+    /// the same way until the scheduler watches namespace labels (the conservative reading
+    /// for anti-affinity).
+    All,
+}
+
+/// One pod (anti-)affinity term: pods matching `selector` in `namespaces`, counted per
+/// value of the node label `topology_key`.
+#[derive(Clone, Debug)]
+pub struct PodTerm {
+    pub selector: Arc<Selector>,
+    pub namespaces: Namespaces,
+    pub topology_key: u32,
+}
+
+impl PodTerm {
+    fn parse(t: &Value, own_ns: &str, names: &mut Interner) -> PodTerm {
+        let listed: Vec<Arc<str>> = t["namespaces"].as_array().into_iter().flatten().filter_map(Value::as_str).map(Arc::from).collect();
+        let namespaces = if t.get("namespaceSelector").is_some_and(|s| s.is_object()) {
+            Namespaces::All
+        } else if listed.is_empty() {
+            Namespaces::Listed(vec![Arc::from(own_ns)])
+        } else {
+            Namespaces::Listed(listed)
+        };
+        // A missing selector matches no pod (upstream); `{}` matches every pod.
+        let selector = Arc::new(Selector::compile(t.get("labelSelector").unwrap_or(&Value::Null)));
+        PodTerm { selector, namespaces, topology_key: names.intern(t["topologyKey"].as_str().unwrap_or("")) }
+    }
+
+    /// Whether `p` is one of the pods this term counts.
+    pub fn matches(&self, p: &PodInfo) -> bool {
+        let ns_ok = match &self.namespaces {
+            Namespaces::All => true,
+            Namespaces::Listed(l) => l.iter().any(|n| *n == p.namespace),
+        };
+        ns_ok && p.selected_by(&self.selector)
+    }
+}
+
+/// One `topologySpreadConstraints` entry.
+#[derive(Clone, Debug)]
+pub struct SpreadConstraint {
+    pub max_skew: i64,
+    pub topology_key: u32,
+    /// DoNotSchedule (a filter) or ScheduleAnyway (a score).
+    pub hard: bool,
+    pub selector: Arc<Selector>,
+    pub min_domains: i64,
+}
+
 /// What the scheduler needs of a pod.
 #[derive(Clone, Debug)]
 pub struct PodInfo {
@@ -216,6 +326,12 @@ pub struct PodInfo {
     pub host_ports: Vec<HostPort>,
     pub images: Vec<Arc<str>>,
     pub labels: Vec<(Arc<str>, Arc<str>)>,
+    /// Required pod affinity and anti-affinity terms, and the preferred ones with weights.
+    pub affinity: Vec<PodTerm>,
+    pub anti_affinity: Vec<PodTerm>,
+    pub preferred_affinity: Vec<(i64, PodTerm)>,
+    pub preferred_anti_affinity: Vec<(i64, PodTerm)>,
+    pub spread: Vec<SpreadConstraint>,
     pub deleting: bool,
     pub finished: bool,
     /// The message of a `PodScheduled=False` condition already written (not repeated).
@@ -351,6 +467,28 @@ impl PodInfo {
             }
         }
         let labels = v.pointer("/metadata/labels").and_then(Value::as_object).into_iter().flatten().map(|(k, val)| (Arc::from(k.as_str()), Arc::from(val.as_str().unwrap_or("")))).collect();
+        let own_ns = s(v, "/metadata/namespace");
+        let mut terms = |path: &str| -> Vec<PodTerm> { v.pointer(path).and_then(Value::as_array).into_iter().flatten().map(|t| PodTerm::parse(t, own_ns, names)).collect() };
+        let affinity = terms("/spec/affinity/podAffinity/requiredDuringSchedulingIgnoredDuringExecution");
+        let anti_affinity = terms("/spec/affinity/podAntiAffinity/requiredDuringSchedulingIgnoredDuringExecution");
+        let mut weighted = |path: &str| -> Vec<(i64, PodTerm)> {
+            v.pointer(path).and_then(Value::as_array).into_iter().flatten().map(|w| (w["weight"].as_i64().unwrap_or(0), PodTerm::parse(&w["podAffinityTerm"], own_ns, names))).collect()
+        };
+        let preferred_affinity = weighted("/spec/affinity/podAffinity/preferredDuringSchedulingIgnoredDuringExecution");
+        let preferred_anti_affinity = weighted("/spec/affinity/podAntiAffinity/preferredDuringSchedulingIgnoredDuringExecution");
+        let spread = v
+            .pointer("/spec/topologySpreadConstraints")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|c| SpreadConstraint {
+                max_skew: c["maxSkew"].as_i64().unwrap_or(1).max(1),
+                topology_key: names.intern(c["topologyKey"].as_str().unwrap_or("")),
+                hard: c["whenUnsatisfiable"].as_str() != Some("ScheduleAnyway"),
+                selector: Arc::new(Selector::compile(c.get("labelSelector").unwrap_or(&Value::Null))),
+                min_domains: c["minDomains"].as_i64().unwrap_or(1).max(1),
+            })
+            .collect();
         let node = s(v, "/spec/nodeName");
         let phase = s(v, "/status/phase");
         PodInfo {
@@ -374,6 +512,11 @@ impl PodInfo {
             host_ports,
             images,
             labels,
+            affinity,
+            anti_affinity,
+            preferred_affinity,
+            preferred_anti_affinity,
+            spread,
             deleting: v.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()),
             finished: matches!(phase, "Succeeded" | "Failed"),
             unschedulable_message: v
@@ -389,6 +532,17 @@ impl PodInfo {
 
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether a compiled LabelSelector selects this pod.
+    pub fn selected_by(&self, sel: &Selector) -> bool {
+        sel.matches(&self.labels)
+    }
+
+    /// Whether the pod takes part in inter-pod affinity or topology spreading (and so needs
+    /// the per-cycle topology counts).
+    pub fn has_pod_constraints(&self) -> bool {
+        !(self.affinity.is_empty() && self.anti_affinity.is_empty() && self.preferred_affinity.is_empty() && self.preferred_anti_affinity.is_empty() && self.spread.is_empty())
     }
 
     /// Whether the pod tolerates a taint.
@@ -513,6 +667,25 @@ mod tests {
         let p = PodInfo::from_value(&json!({"spec": {"tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoExecute"}]}}), &mut n);
         assert!(!p.tolerates(&taint));
         assert!(!pod(json!([])).tolerates(&taint));
+    }
+
+    #[test]
+    fn compiled_selectors_match_as_upstream() {
+        let labels: Vec<(Arc<str>, Arc<str>)> = vec![(Arc::from("app"), Arc::from("web")), (Arc::from("tier"), Arc::from("front"))];
+        let cases = [
+            (json!(null), false),
+            (json!({}), true),
+            (json!({"matchLabels": {"app": "web"}}), true),
+            (json!({"matchLabels": {"app": "db"}}), false),
+            (json!({"matchExpressions": [{"key": "tier", "operator": "In", "values": ["front", "back"]}]}), true),
+            (json!({"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["front"]}]}), false),
+            (json!({"matchExpressions": [{"key": "zone", "operator": "DoesNotExist"}]}), true),
+            (json!({"matchExpressions": [{"key": "zone", "operator": "Exists"}]}), false),
+            (json!({"matchExpressions": [{"key": "app", "operator": "Bogus", "values": ["web"]}]}), false),
+        ];
+        for (sel, want) in cases {
+            assert_eq!(Selector::compile(&sel).matches(&labels), want, "{sel}");
+        }
     }
 
     #[test]

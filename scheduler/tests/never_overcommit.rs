@@ -8,7 +8,7 @@ use parking_lot::RwLock;
 use proptest::prelude::*;
 use serde_json::json;
 use shoal_scheduler::cache::Cache;
-use shoal_scheduler::framework::{schedule_one, Profile, Rng};
+use shoal_scheduler::framework::{place, Profile, Rng};
 use shoal_scheduler::model::{NodeSpec, PodInfo};
 
 proptest! {
@@ -39,13 +39,8 @@ proptest! {
                 s.spawn(move || {
                     let mut rng = Rng::new(w as u64 + 1);
                     for p in chunk {
-                        for _ in 0..5 {
-                            let d = { let c = cache.read(); schedule_one(&p, &c.ctx(), &Profile::kubernetes(), &mut rng) };
-                            let Ok(node) = d else { break };
-                            if cache.read().assume(&p, node).is_ok() {
-                                placed.write().push((p.clone(), node));
-                                break;
-                            }
+                        if let Ok((node, _)) = place(&cache.read(), &p, &Profile::kubernetes(), &mut rng) {
+                            placed.write().push((p.clone(), node));
                         }
                     }
                 });

@@ -190,9 +190,11 @@ fn daemonsets_run_one_pod_per_eligible_node() {
         k.apply(&format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {n}, labels: {{role: {role}}}}}\n"));
     }
     k.apply("apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: agent}\nspec:\n  selector: {matchLabels: {app: agent}}\n  template:\n    metadata: {labels: {app: agent}}\n    spec:\n      nodeSelector: {role: edge}\n      containers: [{name: c, image: busybox}]\n");
-    let pinned = ["get", "pods", "-l", "app=agent", "-o", "jsonpath={range .items[*]}{.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchFields[0].values[0]} {end}"];
+    // The scheduler binds daemon pods to their nodes, so removed ones stay Terminating
+    // (no agent here finishes their graceful deletion): count only live pods.
+    let pinned = ["get", "pods", "-l", "app=agent", "-o", "jsonpath={range .items[*]}{.metadata.deletionTimestamp}|{.spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution.nodeSelectorTerms[0].matchFields[0].values[0]} {end}"];
     let sorted = |o: &str| {
-        let mut v: Vec<String> = o.split_whitespace().map(String::from).collect();
+        let mut v: Vec<String> = o.split_whitespace().filter_map(|x| x.strip_prefix('|')).map(String::from).collect();
         v.sort();
         v
     };
@@ -204,8 +206,13 @@ fn daemonsets_run_one_pod_per_eligible_node() {
     k.ok(&["label", "node", "e2", "role=core", "--overwrite"]);
     k.eventually(&pinned, "e2 left", |o| sorted(o) == ["c1", "e1"]);
     // Deleting the DaemonSet removes its pods.
+    k.eventually(&["get", "pods", "-l", "app=agent", "-o", "jsonpath={range .items[*]}{.spec.nodeName} {end}"], "bound by the scheduler", |o| {
+        let mut v: Vec<&str> = o.split_whitespace().collect();
+        v.sort();
+        v.starts_with(&["c1", "e1"])
+    });
     k.ok(&["delete", "ds", "agent"]);
-    k.eventually(&["get", "pods", "-l", "app=agent", "-o", "name"], "cleanup", |o| o.trim().is_empty() || o.contains("No resources"));
+    k.eventually(&pinned, "cleanup", |o| sorted(o).is_empty());
 }
 
 #[test]

@@ -10,11 +10,13 @@ use crate::model::{Interner, Taint};
 pub mod affinity;
 pub mod fit;
 pub mod image;
+pub mod podtopology;
 pub mod ports;
 pub mod taints;
 
 /// A read-only view of the cache for one scheduling cycle.
 pub struct Ctx<'a> {
+    pub cache: &'a Cache,
     pub t: &'a NodeTable,
     pub names: &'a Interner,
     pub image_nodes: &'a HashMap<Arc<str>, u32>,
@@ -24,7 +26,7 @@ pub struct Ctx<'a> {
 
 impl Cache {
     pub fn ctx(&self) -> Ctx<'_> {
-        Ctx { t: &self.nodes, names: &self.names, image_nodes: &self.image_nodes, total_nodes: self.live_nodes(), unschedulable_key: self.names.get(UNSCHEDULABLE_TAINT) }
+        Ctx { cache: self, t: &self.nodes, names: &self.names, image_nodes: &self.image_nodes, total_nodes: self.live_nodes(), unschedulable_key: self.names.get(UNSCHEDULABLE_TAINT) }
     }
 }
 
@@ -42,6 +44,11 @@ pub const MEMORY: u16 = 1 << 6;
 pub const EPHEMERAL: u16 = 1 << 7;
 pub const PODS: u16 = 1 << 8;
 pub const SCALAR: u16 = 1 << 9;
+pub const SPREAD: u16 = 1 << 10;
+pub const SPREAD_LABEL: u16 = 1 << 11;
+pub const EXISTING_ANTI: u16 = 1 << 12;
+pub const ANTI: u16 = 1 << 13;
+pub const POD_AFFINITY: u16 = 1 << 14;
 
 /// The verdict of the filters on one node: empty means it fits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -54,7 +61,7 @@ pub struct Failure {
 /// Upstream's wording of each reason, as `FailedScheduling` events show it.
 pub fn messages(f: &Failure, names: &Interner) -> Vec<String> {
     let mut out = Vec::new();
-    let fixed: [(u16, &str); 8] = [
+    let fixed: [(u16, &str); 13] = [
         (UNSCHEDULABLE, "node(s) were unschedulable"),
         (NODE_NAME, "node(s) didn't match the requested node name"),
         (AFFINITY, "node(s) didn't match Pod's node affinity/selector"),
@@ -63,6 +70,11 @@ pub fn messages(f: &Failure, names: &Interner) -> Vec<String> {
         (MEMORY, "Insufficient memory"),
         (EPHEMERAL, "Insufficient ephemeral-storage"),
         (PODS, "Too many pods"),
+        (SPREAD, "node(s) didn't match pod topology spread constraints"),
+        (SPREAD_LABEL, "node(s) didn't match pod topology spread constraints (missing required label)"),
+        (EXISTING_ANTI, "node(s) didn't satisfy existing pods anti-affinity rules"),
+        (ANTI, "node(s) didn't match pod anti-affinity rules"),
+        (POD_AFFINITY, "node(s) didn't match pod affinity rules"),
     ];
     for (bit, msg) in fixed {
         if f.bits & bit != 0 {
