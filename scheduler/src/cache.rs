@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use parking_lot::Mutex;
 
-use crate::model::{HostPort, Interner, NodeSpec, PodInfo, Resources, Taint};
+use crate::model::{FastMap, HostPort, Interner, NodeSpec, PodInfo, Resources, Taint};
 
 /// What the pods on one node use (kept by node name, so pods bound to a node the cache has
 /// not seen yet are counted once it arrives).
@@ -223,7 +223,7 @@ const RECENT: usize = 4096;
 pub struct Cache {
     pub nodes: NodeTable,
     pub names: Interner,
-    by_name: HashMap<Arc<str>, u32>,
+    by_name: FastMap<Arc<str>, u32>,
     ledger: Mutex<Ledger>,
     /// `Ledger::with_anti_affinity`, readable without the lock.
     anti_affinity_pods: std::sync::atomic::AtomicUsize,

@@ -8,13 +8,60 @@ use std::sync::Arc;
 use serde_json::Value;
 use shoal_client::quantity;
 
+/// A fast, non-cryptographic hasher for the scheduler's own maps (interned ids and node
+/// names the cluster controls, not attacker-chosen keys reaching a public endpoint):
+/// SipHash dominated the topology counting loop.
+#[derive(Clone, Copy, Default)]
+pub struct FastHash;
+
+pub struct FastHasher(u64);
+
+const SEED: u64 = 0x51_7c_c1_b7_27_22_0a_95;
+
+impl std::hash::Hasher for FastHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+            self.0 = (self.0.rotate_left(5) ^ w).wrapping_mul(SEED);
+        }
+        for &b in chunks.remainder() {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(SEED);
+        }
+    }
+    fn write_u32(&mut self, i: u32) {
+        self.0 = (self.0.rotate_left(5) ^ u64::from(i)).wrapping_mul(SEED);
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(SEED);
+    }
+    fn write_usize(&mut self, i: usize) {
+        self.write_u64(i as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl std::hash::BuildHasher for FastHash {
+    type Hasher = FastHasher;
+    fn build_hasher(&self) -> FastHasher {
+        FastHasher(0)
+    }
+}
+
+/// A HashMap with [`FastHash`].
+pub type FastMap<K, V> = HashMap<K, V, FastHash>;
+/// A HashSet with [`FastHash`].
+pub type FastSet<K> = std::collections::HashSet<K, FastHash>;
+
 /// An id no interned string has: a selector value that no node can carry.
 pub const UNKNOWN: u32 = u32::MAX;
 
 /// Strings seen in node labels, taints and resource names, as dense ids.
 #[derive(Default, Debug)]
 pub struct Interner {
-    ids: HashMap<Arc<str>, u32>,
+    ids: FastMap<Arc<str>, u32>,
     names: Vec<Arc<str>>,
 }
 

@@ -5,10 +5,9 @@
 //! scheduling cycle (`State::compute`, upstream's PreFilter) over every placed pod, then
 //! each node is a few hash lookups.
 
-use std::collections::{HashMap, HashSet};
 
 use super::{affinity, Ctx, Failure, ANTI, EXISTING_ANTI, POD_AFFINITY, SPREAD, SPREAD_LABEL};
-use crate::model::{PodInfo, SpreadConstraint};
+use crate::model::{FastMap as HashMap, FastSet as HashSet, PodInfo, SpreadConstraint};
 
 struct Spread {
     key: u32,
@@ -54,8 +53,8 @@ impl State {
             return None;
         }
         let mut st = State {
-            affinity: p.affinity.iter().map(|t| (t.topology_key, HashSet::new())).collect(),
-            anti: p.anti_affinity.iter().map(|t| (t.topology_key, HashSet::new())).collect(),
+            affinity: p.affinity.iter().map(|t| (t.topology_key, HashSet::default())).collect(),
+            anti: p.anti_affinity.iter().map(|t| (t.topology_key, HashSet::default())).collect(),
             ..State::default()
         };
         let mut keys: Vec<u32> = p.preferred_affinity.iter().chain(&p.preferred_anti_affinity).map(|(_, t)| t.topology_key).collect();
@@ -72,7 +71,7 @@ impl State {
             }
         }
         for sc in &spreads {
-            let mut counts = HashMap::new();
+            let mut counts = HashMap::default();
             for (i, &ok) in eligible.iter().enumerate() {
                 if ok {
                     if let Some(v) = c.t.label(i, sc.topology_key) {
