@@ -32,6 +32,11 @@ fn str_at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
 /// `PrepareForCreate` fill in).
 pub fn apply_defaults(kind: &str, obj: &mut Value) {
     match kind {
+        "PriorityClass" => {
+            if let Some(o) = obj.as_object_mut() {
+                default(o, "preemptionPolicy", json!("PreemptLowerPriority"));
+            }
+        }
         "Pod" => {
             default_pod_spec(obj_mut(obj, "spec"));
         }
@@ -215,6 +220,29 @@ fn default_container(c: &mut Map<String, Value>) {
                 default(h, "path", json!("/"));
             }
         }
+    }
+}
+
+/// The DefaultTolerationSeconds admission step: a new pod tolerates its node being
+/// not-ready or unreachable for 300 s (then the node lifecycle controller evicts it),
+/// unless it already has a toleration for that taint.
+pub fn default_toleration_seconds(pod: &mut Value) {
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else { return };
+    let mut tols: Vec<Value> = spec.get("tolerations").and_then(Value::as_array).cloned().unwrap_or_default();
+    let mut added = false;
+    for key in ["node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"] {
+        let covered = tols.iter().any(|t| {
+            let key_ok = t["key"].as_str() == Some(key) || (t["key"].as_str().unwrap_or("").is_empty() && t["operator"] == "Exists");
+            let effect_ok = t["effect"].as_str().is_none_or(|e| e.is_empty() || e == "NoExecute");
+            key_ok && effect_ok
+        });
+        if !covered {
+            tols.push(json!({"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}));
+            added = true;
+        }
+    }
+    if added {
+        spec.insert("tolerations".into(), Value::Array(tols));
     }
 }
 
@@ -404,6 +432,28 @@ pub fn validate(kind: &str, namespaced: bool, obj: &Value) -> Vec<FieldError> {
     }
     match kind {
         "Pod" => validate_pod_spec(obj.get("spec").unwrap_or(&Value::Null), "spec", &mut errs, false),
+        "PriorityClass" => {
+            let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+            let system = crate::priority::SYSTEM.iter().any(|(n, _)| *n == name);
+            match obj.get("value") {
+                Some(v) if v.as_i64().is_some_and(|x| i32::try_from(x).is_ok()) => {
+                    let x = v.as_i64().unwrap_or(0);
+                    if !system && x > crate::priority::HIGHEST_USER_DEFINABLE {
+                        errs.push(FieldError::forbidden("value", format!("maximum allowed value of a user defined priority is {}", crate::priority::HIGHEST_USER_DEFINABLE)));
+                    }
+                }
+                Some(v) => errs.push(FieldError::invalid("value", v.clone(), "must be a 32-bit integer")),
+                None => errs.push(FieldError::required("value", "")),
+            }
+            if !system && name.starts_with("system-") {
+                errs.push(FieldError::forbidden("metadata.name", "priority class names with 'system-' prefix are reserved"));
+            }
+            if let Some(p) = obj.get("preemptionPolicy").filter(|p| !p.is_null()) {
+                if !matches!(p.as_str(), Some("PreemptLowerPriority" | "Never")) {
+                    errs.push(FieldError::not_supported("preemptionPolicy", p.clone(), &["Never", "PreemptLowerPriority"]));
+                }
+            }
+        }
         "Deployment" | "ReplicaSet" | "DaemonSet" | "StatefulSet" => {
             let spec = obj.get("spec").unwrap_or(&Value::Null);
             if let Some(r) = spec.get("replicas") {

@@ -31,6 +31,7 @@ pub mod meta;
 pub mod openapi;
 pub mod metrics;
 pub mod patch;
+pub mod priority;
 pub use shoal_client::quantity;
 pub mod resources;
 pub mod rest;

@@ -126,6 +126,8 @@ pub static BUILTIN: &[ResourceDef] = &[
     r!("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles", "clusterrole", false, NONE, NONE, ALL_VERBS, NONE, "clusterroles"),
     r!("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings", "rolebinding", true, NONE, NONE, ALL_VERBS, NONE, "rolebindings"),
     r!("rbac.authorization.k8s.io", "v1", "Role", "roles", "role", true, NONE, NONE, ALL_VERBS, NONE, "roles"),
+    // scheduling.k8s.io/v1
+    r!("scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass", false, &["pc"], NONE, ALL_VERBS, NONE, "priorityclasses"),
     // storage.k8s.io/v1
     r!("storage.k8s.io", "v1", "StorageClass", "storageclasses", "storageclass", false, &["sc"], NONE, ALL_VERBS, NONE, "storageclasses"),
     // events.k8s.io/v1: the same objects as core events, converted (conversion.rs)

@@ -446,6 +446,14 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
     if def.kind == "CustomResourceDefinition" && !def.custom {
         crate::crd::initial_status(&mut obj);
     }
+    match def.kind {
+        "Pod" if !def.custom => {
+            kinds::default_toleration_seconds(&mut obj);
+            crate::priority::admit_pod(backend, &mut obj, &name).await?
+        }
+        "PriorityClass" if !def.custom => crate::priority::admit_class(backend, &obj, &name).await?,
+        _ => {}
+    }
     if obj.pointer("/metadata/managedFields").is_none() || q.get("@applied") != Some("1") {
         crate::apply::record_update(None, &mut obj, &q.field_manager(), &def.api_version(), "");
     }
@@ -1313,6 +1321,7 @@ pub async fn ensure_system_namespaces(backend: &Backend, api_port: u16) -> Resul
             Err(e) => return Err(e),
         }
     }
+    crate::priority::ensure_system_classes(backend).await?;
     // The `kubernetes` service, first address of the service range (pods reach the API
     // through it once the service proxy runs).
     let svc = crate::resources::find("", "v1", "services").expect("services are built in");

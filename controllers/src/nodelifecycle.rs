@@ -66,7 +66,9 @@ pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer<P
                 let name = node.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
                 let lease = leases.get(&format!("kube-node-lease/{name}"));
                 let silent = now - last_heartbeat(&node, lease.as_deref()) > s.grace.as_secs() as i64;
-                let ready = ready_condition(&node).and_then(|c| c["status"].as_str()).unwrap_or("Unknown").to_string();
+                // A node that has not reported yet is given the grace period from its creation
+                // (counted in last_heartbeat) before it is considered lost.
+                let ready = ready_condition(&node).and_then(|c| c["status"].as_str()).unwrap_or("").to_string();
                 if let Err(e) = update_node(&client, &node, silent, &ready).await {
                     tracing::debug!(node = %name, error = %e, "updating node conditions failed");
                     continue;

@@ -407,6 +407,18 @@ impl Cache {
         l.version
     }
 
+    /// Every placed pod, grouped by node row (for preemption, which is rare).
+    pub fn pods_by_node(&self) -> HashMap<usize, Vec<Arc<PodInfo>>> {
+        let l = self.ledger.lock();
+        let mut out: HashMap<usize, Vec<Arc<PodInfo>>> = HashMap::new();
+        for e in l.pods.values() {
+            if let Some(&i) = self.by_name.get(&e.node) {
+                out.entry(i as usize).or_default().push(e.info.clone());
+            }
+        }
+        out
+    }
+
     /// Serializes the decisions that use topology counts (see `framework::place`).
     pub fn topology_lock(&self) -> parking_lot::MutexGuard<'_, ()> {
         self.topology.lock()

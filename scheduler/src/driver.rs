@@ -18,7 +18,8 @@ use tokio::sync::{mpsc, Semaphore};
 use crate::cache::Cache;
 use crate::framework::{place, PlaceError, Profile, Rng};
 use crate::metrics::SchedulerMetrics;
-use crate::model::{NodeSpec, PodInfo};
+use crate::model::{NodeSpec, PodInfo, Selector};
+use crate::preemption::Budget;
 use crate::queue::Queue;
 
 /// Settings of the scheduler.
@@ -65,6 +66,8 @@ pub struct Handle {
     pub queue: Arc<Queue>,
     pub profiles: Profiles,
     pub leadership: Leadership,
+    /// PodDisruptionBudgets, for preemption.
+    pub budgets: Arc<RwLock<Vec<Budget>>>,
 }
 
 struct Bind {
@@ -78,6 +81,7 @@ struct Bind {
 enum Report {
     Bind(Bind),
     Unschedulable { pod: Arc<PodInfo>, message: String },
+    Preempt { pod: Arc<PodInfo>, node: Arc<str>, victims: Vec<Arc<PodInfo>> },
 }
 
 /// Starts the scheduler on the current tokio runtime (its workers on threads of their own).
@@ -89,8 +93,9 @@ pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> H
     for p in [Profile::shoal(), Profile::kubernetes()] {
         profiles.entry(p.name.clone()).or_insert(p);
     }
-    let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead };
+    let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead, budgets: Default::default() };
     tokio::spawn(watch_nodes(client.clone(), h.clone()));
+    tokio::spawn(watch_budgets(client.clone(), h.clone()));
     tokio::spawn(watch_pods(client.clone(), h.clone()));
     let (tx, rx) = mpsc::unbounded_channel::<Report>();
     tokio::spawn(report(client, h.clone(), rx, opts.clone(), metrics.clone()));
@@ -155,6 +160,12 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
             Some(Err(message)) => {
                 metrics.attempt("unschedulable", &profile_name, secs);
                 h.queue.unschedulable(&item.key);
+                // PostFilter: make room by evicting lower-priority pods, if that can help.
+                let pre = { crate::preemption::find(&item.pod, &h.cache.read(), &h.budgets.read()) };
+                if let Some(pre) = pre {
+                    metrics.preemption_victims.inc_by(pre.victims.len() as u64);
+                    let _ = tx.send(Report::Preempt { pod: item.pod.clone(), node: pre.node_name, victims: pre.victims });
+                }
                 let _ = tx.send(Report::Unschedulable { pod: item.pod, message });
             }
             None => {
@@ -177,6 +188,7 @@ async fn report(client: Client, h: Handle, mut rx: mpsc::UnboundedReceiver<Repor
             match r {
                 Report::Bind(b) => bind(&client, &h, &metrics, b, events_on).await,
                 Report::Unschedulable { pod, message } => mark_unschedulable(&client, &pod, &message).await,
+                Report::Preempt { pod, node, victims } => preempt(&client, &pod, &node, &victims).await,
             }
             drop(permit);
         });
@@ -212,6 +224,28 @@ async fn bind(client: &Client, h: &Handle, metrics: &SchedulerMetrics, b: Bind, 
             }
             tracing::warn!(pod = %p.key(), node = %b.node, error = %e, "binding failed; retrying after backoff");
             h.queue.requeue(b.pod.clone(), b.attempts);
+        }
+    }
+}
+
+/// Nominates the node for the preemptor, then evicts the victims (graceful deletion, with
+/// the DisruptionTarget condition and a `Preempted` event, as upstream).
+async fn preempt(client: &Client, p: &PodInfo, node: &str, victims: &[Arc<PodInfo>]) {
+    let path = format!("/api/v1/namespaces/{}/pods/{}/status", p.namespace, p.name);
+    if let Err(e) = client.strategic_patch(&path, &json!({"status": {"nominatedNodeName": node}})).await {
+        tracing::debug!(pod = %p.key(), error = %e, "setting nominatedNodeName failed");
+    }
+    let now = shoal_client::time::format(shoal_client::time::now_secs());
+    for v in victims {
+        let vpath = format!("/api/v1/namespaces/{}/pods/{}", v.namespace, v.name);
+        let cond = json!({"status": {"conditions": [{"type": "DisruptionTarget", "status": "True", "reason": "PreemptionByScheduler", "message": "default-scheduler: preempting to accommodate a higher priority pod", "lastTransitionTime": now}]}});
+        let _ = client.strategic_patch(&format!("{vpath}/status"), &cond).await;
+        match client.delete(&vpath, None).await {
+            Ok(()) => {
+                events::record(client, &reference(v), "Normal", "Preempted", &format!("Preempted by pod {}/{} on node {node}", p.namespace, p.name), "default-scheduler").await;
+                tracing::info!(preemptor = %p.key(), victim = %v.key(), node, "preempted");
+            }
+            Err(e) => tracing::warn!(victim = %v.key(), error = %e, "evicting a preemption victim failed"),
         }
     }
 }
@@ -273,6 +307,38 @@ async fn watch_nodes(client: Client, h: Handle) {
                 _ => break,
             }
         }
+    }
+}
+
+/// PodDisruptionBudgets for preemption (re-listed on every change: they are few).
+async fn watch_budgets(client: Client, h: Handle) {
+    let path = "/apis/policy/v1/poddisruptionbudgets";
+    loop {
+        let rv = match client.list(path).await {
+            Ok((items, rv)) => {
+                *h.budgets.write() = items
+                    .iter()
+                    .map(|b| Budget {
+                        namespace: Arc::from(b.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("")),
+                        selector: Selector::compile(b.pointer("/spec/selector").unwrap_or(&Value::Null)),
+                        allowed: b.pointer("/status/disruptionsAllowed").and_then(Value::as_i64).unwrap_or(0),
+                    })
+                    .collect();
+                rv
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "listing PodDisruptionBudgets failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let Ok(mut rx) = client.watch(path, &rv).await else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        };
+        // Any change: list again (shortly: changes come in bursts).
+        let _ = rx.recv().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 

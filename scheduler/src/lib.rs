@@ -23,4 +23,5 @@ pub mod framework;
 pub mod metrics;
 pub mod model;
 pub mod plugins;
+pub mod preemption;
 pub mod queue;

@@ -19,12 +19,13 @@ pub struct SchedulerMetrics {
     pub attempt_duration: Family<Labels, Histogram, fn() -> Histogram>,
     pub pending: Family<Labels, Gauge>,
     pub bindings: Family<Labels, Counter>,
+    pub preemption_victims: Counter,
     pub leader: Gauge,
 }
 
 impl Default for SchedulerMetrics {
     fn default() -> Self {
-        SchedulerMetrics { attempts: Family::default(), attempt_duration: Family::new_with_constructor(attempt_buckets), pending: Family::default(), bindings: Family::default(), leader: Gauge::default() }
+        SchedulerMetrics { attempts: Family::default(), attempt_duration: Family::new_with_constructor(attempt_buckets), pending: Family::default(), bindings: Family::default(), preemption_victims: Counter::default(), leader: Gauge::default() }
     }
 }
 
@@ -47,6 +48,7 @@ impl SchedulerMetrics {
         reg.register("scheduler_scheduling_attempt_duration_seconds", "Scheduling attempt latency in seconds (scheduling algorithm + binding).", self.attempt_duration.clone());
         reg.register("scheduler_pending_pods", "Number of pending pods, by the queue type.", self.pending.clone());
         reg.register("scheduler_binding", "Bindings written, by result.", self.bindings.clone());
+        reg.register("scheduler_preemption_victims", "Pods evicted to make room for higher-priority pods.", self.preemption_victims.clone());
         reg.register("scheduler_leader", "1 while this process holds the scheduler Lease.", self.leader.clone());
     }
 }

@@ -358,6 +358,10 @@ pub struct PodInfo {
     pub uid: Arc<str>,
     pub resource_version: Arc<str>,
     pub priority: i32,
+    /// `spec.preemptionPolicy: Never`: waits instead of preempting.
+    pub never_preempts: bool,
+    /// `status.nominatedNodeName`: the node a preemption made room on.
+    pub nominated_node: Option<Arc<str>>,
     pub scheduler_name: Arc<str>,
     /// Effective requests (containers, init containers and overhead, as upstream).
     pub requests: Resources,
@@ -544,6 +548,8 @@ impl PodInfo {
             uid: Arc::from(s(v, "/metadata/uid")),
             resource_version: Arc::from(s(v, "/metadata/resourceVersion")),
             priority: v.pointer("/spec/priority").and_then(Value::as_i64).unwrap_or(0) as i32,
+            never_preempts: s(v, "/spec/preemptionPolicy") == "Never",
+            nominated_node: Some(s(v, "/status/nominatedNodeName")).filter(|n| !n.is_empty()).map(Arc::from),
             scheduler_name: Arc::from(match s(v, "/spec/schedulerName") {
                 "" => "default-scheduler",
                 n => n,

@@ -53,6 +53,10 @@ struct Entry {
     seq: u64,
     /// Deleted or bound while in flight: forget it when the worker reports back.
     gone: bool,
+    /// `Inner::moves` when it was popped: a cluster change after that may have made it
+    /// schedulable, so it must not be parked as unschedulable (upstream's move request
+    /// cycle).
+    popped_at_move: u64,
 }
 
 #[derive(Default)]
@@ -61,6 +65,8 @@ struct Inner {
     active: BinaryHeap<Ready>,
     backoff: BinaryHeap<Reverse<(Instant, u64, Arc<str>)>>,
     seq: u64,
+    /// Counts the cluster changes that could help unschedulable pods.
+    moves: u64,
     closed: bool,
 }
 
@@ -143,7 +149,7 @@ impl Queue {
                 }
             }
             None => {
-                q.pods.insert(key.clone(), Entry { pod, attempts: 0, place: Place::Active, seq: 0, gone: false });
+                q.pods.insert(key.clone(), Entry { pod, attempts: 0, place: Place::Active, seq: 0, gone: false, popped_at_move: 0 });
                 q.activate(&key);
                 self.cv.notify_one();
             }
@@ -175,7 +181,9 @@ impl Queue {
             while let Some(r) = q.active.pop() {
                 let live = q.pods.get(&r.key).is_some_and(|e| e.seq == r.seq && matches!(e.place, Place::Active));
                 if live {
+                    let moves = q.moves;
                     let e = q.pods.get_mut(&r.key).expect("checked just above");
+                    e.popped_at_move = moves;
                     e.place = Place::InFlight;
                     e.attempts += 1;
                     return Some(Popped { key: r.key, pod: e.pod.clone(), attempts: e.attempts });
@@ -195,12 +203,20 @@ impl Queue {
         self.inner.lock().pods.remove(key);
     }
 
-    /// No node fits now: park the pod until the cluster changes.
+    /// No node fits now: park the pod until the cluster changes (or, if it changed while
+    /// the pod was being decided, back off and try again).
     pub fn unschedulable(&self, key: &Arc<str>) {
         let mut q = self.inner.lock();
+        let moves = q.moves;
         let Some(e) = q.pods.get_mut(key) else { return };
         if e.gone {
             q.pods.remove(key);
+            return;
+        }
+        if e.popped_at_move != moves {
+            let until = Instant::now() + backoff_for(e.attempts);
+            q.to_backoff(key, until);
+            self.cv.notify_one();
             return;
         }
         e.place = Place::Unschedulable(Instant::now());
@@ -223,7 +239,7 @@ impl Queue {
     pub fn requeue(&self, pod: Arc<PodInfo>, attempts: u32) {
         let key: Arc<str> = Arc::from(pod.key());
         let mut q = self.inner.lock();
-        q.pods.entry(key.clone()).or_insert(Entry { pod, attempts, place: Place::InFlight, seq: 0, gone: false });
+        q.pods.entry(key.clone()).or_insert(Entry { pod, attempts, place: Place::InFlight, seq: 0, gone: false, popped_at_move: 0 });
         let until = Instant::now() + backoff_for(attempts);
         q.to_backoff(&key, until);
         self.cv.notify_one();
@@ -234,6 +250,9 @@ impl Queue {
     /// parked longer than 5 minutes.
     pub fn cluster_changed(&self, could_help: bool) {
         let mut q = self.inner.lock();
+        if could_help {
+            q.moves += 1;
+        }
         let now = Instant::now();
         let keys: Vec<(Arc<str>, u32)> = q
             .pods
@@ -324,6 +343,16 @@ mod tests {
         assert_eq!(q.stats().active, 1);
         assert!(q.pop(Duration::ZERO).is_some());
         assert!(q.pop(Duration::ZERO).is_none());
+    }
+
+    #[test]
+    fn a_change_during_the_attempt_is_not_lost() {
+        let q = Queue::default();
+        q.add(pod("a", 0));
+        let p = q.pop(Duration::ZERO).unwrap();
+        q.cluster_changed(true); // e.g. a node was added while the pod was being decided
+        q.unschedulable(&p.key);
+        assert_eq!(q.stats().backoff, 1, "not parked: the change may have made it fit");
     }
 
     #[test]

@@ -154,7 +154,9 @@ fn silent_nodes_are_tainted_and_their_pods_evicted() {
         cidrs.sort();
         cidrs == ["10.0.0.0/24", "10.0.1.0/24"]
     });
-    k.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs1}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: nodetest}}\n  template:\n    metadata: {labels: {app: nodetest}}\n    spec: {containers: [{name: c, image: busybox}]}\n");
+    // Pods tolerate an unreachable node for 300 s by default (DefaultTolerationSeconds);
+    // these for 1 s.
+    k.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs1}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: nodetest}}\n  template:\n    metadata: {labels: {app: nodetest}}\n    spec:\n      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 1}]\n      containers: [{name: c, image: busybox}]\n");
     let names = ["get", "pods", "-l", "app=nodetest", "-o", "jsonpath={range .items[*]}{.metadata.name}{\"\\n\"}{end}"];
     k.eventually(&names, "2 pods", |o| pod_names(o).len() == 2);
     let token = std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap();

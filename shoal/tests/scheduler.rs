@@ -80,3 +80,32 @@ fn pending_pods_are_bound_within_capacity_and_unschedulable_ones_are_explained()
     let scheduled = k.ok(&["get", "--raw", "/metrics"]);
     assert!(scheduled.contains("scheduler_schedule_attempts_total{result=\"scheduled\",profile=\"default-scheduler\"}"), "metrics: {}", scheduled.lines().filter(|l| l.contains("scheduler_")).collect::<Vec<_>>().join("\n"));
 }
+
+#[test]
+fn a_higher_priority_pod_preempts_a_lower_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "sched", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    add_node(&k, &s, "n1", "1", "zone: a");
+    k.ok(&["create", "priorityclass", "low", "--value=10"]);
+    k.ok(&["create", "priorityclass", "high", "--value=1000"]);
+    let pod = |name: &str, class: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  priorityClassName: {class}\n  containers: [{{name: c, image: busybox, resources: {{requests: {{cpu: '1'}}}}}}]\n");
+    k.apply(&pod("victim", "low"));
+    k.eventually(&["get", "pod", "victim", "-o", "jsonpath={.spec.nodeName}"], "victim bound", |o| o == "n1");
+    // A pod that never preempts waits.
+    k.ok(&["create", "priorityclass", "polite", "--value=2000", "--preemption-policy=Never"]);
+    k.apply(&pod("polite", "polite"));
+    k.eventually(&["get", "pod", "polite", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].reason}"], "polite waits", |o| o == "Unschedulable");
+    k.ok(&["delete", "pod", "polite", "--wait=false"]);
+    // The high-priority pod evicts the victim and nominates the node.
+    k.apply(&pod("vip", "high"));
+    k.eventually(&["get", "pod", "vip", "-o", "jsonpath={.status.nominatedNodeName}"], "nominated", |o| o == "n1");
+    k.eventually(&["get", "pod", "victim", "-o", "jsonpath={.metadata.deletionTimestamp}|{.status.conditions[?(@.type==\"DisruptionTarget\")].reason}"], "victim evicted", |o| {
+        o.ends_with("|PreemptionByScheduler") && !o.starts_with('|')
+    });
+    k.eventually(&["get", "events", "--field-selector", "reason=Preempted", "-o", "jsonpath={.items[*].message}"], "Preempted event", |o| o.contains("Preempted by pod default/vip on node n1"));
+    // No agent finishes the graceful deletion here: force it, as the kubelet would.
+    k.ok(&["delete", "pod", "victim", "--force", "--grace-period=0"]);
+    k.eventually(&["get", "pod", "vip", "-o", "jsonpath={.spec.nodeName}"], "vip bound", |o| o == "n1");
+}
