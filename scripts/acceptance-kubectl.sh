@@ -15,7 +15,7 @@ trap cleanup EXIT
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 p1=$(port); p2=$(port); p3=$(port)
 "$bin" server --name acc --data-dir "$dir/d" --etcd-addr "127.0.0.1:$p1" --peer-addr "127.0.0.1:$p2" \
-  --metrics-addr "" --api-addr "127.0.0.1:$p3" >"$dir/server.log" 2>&1 &
+  --metrics-addr "" --api-addr "127.0.0.1:$p3" --admin-addr "" >"$dir/server.log" 2>&1 &
 pid=$!
 for _ in $(seq 1 200); do [ -s "$dir/d/kubeconfig" ] && curl -skf "https://127.0.0.1:$p3/readyz" >/dev/null && break; sleep 0.1; done
 KUBECONFIG="$dir/d/kubeconfig" ACC_CHECK_TIMEOUT="${ACC_CHECK_TIMEOUT:-15}" \

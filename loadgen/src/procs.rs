@@ -107,7 +107,7 @@ pub fn start_shoal_api(bin: &Path, base: Option<&Path>, store: Option<&str>, ext
     let dir = tempdir(base)?;
     let data = dir.path().join("shoal");
     let mut cmd: Vec<std::ffi::OsString> = vec![bin.into(), "server".into(), "--name".into(), "lg".into(), "--data-dir".into(), data.clone().into()];
-    for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--api-addr", &format!("127.0.0.1:{api}"), "--log", "warn"] {
+    for a in ["--etcd-addr", &format!("127.0.0.1:{c}"), "--peer-addr", &format!("127.0.0.1:{p}"), "--metrics-addr", "", "--api-addr", &format!("127.0.0.1:{api}"), "--admin-addr", "", "--log", "warn"] {
         cmd.push(a.into());
     }
     if let Some(s) = store {

@@ -28,6 +28,13 @@ pub mod shoalraft {
     tonic::include_proto!("shoalraft");
 }
 
+/// The operator API (`shoal admin`): scheduler tuning and inspection.
+pub mod admin {
+    tonic::include_proto!("shoal.admin.v1");
+    /// Encoded descriptors of the admin services, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("admin_descriptor");
+}
+
 /// Server of `etcdserverpb.Watch` whose responses are [`shoalstore::WatchResponseRaw`].
 pub mod raw_watch {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.Watch.rs"));

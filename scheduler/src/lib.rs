@@ -17,6 +17,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod cache;
 pub mod driver;
 pub mod framework;

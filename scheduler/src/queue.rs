@@ -269,6 +269,11 @@ impl Queue {
         }
     }
 
+    /// The waiting pod with this `namespace/name` key, if it is in the queue.
+    pub fn get(&self, key: &str) -> Option<Arc<PodInfo>> {
+        self.inner.lock().pods.get(key).map(|e| e.pod.clone())
+    }
+
     pub fn stats(&self) -> Stats {
         let q = self.inner.lock();
         let mut s = Stats::default();

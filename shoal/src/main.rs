@@ -8,6 +8,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
+mod admin;
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -29,6 +31,9 @@ enum Command {
     /// Lease, Cluster, Maintenance) and the Kubernetes API over HTTPS. With no
     /// --initial-cluster the store is a single-member cluster.
     Server(ServerArgs),
+    /// Operate a running server over its admin gRPC API (`--admin-addr`): show and tune
+    /// the scheduler live, queue statistics, explain a pending pod.
+    Admin(admin::AdminArgs),
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -146,6 +151,11 @@ struct ServerArgs {
     /// Scheduling cycles run at once (each filters and scores nodes in parallel).
     #[arg(long, default_value_t = 2)]
     scheduler_workers: usize,
+    /// Address of the operator gRPC API (`shoal admin`, grpcurl with reflection): live
+    /// scheduler tuning, queue statistics, explain. Calls need the admin token. Empty
+    /// disables it.
+    #[arg(long, default_value = "127.0.0.1:6444")]
+    admin_addr: String,
     /// How long a node may go without renewing its Lease or posting status before it is
     /// marked Unknown and tainted unreachable (`300s`, `40s`, `1m`).
     #[arg(long, default_value = "40s")]
@@ -188,6 +198,25 @@ fn main() {
         .init();
     let res = match cli.cmd {
         Command::Server(a) => server(a),
+        Command::Admin(a) => {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("shoal admin: error: starting the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            match rt.block_on(admin::run(a)) {
+                Ok(out) => {
+                    println!("{out}");
+                    return;
+                }
+                Err(admin::Failure(code, msg)) => {
+                    eprintln!("shoal admin: error: {msg}");
+                    std::process::exit(code);
+                }
+            }
+        }
     };
     if let Err(e) = res {
         eprintln!("shoal: error: {e:#}");
@@ -252,6 +281,18 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
         None
     };
     let scheduler_metrics = std::sync::Arc::new(shoal_scheduler::metrics::SchedulerMetrics::default());
+    // Bound now, so a taken port fails the start instead of a background task.
+    let admin_listener = match a.admin_addr.as_str() {
+        // Today the admin API serves the scheduler only (it needs the API server).
+        _ if scheduler_opts.is_none() || a.api_addr.is_empty() => None,
+        "" => None,
+        s => {
+            let addr: SocketAddr = s.parse().with_context(|| format!("--admin-addr {s:?} is not host:port"))?;
+            let l = std::net::TcpListener::bind(addr).with_context(|| format!("while binding the admin address {addr} (is the port in use?)"))?;
+            l.set_nonblocking(true)?;
+            Some(l)
+        }
+    };
     let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
     let node_eviction_rate = a.node_eviction_rate;
     let plan = shoal_controllers::ipam::Plan {
@@ -372,10 +413,18 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
             if let Some(opts) = scheduler_opts {
                 let client = client_for("shoal-scheduler/v0.1.0", 2)?;
                 let metrics = scheduler_metrics.clone();
+                let token: std::sync::Arc<str> = api.credentials.admin_token.trim().into();
                 std::thread::Builder::new().name("scheduler".into()).spawn(move || {
                     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("scheduler-io").enable_all().build().expect("building the scheduler runtime");
                     rt.block_on(async move {
-                        let _handle = shoal_scheduler::driver::start(client, opts, metrics);
+                        let workers = opts.workers as u32;
+                        let handle = shoal_scheduler::driver::start(client, opts, metrics);
+                        if let Some(l) = admin_listener {
+                            let svc = shoal_scheduler::admin::Service { handle, workers };
+                            if let Err(e) = shoal_admin_serve(l, svc, token).await {
+                                tracing::error!(error = %e, "the admin API stopped");
+                            }
+                        }
                         std::future::pending::<()>().await
                     });
                 })?;
@@ -414,6 +463,21 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down");
         anyhow::Ok(())
     })
+}
+
+/// Serves the operator gRPC API (with reflection) on `l`.
+async fn shoal_admin_serve(l: std::net::TcpListener, svc: shoal_scheduler::admin::Service, token: std::sync::Arc<str>) -> anyhow::Result<()> {
+    use shoal_proto::admin::scheduler_admin_server::SchedulerAdminServer;
+    let addr = l.local_addr()?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(tokio::net::TcpListener::from_std(l)?);
+    let reflection = tonic_reflection::server::Builder::configure().register_encoded_file_descriptor_set(shoal_proto::admin::FILE_DESCRIPTOR_SET).build_v1()?;
+    tracing::info!(%addr, "admin API serving (gRPC, reflection)");
+    tonic::transport::Server::builder()
+        .add_service(reflection)
+        .add_service(SchedulerAdminServer::with_interceptor(svc, shoal_scheduler::admin::TokenCheck(token)))
+        .serve_with_incoming(incoming)
+        .await?;
+    Ok(())
 }
 
 /// Starts the embedded store member.

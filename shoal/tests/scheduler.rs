@@ -109,3 +109,71 @@ fn a_higher_priority_pod_preempts_a_lower_one() {
     k.ok(&["delete", "pod", "victim", "--force", "--grace-period=0"]);
     k.eventually(&["get", "pod", "vip", "-o", "jsonpath={.spec.nodeName}"], "vip bound", |o| o == "n1");
 }
+
+fn admin(s: &Server, token_file: &std::path::Path, args: &[&str]) -> (i32, String, String) {
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["admin", "--server", &format!("http://{}", s.admin), "--token-file"])
+        .arg(token_file)
+        .args(args)
+        .output()
+        .unwrap();
+    (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+}
+
+#[test]
+fn admin_api_tunes_the_scheduler_live_and_explains_a_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "sched", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    let token = s.data_dir.join("pki/admin.token");
+    add_node(&k, &s, "n1", "1", "zone: a");
+    k.apply("apiVersion: v1\nkind: Pod\nmetadata: {name: big}\nspec:\n  containers: [{name: c, image: busybox, resources: {requests: {cpu: '2'}}}]\n");
+    k.eventually(&["get", "pod", "big", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].reason}"], "big is unschedulable", |o| o == "Unschedulable");
+
+    let (code, out, err) = admin(&s, &token, &["-o", "json", "scheduler", "config"]);
+    assert_eq!(code, 0, "{err}");
+    let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let dflt = cfg["profiles"].as_array().unwrap().iter().find(|p| p["schedulerName"] == "default-scheduler").unwrap().clone();
+    assert_eq!((dflt["base"].as_str(), dflt["weights"]["ImageLocality"].as_i64()), (Some("shoal"), Some(20)));
+
+    // A bad change is refused with the reason and changes nothing.
+    let (code, _, err) = admin(&s, &token, &["scheduler", "set", "--weight", "ImageLocality=7", "--percentage-of-nodes-to-score", "0"]);
+    assert_eq!(code, 5, "{err}");
+    assert!(err.contains("percentageOfNodesToScore must be between 1 and 100, got 0"), "{err}");
+    let (code, _, err) = admin(&s, &token, &["scheduler", "set", "--weight", "Bogus=1"]);
+    assert_eq!(code, 5);
+    assert!(err.contains("unknown score plugin \"Bogus\""), "{err}");
+    let (_, out, _) = admin(&s, &token, &["-o", "json", "scheduler", "config"]);
+    assert!(out.contains("\"ImageLocality\":20"), "unchanged: {out}");
+    // A good one applies at once.
+    let (code, out, err) = admin(&s, &token, &["scheduler", "set", "--weight", "ImageLocality=7", "--parallelism", "2"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.lines().any(|l| l.starts_with("default-scheduler") && l.split_whitespace().nth(4) == Some("7")), "{out}");
+
+    // Queue and explain.
+    // (The profile change sent the unschedulable pod to the backoff queue for another try.)
+    let (code, out, _) = admin(&s, &token, &["-o", "json", "scheduler", "queue"]);
+    assert_eq!(code, 0);
+    let q: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let waiting = ["active", "backoff", "unschedulable", "inFlight"].iter().map(|k| q[k].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((waiting, q["nodes"].as_u64()), (1, Some(1)), "{out}");
+    let (code, out, err) = admin(&s, &token, &["scheduler", "explain", "default/big"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("no node fits: 0/1 nodes are available: 1 Insufficient cpu."), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("n1") && l.contains("false") && l.contains("Insufficient cpu")), "{out}");
+    let (code, _, err) = admin(&s, &token, &["scheduler", "explain", "default/nope"]);
+    assert_eq!(code, 6, "{err}");
+
+    // Wrong token, no token file, nobody listening.
+    let bad = dir.path().join("bad.token");
+    std::fs::write(&bad, "not-the-token").unwrap();
+    let (code, _, err) = admin(&s, &bad, &["scheduler", "config"]);
+    assert_eq!(code, 4, "{err}");
+    assert!(err.contains("the admin token is not valid"), "{err}");
+    let (code, _, _) = admin(&s, &dir.path().join("missing"), &["scheduler", "config"]);
+    assert_eq!(code, 4);
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "--server", &format!("http://127.0.0.1:{}", common::free_port()), "--token-file"]).arg(&token).args(["scheduler", "config"]).output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the admin API"));
+}

@@ -24,6 +24,8 @@ pub struct Server {
     pub metrics: SocketAddr,
     /// Kubernetes API (HTTPS); only served when `with_api` is set.
     pub api: SocketAddr,
+    /// The operator gRPC API (`shoal admin`).
+    pub admin: SocketAddr,
     pub with_api: bool,
     pub port_retries: u32,
     /// Set once the process listened: restarts keep their ports (clients know them).
@@ -53,6 +55,7 @@ impl Server {
             peer: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             with_api,
             port_retries: 0,
             started_once: false,
@@ -97,6 +100,7 @@ impl Server {
             .args(["--peer-addr", &self.peer.to_string()])
             .args(["--metrics-addr", &self.metrics.to_string()])
             .args(["--api-addr", &if self.with_api { self.api.to_string() } else { String::new() }])
+            .args(["--admin-addr", &if self.with_api { self.admin.to_string() } else { String::new() }])
             .args(&self.extra);
         c
     }
@@ -126,6 +130,7 @@ impl Server {
                     self.peer = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                     self.metrics = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                     self.api = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+                    self.admin = format!("127.0.0.1:{}", free_port()).parse().unwrap();
                     let _ = std::fs::write(&self.log, "");
                     return self.spawn();
                 }
@@ -189,6 +194,7 @@ impl Server {
             peer,
             metrics: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             api: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+            admin: format!("127.0.0.1:{}", free_port()).parse().unwrap(),
             with_api: false,
             port_retries: 0,
             started_once: false,
