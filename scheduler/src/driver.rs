@@ -35,17 +35,23 @@ pub struct Options {
     pub bind_concurrency: usize,
     /// Record a `Scheduled` event per bound pod (upstream does).
     pub scheduled_events: bool,
+    /// Profiles from a configuration file, by schedulerName (they replace the built-ins of
+    /// the same name).
+    pub profiles: HashMap<String, Profile>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { identity: format!("shoal-{}", std::process::id()), default_profile: Profile::shoal(), workers: 2, bind_concurrency: 64, scheduled_events: true }
+        Options { identity: format!("shoal-{}", std::process::id()), default_profile: Profile::shoal(), workers: 2, bind_concurrency: 64, scheduled_events: true, profiles: HashMap::new() }
     }
 }
 
 impl Options {
     pub fn validate(&self) -> Result<(), String> {
         self.default_profile.validate()?;
+        for (name, p) in &self.profiles {
+            p.validate().map_err(|e| format!("profile {name}: {e}"))?;
+        }
         if !(1..=64).contains(&self.workers) {
             return Err(format!("scheduler workers must be between 1 and 64, got {}", self.workers));
         }
@@ -92,6 +98,9 @@ pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> H
     profiles.insert("default-scheduler".to_string(), opts.default_profile.clone());
     for p in [Profile::shoal(), Profile::kubernetes()] {
         profiles.entry(p.name.clone()).or_insert(p);
+    }
+    for (name, p) in &opts.profiles {
+        profiles.insert(name.clone(), p.clone());
     }
     let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead, budgets: Default::default() };
     tokio::spawn(watch_nodes(client.clone(), h.clone()));

@@ -19,6 +19,7 @@
 
 pub mod admin;
 pub mod cache;
+pub mod config;
 pub mod driver;
 pub mod framework;
 pub mod metrics;

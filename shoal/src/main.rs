@@ -151,6 +151,10 @@ struct ServerArgs {
     /// Scheduling cycles run at once (each filters and scores nodes in parallel).
     #[arg(long, default_value_t = 2)]
     scheduler_workers: usize,
+    /// A KubeSchedulerConfiguration-style YAML file: profiles by schedulerName with score
+    /// plugins enabled (with weights) or disabled, percentageOfNodesToScore, parallelism.
+    #[arg(long)]
+    scheduler_config: Option<PathBuf>,
     /// Address of the operator gRPC API (`shoal admin`, grpcurl with reflection): live
     /// scheduler tuning, queue statistics, explain. Calls need the admin token. Empty
     /// disables it.
@@ -274,7 +278,14 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     let run_controllers = a.controllers;
     let scheduler_opts = if a.scheduler {
         let profile = shoal_scheduler::framework::Profile::builtin(&a.scheduler_profile).ok_or_else(|| anyhow::anyhow!("--scheduler-profile {:?}: expected shoal or kubernetes", a.scheduler_profile))?;
-        let opts = shoal_scheduler::driver::Options { identity: format!("{}-{}", a.name, std::process::id()), default_profile: profile, workers: a.scheduler_workers, ..Default::default() };
+        let profiles = match &a.scheduler_config {
+            Some(f) => {
+                let text = std::fs::read_to_string(f).with_context(|| format!("while reading --scheduler-config {}", f.display()))?;
+                shoal_scheduler::config::parse(&text, &profile).map_err(|e| anyhow::anyhow!("--scheduler-config {}: {e}", f.display()))?
+            }
+            None => Default::default(),
+        };
+        let opts = shoal_scheduler::driver::Options { identity: format!("{}-{}", a.name, std::process::id()), default_profile: profile, workers: a.scheduler_workers, profiles, ..Default::default() };
         opts.validate().map_err(|e| anyhow::anyhow!("scheduler settings refused: {e}"))?;
         Some(opts)
     } else {

@@ -123,7 +123,10 @@ fn admin(s: &Server, token_file: &std::path::Path, args: &[&str]) -> (i32, Strin
 #[test]
 fn admin_api_tunes_the_scheduler_live_and_explains_a_pod() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start_api(dir.path(), "sched", &[]);
+    // A profile from a KubeSchedulerConfiguration file.
+    let cfg_file = dir.path().join("scheduler.yaml");
+    std::fs::write(&cfg_file, "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\nprofiles:\n- schedulerName: batch\n  plugins:\n    score:\n      disabled: [{name: '*'}]\n      enabled: [{name: NodeResourcesFit, weight: 9}]\n").unwrap();
+    let s = Server::start_api(dir.path(), "sched", &["--scheduler-config", cfg_file.to_str().unwrap()]);
     s.wait_api();
     let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
     let token = s.data_dir.join("pki/admin.token");
@@ -136,6 +139,8 @@ fn admin_api_tunes_the_scheduler_live_and_explains_a_pod() {
     let cfg: serde_json::Value = serde_json::from_str(&out).unwrap();
     let dflt = cfg["profiles"].as_array().unwrap().iter().find(|p| p["schedulerName"] == "default-scheduler").unwrap().clone();
     assert_eq!((dflt["base"].as_str(), dflt["weights"]["ImageLocality"].as_i64()), (Some("shoal"), Some(20)));
+    let batch = cfg["profiles"].as_array().unwrap().iter().find(|p| p["schedulerName"] == "batch").expect("the file's profile").clone();
+    assert_eq!((batch["weights"]["NodeResourcesFit"].as_i64(), batch["weights"]["ImageLocality"].as_i64()), (Some(9), Some(0)), "{batch}");
 
     // A bad change is refused with the reason and changes nothing.
     let (code, _, err) = admin(&s, &token, &["scheduler", "set", "--weight", "ImageLocality=7", "--percentage-of-nodes-to-score", "0"]);
