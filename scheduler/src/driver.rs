@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use crate::cache::Cache;
 use crate::framework::{place, PlaceError, Profile, Rng};
+use crate::gang::{Gangs, Permit};
 use crate::metrics::SchedulerMetrics;
 use crate::model::{NodeSpec, PodInfo, Selector};
 use crate::preemption::Budget;
@@ -74,6 +75,8 @@ pub struct Handle {
     pub leadership: Leadership,
     /// PodDisruptionBudgets, for preemption.
     pub budgets: Arc<RwLock<Vec<Budget>>>,
+    /// Gang members holding nodes while their group fills up.
+    gangs: Arc<parking_lot::Mutex<Gangs<Bind>>>,
 }
 
 struct Bind {
@@ -102,7 +105,7 @@ pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> H
     for (name, p) in &opts.profiles {
         profiles.insert(name.clone(), p.clone());
     }
-    let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead, budgets: Default::default() };
+    let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead, budgets: Default::default(), gangs: Default::default() };
     tokio::spawn(watch_nodes(client.clone(), h.clone()));
     tokio::spawn(watch_budgets(client.clone(), h.clone()));
     tokio::spawn(watch_pods(client.clone(), h.clone()));
@@ -115,6 +118,22 @@ pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> H
             tracing::error!(error = %e, "starting a scheduler worker failed");
         }
     }
+    // Gangs that did not fill up in time give their nodes back.
+    let (hh, gtx) = (h.clone(), tx.clone());
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let expired = hh.gangs.lock().expired(Instant::now());
+            for ((ns, group), min, members) in expired {
+                let message = format!("pod group {ns}/{group}: only {} of {min} members could be placed before the group's timeout; their nodes were given back", members.len());
+                for (pod, b) in members {
+                    hh.cache.read().forget(&pod.uid);
+                    hh.queue.requeue(pod.clone(), b.attempts);
+                    let _ = gtx.send(Report::Unschedulable { pod, message: message.clone() });
+                }
+            }
+        }
+    });
     let (q, m, lead) = (h.queue.clone(), metrics, h.leadership.clone());
     tokio::spawn(async move {
         loop {
@@ -164,7 +183,18 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
         match outcome {
             Some(Ok(node)) => {
                 h.queue.done(&item.key);
-                let _ = tx.send(Report::Bind(Bind { pod: item.pod, node, attempts: item.attempts, started, profile: profile_name }));
+                let bind = Bind { pod: item.pod.clone(), node, attempts: item.attempts, started, profile: profile_name };
+                // Gang members wait for their group (Permit), holding their node.
+                let released = match item.pod.gang() {
+                    Some(m) => match h.gangs.lock().permit(&m, item.pod.clone(), bind, Instant::now()) {
+                        Permit::Wait => Vec::new(),
+                        Permit::Release(list) => list.into_iter().map(|(_, b)| b).collect(),
+                    },
+                    None => vec![bind],
+                };
+                for b in released {
+                    let _ = tx.send(Report::Bind(b));
+                }
             }
             Some(Err(message)) => {
                 metrics.attempt("unschedulable", &profile_name, secs);
@@ -373,6 +403,7 @@ async fn watch_pods(client: Client, h: Handle) {
                     let uid = obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or("");
                     let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
                     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+                    h.gangs.lock().forget(uid);
                     let held = h.cache.read().remove_pod(uid);
                     h.queue.remove(&format!("{ns}/{name}"));
                     if held {

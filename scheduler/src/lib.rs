@@ -22,6 +22,7 @@ pub mod cache;
 pub mod config;
 pub mod driver;
 pub mod framework;
+pub mod gang;
 pub mod metrics;
 pub mod model;
 pub mod plugins;

@@ -387,6 +387,9 @@ pub struct PodInfo {
     pub finished: bool,
     /// The message of a `PodScheduled=False` condition already written (not repeated).
     pub unschedulable_message: Option<Arc<str>>,
+    /// Gang annotations (see `gang.rs`).
+    pub gang_min: Option<usize>,
+    pub gang_timeout: Option<std::time::Duration>,
 }
 
 fn s<'a>(v: &'a Value, p: &str) -> &'a str {
@@ -572,6 +575,8 @@ impl PodInfo {
             spread,
             deleting: v.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()),
             finished: matches!(phase, "Succeeded" | "Failed"),
+            gang_min: v.pointer("/metadata/annotations").and_then(|a| a.get(crate::gang::MIN_MEMBER_ANNOTATION)).and_then(Value::as_str).and_then(|n| n.trim().parse().ok()),
+            gang_timeout: v.pointer("/metadata/annotations").and_then(|a| a.get(crate::gang::TIMEOUT_ANNOTATION)).and_then(Value::as_str).and_then(|n| n.trim().parse().ok()).map(std::time::Duration::from_secs),
             unschedulable_message: v
                 .pointer("/status/conditions")
                 .and_then(Value::as_array)

@@ -182,3 +182,29 @@ fn admin_api_tunes_the_scheduler_live_and_explains_a_pod() {
     assert_eq!(o.status.code(), Some(3), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the admin API"));
 }
+
+#[test]
+fn a_gang_is_bound_all_or_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "sched", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    add_node(&k, &s, "n1", "1", "zone: a");
+    add_node(&k, &s, "n2", "1", "zone: a");
+    // Three members of one CPU each, at least three together: only two fit.
+    for i in 0..3 {
+        k.apply(&format!("apiVersion: v1\nkind: Pod\nmetadata:\n  name: w{i}\n  labels: {{shoal.io/pod-group: train}}\n  annotations: {{shoal.io/pod-group-min-member: '3', shoal.io/pod-group-timeout-seconds: '2'}}\nspec:\n  containers: [{{name: c, image: busybox, resources: {{requests: {{cpu: '1'}}}}}}]\n"));
+    }
+    let bound = ["get", "pods", "-l", "shoal.io/pod-group=train", "-o", "jsonpath={range .items[*]}{.spec.nodeName}{\"\\n\"}{end}"];
+    k.eventually(&["get", "events", "--field-selector", "reason=FailedScheduling", "-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}"], "the group timed out", |o| {
+        o.contains("pod group default/train: only 2 of 3 members could be placed before the group's timeout")
+    });
+    assert!(k.ok(&bound).lines().all(|l| l.is_empty()), "no member bound while the group is incomplete");
+    // Room for the third: all three are bound.
+    add_node(&k, &s, "n3", "1", "zone: b");
+    k.eventually(&bound, "all members bound", |o| {
+        let mut v: Vec<&str> = o.lines().filter(|l| !l.is_empty()).collect();
+        v.sort();
+        v == ["n1", "n2", "n3"]
+    });
+}
