@@ -227,6 +227,10 @@ pub struct Cache {
     ledger: Mutex<Ledger>,
     /// `Ledger::with_anti_affinity`, readable without the lock.
     anti_affinity_pods: std::sync::atomic::AtomicUsize,
+    /// Pods a preemption made room for, by uid: (node name, pod). Other pods of lower or
+    /// equal priority must leave that room to them.
+    nominations: Mutex<HashMap<Arc<str>, (Arc<str>, Arc<PodInfo>)>>,
+    nominated: std::sync::atomic::AtomicUsize,
     topology: Mutex<()>,
     /// How many nodes carry each image (ImageLocality scales by spread).
     pub image_nodes: HashMap<Arc<str>, u32>,
@@ -345,6 +349,7 @@ impl Cache {
 
     /// The pod is gone; true if it held resources.
     pub fn remove_pod(&self, uid: &str) -> bool {
+        self.clear_nomination(uid);
         let mut l = self.ledger.lock();
         self.drop_pod(&mut l, uid)
     }
@@ -384,6 +389,8 @@ impl Cache {
         let name = self.nodes.names[node].clone();
         self.account(&mut l, &name, p, 1);
         l.pods.insert(p.uid.clone(), PodEntry { node: name.clone(), info: p.clone(), assumed_at: Some(Instant::now()) });
+        drop(l);
+        self.clear_nomination(&p.uid);
         Ok(name)
     }
 
@@ -405,6 +412,34 @@ impl Cache {
             }
         }
         l.version
+    }
+
+    /// Records that preemption made room for `p` on `node`.
+    pub fn nominate(&self, p: Arc<PodInfo>, node: Arc<str>) {
+        let mut n = self.nominations.lock();
+        n.insert(p.uid.clone(), (node, p));
+        self.nominated.store(n.len(), Relaxed);
+    }
+
+    /// The pod got a node, or is gone: its nomination ends.
+    pub fn clear_nomination(&self, uid: &str) {
+        if self.nominated.load(Relaxed) == 0 {
+            return;
+        }
+        let mut n = self.nominations.lock();
+        n.remove(uid);
+        self.nominated.store(n.len(), Relaxed);
+    }
+
+    /// Whether any nomination exists (cheap; checked per node only then).
+    pub fn has_nominations(&self) -> bool {
+        self.nominated.load(Relaxed) > 0
+    }
+
+    /// Pods nominated to node `name` that `p` must not take room from: other pods of at
+    /// least its priority.
+    pub fn nominated_on(&self, name: &str, p: &PodInfo) -> Vec<Arc<PodInfo>> {
+        self.nominations.lock().values().filter(|(n, q)| &**n == name && q.uid != p.uid && q.priority >= p.priority).map(|(_, q)| q.clone()).collect()
     }
 
     /// Every placed pod, grouped by node row (for preemption, which is rare).

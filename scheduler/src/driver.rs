@@ -203,6 +203,7 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
                 let pre = { crate::preemption::find(&item.pod, &h.cache.read(), &h.budgets.read()) };
                 if let Some(pre) = pre {
                     metrics.preemption_victims.inc_by(pre.victims.len() as u64);
+                    h.cache.read().nominate(item.pod.clone(), pre.node_name.clone());
                     let _ = tx.send(Report::Preempt { pod: item.pod.clone(), node: pre.node_name, victims: pre.victims });
                 }
                 let _ = tx.send(Report::Unschedulable { pod: item.pod, message });
@@ -426,6 +427,7 @@ fn apply_pod(h: &Handle, v: &Value) {
         let key = pod.key();
         let finished = pod.finished;
         let uid = pod.uid.clone();
+        h.cache.read().clear_nomination(&uid);
         h.cache.read().set_bound_pod(pod);
         h.queue.remove(&key);
         if finished {
@@ -435,8 +437,13 @@ fn apply_pod(h: &Handle, v: &Value) {
         return;
     }
     if pod.deleting || pod.finished {
+        h.cache.read().clear_nomination(&pod.uid);
         h.queue.remove(&pod.key());
         return;
+    }
+    // A nomination written by an earlier leader (or before a restart) still holds.
+    if let Some(n) = pod.nominated_node.clone() {
+        h.cache.read().nominate(Arc::new(pod.clone()), n);
     }
     if h.profiles.read().contains_key(&*pod.scheduler_name) {
         h.queue.add(pod);

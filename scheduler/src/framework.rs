@@ -127,7 +127,15 @@ impl Weights {
 /// Runs the filters in upstream's order and stops at the first that fails.
 #[inline]
 pub fn filter(p: &PodInfo, c: &Ctx, st: Option<&State>, i: usize) -> Failure {
-    let f = filter_node(p, c, i);
+    let mut f = filter_node(p, c, i);
+    // Room a preemption made for another pod of at least this priority is not free.
+    if f.bits == 0 && c.cache.has_nominations() {
+        let noms = c.cache.nominated_on(&c.t.names[i], p);
+        if !noms.is_empty() {
+            let plus: Vec<&PodInfo> = noms.iter().map(|q| &**q).collect();
+            f = fit::check_adjusted(p, c, i, &[], &plus);
+        }
+    }
     match st {
         Some(st) if f.bits == 0 => st.filter(c, i),
         _ => f,

@@ -34,43 +34,8 @@ const RESOLVABLE: u16 = CPU | MEMORY | EPHEMERAL | PODS | SCALAR | PORTS;
 
 /// Whether `p` fits on node `i` once `gone` have left (resources, pod count, host ports).
 fn fits_without(p: &PodInfo, c: &Ctx, i: usize, gone: &[&Arc<PodInfo>]) -> bool {
-    let t = c.t;
-    let sum = |f: &dyn Fn(&PodInfo) -> i64| gone.iter().map(|q| f(q)).sum::<i64>();
-    if t.pod_count(i) - gone.len() as i64 + 1 > t.max_pods[i] {
-        return false;
-    }
-    let r = &p.requests;
-    if r.milli_cpu > 0 && r.milli_cpu > t.alloc_cpu[i] - (t.req_cpu(i) - sum(&|q| q.requests.milli_cpu)) {
-        return false;
-    }
-    if r.memory > 0 && r.memory > t.alloc_memory[i] - (t.req_memory(i) - sum(&|q| q.requests.memory)) {
-        return false;
-    }
-    if r.ephemeral > 0 && r.ephemeral > t.alloc_ephemeral[i] - (t.req_ephemeral(i) - sum(&|q| q.requests.ephemeral)) {
-        return false;
-    }
-    for &(k, v) in r.scalars.iter().filter(|(_, v)| *v > 0) {
-        let (alloc, used) = t.scalars[i].iter().find(|s| s.0 == k).map_or((0, 0), |s| (s.1, s.2.load(std::sync::atomic::Ordering::Relaxed)));
-        let freed: i64 = gone.iter().flat_map(|q| q.requests.scalars.iter()).filter(|(n, _)| *n == k).map(|(_, a)| a).sum();
-        if v > alloc - (used - freed) {
-            return false;
-        }
-    }
-    if !p.host_ports.is_empty() {
-        let used = t.ports[i].lock();
-        let mut remaining: Vec<&crate::model::HostPort> = used.iter().collect();
-        for q in gone {
-            for hp in &q.host_ports {
-                if let Some(k) = remaining.iter().position(|x| *x == hp) {
-                    remaining.swap_remove(k);
-                }
-            }
-        }
-        if p.host_ports.iter().any(|want| remaining.iter().any(|u| u.conflicts(want))) {
-            return false;
-        }
-    }
-    true
+    let minus: Vec<&PodInfo> = gone.iter().map(|q| &***q).collect();
+    crate::plugins::fit::check_adjusted(p, c, i, &minus, &[]).bits == 0
 }
 
 /// Whether evicting `q` breaks a budget (counting the evictions already planned).
@@ -212,6 +177,27 @@ mod tests {
         let high = pod(&mut c, "high", "1", 10, None, json!({}));
         let pre = find(&high, &c, &budgets).unwrap();
         assert_eq!((&*pre.node_name, names(&pre.victims)), ("n2", vec!["b".to_string()]));
+    }
+
+    #[test]
+    fn room_made_for_a_nominated_pod_is_kept_for_it() {
+        let mut c = cache();
+        let v = pod(&mut c, "victim", "2", 1, Some("n1"), json!({}));
+        c.set_bound_pod(v);
+        let filler = pod(&mut c, "filler", "2", 1, Some("n2"), json!({}));
+        c.set_bound_pod(filler);
+        let vip = Arc::new(pod(&mut c, "vip", "2", 10, None, json!({})));
+        let low = pod(&mut c, "low", "1", 1, None, json!({}));
+        c.nominate(vip.clone(), Arc::from("n1"));
+        c.remove_pod("victim"); // the victim is gone
+        let ctx = c.ctx();
+        let i = c.node_index("n1").unwrap();
+        // A lower-priority pod may not take n1; the nominated pod may.
+        assert_eq!(crate::framework::filter(&low, &ctx, None, i).bits, CPU);
+        assert_eq!(crate::framework::filter(&vip, &ctx, None, i).bits, 0);
+        drop(ctx);
+        c.clear_nomination("vip");
+        assert_eq!(crate::framework::filter(&low, &c.ctx(), None, i).bits, 0);
     }
 
     #[test]

@@ -59,3 +59,48 @@ pub fn balanced(p: &PodInfo, c: &Ctx, i: usize) -> i64 {
     let std = (cpu - m).abs() / 2.0;
     ((1.0 - std) * 100.0) as i64
 }
+
+/// [`check`] as if the pods in `minus` had left node `i` and those in `plus` had arrived
+/// (preemption's victims; pods nominated to the node by an earlier preemption). Host
+/// ports included.
+pub fn check_adjusted(p: &PodInfo, c: &Ctx, i: usize, minus: &[&PodInfo], plus: &[&PodInfo]) -> Failure {
+    let delta = |f: &dyn Fn(&PodInfo) -> i64| plus.iter().map(|q| f(q)).sum::<i64>() - minus.iter().map(|q| f(q)).sum::<i64>();
+    let mut out = Failure::default();
+    if c.t.pod_count(i) + plus.len() as i64 - minus.len() as i64 + 1 > c.t.max_pods[i] {
+        out.bits |= PODS;
+    }
+    let r = &p.requests;
+    if r.milli_cpu > 0 && r.milli_cpu > c.t.alloc_cpu[i] - (c.t.req_cpu(i) + delta(&|q| q.requests.milli_cpu)) {
+        out.bits |= CPU;
+    }
+    if r.memory > 0 && r.memory > c.t.alloc_memory[i] - (c.t.req_memory(i) + delta(&|q| q.requests.memory)) {
+        out.bits |= MEMORY;
+    }
+    if r.ephemeral > 0 && r.ephemeral > c.t.alloc_ephemeral[i] - (c.t.req_ephemeral(i) + delta(&|q| q.requests.ephemeral)) {
+        out.bits |= EPHEMERAL;
+    }
+    for &(k, v) in r.scalars.iter().filter(|(_, v)| *v > 0) {
+        let (alloc, used) = c.t.scalars[i].iter().find(|s| s.0 == k).map_or((0, 0), |s| (s.1, s.2.load(std::sync::atomic::Ordering::Relaxed)));
+        let amount = |q: &PodInfo| q.requests.scalars.iter().filter(|(n, _)| *n == k).map(|(_, a)| *a).sum::<i64>();
+        if v > alloc - (used + delta(&amount)) {
+            out.bits |= SCALAR;
+            out.scalar = out.scalar.or(Some(k));
+        }
+    }
+    if !p.host_ports.is_empty() {
+        let used = c.t.ports[i].lock();
+        let mut taken: Vec<&crate::model::HostPort> = used.iter().collect();
+        for q in minus {
+            for hp in &q.host_ports {
+                if let Some(k) = taken.iter().position(|x| *x == hp) {
+                    taken.swap_remove(k);
+                }
+            }
+        }
+        taken.extend(plus.iter().flat_map(|q| q.host_ports.iter()));
+        if p.host_ports.iter().any(|want| taken.iter().any(|u| u.conflicts(want))) {
+            out.bits |= super::PORTS;
+        }
+    }
+    out
+}
