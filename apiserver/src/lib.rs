@@ -39,6 +39,7 @@ pub mod schema;
 pub mod selector;
 pub mod server;
 pub mod status;
+pub mod storage;
 pub mod strategic;
 pub mod table;
 pub mod tls;

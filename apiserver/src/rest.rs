@@ -452,6 +452,7 @@ pub async fn create(backend: &Backend, t: &Target<'_>, mut obj: Value, q: &Query
             crate::priority::admit_pod(backend, &mut obj, &name).await?
         }
         "PriorityClass" if !def.custom => crate::priority::admit_class(backend, &obj, &name).await?,
+        "PersistentVolumeClaim" if !def.custom => crate::storage::admit_claim(backend, &mut obj).await?,
         _ => {}
     }
     if obj.pointer("/metadata/managedFields").is_none() || q.get("@applied") != Some("1") {
@@ -1322,6 +1323,7 @@ pub async fn ensure_system_namespaces(backend: &Backend, api_port: u16) -> Resul
         }
     }
     crate::priority::ensure_system_classes(backend).await?;
+    crate::storage::ensure_default_class(backend).await?;
     // The `kubernetes` service, first address of the service range (pods reach the API
     // through it once the service proxy runs).
     let svc = crate::resources::find("", "v1", "services").expect("services are built in");

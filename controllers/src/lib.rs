@@ -25,6 +25,7 @@ pub mod quota;
 pub mod replicaset;
 pub mod serviceaccount;
 pub mod statefulset;
+pub mod volume;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,11 +142,13 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
     let quotas = inf("/api/v1/resourcequotas");
+    let claims = inf("/api/v1/persistentvolumeclaims");
+    volume::start(client.clone(), claims.clone(), inf("/api/v1/persistentvolumes"), inf("/apis/storage.k8s.io/v1/storageclasses"), lead.clone());
     let counted = vec![
         ("services", services.clone()),
         ("configmaps", inf("/api/v1/configmaps")),
         ("secrets", inf("/api/v1/secrets")),
-        ("persistentvolumeclaims", inf("/api/v1/persistentvolumeclaims")),
+        ("persistentvolumeclaims", claims),
         ("deployments", deployments.clone()),
         ("replicasets", replicasets.clone()),
     ];

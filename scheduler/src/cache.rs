@@ -232,6 +232,8 @@ pub struct Cache {
     nominations: Mutex<HashMap<Arc<str>, (Arc<str>, Arc<PodInfo>)>>,
     nominated: std::sync::atomic::AtomicUsize,
     topology: Mutex<()>,
+    /// Claims, volumes and classes (VolumeBinding).
+    pub volumes: parking_lot::RwLock<crate::plugins::volume::Volumes>,
     /// How many nodes carry each image (ImageLocality scales by spread).
     pub image_nodes: HashMap<Arc<str>, u32>,
     /// Bumped on every change that can make a pod fit where it did not.

@@ -82,6 +82,8 @@ pub struct Handle {
 struct Bind {
     pod: Arc<PodInfo>,
     node: Arc<str>,
+    /// Unbound WaitForFirstConsumer claims (`ns/name`) to bind on `node` first.
+    claims: Vec<String>,
     attempts: u32,
     started: Instant,
     profile: String,
@@ -108,6 +110,9 @@ pub fn start(client: Client, opts: Options, metrics: Arc<SchedulerMetrics>) -> H
     let h = Handle { cache: Arc::new(RwLock::new(Cache::default())), queue: Arc::new(Queue::default()), profiles: Arc::new(RwLock::new(profiles)), leadership: lead, budgets: Default::default(), gangs: Default::default() };
     tokio::spawn(watch_nodes(client.clone(), h.clone()));
     tokio::spawn(watch_budgets(client.clone(), h.clone()));
+    tokio::spawn(watch_volumes(client.clone(), h.clone(), "/api/v1/persistentvolumeclaims"));
+    tokio::spawn(watch_volumes(client.clone(), h.clone(), "/api/v1/persistentvolumes"));
+    tokio::spawn(watch_volumes(client.clone(), h.clone(), "/apis/storage.k8s.io/v1/storageclasses"));
     tokio::spawn(watch_pods(client.clone(), h.clone()));
     let (tx, rx) = mpsc::unbounded_channel::<Report>();
     tokio::spawn(report(client, h.clone(), rx, opts.clone(), metrics.clone()));
@@ -183,7 +188,12 @@ fn worker(h: Handle, tx: mpsc::UnboundedSender<Report>, metrics: Arc<SchedulerMe
         match outcome {
             Some(Ok(node)) => {
                 h.queue.done(&item.key);
-                let bind = Bind { pod: item.pod.clone(), node, attempts: item.attempts, started, profile: profile_name };
+                let claims = if item.pod.claims.is_empty() {
+                    Vec::new()
+                } else {
+                    crate::plugins::volume::Check::compute(&item.pod, &h.cache.read().volumes.read()).map(|c| c.to_bind).unwrap_or_default()
+                };
+                let bind = Bind { pod: item.pod.clone(), node, claims, attempts: item.attempts, started, profile: profile_name };
                 // Gang members wait for their group (Permit), holding their node.
                 let released = match item.pod.gang() {
                     Some(m) => match h.gangs.lock().permit(&m, item.pod.clone(), bind, Instant::now()) {
@@ -239,8 +249,43 @@ fn reference(p: &PodInfo) -> Value {
     json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": &*p.name, "namespace": &*p.namespace, "uid": &*p.uid, "resourceVersion": &*p.resource_version}})
 }
 
+/// PreBind for volumes: asks the binder to bind the pod's waiting claims on the chosen
+/// node, and waits until they are Bound.
+async fn bind_claims(client: &Client, claims: &[String], node: &str) -> Result<(), String> {
+    for key in claims {
+        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+        let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}");
+        client.merge_patch(&path, &json!({"metadata": {"annotations": {"volume.kubernetes.io/selected-node": node}}})).await.map_err(|e| format!("claim {key}: {e}"))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for key in claims {
+        let (ns, name) = key.split_once('/').unwrap_or(("", key));
+        let path = format!("/api/v1/namespaces/{ns}/persistentvolumeclaims/{name}");
+        loop {
+            let c = client.get(&path).await.map_err(|e| format!("claim {key}: {e}"))?.ok_or_else(|| format!("claim {key} was deleted"))?;
+            if c.pointer("/status/phase").and_then(Value::as_str) == Some("Bound") {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("claim {key} was not bound within 60 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    Ok(())
+}
+
 async fn bind(client: &Client, h: &Handle, metrics: &SchedulerMetrics, b: Bind, events_on: bool) {
     let p = &b.pod;
+    if !b.claims.is_empty() {
+        if let Err(e) = bind_claims(client, &b.claims, &b.node).await {
+            tracing::warn!(pod = %p.key(), node = %b.node, error = %e, "binding the pod's volumes failed; retrying after backoff");
+            metrics.attempt("error", &b.profile, b.started.elapsed().as_secs_f64());
+            h.cache.read().forget(&p.uid);
+            h.queue.requeue(b.pod.clone(), b.attempts);
+            return;
+        }
+    }
     let body = json!({"apiVersion": "v1", "kind": "Binding", "metadata": {"name": &*p.name, "namespace": &*p.namespace, "uid": &*p.uid}, "target": {"apiVersion": "v1", "kind": "Node", "name": &*b.node}});
     let path = format!("/api/v1/namespaces/{}/pods/{}/binding", p.namespace, p.name);
     let res = client.create(&path, &body).await;
@@ -346,6 +391,71 @@ async fn watch_nodes(client: Client, h: Handle) {
                 "BOOKMARK" => {}
                 _ => break,
             }
+        }
+    }
+}
+
+/// Keeps one kind of VolumeBinding's inputs (claims, volumes or classes) in step.
+async fn watch_volumes(client: Client, h: Handle, path: &'static str) {
+    let key = |v: &Value| {
+        let name = v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+        match v.pointer("/metadata/namespace").and_then(Value::as_str) {
+            Some(ns) if !ns.is_empty() => format!("{ns}/{name}"),
+            _ => name.to_string(),
+        }
+    };
+    let apply = |h: &Handle, v: &Value, deleted: bool| {
+        let k = key(v);
+        let c = if path.ends_with("persistentvolumes") && !deleted {
+            let mut c = h.cache.write();
+            let vol = crate::plugins::volume::Volumes::volume_from(v, &mut c.names);
+            c.volumes.write().volumes.insert(k, vol);
+            return;
+        } else {
+            h.cache.read()
+        };
+        let mut vols = c.volumes.write();
+        match (path, deleted) {
+            (p, true) if p.ends_with("persistentvolumeclaims") => drop(vols.claims.remove(&k)),
+            (p, false) if p.ends_with("persistentvolumeclaims") => drop(vols.claims.insert(k, crate::plugins::volume::Volumes::claim_from(v))),
+            (p, true) if p.ends_with("persistentvolumes") => drop(vols.volumes.remove(&k)),
+            (_, true) => drop(vols.classes.remove(&k)),
+            (_, false) => drop(vols.classes.insert(k, crate::plugins::volume::Volumes::class_from(v))),
+        }
+    };
+    loop {
+        let (items, rv) = match client.list(path).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::debug!(path, error = %e, "listing failed; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        {
+            let c = h.cache.read();
+            let mut vols = c.volumes.write();
+            if path.ends_with("persistentvolumeclaims") {
+                vols.claims.clear();
+            } else if path.ends_with("persistentvolumes") {
+                vols.volumes.clear();
+            } else {
+                vols.classes.clear();
+            }
+        }
+        for v in &items {
+            apply(&h, v, false);
+        }
+        h.queue.cluster_changed(true);
+        let Ok(mut rx) = client.watch(path, &rv).await else { continue };
+        while let Some((ty, obj)) = rx.recv().await {
+            match ty.as_str() {
+                "ADDED" | "MODIFIED" => apply(&h, &obj, false),
+                "DELETED" => apply(&h, &obj, true),
+                "BOOKMARK" => continue,
+                _ => break,
+            }
+            h.queue.cluster_changed(true);
         }
     }
 }

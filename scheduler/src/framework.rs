@@ -170,10 +170,15 @@ pub struct FitError {
     pub nodes: usize,
     /// (reason, nodes), sorted as upstream prints them.
     pub reasons: Vec<(String, usize)>,
+    /// A rejection before any node was looked at (e.g. a missing claim).
+    pub prefilter: Option<String>,
 }
 
 impl fmt::Display for FitError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(m) = &self.prefilter {
+            return write!(f, "0/{} nodes are available: {m}.", self.nodes);
+        }
         let mut parts: Vec<String> = self.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
         parts.sort();
         if parts.is_empty() {
@@ -212,6 +217,9 @@ const MIN_CHUNK: usize = 256;
 
 /// Filters every live node; returns the feasible rows or the reasons none fit.
 pub fn feasible_nodes(p: &PodInfo, c: &Ctx, st: Option<&State>, profile: &Profile, start: usize) -> Result<Vec<u32>, FitError> {
+    if let Some(m) = st.and_then(|s| s.prefilter.clone()) {
+        return Err(FitError { nodes: c.total_nodes, reasons: Vec::new(), prefilter: Some(m) });
+    }
     let n = c.t.len();
     let want = if profile.percentage_of_nodes_to_score >= 100 { usize::MAX } else { (c.total_nodes * profile.percentage_of_nodes_to_score as usize / 100).max(100) };
     type Acc = (Vec<u32>, Vec<(Failure, usize)>);
@@ -272,7 +280,7 @@ pub fn feasible_nodes(p: &PodInfo, c: &Ctx, st: Option<&State>, profile: &Profil
         }
     }
     reasons.sort();
-    Err(FitError { nodes: c.total_nodes, reasons })
+    Err(FitError { nodes: c.total_nodes, reasons, prefilter: None })
 }
 
 /// Weighted total score of every feasible node (same order as `feasible`).
@@ -345,7 +353,7 @@ pub struct Decision {
 pub fn decide(p: &PodInfo, c: &Ctx, profile: &Profile, rng: &mut Rng) -> Result<Decision, FitError> {
     let start = if profile.percentage_of_nodes_to_score >= 100 || c.t.is_empty() { 0 } else { rng.below(c.t.len() as u64) as usize };
     let st = State::compute(p, c);
-    let version = st.as_ref().map(|s| s.version);
+    let version = st.as_ref().filter(|s| s.topology).map(|s| s.version);
     let feasible = feasible_nodes(p, c, st.as_ref(), profile, start)?;
     if feasible.len() == 1 {
         return Ok(Decision { node: feasible[0] as usize, version });

@@ -387,6 +387,8 @@ pub struct PodInfo {
     pub finished: bool,
     /// The message of a `PodScheduled=False` condition already written (not repeated).
     pub unschedulable_message: Option<Arc<str>>,
+    /// PersistentVolumeClaims the pod mounts, by name.
+    pub claims: Vec<Arc<str>>,
     /// Gang annotations (see `gang.rs`).
     pub gang_min: Option<usize>,
     pub gang_timeout: Option<std::time::Duration>,
@@ -422,6 +424,11 @@ fn compile_term(t: &Value, names: &mut Interner) -> Term {
         }
     }
     term
+}
+
+/// Compiles a node selector term (PersistentVolume node affinity uses the same shape).
+pub fn compile_term_pub(t: &Value, names: &mut Interner) -> Term {
+    compile_term(t, names)
 }
 
 fn container_requests(c: &Value, names: &mut Interner) -> (Resources, i64, i64) {
@@ -575,6 +582,7 @@ impl PodInfo {
             spread,
             deleting: v.pointer("/metadata/deletionTimestamp").is_some_and(|d| !d.is_null()),
             finished: matches!(phase, "Succeeded" | "Failed"),
+            claims: v.pointer("/spec/volumes").and_then(Value::as_array).into_iter().flatten().filter_map(|vol| vol.pointer("/persistentVolumeClaim/claimName").and_then(Value::as_str)).map(Arc::from).collect(),
             gang_min: v.pointer("/metadata/annotations").and_then(|a| a.get(crate::gang::MIN_MEMBER_ANNOTATION)).and_then(Value::as_str).and_then(|n| n.trim().parse().ok()),
             gang_timeout: v.pointer("/metadata/annotations").and_then(|a| a.get(crate::gang::TIMEOUT_ANNOTATION)).and_then(Value::as_str).and_then(|n| n.trim().parse().ok()).map(std::time::Duration::from_secs),
             unschedulable_message: v

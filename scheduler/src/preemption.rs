@@ -30,7 +30,7 @@ pub struct Preemption {
 
 /// Failures that evicting pods can cure; anything else (taints, affinity, node name...)
 /// rules the node out.
-const RESOLVABLE: u16 = CPU | MEMORY | EPHEMERAL | PODS | SCALAR | PORTS;
+const RESOLVABLE: u32 = CPU | MEMORY | EPHEMERAL | PODS | SCALAR | PORTS;
 
 /// Whether `p` fits on node `i` once `gone` have left (resources, pod count, host ports).
 fn fits_without(p: &PodInfo, c: &Ctx, i: usize, gone: &[&Arc<PodInfo>]) -> bool {

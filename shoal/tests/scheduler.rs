@@ -208,3 +208,42 @@ fn a_gang_is_bound_all_or_none() {
         v == ["n1", "n2", "n3"]
     });
 }
+
+#[test]
+fn pods_with_claims_get_local_volumes_on_their_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "sched", &[]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    add_node(&k, &s, "n1", "2", "kubernetes.io/hostname: n1");
+    add_node(&k, &s, "n2", "2", "kubernetes.io/hostname: n2");
+    // The default class (standard: the node-local provisioner, WaitForFirstConsumer).
+    k.eventually(&["get", "storageclass", "-o", "jsonpath={range .items[*]}{.metadata.name} {.provisioner} {.volumeBindingMode}{end}"], "default class", |o| o == "standard shoal.io/local-path WaitForFirstConsumer");
+    k.apply("apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 64Mi}}}\n");
+    assert_eq!(k.ok(&["get", "pvc", "data", "-o", "jsonpath={.spec.storageClassName}"]), "standard", "DefaultStorageClass admission");
+    k.eventually(&["get", "events", "--field-selector", "reason=WaitForFirstConsumer", "-o", "name"], "waits for its first consumer", |o| !o.trim().is_empty());
+    let user = |name: &str, claim: &str| format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}}}\nspec:\n  containers: [{{name: c, image: busybox, volumeMounts: [{{name: d, mountPath: /data}}]}}]\n  volumes: [{{name: d, persistentVolumeClaim: {{claimName: {claim}}}}}]\n");
+    k.apply(&user("first", "data"));
+    k.eventually(&["get", "pod", "first", "-o", "jsonpath={.spec.nodeName}"], "first bound", |o| o.starts_with('n'));
+    let node = k.ok(&["get", "pod", "first", "-o", "jsonpath={.spec.nodeName}"]);
+    assert_eq!(k.ok(&["get", "pvc", "data", "-o", "jsonpath={.status.phase}"]), "Bound");
+    let pv = k.ok(&["get", "pvc", "data", "-o", "jsonpath={.spec.volumeName}"]);
+    assert_eq!(k.ok(&["get", "pv", &pv, "-o", "jsonpath={.spec.nodeAffinity.required.nodeSelectorTerms[0].matchExpressions[0].values[0]}"]), node, "the volume lives on the pod's node");
+    // A second user of the claim follows the volume to its node.
+    k.apply(&user("second", "data"));
+    k.eventually(&["get", "pod", "second", "-o", "jsonpath={.spec.nodeName}"], "second bound to the volume's node", |o| o == node);
+    // A claim that does not exist, and an Immediate claim nothing can bind.
+    k.apply(&user("lost", "nope"));
+    k.eventually(&["get", "pod", "lost", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}"], "missing claim", |o| o == "0/2 nodes are available: persistentvolumeclaim \"nope\" not found.");
+    k.apply("apiVersion: storage.k8s.io/v1\nkind: StorageClass\nmetadata: {name: manual}\nprovisioner: kubernetes.io/no-provisioner\nvolumeBindingMode: Immediate\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: imm}\nspec: {storageClassName: manual, accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n");
+    k.apply(&user("early", "imm"));
+    k.eventually(&["get", "pod", "early", "-o", "jsonpath={.status.conditions[?(@.type==\"PodScheduled\")].message}"], "unbound immediate claim", |o| o == "0/2 nodes are available: pod has unbound immediate PersistentVolumeClaims.");
+    // A matching volume appears: the binder binds the claim, then the pod is scheduled.
+    k.apply("apiVersion: v1\nkind: PersistentVolume\nmetadata: {name: static}\nspec: {capacity: {storage: 2Gi}, accessModes: [ReadWriteOnce], storageClassName: manual, hostPath: {path: /tmp/static}}\n");
+    k.eventually(&["get", "pvc", "imm", "-o", "jsonpath={.status.phase}/{.spec.volumeName}"], "static volume bound", |o| o == "Bound/static");
+    k.eventually(&["get", "pod", "early", "-o", "jsonpath={.spec.nodeName}"], "early bound", |o| o.starts_with('n'));
+    // Deleting a claim deletes its provisioned volume (reclaim policy Delete).
+    k.ok(&["delete", "pod", "first", "second", "--force", "--grace-period=0"]);
+    k.ok(&["delete", "pvc", "data", "--wait=false"]);
+    k.eventually(&["get", "pv", "-o", "name"], "provisioned volume deleted", |o| !o.contains(&pv));
+}

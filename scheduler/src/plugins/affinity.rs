@@ -10,7 +10,7 @@ pub fn name_matches(p: &PodInfo, c: &Ctx, i: usize) -> bool {
 }
 
 #[inline]
-fn term_matches(term: &Term, c: &Ctx, i: usize) -> bool {
+pub(crate) fn term_matches(term: &Term, c: &Ctx, i: usize) -> bool {
     if term.labels.is_empty() && term.names.is_none() {
         return false; // an empty term matches nothing
     }

@@ -13,6 +13,7 @@ pub mod image;
 pub mod podtopology;
 pub mod ports;
 pub mod taints;
+pub mod volume;
 
 /// A read-only view of the cache for one scheduling cycle.
 pub struct Ctx<'a> {
@@ -34,26 +35,28 @@ impl Cache {
 pub const UNSCHEDULABLE_TAINT: &str = "node.kubernetes.io/unschedulable";
 
 // Why a node was filtered out (bits of `Failure::bits`).
-pub const UNSCHEDULABLE: u16 = 1 << 0;
-pub const NODE_NAME: u16 = 1 << 1;
-pub const TAINT: u16 = 1 << 2;
-pub const AFFINITY: u16 = 1 << 3;
-pub const PORTS: u16 = 1 << 4;
-pub const CPU: u16 = 1 << 5;
-pub const MEMORY: u16 = 1 << 6;
-pub const EPHEMERAL: u16 = 1 << 7;
-pub const PODS: u16 = 1 << 8;
-pub const SCALAR: u16 = 1 << 9;
-pub const SPREAD: u16 = 1 << 10;
-pub const SPREAD_LABEL: u16 = 1 << 11;
-pub const EXISTING_ANTI: u16 = 1 << 12;
-pub const ANTI: u16 = 1 << 13;
-pub const POD_AFFINITY: u16 = 1 << 14;
+pub const UNSCHEDULABLE: u32 = 1 << 0;
+pub const NODE_NAME: u32 = 1 << 1;
+pub const TAINT: u32 = 1 << 2;
+pub const AFFINITY: u32 = 1 << 3;
+pub const PORTS: u32 = 1 << 4;
+pub const CPU: u32 = 1 << 5;
+pub const MEMORY: u32 = 1 << 6;
+pub const EPHEMERAL: u32 = 1 << 7;
+pub const PODS: u32 = 1 << 8;
+pub const SCALAR: u32 = 1 << 9;
+pub const SPREAD: u32 = 1 << 10;
+pub const SPREAD_LABEL: u32 = 1 << 11;
+pub const EXISTING_ANTI: u32 = 1 << 12;
+pub const ANTI: u32 = 1 << 13;
+pub const POD_AFFINITY: u32 = 1 << 14;
+pub const VOLUME_AFFINITY: u32 = 1 << 15;
+pub const VOLUME_BIND: u32 = 1 << 16;
 
 /// The verdict of the filters on one node: empty means it fits.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Failure {
-    pub bits: u16,
+    pub bits: u32,
     pub taint: Option<Taint>,
     pub scalar: Option<u32>,
 }
@@ -61,7 +64,7 @@ pub struct Failure {
 /// Upstream's wording of each reason, as `FailedScheduling` events show it.
 pub fn messages(f: &Failure, names: &Interner) -> Vec<String> {
     let mut out = Vec::new();
-    let fixed: [(u16, &str); 13] = [
+    let fixed: [(u32, &str); 15] = [
         (UNSCHEDULABLE, "node(s) were unschedulable"),
         (NODE_NAME, "node(s) didn't match the requested node name"),
         (AFFINITY, "node(s) didn't match Pod's node affinity/selector"),
@@ -75,6 +78,8 @@ pub fn messages(f: &Failure, names: &Interner) -> Vec<String> {
         (EXISTING_ANTI, "node(s) didn't satisfy existing pods anti-affinity rules"),
         (ANTI, "node(s) didn't match pod anti-affinity rules"),
         (POD_AFFINITY, "node(s) didn't match pod affinity rules"),
+        (VOLUME_AFFINITY, "node(s) had volume node affinity conflict"),
+        (VOLUME_BIND, "node(s) didn't find available persistent volumes to bind"),
     ];
     for (bit, msg) in fixed {
         if f.bits & bit != 0 {

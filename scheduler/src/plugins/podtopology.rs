@@ -32,6 +32,8 @@ pub fn relevant(p: &PodInfo, q: &PodInfo) -> bool {
 pub struct State {
     /// The placement version the counts were taken at.
     pub version: u64,
+    /// Whether topology counts were taken (else only the volume check is here).
+    pub topology: bool,
     /// Required affinity: per term, its key and the domains holding a matching pod.
     affinity: Vec<(u32, HashSet<u32>)>,
     /// No pod matches the affinity terms yet and the pod matches them itself: the first
@@ -44,13 +46,29 @@ pub struct State {
     preferred: HashMap<(u32, u32), i64>,
     preferred_keys: Vec<u32>,
     spread: Vec<Spread>,
+    /// VolumeBinding's per-pod check (pods with claims).
+    pub volumes: Option<super::volume::Check>,
+    /// Why no node can take the pod at all (upstream's PreFilter rejection), if so.
+    pub prefilter: Option<String>,
 }
 
 impl State {
     /// None when neither the pod nor any placed pod has inter-pod constraints.
     pub fn compute(p: &PodInfo, c: &Ctx) -> Option<State> {
-        if !p.has_pod_constraints() && !c.cache.any_anti_affinity() {
+        let topology = p.has_pod_constraints() || c.cache.any_anti_affinity();
+        if !topology && p.claims.is_empty() {
             return None;
+        }
+        let (volumes, prefilter) = if p.claims.is_empty() {
+            (None, None)
+        } else {
+            match super::volume::Check::compute(p, &c.cache.volumes.read()) {
+                Ok(v) => (Some(v), None),
+                Err(e) => (None, Some(e)),
+            }
+        };
+        if !topology {
+            return Some(State { volumes, prefilter, ..State::default() });
         }
         let mut st = State {
             affinity: p.affinity.iter().map(|t| (t.topology_key, HashSet::default())).collect(),
@@ -130,6 +148,9 @@ impl State {
                 }
             }
         });
+        st.volumes = volumes;
+        st.prefilter = prefilter;
+        st.topology = true;
         st.first_of_group = !any_affinity_match && p.affinity.iter().all(|t| t.matches(p));
         for (k, sc) in spreads.iter().enumerate() {
             let s = &mut st.spread[k];
@@ -141,6 +162,9 @@ impl State {
     /// PodTopologySpread then InterPodAffinity, as upstream orders them.
     pub fn filter(&self, c: &Ctx, i: usize) -> Failure {
         let fail = |bits| Failure { bits, ..Failure::default() };
+        if let Some(bits) = self.volumes.as_ref().and_then(|v| v.filter(c, i)) {
+            return fail(bits);
+        }
         for s in self.spread.iter().filter(|s| s.hard) {
             let Some(v) = c.t.label(i, s.key) else { return fail(SPREAD_LABEL) };
             let count = s.counts.get(&v).copied().unwrap_or(0);
