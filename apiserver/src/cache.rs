@@ -56,6 +56,16 @@ pub struct Entry {
 }
 
 impl Entry {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+    /// A precomputed field-selector value (for pods: `spec.nodeName`, `status.phase`, ...).
+    pub fn field_str(&self, f: &str) -> Option<&str> {
+        self.fields.iter().find(|(k, _)| *k == f).map(|(_, v)| v.as_str())
+    }
     fn field(&self, f: &str) -> Option<String> {
         match f {
             "metadata.name" => Some(self.name.clone()),
@@ -573,6 +583,11 @@ impl Cache {
             out.push(e.clone());
         }
         (out, g.rev, more)
+    }
+
+    /// The object at `key`, as of the cache's revision.
+    pub fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        self.inner.read().objects.get(key).cloned()
     }
 
     /// Registers a watcher of `prefix`. With `since = Some(rev)` the events after `rev`

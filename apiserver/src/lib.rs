@@ -18,6 +18,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod agents;
 pub mod apply;
 pub mod auth;
 pub mod backend;

@@ -289,6 +289,13 @@ pub fn now() -> String {
     format_time(now_secs())
 }
 
+/// `now` as a MicroTime (`2006-01-02T15:04:05.000000Z`, what Lease renewTime holds).
+pub fn now_micro_time() -> String {
+    let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let base = format_time(d.as_secs() as i64);
+    format!("{}.{:06}Z", base.trim_end_matches('Z'), d.subsec_micros())
+}
+
 /// A random (version 4) UUID.
 pub fn new_uid() -> String {
     let mut b = [0u8; 16];

@@ -70,6 +70,8 @@ pub struct Api {
     pub registry: Arc<prometheus_client::registry::Registry>,
     /// Health of the store (for /readyz).
     pub store_ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// The agent protocol (gRPC on this same address, routed by content-type).
+    pub agents: crate::agents::AgentGrpc,
 }
 
 /// A running API server.
@@ -98,8 +100,10 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
         creds.write_kubeconfig(k, &format!("https://{server_address}"))?;
     }
     let metrics = Arc::new(ApiMetrics::default());
+    let agent_metrics = Arc::new(crate::agents::AgentMetrics::default());
     let mut reg = prometheus_client::registry::Registry::default();
     metrics.register(&mut reg);
+    agent_metrics.register(&mut reg);
     extra_metrics(&mut reg);
     let cache = crate::cache::Cache::new(backend.clone());
     {
@@ -116,10 +120,13 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
         })?;
     }
     let signer = Arc::new(crate::token::Signer::load_or_create(&cfg.pki_dir)?);
-    let api = Arc::new(Api { backend, cache, signer, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready });
+    let agents = crate::agents::AgentGrpc(Arc::new(crate::agents::AgentService::new(backend.clone(), cache.clone(), signer.clone(), creds.admin_token.clone(), agent_metrics)));
+    let api = Arc::new(Api { backend, cache, signer, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready, agents });
+    let pki_dir = cfg.pki_dir.clone();
 
     for (i, l) in listeners.into_iter().enumerate() {
         let api = api.clone();
+        let pki_dir = pki_dir.clone();
         let tls_cfg = tls_cfg.clone();
         std::thread::Builder::new().name(format!("api-serve-{i}")).spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building an API executor");
@@ -130,7 +137,11 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
                     let port = addr.port();
                     tokio::spawn(async move {
                         for attempt in 0u32.. {
-                            match rest::ensure_system_namespaces(&api.backend, port).await {
+                            let r = match rest::ensure_system_namespaces(&api.backend, port).await {
+                                Ok(()) => crate::agents::ensure_bootstrap_token(&api.backend, &pki_dir).await.map(|_| ()),
+                                Err(e) => Err(e),
+                            };
+                            match r {
                                 Ok(()) => break,
                                 Err(e) => {
                                     if attempt % 10 == 0 {
@@ -189,6 +200,23 @@ async fn serve(api: Arc<Api>, l: std::net::TcpListener, tls_cfg: Arc<rustls::Ser
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
+    }
+}
+
+/// A tonic response body as this server's body type (which must be `Sync`: the mutex is
+/// never contended, `poll_frame` has `&mut`). A body error ends the stream.
+struct GrpcBody(std::sync::Mutex<tonic::body::Body>);
+
+impl hyper::body::Body for GrpcBody {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let b = self.get_mut().0.get_mut().unwrap_or_else(|p| p.into_inner());
+        match std::pin::Pin::new(b).poll_frame(cx) {
+            std::task::Poll::Ready(Some(Ok(f))) => std::task::Poll::Ready(Some(Ok(f))),
+            std::task::Poll::Ready(_) => std::task::Poll::Ready(None),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -351,6 +379,9 @@ impl Api {
 
     /// Answers one request; never fails (errors become `Status` responses).
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        if req.uri().path().starts_with("/shoal.agent.v1.NodeAgent/") && req.headers().get(header::CONTENT_TYPE).is_some_and(|c| c.as_bytes().starts_with(b"application/grpc")) {
+            return self.grpc(req).await;
+        }
         let start = Instant::now();
         self.metrics.inflight.inc();
         let method = req.method().clone();
@@ -363,6 +394,18 @@ impl Api {
         }
         tracing::debug!(%method, %path, status, micros = start.elapsed().as_micros() as u64, "request");
         resp
+    }
+
+    /// The agent protocol. gRPC errors travel in trailers; a body error ends the stream.
+    async fn grpc(&self, req: Request<Incoming>) -> Response<Body> {
+        use tonic::codegen::Service;
+        let mut svc = shoal_proto::agent::node_agent_server::NodeAgentServer::new(self.agents.clone()).max_decoding_message_size(16 << 20);
+        let resp = match svc.call(req).await {
+            Ok(r) => r,
+            Err(never) => match never {},
+        };
+        let (parts, body) = resp.into_parts();
+        Response::from_parts(parts, BodyExt::boxed(GrpcBody(std::sync::Mutex::new(body))))
     }
 
     async fn dispatch(&self, req: Request<Incoming>) -> (Response<Body>, Option<(&'static str, &'static str, &'static str, String)>) {

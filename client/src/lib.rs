@@ -162,6 +162,19 @@ impl Client {
         }
     }
 
+    /// A GET whose answer is text (`/metrics`, logs).
+    pub async fn get_text(&self, path: &str) -> Result<String, Error> {
+        let resp = self.send(Method::GET, path, "", None).await?;
+        let code = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await.map_err(|e| Error::Transport(e.to_string()))?.to_bytes();
+        if (200..300).contains(&code) {
+            Ok(String::from_utf8_lossy(&bytes).into_owned())
+        } else {
+            let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+            Err(Error::Api { code, reason: v["reason"].as_str().unwrap_or("").to_string(), message: v["message"].as_str().unwrap_or_else(|| std::str::from_utf8(&bytes).unwrap_or("")).to_string() })
+        }
+    }
+
     pub async fn get(&self, path: &str) -> Result<Option<Value>, Error> {
         match self.request(Method::GET, path, "application/json", None).await {
             Ok(v) => Ok(Some(v)),

@@ -2,6 +2,7 @@
 //! table, and prints one JSON object as its very last line (format in BENCHMARKS.md).
 
 mod api;
+mod hollow;
 mod procs;
 mod scheduler;
 mod store;
@@ -33,6 +34,12 @@ enum Cmd {
     Api(api::ApiArgs),
     /// Upstream scheduler_perf workloads against Shoal's scheduling core, in-process.
     Scheduler(scheduler::SchedulerArgs),
+    /// Simulated nodes (real agent-protocol clients on a simulated runtime) joining a
+    /// running cluster, for as long as --duration-s.
+    Hollow(hollow::HollowArgs),
+    /// Starts `shoal server` and hollow nodes, creates `nodes × pods-per-node` pods through
+    /// Deployments, and measures pod startup latency, all-running time and memory.
+    Density(hollow::DensityArgs),
 }
 
 fn main() {
@@ -50,6 +57,8 @@ fn main() {
             Cmd::Store(a) => store::run(a).await,
             Cmd::Api(a) => api::run(a).await,
             Cmd::Scheduler(a) => scheduler::run(a).await,
+            Cmd::Hollow(a) => hollow::hollow(a).await,
+            Cmd::Density(a) => hollow::density(a).await,
         }
     });
     match res {

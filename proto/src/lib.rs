@@ -35,6 +35,11 @@ pub mod admin {
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("admin_descriptor");
 }
 
+/// The agent protocol (`shoal agent` and hollow nodes ↔ API server).
+pub mod agent {
+    tonic::include_proto!("shoal.agent.v1");
+}
+
 /// Server of `etcdserverpb.Watch` whose responses are [`shoalstore::WatchResponseRaw`].
 pub mod raw_watch {
     include!(concat!(env!("OUT_DIR"), "/etcdserverpb.Watch.rs"));

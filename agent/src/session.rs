@@ -1,0 +1,372 @@
+//! The agent's side of the protocol: register with the bootstrap token, hold one session,
+//! apply what the server sends to the pod manager, send batched statuses and heartbeats,
+//! answer reverse requests, and come back after any failure with what it holds (so the
+//! server sends only the difference and no status is lost).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use serde_json::{json, Value};
+use shoal_proto::agent::node_agent_client::NodeAgentClient;
+use shoal_proto::agent::{self as pb, agent_message, reverse_request, server_message};
+use tokio::sync::{mpsc, watch};
+use tonic::transport::Channel;
+
+use crate::pods::{now, NodeCtx, Outbox, Pod, PodManager};
+use crate::runtime::Runtime;
+
+/// How an agent joins and behaves.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub node_name: String,
+    /// A bootstrap token (`ID.SECRET`) or the admin token.
+    pub bootstrap_token: String,
+    /// Labels of the Node created at registration.
+    pub labels: serde_json::Map<String, Value>,
+    /// Taints of the Node created at registration.
+    pub taints: Vec<Value>,
+    /// `status.capacity` (and allocatable): `{"cpu": "8", "memory": "32Gi", "pods": "110"}`.
+    pub capacity: Value,
+    /// The node's InternalIP.
+    pub host_ip: String,
+    /// Lease renewal period (upstream: 10 s).
+    pub heartbeat: Duration,
+    /// Node status is sent at least this often when nothing changed (upstream: 5 min).
+    pub status_report: Duration,
+    /// Pod statuses per batch.
+    pub max_batch: usize,
+}
+
+impl AgentConfig {
+    pub fn new(node_name: &str, bootstrap_token: &str) -> AgentConfig {
+        AgentConfig {
+            node_name: node_name.into(),
+            bootstrap_token: bootstrap_token.into(),
+            labels: Default::default(),
+            taints: Vec::new(),
+            capacity: json!({"cpu": "8", "memory": "32Gi", "pods": "110", "ephemeral-storage": "100Gi"}),
+            host_ip: "127.0.0.1".into(),
+            heartbeat: Duration::from_secs(10),
+            status_report: Duration::from_secs(300),
+            max_batch: 200,
+        }
+    }
+}
+
+/// Counters an agent (or a fleet of hollow nodes) exposes.
+#[derive(Default, Debug)]
+pub struct AgentStats {
+    pub sessions: AtomicU64,
+    pub objects: AtomicU64,
+    pub statuses_sent: AtomicU64,
+    pub status_errors: AtomicU64,
+    pub heartbeats: AtomicU64,
+}
+
+/// (kind, namespace, name)
+type ObjectId = (Arc<str>, Arc<str>, Arc<str>);
+
+/// One node agent.
+pub struct Agent<R: Runtime> {
+    cfg: AgentConfig,
+    channel: Channel,
+    rt: Arc<R>,
+    pub pods: Arc<PodManager<R>>,
+    outbox: Arc<Outbox>,
+    node: Arc<NodeCtx>,
+    /// What the agent holds: (kind, namespace, name) → revision.
+    known: Mutex<HashMap<ObjectId, i64>>,
+    token: Mutex<Option<String>>,
+    /// The server's view of this node's Ready condition is not True: send status now.
+    status_due: AtomicBool,
+    pub synced: AtomicBool,
+    pub stats: Arc<AgentStats>,
+    ready_since: i64,
+}
+
+/// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Why a session ended.
+enum End {
+    Stop,
+    Retry(String),
+    Reregister(String),
+}
+
+impl<R: Runtime> Agent<R> {
+    pub fn new(cfg: AgentConfig, channel: Channel, rt: Arc<R>, stats: Arc<AgentStats>) -> Arc<Agent<R>> {
+        let node = Arc::new(NodeCtx { node_name: cfg.node_name.clone(), host_ip: Mutex::new(cfg.host_ip.clone()), ipam: Default::default() });
+        let outbox = Arc::new(Outbox::default());
+        let pods = PodManager::new(rt.clone(), node.clone(), outbox.clone());
+        Arc::new(Agent { cfg, channel, rt, pods, outbox, node, known: Mutex::new(HashMap::new()), token: Mutex::new(None), status_due: AtomicBool::new(true), synced: AtomicBool::new(false), stats, ready_since: now() })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.cfg.node_name
+    }
+
+    /// Statuses waiting to be sent or acknowledged.
+    pub fn unsent(&self) -> usize {
+        self.outbox.len()
+    }
+
+    fn node_object(&self) -> Value {
+        let mut labels = self.cfg.labels.clone();
+        for (k, v) in [("kubernetes.io/hostname", self.cfg.node_name.as_str()), ("kubernetes.io/os", "linux"), ("kubernetes.io/arch", "amd64"), ("beta.kubernetes.io/os", "linux"), ("beta.kubernetes.io/arch", "amd64")] {
+            labels.entry(k.to_string()).or_insert(json!(v));
+        }
+        let mut n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.cfg.node_name, "labels": labels}, "spec": {}, "status": self.node_status()});
+        if !self.cfg.taints.is_empty() {
+            n["spec"]["taints"] = json!(self.cfg.taints);
+        }
+        n
+    }
+
+    fn node_status(&self) -> Value {
+        let t = crate::pods::now();
+        let ts = |s: i64| crate::pods::rfc3339(s);
+        let cond = |ty: &str, st: &str, reason: &str, msg: &str| json!({"type": ty, "status": st, "reason": reason, "message": msg, "lastHeartbeatTime": ts(t), "lastTransitionTime": ts(self.ready_since)});
+        json!({
+            "capacity": self.cfg.capacity,
+            "allocatable": self.cfg.capacity,
+            "conditions": [
+                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
+                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
+                cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+            ],
+            "addresses": [{"type": "InternalIP", "address": self.node.host_ip.lock().clone()}, {"type": "Hostname", "address": self.cfg.node_name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+            "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "Shoal", "containerRuntimeVersion": self.rt.version(), "kubeletVersion": "v1.35.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+        })
+    }
+
+    async fn register(&self) -> Result<String, End> {
+        let mut client = NodeAgentClient::new(self.channel.clone());
+        let req = pb::RegisterRequest { bootstrap_token: self.cfg.bootstrap_token.clone(), node_name: self.cfg.node_name.clone(), node_json: Bytes::from(self.node_object().to_string()) };
+        match client.register(req).await {
+            Ok(r) => Ok(r.into_inner().node_token),
+            Err(s) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::InvalidArgument => Err(End::Retry(format!("registration refused: {}", s.message()))),
+            Err(s) => Err(End::Retry(format!("registration failed: {}", s.message()))),
+        }
+    }
+
+    /// Runs until `stop` turns true: sessions, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let end = self.session(&mut stop).await;
+            match end {
+                End::Stop => return,
+                End::Retry(why) => tracing::debug!(node = %self.cfg.node_name, %why, "agent session ended; reconnecting"),
+                End::Reregister(why) => {
+                    tracing::info!(node = %self.cfg.node_name, %why, "node credential refused; registering again");
+                    *self.token.lock() = None;
+                }
+            }
+            if self.synced.swap(false, Ordering::Relaxed) {
+                backoff = Duration::from_millis(500);
+            }
+            // Jitter spreads thousands of agents reconnecting after a server restart.
+            let jitter = Duration::from_millis(u64::from(self.cfg.node_name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % 500));
+            tokio::select! {
+                _ = tokio::time::sleep(backoff + jitter) => {}
+                _ = stopped(&mut stop) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    fn hello(&self) -> pb::Hello {
+        let known = self.known.lock().iter().map(|((k, ns, n), r)| pb::Known { kind: k.to_string(), namespace: ns.to_string(), name: n.to_string(), revision: *r }).collect();
+        pb::Hello { known }
+    }
+
+    async fn session(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> End {
+        let cur = self.token.lock().clone();
+        let token = match cur {
+            Some(t) => t,
+            None => match self.register().await {
+                Ok(t) => {
+                    *self.token.lock() = Some(t.clone());
+                    t
+                }
+                Err(e) => return e,
+            },
+        };
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+        let _ = tx.try_send(pb::AgentMessage { msg: Some(agent_message::Msg::Hello(self.hello())) });
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        match format!("Bearer {token}").parse() {
+            Ok(v) => {
+                req.metadata_mut().insert("authorization", v);
+            }
+            Err(_) => return End::Reregister("the node credential is not a valid header value".into()),
+        }
+        let mut client = NodeAgentClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
+        let mut inbound = match client.session(req).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => return End::Reregister(s.message().to_string()),
+            Err(s) => return End::Retry(s.message().to_string()),
+        };
+        self.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        self.status_due.store(true, Ordering::Relaxed);
+        let mut seq = 0u64;
+        let mut inflight: Option<(u64, crate::pods::Batch)> = None;
+        let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(50), self.cfg.heartbeat);
+        hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = tokio::time::Instant::now();
+        let end = loop {
+            tokio::select! {
+                m = inbound.message() => match m {
+                    Ok(Some(m)) => {
+                        if let Some(reply) = self.handle(m, &mut inflight) {
+                            if tx.send(reply).await.is_err() { break End::Retry("session closed".into()) }
+                        }
+                    }
+                    Ok(None) => break End::Retry("the server ended the session".into()),
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => break End::Reregister(s.message().to_string()),
+                    Err(s) => break End::Retry(s.message().to_string()),
+                },
+                _ = self.outbox.notify.notified(), if inflight.is_none() => {
+                    let b = self.outbox.take(self.cfg.max_batch);
+                    if b.is_empty() { continue }
+                    seq += 1;
+                    let msg = pb::StatusBatch {
+                        seq,
+                        pods: b.statuses.iter().map(|(k, uid, s)| {
+                            let (ns, name) = k.split_once('/').unwrap_or(("", k));
+                            pb::PodStatus { namespace: ns.into(), name: name.into(), uid: uid.to_string(), status_json: s.clone() }
+                        }).collect(),
+                        gone: b.gone.iter().map(|(k, uid)| {
+                            let (ns, name) = k.split_once('/').unwrap_or(("", k));
+                            pb::PodGone { namespace: ns.into(), name: name.into(), uid: uid.to_string() }
+                        }).collect(),
+                    };
+                    self.stats.statuses_sent.fetch_add(msg.pods.len() as u64, Ordering::Relaxed);
+                    inflight = Some((seq, b));
+                    if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Status(msg)) }).await.is_err() { break End::Retry("session closed".into()) }
+                }
+                _ = hb.tick() => {
+                    let due = self.status_due.swap(false, Ordering::Relaxed) || last_status.elapsed() >= self.cfg.status_report;
+                    let node_status_json = if due { last_status = tokio::time::Instant::now(); Bytes::from(self.node_status().to_string()) } else { Bytes::new() };
+                    self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
+                    if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(pb::Heartbeat { node_status_json })) }).await.is_err() { break End::Retry("session closed".into()) }
+                }
+                _ = stopped(stop) => break End::Stop,
+            }
+        };
+        if let Some((_, b)) = inflight.take() {
+            self.outbox.put_back(b);
+        }
+        end
+    }
+
+    /// Applies one server message; returns a reply to send, if any.
+    fn handle(self: &Arc<Self>, m: pb::ServerMessage, inflight: &mut Option<(u64, crate::pods::Batch)>) -> Option<pb::AgentMessage> {
+        match m.msg? {
+            server_message::Msg::Objects(o) => {
+                for item in o.items {
+                    self.stats.objects.fetch_add(1, Ordering::Relaxed);
+                    self.object(item);
+                }
+                None
+            }
+            server_message::Msg::Synced(_) => {
+                self.synced.store(true, Ordering::Relaxed);
+                None
+            }
+            server_message::Msg::Ack(a) => {
+                if inflight.as_ref().is_some_and(|(s, _)| *s == a.seq) {
+                    let (_, batch) = inflight.take()?;
+                    // Transient failures are retried; a pod that is gone or replaced is not.
+                    let retry: Vec<&pb::StatusError> = a.errors.iter().filter(|e| e.code == 429 || e.code >= 500).collect();
+                    self.stats.status_errors.fetch_add(a.errors.len() as u64, Ordering::Relaxed);
+                    for e in &a.errors {
+                        tracing::debug!(node = %self.cfg.node_name, pod = %format!("{}/{}", e.namespace, e.name), code = e.code, message = %e.message, "pod status not written");
+                    }
+                    if !retry.is_empty() {
+                        let keep = |k: &str| retry.iter().any(|e| k == format!("{}/{}", e.namespace, e.name));
+                        let b = crate::pods::Batch { statuses: batch.statuses.into_iter().filter(|(k, _, _)| keep(k)).collect(), gone: batch.gone.into_iter().filter(|(k, _)| keep(k)).collect() };
+                        self.outbox.put_back(b);
+                    } else if !self.outbox.is_empty() {
+                        self.outbox.notify.notify_one();
+                    }
+                }
+                None
+            }
+            server_message::Msg::Request(r) => Some(self.reverse(r)),
+            server_message::Msg::Cancel(_) => None,
+        }
+    }
+
+    fn object(&self, o: pb::Object) {
+        let id = (Arc::<str>::from(o.kind.as_str()), Arc::<str>::from(o.namespace.as_str()), Arc::<str>::from(o.name.as_str()));
+        if o.json.is_empty() {
+            self.known.lock().remove(&id);
+            if o.kind == "Pod" {
+                self.pods.remove(&format!("{}/{}", o.namespace, o.name));
+            }
+            return;
+        }
+        {
+            let mut k = self.known.lock();
+            if k.get(&id).is_some_and(|r| *r >= o.revision) {
+                return;
+            }
+            k.insert(id, o.revision);
+        }
+        match o.kind.as_str() {
+            "Pod" => match Pod::parse(&o.json) {
+                Ok(p) => self.pods.upsert(p),
+                Err(e) => tracing::warn!(node = %self.cfg.node_name, pod = %o.name, error = %e, "pod ignored"),
+            },
+            "Node" => {
+                let n: Value = serde_json::from_slice(&o.json).unwrap_or(Value::Null);
+                if let Some(c) = n.pointer("/spec/podCIDR").and_then(Value::as_str) {
+                    self.node.ipam.set_cidr(c);
+                }
+                let ready = n.pointer("/status/conditions").and_then(Value::as_array).and_then(|cs| cs.iter().find(|c| c["type"] == "Ready")).is_some_and(|c| c["status"] == "True");
+                if !ready {
+                    // Someone (the node lifecycle controller, a restart) marked us not
+                    // ready: say otherwise at the next heartbeat.
+                    self.status_due.store(true, Ordering::Relaxed);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn reverse(&self, r: pb::ReverseRequest) -> pb::AgentMessage {
+        let (data, error) = match r.request {
+            Some(reverse_request::Request::Logs(l)) => {
+                let tail = (l.tail_lines >= 0).then_some(l.tail_lines as usize);
+                match self.pods.logs(&l.namespace, &l.pod, &l.container, tail) {
+                    Ok(mut d) => {
+                        if l.limit_bytes > 0 {
+                            d.truncate(l.limit_bytes as usize);
+                        }
+                        (Bytes::from(d), String::new())
+                    }
+                    Err(e) => (Bytes::new(), e),
+                }
+            }
+            Some(reverse_request::Request::Stats(_)) => {
+                let u = self.rt.usage();
+                (Bytes::from(json!({"node": {"nodeName": self.cfg.node_name, "cpu": {"usageNanoCores": u.cpu_nanocores}, "memory": {"workingSetBytes": u.memory_bytes}}, "pods": self.pods.count()}).to_string()), String::new())
+            }
+            None => (Bytes::new(), "unknown request".to_string()),
+        };
+        pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id: r.id, data, done: true, error })) }
+    }
+}

@@ -1,0 +1,867 @@
+//! The server half of the agent protocol (`proto/agent.proto`): how 5,000 node agents stay
+//! cheap for the control plane.
+//!
+//! - `Register` checks a bootstrap token (a `bootstrap.kubernetes.io/token` Secret in
+//!   `kube-system`, as upstream; the admin token is accepted too), creates the Node if it is
+//!   missing and answers a node credential: a JWT from the service-account signer naming
+//!   `system:node:NAME`.
+//! - `Session` is one bidirectional stream per node. The [`Hub`] (one task) follows pods,
+//!   ConfigMaps, Secrets and Nodes in the watch cache and routes each change to the nodes it
+//!   concerns (a node gets its own Node object too, for its podCIDR): per event O(nodes concerned), never O(nodes). A (re)connecting agent lists
+//!   what it holds with revisions and gets only the difference, then `Synced`.
+//! - Pod statuses arrive in batches and are written as `pods/status` updates (the pod must
+//!   be bound to the session's node; a changed uid is a 409); `PodGone` deletes a pod whose
+//!   containers stopped (grace 0, uid precondition). Heartbeats renew the node's Lease in
+//!   `kube-node-lease` and write node status when the agent sends one.
+//! - Reverse requests (logs, stats) go down the same stream; replies are routed back by id.
+//!
+//! Architecture Invariant: every message from an agent is checked here (identity, pod
+//! ownership, JSON shape) and goes through the same REST code paths (validation,
+//! admission) as a kubectl request would.
+
+use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine;
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use serde_json::{json, Value};
+use shoal_proto::agent::node_agent_server::NodeAgent;
+use shoal_proto::agent::{self as pb, agent_message, server_message};
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::backend::Backend;
+use crate::cache::{Cache, Delivery, Entry};
+use crate::meta;
+use crate::resources::{self, ResourceDef};
+use crate::rest::{self, Filter, Query, Target};
+use crate::status::ApiError;
+use crate::token::{Signer, ISSUER};
+
+/// Audience of node credentials.
+pub const NODE_AUDIENCE: &str = "shoal-agent";
+/// How long a node credential is valid (a kubelet client certificate's default year).
+pub const NODE_TOKEN_SECS: i64 = 365 * 24 * 3600;
+/// Messages queued per session before the agent counts as too slow and is disconnected
+/// (it reconnects and gets the difference).
+const SESSION_QUEUE: usize = 1024;
+/// Lease duration written for nodes (upstream's kubelet default).
+const LEASE_SECS: i64 = 40;
+
+/// Metrics of the agent protocol.
+#[derive(Default)]
+pub struct AgentMetrics {
+    pub sessions: Gauge,
+    pub registrations: Counter,
+    pub objects_sent: Counter,
+    pub statuses: Counter,
+    pub status_errors: Counter,
+    pub heartbeats: Counter,
+    pub slow_disconnects: Counter,
+}
+
+impl AgentMetrics {
+    pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register("shoal_agent_sessions", "Connected agent sessions", self.sessions.clone());
+        reg.register("shoal_agent_registrations", "Nodes registered with a bootstrap token", self.registrations.clone());
+        reg.register("shoal_agent_objects_sent", "Objects sent to agents (pods, configmaps, secrets; deletions included)", self.objects_sent.clone());
+        reg.register("shoal_agent_pod_statuses", "Pod statuses received from agents", self.statuses.clone());
+        reg.register("shoal_agent_pod_status_errors", "Pod statuses refused or failed", self.status_errors.clone());
+        reg.register("shoal_agent_heartbeats", "Heartbeats received from agents", self.heartbeats.clone());
+        reg.register("shoal_agent_slow_disconnects", "Sessions closed because the agent did not read fast enough", self.slow_disconnects.clone());
+    }
+}
+
+type Out = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+/// The gRPC service.
+pub struct AgentService {
+    backend: Backend,
+    cache: Arc<Cache>,
+    signer: Arc<Signer>,
+    admin_token: String,
+    hub: Hub,
+    metrics: Arc<AgentMetrics>,
+    next_session: AtomicU64,
+    next_request: AtomicU64,
+    /// Reverse requests waiting for replies: id → where the replies go.
+    pending: Arc<Mutex<HashMap<u64, mpsc::Sender<pb::ReverseReply>>>>,
+}
+
+fn def(plural: &str, group: &str, version: &str) -> &'static ResourceDef {
+    resources::find(group, version, plural).expect("built-in resource")
+}
+
+fn api_status(e: ApiError) -> Status {
+    let code = match e.code {
+        400 | 422 => tonic::Code::InvalidArgument,
+        401 => tonic::Code::Unauthenticated,
+        403 => tonic::Code::PermissionDenied,
+        404 => tonic::Code::NotFound,
+        409 => tonic::Code::Aborted,
+        429 => tonic::Code::ResourceExhausted,
+        503 | 504 => tonic::Code::Unavailable,
+        _ => tonic::Code::Internal,
+    };
+    Status::new(code, e.message)
+}
+
+/// Checks a bootstrap token against its Secret (upstream's format and rules).
+pub fn check_bootstrap_token(cache: &Cache, token: &str, now: i64) -> Result<(), String> {
+    let (id, secret) = token.split_once('.').ok_or("a bootstrap token has the form ID.SECRET")?;
+    let ok = |s: &str, n| s.len() == n && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if !ok(id, 6) || !ok(secret, 16) {
+        return Err("a bootstrap token is [a-z0-9]{6}.[a-z0-9]{16}".into());
+    }
+    let e = cache.get(&format!("/registry/secrets/kube-system/bootstrap-token-{id}")).ok_or("unknown bootstrap token")?;
+    let v = e.value();
+    if v["type"] != "bootstrap.kubernetes.io/token" {
+        return Err("unknown bootstrap token".into());
+    }
+    let field = |k: &str| v["data"][k].as_str().and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok()).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let have = field("token-secret").unwrap_or_default();
+    if have.len() != secret.len() || have.bytes().zip(secret.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) != 0 {
+        return Err("unknown bootstrap token".into());
+    }
+    if field("usage-bootstrap-authentication").as_deref() != Some("true") {
+        return Err("the bootstrap token is not for authentication (usage-bootstrap-authentication)".into());
+    }
+    if let Some(exp) = field("expiration") {
+        if meta::parse_time(&exp).is_none_or(|t| t <= now) {
+            return Err("the bootstrap token has expired".into());
+        }
+    }
+    Ok(())
+}
+
+/// Reads the cluster's bootstrap token from `dir/bootstrap-token`, creating one (and its
+/// Secret) on first start. Returns the token.
+pub async fn ensure_bootstrap_token(backend: &Backend, dir: &std::path::Path) -> Result<String, ApiError> {
+    let path = dir.join("bootstrap-token");
+    let token = match std::fs::read_to_string(&path) {
+        Ok(t) => t.trim().to_string(),
+        Err(_) => {
+            const ALPHA: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+            let mut raw = [0u8; 22];
+            getrandom::fill(&mut raw).map_err(|e| ApiError::internal(format!("no randomness: {e}")))?;
+            let s: String = raw.iter().map(|b| ALPHA[*b as usize % ALPHA.len()] as char).collect();
+            let t = format!("{}.{}", &s[..6], &s[6..]);
+            crate::tls::write_private(&path, &t).map_err(|e| ApiError::internal(e.to_string()))?;
+            t
+        }
+    };
+    let (id, secret) = token.split_once('.').ok_or_else(|| ApiError::internal(format!("{} is not a bootstrap token", path.display())))?;
+    let b = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let obj = json!({"apiVersion": "v1", "kind": "Secret", "type": "bootstrap.kubernetes.io/token",
+        "metadata": {"name": format!("bootstrap-token-{id}"), "namespace": "kube-system"},
+        "data": {"token-id": b(id), "token-secret": b(secret), "usage-bootstrap-authentication": b("true"), "description": b("created by shoal server for joining agents")}});
+    let t = Target { def: def("secrets", "", "v1"), ns: "kube-system", name: &format!("bootstrap-token-{id}"), sub: "" };
+    match rest::create(backend, &t, obj, &Query::default()).await {
+        Ok(_) => Ok(token),
+        Err(e) if e.code == 409 => Ok(token),
+        Err(e) => Err(e),
+    }
+}
+
+impl AgentService {
+    pub fn new(backend: Backend, cache: Arc<Cache>, signer: Arc<Signer>, admin_token: String, metrics: Arc<AgentMetrics>) -> AgentService {
+        let hub = Hub::start(cache.clone(), metrics.clone());
+        AgentService { backend, cache, signer, admin_token, hub, metrics, next_session: AtomicU64::new(1), next_request: AtomicU64::new(1), pending: Default::default() }
+    }
+
+    /// The node a session's credential names.
+    fn node_of(&self, md: &tonic::metadata::MetadataMap) -> Result<String, Status> {
+        let h = md.get("authorization").and_then(|v| v.to_str().ok()).ok_or_else(|| Status::unauthenticated("no authorization: send `authorization: Bearer <node credential>` (from Register)"))?;
+        let tok = h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")).ok_or_else(|| Status::unauthenticated("authorization must be a Bearer token"))?;
+        let claims = self.signer.verify(tok.trim(), meta::now_secs()).ok_or_else(|| Status::unauthenticated("invalid or expired node credential; register again"))?;
+        if claims["aud"].as_array().is_none_or(|a| !a.iter().any(|x| x == NODE_AUDIENCE)) {
+            return Err(Status::unauthenticated("the credential is not a node credential"));
+        }
+        let node = claims["sub"].as_str().and_then(|s| s.strip_prefix("system:node:")).ok_or_else(|| Status::unauthenticated("the credential names no node"))?;
+        Ok(node.to_string())
+    }
+
+    /// Sends a reverse request to a node's agent; replies arrive on the returned receiver
+    /// (dropping it cancels the request). None: the node has no session.
+    pub fn request(&self, node: &str, req: pb::reverse_request::Request) -> Option<mpsc::Receiver<pb::ReverseReply>> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(64);
+        let out = self.hub.session_out(node)?;
+        self.pending.lock().insert(id, tx);
+        let msg = pb::ServerMessage { msg: Some(server_message::Msg::Request(pb::ReverseRequest { id, request: Some(req) })) };
+        if out.try_send(Ok(msg)).is_err() {
+            self.pending.lock().remove(&id);
+            return None;
+        }
+        let (pending, out2) = (self.pending.clone(), out.clone());
+        // When the caller drops the receiver, tell the agent to stop.
+        let watch_tx = self.pending.lock().get(&id).cloned();
+        if let Some(w) = watch_tx {
+            tokio::spawn(async move {
+                w.closed().await;
+                if pending.lock().remove(&id).is_some() {
+                    let _ = out2.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Cancel(pb::Cancel { id })) }));
+                }
+            });
+        }
+        Some(rx)
+    }
+
+    async fn write_status(&self, node: &str, s: &pb::PodStatus) -> Result<(), ApiError> {
+        let key = format!("/registry/pods/{}/{}", s.namespace, s.name);
+        self.check_owner(node, &key, &s.name)?;
+        let status: Value = serde_json::from_slice(&s.status_json).map_err(|e| ApiError::bad_request(format!("status_json: {e}")))?;
+        if !status.is_object() {
+            return Err(ApiError::bad_request("status_json must be a JSON object"));
+        }
+        let obj = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": s.name, "namespace": s.namespace, "uid": s.uid}, "status": status});
+        let t = Target { def: def("pods", "", "v1"), ns: &s.namespace, name: &s.name, sub: "status" };
+        let mut q = Query::default();
+        q.0.insert("fieldManager".into(), "shoal-agent".into());
+        rest::update(&self.backend, &t, obj, &q).await.map(|_| ())
+    }
+
+    /// A node may only touch the pods bound to it.
+    fn check_owner(&self, node: &str, key: &str, name: &str) -> Result<(), ApiError> {
+        match self.cache.get(key) {
+            None => Err(ApiError::not_found(crate::status::Gr { group: "", resource: "pods" }, name)),
+            Some(e) if e.field_str("spec.nodeName") != Some(node) => Err(ApiError::new(403, "Forbidden", format!("node \"{node}\" can only update pods bound to it; pod \"{name}\" is not"))),
+            Some(_) => Ok(()),
+        }
+    }
+
+    async fn pod_gone(&self, node: &str, g: &pb::PodGone) -> Result<(), ApiError> {
+        let key = format!("/registry/pods/{}/{}", g.namespace, g.name);
+        self.check_owner(node, &key, &g.name)?;
+        let t = Target { def: def("pods", "", "v1"), ns: &g.namespace, name: &g.name, sub: "" };
+        let body = json!({"gracePeriodSeconds": 0, "preconditions": {"uid": g.uid}}).to_string();
+        match rest::delete(&self.backend, &t, body.as_bytes(), &Query::default()).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn status_batch(&self, node: &str, b: pb::StatusBatch) -> pb::StatusAck {
+        let mut errors = Vec::new();
+        let writes = b.pods.iter().map(|s| async move { (s, self.write_status(node, s).await) });
+        for (s, r) in futures::future::join_all(writes).await {
+            self.metrics.statuses.inc();
+            if let Err(e) = r {
+                self.metrics.status_errors.inc();
+                errors.push(pb::StatusError { namespace: s.namespace.clone(), name: s.name.clone(), code: e.code as i32, message: e.message });
+            }
+        }
+        for g in &b.gone {
+            if let Err(e) = self.pod_gone(node, g).await {
+                errors.push(pb::StatusError { namespace: g.namespace.clone(), name: g.name.clone(), code: e.code as i32, message: e.message });
+            }
+        }
+        pb::StatusAck { seq: b.seq, errors }
+    }
+
+    async fn heartbeat(&self, node: &str, h: pb::Heartbeat) -> Result<(), ApiError> {
+        self.metrics.heartbeats.inc();
+        let now = meta::now_micro_time();
+        let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": node, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": node, "leaseDurationSeconds": LEASE_SECS, "renewTime": now}});
+        let t = Target { def: def("leases", "coordination.k8s.io", "v1"), ns: "kube-node-lease", name: node, sub: "" };
+        let mut q = Query::default();
+        q.0.insert("fieldManager".into(), "shoal-agent".into());
+        match rest::update(&self.backend, &t, lease.clone(), &q).await {
+            Ok(_) => {}
+            Err(e) if e.code == 404 => {
+                let mut lease = lease;
+                if let Some(n) = self.cache.get(&def("nodes", "", "v1").key("", node)) {
+                    let uid = n.value().pointer("/metadata/uid").cloned().unwrap_or(Value::Null);
+                    lease["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Node", "name": node, "uid": uid}]);
+                }
+                match rest::create(&self.backend, &t, lease, &q).await {
+                    Ok(_) => {}
+                    Err(e) if e.code == 409 => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        if !h.node_status_json.is_empty() {
+            let status: Value = serde_json::from_slice(&h.node_status_json).map_err(|e| ApiError::bad_request(format!("node_status_json: {e}")))?;
+            if !status.is_object() {
+                return Err(ApiError::bad_request("node_status_json must be a JSON object"));
+            }
+            let t = Target { def: def("nodes", "", "v1"), ns: "", name: node, sub: "status" };
+            rest::update(&self.backend, &t, json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}, "status": status}), &q).await?;
+        }
+        Ok(())
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send + 'static>>;
+
+/// The tonic service of [`AgentService`].
+#[derive(Clone)]
+pub struct AgentGrpc(pub Arc<AgentService>);
+
+impl std::ops::Deref for AgentGrpc {
+    type Target = AgentService;
+    fn deref(&self) -> &AgentService {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl NodeAgent for AgentGrpc {
+    async fn register(&self, req: Request<pb::RegisterRequest>) -> Result<Response<pb::RegisterResponse>, Status> {
+        let r = req.into_inner();
+        let now = meta::now_secs();
+        let admin = !self.admin_token.is_empty() && r.bootstrap_token.len() == self.admin_token.len() && r.bootstrap_token.bytes().zip(self.admin_token.bytes()).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0;
+        if !admin {
+            check_bootstrap_token(&self.cache, &r.bootstrap_token, now).map_err(Status::unauthenticated)?;
+        }
+        let errs = meta::dns1123_subdomain(&r.node_name);
+        if !errs.is_empty() {
+            return Err(Status::invalid_argument(format!("node_name {:?}: {}", r.node_name, errs.join("; "))));
+        }
+        let mut node: Value = if r.node_json.is_empty() { json!({}) } else { serde_json::from_slice(&r.node_json).map_err(|e| Status::invalid_argument(format!("node_json: {e}")))? };
+        if !node.is_object() {
+            return Err(Status::invalid_argument("node_json must be a JSON object (a v1 Node)"));
+        }
+        match node.pointer("/metadata/name").and_then(Value::as_str) {
+            Some(n) if n != r.node_name => return Err(Status::invalid_argument(format!("node_json names node {n:?}, not {:?}", r.node_name))),
+            _ => {}
+        }
+        node["apiVersion"] = json!("v1");
+        node["kind"] = json!("Node");
+        node["metadata"]["name"] = json!(r.node_name);
+        let t = Target { def: def("nodes", "", "v1"), ns: "", name: &r.node_name, sub: "" };
+        let mut q = Query::default();
+        q.0.insert("fieldManager".into(), "shoal-agent".into());
+        match rest::create(&self.backend, &t, node, &q).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => return Err(api_status(e)),
+        }
+        let claims = json!({"iss": ISSUER, "sub": format!("system:node:{}", r.node_name), "aud": [NODE_AUDIENCE], "iat": now, "nbf": now, "exp": now + NODE_TOKEN_SECS,
+            "groups": ["system:nodes", "system:authenticated"]});
+        let tok = self.signer.sign(&claims).map_err(api_status)?;
+        self.metrics.registrations.inc();
+        tracing::info!(node = %r.node_name, "node registered");
+        Ok(Response::new(pb::RegisterResponse { node_token: tok, node_name: r.node_name, expires_unix: now + NODE_TOKEN_SECS }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(&self, req: Request<Streaming<pb::AgentMessage>>) -> Result<Response<SessionStream>, Status> {
+        let node = self.node_of(req.metadata())?;
+        let mut inbound = req.into_inner();
+        let hello = match inbound.message().await? {
+            Some(pb::AgentMessage { msg: Some(agent_message::Msg::Hello(h)) }) => h,
+            Some(_) => return Err(Status::invalid_argument("the first message of a session must be hello")),
+            None => return Err(Status::cancelled("the agent closed the session before hello")),
+        };
+        let id = self.next_session.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(SESSION_QUEUE);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let mut known = HashMap::with_capacity(hello.known.len());
+        for k in hello.known {
+            let Some(key) = store_key(&k.kind, &k.namespace, &k.name) else {
+                return Err(Status::invalid_argument(format!("hello: unknown kind {:?}", k.kind)));
+            };
+            known.insert(key, k.revision);
+        }
+        self.hub.send(HubMsg::Attach { node: node.clone(), id, known, out: tx.clone(), kill: kill_tx });
+        self.metrics.sessions.inc();
+        tracing::debug!(%node, id, "agent session opened");
+        let svc = self.0.clone();
+        tokio::spawn(async move {
+            // Status batches are applied in order, one at a time per session (the store
+            // group-commits across sessions).
+            loop {
+                let m = match inbound.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(%node, error = %e, "agent session read failed");
+                        break;
+                    }
+                };
+                match m.msg {
+                    Some(agent_message::Msg::Status(b)) => {
+                        let ack = svc.status_batch(&node, b).await;
+                        if tx.send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Ack(ack)) })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(agent_message::Msg::Heartbeat(h)) => {
+                        if let Err(e) = svc.heartbeat(&node, h).await {
+                            tracing::warn!(%node, error = %e.message, "heartbeat not recorded");
+                        }
+                    }
+                    Some(agent_message::Msg::Reply(r)) => {
+                        let done = r.done;
+                        let dest = svc.pending.lock().get(&r.id).cloned();
+                        if let Some(d) = dest {
+                            if d.send(r.clone()).await.is_err() || done {
+                                svc.pending.lock().remove(&r.id);
+                            }
+                        }
+                    }
+                    Some(agent_message::Msg::Hello(_)) => {
+                        let _ = tx.send(Err(Status::invalid_argument("hello may only be the first message"))).await;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            svc.hub.send(HubMsg::Detach { node: node.clone(), id });
+            svc.metrics.sessions.dec();
+            tracing::debug!(%node, id, "agent session closed");
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(rx).take_until(kill_rx);
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// The store key of an object an agent may hold.
+fn store_key(kind: &str, ns: &str, name: &str) -> Option<String> {
+    let d = match kind {
+        "Node" => def("nodes", "", "v1"),
+        "Pod" => def("pods", "", "v1"),
+        "ConfigMap" => def("configmaps", "", "v1"),
+        "Secret" => def("secrets", "", "v1"),
+        _ => return None,
+    };
+    Some(d.key(ns, name))
+}
+
+fn kind_of_key(key: &str) -> &'static str {
+    if key.starts_with("/registry/minions/") {
+        "Node"
+    } else if key.starts_with("/registry/pods/") {
+        "Pod"
+    } else if key.starts_with("/registry/configmaps/") {
+        "ConfigMap"
+    } else {
+        "Secret"
+    }
+}
+
+/// ConfigMaps and Secrets a pod uses (volumes, projected sources, env, envFrom, image pull
+/// secrets), as store keys.
+pub fn pod_refs(pod: &Value) -> Vec<String> {
+    let ns = pod.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
+    let mut out = HashSet::new();
+    let mut add = |kind: &str, name: Option<&Value>| {
+        if let Some(n) = name.and_then(Value::as_str).filter(|n| !n.is_empty()) {
+            out.insert(format!("/registry/{kind}/{ns}/{n}"));
+        }
+    };
+    let spec = &pod["spec"];
+    for v in spec["volumes"].as_array().into_iter().flatten() {
+        add("configmaps", v.pointer("/configMap/name"));
+        add("secrets", v.pointer("/secret/secretName"));
+        for s in v.pointer("/projected/sources").and_then(Value::as_array).into_iter().flatten() {
+            add("configmaps", s.pointer("/configMap/name"));
+            add("secrets", s.pointer("/secret/name"));
+        }
+    }
+    for list in ["initContainers", "containers", "ephemeralContainers"] {
+        for c in spec[list].as_array().into_iter().flatten() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                add("configmaps", e.pointer("/valueFrom/configMapKeyRef/name"));
+                add("secrets", e.pointer("/valueFrom/secretKeyRef/name"));
+            }
+            for e in c["envFrom"].as_array().into_iter().flatten() {
+                add("configmaps", e.pointer("/configMapRef/name"));
+                add("secrets", e.pointer("/secretRef/name"));
+            }
+        }
+    }
+    for s in spec["imagePullSecrets"].as_array().into_iter().flatten() {
+        add("secrets", s.get("name"));
+    }
+    let mut v: Vec<String> = out.into_iter().collect();
+    v.sort();
+    v
+}
+
+enum HubMsg {
+    Attach { node: String, id: u64, known: HashMap<String, i64>, out: Out, kill: oneshot::Sender<()> },
+    Detach { node: String, id: u64 },
+}
+
+struct Conn {
+    id: u64,
+    out: Out,
+    kill: Option<oneshot::Sender<()>>,
+    /// What the agent holds: store key → revision.
+    sent: HashMap<String, i64>,
+}
+
+#[derive(Default)]
+struct NodeRec {
+    pods: HashSet<String>,
+    /// ConfigMap/Secret key → number of this node's pods using it.
+    refs: HashMap<String, u32>,
+    conn: Option<Conn>,
+}
+
+struct PodRec {
+    node: String,
+    refs: Vec<String>,
+}
+
+/// Routes changes to the nodes they concern (see the module documentation).
+#[derive(Clone)]
+pub struct Hub {
+    tx: mpsc::UnboundedSender<HubMsg>,
+    /// Each connected node's outgoing queue (for reverse requests from any executor).
+    outs: Arc<Mutex<HashMap<String, Out>>>,
+}
+
+struct HubState {
+    cache: Arc<Cache>,
+    metrics: Arc<AgentMetrics>,
+    pods: HashMap<String, PodRec>,
+    nodes: HashMap<String, NodeRec>,
+    /// ConfigMap/Secret key → nodes with a pod using it.
+    users: HashMap<String, HashSet<String>>,
+    outs: Arc<Mutex<HashMap<String, Out>>>,
+    /// Objects to send, per node, flushed after each burst of changes.
+    pending: HashMap<String, Vec<pb::Object>>,
+}
+
+impl Hub {
+    fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), outs: outs.clone(), pending: HashMap::new() };
+        std::thread::Builder::new()
+            .name("api-agents".into())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("building the agent hub executor");
+                rt.block_on(st.run(rx));
+            })
+            .expect("spawning the agent hub thread");
+        Hub { tx, outs }
+    }
+
+    fn send(&self, m: HubMsg) {
+        let _ = self.tx.send(m);
+    }
+
+    fn session_out(&self, node: &str) -> Option<Out> {
+        self.outs.lock().get(node).cloned()
+    }
+}
+
+fn object(key: &str, e: Option<&Entry>, rev: i64) -> pb::Object {
+    let rest = key.splitn(4, '/').nth(3).unwrap_or("");
+    let (ns, name) = if kind_of_key(key) == "Node" { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
+    pb::Object { kind: kind_of_key(key).into(), namespace: ns.into(), name: name.into(), revision: e.map_or(rev, |e| e.mod_rev), json: e.map(Entry::json).unwrap_or_default() }
+}
+
+impl HubState {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<HubMsg>) {
+        let pods_def = def("pods", "", "v1");
+        let filter = |d: &ResourceDef| Filter::from_query(d, &Query::default()).expect("an empty selector is valid");
+        loop {
+            // (Re)build from the cache: pods, then changes of pods, configmaps and secrets.
+            let subs = (|| {
+                let (p, initial, _, _) = self.cache.subscribe("/registry/pods/", &filter(pods_def), None)?;
+                let (c, _, _, _) = self.cache.subscribe("/registry/configmaps/", &filter(def("configmaps", "", "v1")), Some(self.cache.revision()))?;
+                let (s, _, _, _) = self.cache.subscribe("/registry/secrets/", &filter(def("secrets", "", "v1")), Some(self.cache.revision()))?;
+                let (n, _, _, _) = self.cache.subscribe("/registry/minions/", &filter(def("nodes", "", "v1")), Some(self.cache.revision()))?;
+                Some((p, c, s, n, initial))
+            })();
+            let Some((mut psub, mut csub, mut ssub, mut nsub, initial)) = subs else {
+                // Not ready yet; agents may still attach (they are answered once it is).
+                tokio::select! {
+                    m = rx.recv() => match m { Some(m) => self.control(m, false), None => return },
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                }
+                continue;
+            };
+            self.pods.clear();
+            self.users.clear();
+            for n in self.nodes.values_mut() {
+                n.pods.clear();
+                n.refs.clear();
+            }
+            for e in &initial {
+                self.pod_changed(&e.key, Some(e), e.mod_rev);
+            }
+            self.pending.clear();
+            // Every connected agent gets the difference from what it was sent.
+            let connected: Vec<String> = self.nodes.iter().filter(|(_, n)| n.conn.is_some()).map(|(k, _)| k.clone()).collect();
+            for node in connected {
+                self.resync(&node);
+            }
+            tracing::info!(pods = self.pods.len(), "agent hub following the watch cache");
+            loop {
+                tokio::select! {
+                    biased;
+                    m = rx.recv() => match m { Some(m) => self.control(m, true), None => return },
+                    d = psub.rx.recv() => if !self.delivery(d, &mut psub.rx) { break },
+                    d = csub.rx.recv() => if !self.delivery(d, &mut csub.rx) { break },
+                    d = ssub.rx.recv() => if !self.delivery(d, &mut ssub.rx) { break },
+                    d = nsub.rx.recv() => if !self.delivery(d, &mut nsub.rx) { break },
+                }
+                self.flush();
+            }
+            tracing::info!("agent hub lost its cache subscription; rebuilding");
+        }
+    }
+
+    /// One delivery plus whatever else is already queued on that subscription; false when
+    /// the subscription ended (rebuild).
+    fn delivery(&mut self, first: Option<Delivery>, rx: &mut mpsc::Receiver<Delivery>) -> bool {
+        let mut d = first;
+        for _ in 0..1024 {
+            match d {
+                None | Some(Delivery::Reset) => return false,
+                Some(Delivery::Progress(_)) => {}
+                Some(Delivery::Event(ev)) => {
+                    let cur = (!ev.deleted).then_some(&*ev.obj);
+                    if ev.key.starts_with("/registry/pods/") {
+                        self.pod_changed(&ev.key, cur, ev.rev);
+                    } else if let Some(node) = ev.key.strip_prefix("/registry/minions/") {
+                        let node = node.to_string();
+                        self.queue(&node, &ev.key, cur, ev.rev);
+                    } else {
+                        self.ref_changed(&ev.key, cur, ev.rev);
+                    }
+                }
+            }
+            match rx.try_recv() {
+                Ok(x) => d = Some(x),
+                Err(_) => return true,
+            }
+        }
+        true
+    }
+
+    fn queue(&mut self, node: &str, key: &str, e: Option<&Entry>, rev: i64) {
+        let Some(n) = self.nodes.get_mut(node) else { return };
+        let Some(c) = n.conn.as_mut() else { return };
+        let rev = e.map_or(rev, |e| e.mod_rev);
+        match e {
+            Some(_) => {
+                if c.sent.get(key).is_some_and(|r| *r >= rev) {
+                    return;
+                }
+                c.sent.insert(key.to_string(), rev);
+            }
+            None => {
+                if c.sent.remove(key).is_none() {
+                    return;
+                }
+            }
+        }
+        self.pending.entry(node.to_string()).or_default().push(object(key, e, rev));
+    }
+
+    fn pod_changed(&mut self, key: &str, cur: Option<&Entry>, rev: i64) {
+        let new_node = cur.and_then(|e| e.field_str("spec.nodeName")).filter(|n| !n.is_empty()).map(String::from);
+        let old = self.pods.get(key).map(|p| p.node.clone());
+        // The volumes and env of a pod never change after it is created (pod spec
+        // validation forbids it), so its references are read once, when it is bound.
+        let new_refs = match (&new_node, cur, self.pods.get(key)) {
+            (Some(nn), _, Some(p)) if &p.node == nn => p.refs.clone(),
+            (Some(_), Some(e), _) => pod_refs(&e.value()),
+            _ => Vec::new(),
+        };
+        let old_refs = self.pods.get(key).map(|p| p.refs.clone()).unwrap_or_default();
+        if let Some(o) = &old {
+            if new_node.as_ref() != Some(o) {
+                if let Some(n) = self.nodes.get_mut(o) {
+                    n.pods.remove(key);
+                }
+                self.queue(&o.clone(), key, None, rev);
+                self.unref(o, &old_refs);
+            }
+        }
+        match new_node {
+            Some(nn) => {
+                let rec = self.nodes.entry(nn.clone()).or_default();
+                rec.pods.insert(key.to_string());
+                if old.as_ref() != Some(&nn) {
+                    self.add_refs(&nn, &new_refs);
+                }
+                self.queue(&nn, key, cur, rev);
+                self.pods.insert(key.to_string(), PodRec { node: nn, refs: new_refs });
+            }
+            None => {
+                self.pods.remove(key);
+            }
+        }
+    }
+
+    fn add_refs(&mut self, node: &str, refs: &[String]) {
+        for r in refs {
+            let n = self.nodes.entry(node.to_string()).or_default();
+            let c = n.refs.entry(r.clone()).or_insert(0);
+            *c += 1;
+            if *c == 1 {
+                self.users.entry(r.clone()).or_default().insert(node.to_string());
+                let e = self.cache.get(r);
+                if e.is_some() {
+                    self.queue(node, r, e.as_deref(), 0);
+                }
+            }
+        }
+    }
+
+    fn unref(&mut self, node: &str, refs: &[String]) {
+        for r in refs {
+            let Some(n) = self.nodes.get_mut(node) else { return };
+            let gone = match n.refs.get_mut(r) {
+                Some(c) if *c > 1 => {
+                    *c -= 1;
+                    false
+                }
+                Some(_) => {
+                    n.refs.remove(r);
+                    true
+                }
+                None => false,
+            };
+            if gone {
+                if let Some(u) = self.users.get_mut(r) {
+                    u.remove(node);
+                    if u.is_empty() {
+                        self.users.remove(r);
+                    }
+                }
+                self.queue(node, r, None, 0);
+            }
+        }
+    }
+
+    /// A ConfigMap or Secret changed: the nodes whose pods use it get it.
+    fn ref_changed(&mut self, key: &str, cur: Option<&Entry>, rev: i64) {
+        let users: Vec<String> = self.users.get(key).map(|u| u.iter().cloned().collect()).unwrap_or_default();
+        for node in users {
+            self.queue(&node, key, cur, rev);
+        }
+    }
+
+    fn control(&mut self, m: HubMsg, ready: bool) {
+        match m {
+            HubMsg::Attach { node, id, known, out, kill } => {
+                let rec = self.nodes.entry(node.clone()).or_default();
+                if let Some(mut old) = rec.conn.take() {
+                    if let Some(k) = old.kill.take() {
+                        let _ = k.send(());
+                    }
+                }
+                rec.conn = Some(Conn { id, out: out.clone(), kill: Some(kill), sent: known });
+                self.outs.lock().insert(node.clone(), out);
+                if ready {
+                    self.resync(&node);
+                    self.flush();
+                }
+            }
+            HubMsg::Detach { node, id } => {
+                if let Some(rec) = self.nodes.get_mut(&node) {
+                    if rec.conn.as_ref().is_some_and(|c| c.id == id) {
+                        rec.conn = None;
+                        self.outs.lock().remove(&node);
+                    }
+                    if rec.conn.is_none() && rec.pods.is_empty() {
+                        self.nodes.remove(&node);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends a connected node what differs between what it holds and what concerns it,
+    /// then `Synced`.
+    fn resync(&mut self, node: &str) {
+        let Some(rec) = self.nodes.get(node) else { return };
+        let mut want: Vec<String> = rec.pods.iter().chain(rec.refs.keys()).cloned().collect();
+        want.push(def("nodes", "", "v1").key("", node));
+        let held: Vec<String> = rec.conn.as_ref().map(|c| c.sent.keys().cloned().collect()).unwrap_or_default();
+        let want_set: HashSet<&String> = want.iter().collect();
+        for k in held.iter().filter(|k| !want_set.contains(k)) {
+            self.queue(node, k, None, 0);
+        }
+        for k in &want {
+            let e = self.cache.get(k);
+            match e {
+                Some(e) => self.queue(node, k, Some(&e), 0),
+                None => self.queue(node, k, None, 0),
+            }
+        }
+        let rev = self.cache.revision();
+        self.flush_node(node);
+        if let Some(c) = self.nodes.get_mut(node).and_then(|n| n.conn.as_mut()) {
+            let _ = c.out.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Synced(pb::Synced { revision: rev })) }));
+        }
+    }
+
+    fn flush(&mut self) {
+        let nodes: Vec<String> = self.pending.keys().cloned().collect();
+        for n in nodes {
+            self.flush_node(&n);
+        }
+    }
+
+    fn flush_node(&mut self, node: &str) {
+        let Some(items) = self.pending.remove(node) else { return };
+        if items.is_empty() {
+            return;
+        }
+        let Some(rec) = self.nodes.get_mut(node) else { return };
+        let Some(c) = rec.conn.as_mut() else { return };
+        self.metrics.objects_sent.inc_by(items.len() as u64);
+        let msg = pb::ServerMessage { msg: Some(server_message::Msg::Objects(pb::Objects { items })) };
+        if c.out.try_send(Ok(msg)).is_err() {
+            // Too slow (or gone): close the session; the agent comes back and gets the
+            // difference.
+            self.metrics.slow_disconnects.inc();
+            tracing::warn!(%node, "agent session too slow; closing it");
+            if let Some(k) = c.kill.take() {
+                let _ = k.send(());
+            }
+            rec.conn = None;
+            self.outs.lock().remove(node);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_refs_finds_every_reference() {
+        let pod = json!({"metadata": {"namespace": "ns"}, "spec": {
+            "volumes": [{"configMap": {"name": "cm1"}}, {"secret": {"secretName": "s1"}}, {"projected": {"sources": [{"configMap": {"name": "cm2"}}, {"secret": {"name": "s2"}}, {"serviceAccountToken": {"path": "t"}}]}}, {"emptyDir": {}}],
+            "initContainers": [{"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "k"}}}]}],
+            "containers": [{"envFrom": [{"configMapRef": {"name": "cm3"}}, {"secretRef": {"name": "s1"}}], "env": [{"name": "B", "value": "x"}, {"name": "C", "valueFrom": {"configMapKeyRef": {"name": "cm1", "key": "k"}}}]}],
+            "imagePullSecrets": [{"name": "pull"}]}});
+        assert_eq!(
+            pod_refs(&pod),
+            vec!["/registry/configmaps/ns/cm1", "/registry/configmaps/ns/cm2", "/registry/configmaps/ns/cm3", "/registry/secrets/ns/pull", "/registry/secrets/ns/s1", "/registry/secrets/ns/s2", "/registry/secrets/ns/s3"]
+        );
+        assert!(pod_refs(&json!({"metadata": {"namespace": "ns"}, "spec": {"containers": [{"name": "c"}]}})).is_empty());
+    }
+
+    #[test]
+    fn object_names_come_from_the_key() {
+        let o = object("/registry/pods/ns1/web-1", None, 42);
+        assert_eq!((o.kind.as_str(), o.namespace.as_str(), o.name.as_str(), o.revision), ("Pod", "ns1", "web-1", 42));
+        assert!(o.json.is_empty());
+        assert_eq!(store_key("Secret", "a", "b").as_deref(), Some("/registry/secrets/a/b"));
+        assert_eq!(store_key("Node", "", "b"), None);
+    }
+}

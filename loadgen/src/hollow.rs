@@ -1,0 +1,371 @@
+//! Hollow nodes and the density scenario.
+//!
+//! - `loadgen hollow`: N simulated nodes in this process, each a real agent-protocol client
+//!   (registration, its own session, statuses, heartbeats) on the simulated runtime,
+//!   against a running Shoal (kubeconfig). Sessions share HTTP/2 connections
+//!   (`--nodes-per-connection`), as a NAT gateway's agents would not, but the server's
+//!   per-session work is the same.
+//! - `loadgen density`: starts `shoal server`, connects N hollow nodes, creates Deployments
+//!   for `nodes × pods-per-node` pods and measures pod startup (created → scheduled →
+//!   running, as seen by a watch), all-running time, API latency, control-plane RSS/CPU and
+//!   the memory of a hollow node.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use serde_json::{json, Value};
+use shoal_agent::runtime::sim::{Sim, SimSettings};
+use shoal_agent::{Agent, AgentConfig, AgentStats};
+use tokio::sync::watch;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// Hollow nodes to run.
+    #[arg(long, default_value_t = 100)]
+    pub nodes: usize,
+    /// Node names are PREFIX0, PREFIX1, ...
+    #[arg(long, default_value = "hollow-node-")]
+    pub prefix: String,
+    /// Agent sessions per HTTP/2 connection.
+    #[arg(long, default_value_t = 50)]
+    pub nodes_per_connection: usize,
+    /// Simulated time from container start to Running, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    pub start_delay_ms: u64,
+    /// CPU capacity of each node.
+    #[arg(long, default_value = "8")]
+    pub cpu: String,
+    /// Memory capacity of each node.
+    #[arg(long, default_value = "32Gi")]
+    pub memory: String,
+    /// Pod capacity of each node.
+    #[arg(long, default_value_t = 110)]
+    pub max_pods: u32,
+    /// Lease renewal period of each node, in seconds (upstream kubelet: 10).
+    #[arg(long, default_value_t = 10)]
+    pub heartbeat_s: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct HollowArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Kubeconfig of the cluster to join (its server, CA and token).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: std::path::PathBuf,
+    /// Bootstrap token (`ID.SECRET`); default: the kubeconfig's token.
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Stop after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub duration_s: u64,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct DensityArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Pods per node (created through Deployments).
+    #[arg(long, default_value_t = 30)]
+    pub pods_per_node: usize,
+    /// Replicas of each Deployment.
+    #[arg(long, default_value_t = 1000)]
+    pub deployment_size: usize,
+    /// Give up after this many seconds of waiting for pods.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_s: u64,
+    /// The shoal binary (default: the one beside loadgen).
+    #[arg(long)]
+    pub shoal_bin: Option<std::path::PathBuf>,
+    /// Extra flags for `shoal server`, space separated.
+    #[arg(long, default_value = "")]
+    pub server_flags: String,
+}
+
+/// A running set of hollow nodes.
+pub struct Fleet {
+    pub agents: Vec<Arc<Agent<Sim>>>,
+    pub stats: Arc<AgentStats>,
+    stop: watch::Sender<bool>,
+}
+
+impl Fleet {
+    pub fn start(f: &FleetArgs, server: &str, ca_pem: &str, token: &str) -> Result<Fleet> {
+        if f.nodes == 0 {
+            bail!("--nodes must be at least 1");
+        }
+        let stats = Arc::new(AgentStats::default());
+        let (stop, stop_rx) = watch::channel(false);
+        let mut agents = Vec::with_capacity(f.nodes);
+        let mut channel = None;
+        for i in 0..f.nodes {
+            if i % f.nodes_per_connection.max(1) == 0 {
+                channel = Some(shoal_agent::connect::channel(server, ca_pem)?);
+            }
+            let mut cfg = AgentConfig::new(&format!("{}{i}", f.prefix), token);
+            cfg.capacity = json!({"cpu": f.cpu, "memory": f.memory, "pods": f.max_pods.to_string(), "ephemeral-storage": "100Gi"});
+            cfg.host_ip = format!("10.{}.{}.{}", 200 + (i >> 16) % 50, (i >> 8) & 255, i & 255);
+            cfg.heartbeat = Duration::from_secs(f.heartbeat_s.max(1));
+            cfg.labels.insert("shoal.io/hollow".into(), json!("true"));
+            let rt = Arc::new(Sim::new(SimSettings { start_delay: Duration::from_millis(f.start_delay_ms), ..Default::default() }));
+            let a = Agent::new(cfg, channel.clone().expect("set on the first node"), rt, stats.clone());
+            tokio::spawn(a.clone().run(stop_rx.clone()));
+            agents.push(a);
+        }
+        Ok(Fleet { agents, stats, stop })
+    }
+
+    pub fn synced(&self) -> usize {
+        self.agents.iter().filter(|a| a.synced.load(Ordering::Relaxed)).count()
+    }
+
+    pub fn pods(&self) -> usize {
+        self.agents.iter().map(|a| a.pods.count()).sum()
+    }
+
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(len);
+    b.set_style(indicatif::ProgressStyle::with_template("{msg:28} {bar:40} {pos}/{len} {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+    b.set_message(msg.to_string());
+    b
+}
+
+async fn wait_synced(fleet: &Fleet, limit: Duration) -> Result<f64> {
+    let t = Instant::now();
+    let b = bar(fleet.agents.len() as u64, "hollow nodes connected");
+    loop {
+        let n = fleet.synced();
+        b.set_position(n as u64);
+        if n == fleet.agents.len() {
+            b.finish_and_clear();
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        if t.elapsed() > limit {
+            b.finish_and_clear();
+            bail!("only {n} of {} hollow nodes connected within {}s", fleet.agents.len(), limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub async fn hollow(a: HollowArgs) -> Result<Value> {
+    let cfg = shoal_client::Config::from_kubeconfig(&a.kubeconfig, "loadgen-hollow")?;
+    let token = a.token.clone().unwrap_or(cfg.token.clone());
+    let rss0 = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    let fleet = Fleet::start(&a.fleet, &cfg.server, &cfg.ca_pem, &token)?;
+    let connect_s = wait_synced(&fleet, Duration::from_secs(300)).await?;
+    let rss = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    eprintln!("{} hollow nodes connected in {connect_s:.1}s; running for {}s (Ctrl-C stops)", a.fleet.nodes, a.duration_s);
+    tokio::select! {
+        _ = tokio::time::sleep(Duration::from_secs(a.duration_s)) => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    fleet.stop();
+    let s = &fleet.stats;
+    Ok(json!({"scenario": "hollow", "nodes": a.fleet.nodes, "connect_s": connect_s, "pods": fleet.pods(),
+        "hollow_node_kib": (rss - rss0).max(0.0) * 1024.0 / a.fleet.nodes as f64,
+        "statuses_sent": s.statuses_sent.load(Ordering::Relaxed), "heartbeats": s.heartbeats.load(Ordering::Relaxed), "sessions": s.sessions.load(Ordering::Relaxed)}))
+}
+
+/// Per pod: when the watch saw it created, scheduled, running.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    created: Option<Instant>,
+    scheduled: Option<Instant>,
+    running: Option<Instant>,
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// p99 of a verb's latency from the server's `apiserver_request_duration_seconds` buckets
+/// (upper bound of the bucket holding the 99th percentile), in ms.
+fn p99_from_metrics(text: &str, verb: &str, resource: &str) -> Option<f64> {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for l in text.lines().filter(|l| l.starts_with("apiserver_request_duration_seconds_bucket{")) {
+        if !l.contains(&format!("verb=\"{verb}\"")) || !l.contains(&format!("resource=\"{resource}\"")) {
+            continue;
+        }
+        let le = l.split("le=\"").nth(1)?.split('"').next()?;
+        let le: f64 = if le == "+Inf" { f64::INFINITY } else { le.parse().ok()? };
+        let n: f64 = l.rsplit(' ').next()?.parse().ok()?;
+        match buckets.iter_mut().find(|(b, _)| *b == le) {
+            Some(x) => x.1 += n,
+            None => buckets.push((le, n)),
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    if total == 0.0 {
+        return None;
+    }
+    buckets.iter().find(|(_, n)| *n >= 0.99 * total).map(|(le, _)| le * 1000.0)
+}
+
+pub async fn density(a: DensityArgs) -> Result<Value> {
+    let total = a.fleet.nodes * a.pods_per_node;
+    if total == 0 || a.deployment_size == 0 {
+        bail!("--nodes, --pods-per-node and --deployment-size must be at least 1");
+    }
+    let bin = a.shoal_bin.clone().unwrap_or_else(crate::procs::default_shoal_bin);
+    let extra: Vec<String> = a.server_flags.split_whitespace().map(String::from).collect();
+    let (server, dir) = crate::procs::start_shoal_api(&bin, None, None, &extra)?;
+    let cfg = shoal_client::Config::from_kubeconfig(&dir.join("kubeconfig"), "loadgen")?;
+    let client = shoal_client::Client::new(cfg.clone(), 4)?;
+    let t = Instant::now();
+    while client.get("/api/v1/namespaces/default").await.ok().flatten().is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the API server did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = std::fs::read_to_string(dir.join("pki/bootstrap-token")).map(|t| t.trim().to_string()).unwrap_or(cfg.token.clone());
+    let rss0 = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    let fleet = Fleet::start(&a.fleet, &cfg.server, &cfg.ca_pem, &token)?;
+    let connect_s = wait_synced(&fleet, Duration::from_secs(600)).await?;
+    // Every node Ready and with a pod CIDR before pods come.
+    let b = bar(a.fleet.nodes as u64, "nodes Ready");
+    loop {
+        let (nodes, _) = client.list("/api/v1/nodes").await.map_err(|e| anyhow::anyhow!("listing nodes: {e}"))?;
+        let ready = nodes.iter().filter(|n| n.pointer("/spec/podCIDR").is_some() && n.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))).count();
+        b.set_position(ready as u64);
+        if ready >= a.fleet.nodes {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!("only {ready} of {} nodes became Ready", a.fleet.nodes);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    b.finish_and_clear();
+    let rss_fleet = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    let ns = "density";
+    client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+
+    let (_, rv) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
+    let mut rx = client.watch(&format!("/api/v1/namespaces/{ns}/pods"), &rv).await.map_err(|e| anyhow::anyhow!("watch: {e}"))?;
+    let seen: Arc<parking_lot::Mutex<HashMap<String, Seen>>> = Default::default();
+    let (running_tx, running_rx) = watch::channel(0usize);
+    {
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            let mut running = 0;
+            while let Some((ty, p)) = rx.recv().await {
+                if ty == "DELETED" {
+                    continue;
+                }
+                let now = Instant::now();
+                let name = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+                let mut g = seen.lock();
+                let s = g.entry(name).or_default();
+                s.created.get_or_insert(now);
+                if p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+                    s.scheduled.get_or_insert(now);
+                }
+                if p.pointer("/status/phase").and_then(Value::as_str) == Some("Running") && s.running.is_none() {
+                    s.running = Some(now);
+                    running += 1;
+                    let _ = running_tx.send(running);
+                }
+            }
+        });
+    }
+    let cpu0 = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0);
+    let start = Instant::now();
+    let deployments = total.div_ceil(a.deployment_size);
+    for d in 0..deployments {
+        let replicas = a.deployment_size.min(total - d * a.deployment_size);
+        let name = format!("density-{d}");
+        let dep = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": replicas, "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10",
+                    "resources": {"requests": {"cpu": "10m", "memory": "20Mi"}}}]}}}});
+        client.create(&format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep).await.map_err(|e| anyhow::anyhow!("deployment {name}: {e}"))?;
+    }
+    let b = bar(total as u64, "pods Running");
+    let mut running_rx = running_rx;
+    let mut last_progress = Instant::now();
+    let mut last_n = 0;
+    loop {
+        let n = *running_rx.borrow();
+        b.set_position(n as u64);
+        if n >= total {
+            break;
+        }
+        if n != last_n {
+            last_n = n;
+            last_progress = Instant::now();
+        }
+        if start.elapsed() > Duration::from_secs(a.timeout_s) || last_progress.elapsed() > Duration::from_secs(120) {
+            b.finish_and_clear();
+            bail!("only {n} of {total} pods Running after {:.0}s", start.elapsed().as_secs_f64());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), running_rx.changed()).await;
+    }
+    let all_running_s = start.elapsed().as_secs_f64();
+    b.finish_and_clear();
+    let cpu = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
+    let server_rss = crate::procs::rss_mib(server.pid()).unwrap_or(0.0);
+    let metrics_text = client.get_text("/metrics").await.unwrap_or_default();
+    let (mut startup, mut sched): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
+    for s in seen.lock().values() {
+        if let (Some(c), Some(r)) = (s.created, s.running) {
+            startup.push(r.duration_since(c).as_secs_f64());
+        }
+        if let (Some(c), Some(sc)) = (s.created, s.scheduled) {
+            sched.push(sc.duration_since(c).as_secs_f64());
+        }
+    }
+    let (p50, p90, p99) = (pct(&mut startup, 0.5), pct(&mut startup, 0.9), pct(&mut startup, 0.99));
+    let sched_p99 = pct(&mut sched, 0.99);
+    let mut api = serde_json::Map::new();
+    for (verb, res) in [("POST", "pods"), ("PUT", "pods"), ("PATCH", "pods"), ("GET", "pods"), ("LIST", "pods"), ("PUT", "leases"), ("POST", "bindings")] {
+        if let Some(p) = p99_from_metrics(&metrics_text, verb, res) {
+            api.insert(format!("{verb} {res}"), json!(p));
+        }
+    }
+    let hollow_kib = (rss_fleet - rss0).max(0.0) * 1024.0 / a.fleet.nodes as f64;
+    fleet.stop();
+    println!("{:<10} {:>8} {:>10} {:>14} {:>10} {:>10} {:>10} {:>12} {:>12}", "density", "nodes", "pods", "all running s", "p50 s", "p90 s", "p99 s", "server RSS", "hollow KiB");
+    println!("{:<10} {:>8} {:>10} {:>14.1} {:>10.2} {:>10.2} {:>10.2} {:>12.0} {:>12.1}", "", a.fleet.nodes, total, all_running_s, p50, p90, p99, server_rss, hollow_kib);
+    drop(server);
+    Ok(json!({
+        "scenario": "density", "nodes": a.fleet.nodes, "pods": total, "pods_per_node": a.pods_per_node,
+        "connect_s": connect_s, "all_running_s": all_running_s,
+        "startup_p50_s": p50, "startup_p90_s": p90, "startup_p99_s": p99, "schedule_p99_s": sched_p99,
+        "pods_per_s": total as f64 / all_running_s.max(1e-6),
+        "server_cpu_s": cpu, "server_cpu_ms_per_pod": cpu * 1000.0 / total as f64, "rss_mib": server_rss,
+        "hollow_node_kib": hollow_kib, "api_p99_ms": api,
+        "statuses_sent": fleet.stats.statuses_sent.load(Ordering::Relaxed), "status_errors": fleet.stats.status_errors.load(Ordering::Relaxed),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn p99_reads_histogram_buckets() {
+        let text = "apiserver_request_duration_seconds_bucket{verb=\"POST\",group=\"\",resource=\"pods\",subresource=\"\",le=\"0.005\"} 90\n\
+apiserver_request_duration_seconds_bucket{verb=\"POST\",group=\"\",resource=\"pods\",subresource=\"\",le=\"0.025\"} 99\n\
+apiserver_request_duration_seconds_bucket{verb=\"POST\",group=\"\",resource=\"pods\",subresource=\"\",le=\"+Inf\"} 100\n\
+apiserver_request_duration_seconds_bucket{verb=\"GET\",group=\"\",resource=\"pods\",subresource=\"\",le=\"+Inf\"} 5\n";
+        assert_eq!(p99_from_metrics(text, "POST", "pods"), Some(25.0));
+        assert_eq!(p99_from_metrics(text, "PUT", "pods"), None);
+        let mut v = vec![3.0, 1.0, 2.0];
+        assert_eq!(pct(&mut v, 0.5), 2.0);
+    }
+}
