@@ -697,11 +697,74 @@ impl Api {
                 }
                 Ok(json_response(200, &rest::delete_collection(b, def, &r.ns, body, q).await?))
             }
-            (_, _, "log" | "exec" | "attach" | "portforward" | "proxy" | "ephemeralcontainers") => {
-                Err(ApiError::new(501, "NotImplemented", format!("{}/{} is served once the node agent protocol lands", def.plural, r.sub)))
+            (&Method::GET, false, "log") if def.kind == "Pod" => self.pod_log(b, &t, q).await,
+            (_, _, "exec" | "attach" | "portforward" | "proxy" | "ephemeralcontainers") => {
+                Err(ApiError::new(501, "NotImplemented", format!("{}/{} is not served yet (needs the agent's exec streams)", def.plural, r.sub)))
             }
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),
         }
+    }
+}
+
+impl Api {
+    /// `pods/log`: the pod's agent is asked over its session (reverse request) and the
+    /// answer is streamed back as text.
+    async fn pod_log(&self, b: &Backend, t: &Target<'_>, q: &Query) -> Result<Response<Body>, ApiError> {
+        let int = |k: &str| -> Result<Option<i64>, ApiError> {
+            match q.get(k) {
+                None | Some("") => Ok(None),
+                Some(v) => v.parse::<i64>().map(Some).map_err(|_| ApiError::bad_request(format!("{k}: invalid value {v:?}: must be an integer"))),
+            }
+        };
+        let (tail, since, limit) = (int("tailLines")?, int("sinceSeconds")?, int("limitBytes")?);
+        if since.is_some_and(|s| s < 1) {
+            return Err(ApiError::invalid("PodLogOptions", "", "", &[crate::status::FieldError::invalid("sinceSeconds", since.unwrap_or(0), "must be greater than 0")]));
+        }
+        if limit.is_some_and(|l| l < 1) {
+            return Err(ApiError::invalid("PodLogOptions", "", "", &[crate::status::FieldError::invalid("limitBytes", limit.unwrap_or(0), "must be greater than 0")]));
+        }
+        let pod = rest::get(b, t).await?;
+        let names: Vec<&str> = ["initContainers", "containers", "ephemeralContainers"].iter().flat_map(|l| pod["spec"][*l].as_array().into_iter().flatten()).filter_map(|c| c["name"].as_str()).collect();
+        let app: Vec<&str> = pod["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+        let container = match q.get("container").filter(|c| !c.is_empty()) {
+            Some(c) if names.contains(&c) => c.to_string(),
+            Some(c) => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {}", t.name))),
+            None if app.len() == 1 => app[0].to_string(),
+            None => return Err(ApiError::bad_request(format!("a container name must be specified for pod {}, choose one of: [{}]", t.name, app.join(" ")))),
+        };
+        let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+        if node.is_empty() {
+            return Err(ApiError::bad_request(format!("pod {} does not have a host assigned", t.name)));
+        }
+        let req = shoal_proto::agent::LogsRequest {
+            namespace: t.ns.to_string(),
+            pod: t.name.to_string(),
+            container,
+            follow: q.flag("follow"),
+            previous: q.flag("previous"),
+            timestamps: q.flag("timestamps"),
+            tail_lines: tail.unwrap_or(-1),
+            since_seconds: since.unwrap_or(0),
+            limit_bytes: limit.unwrap_or(0),
+        };
+        let mut rx = self.agents.request(node, shoal_proto::agent::reverse_request::Request::Logs(req)).ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} is not connected")))?;
+        // The first reply decides the status code; the rest is streamed.
+        let first = tokio::time::timeout(std::time::Duration::from_secs(30), rx.recv()).await.map_err(|_| ApiError::timeout(format!("the agent of node {node:?} did not answer")))?.ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} went away")))?;
+        if !first.error.is_empty() {
+            return Err(ApiError::bad_request(first.error));
+        }
+        let done = first.done;
+        let head = futures::stream::once(futures::future::ready(first.data));
+        let rest = futures::stream::unfold((rx, done), |(mut rx, done)| async move {
+            if done {
+                return None;
+            }
+            let r = rx.recv().await?;
+            let d = r.done || !r.error.is_empty();
+            Some((r.data, (rx, d)))
+        });
+        let frames = head.chain(rest).map(|d| Ok::<_, Infallible>(Frame::data(d)));
+        Ok(Response::builder().status(200).header(header::CONTENT_TYPE, "text/plain").body(BodyExt::boxed(StreamBody::new(frames))).expect("static headers are valid"))
     }
 }
 
