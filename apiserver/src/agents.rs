@@ -30,6 +30,7 @@ use futures::{Stream, StreamExt};
 use parking_lot::Mutex;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use serde_json::{json, Value};
 use shoal_proto::agent::node_agent_server::NodeAgent;
 use shoal_proto::agent::{self as pb, agent_message, server_message};
@@ -55,8 +56,9 @@ const SESSION_QUEUE: usize = 1024;
 const LEASE_SECS: i64 = 40;
 
 /// Metrics of the agent protocol.
-#[derive(Default)]
 pub struct AgentMetrics {
+    pub status_batch_seconds: Histogram,
+    pub heartbeat_seconds: Histogram,
     pub sessions: Gauge,
     pub registrations: Counter,
     pub objects_sent: Counter,
@@ -66,8 +68,27 @@ pub struct AgentMetrics {
     pub slow_disconnects: Counter,
 }
 
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let h = || Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]);
+        AgentMetrics {
+            status_batch_seconds: h(),
+            heartbeat_seconds: h(),
+            sessions: Gauge::default(),
+            registrations: Counter::default(),
+            objects_sent: Counter::default(),
+            statuses: Counter::default(),
+            status_errors: Counter::default(),
+            heartbeats: Counter::default(),
+            slow_disconnects: Counter::default(),
+        }
+    }
+}
+
 impl AgentMetrics {
     pub fn register(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register("shoal_agent_status_batch_seconds", "Time to write one batch of pod statuses from an agent", self.status_batch_seconds.clone());
+        reg.register("shoal_agent_heartbeat_seconds", "Time to record one heartbeat (Lease renewal, node status when sent)", self.heartbeat_seconds.clone());
         reg.register("shoal_agent_sessions", "Connected agent sessions", self.sessions.clone());
         reg.register("shoal_agent_registrations", "Nodes registered with a bootstrap token", self.registrations.clone());
         reg.register("shoal_agent_objects_sent", "Objects sent to agents (pods, configmaps, secrets; deletions included)", self.objects_sent.clone());
@@ -394,15 +415,19 @@ impl NodeAgent for AgentGrpc {
                 };
                 match m.msg {
                     Some(agent_message::Msg::Status(b)) => {
+                        let t = std::time::Instant::now();
                         let ack = svc.status_batch(&node, b).await;
+                        svc.metrics.status_batch_seconds.observe(t.elapsed().as_secs_f64());
                         if tx.send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Ack(ack)) })).await.is_err() {
                             break;
                         }
                     }
                     Some(agent_message::Msg::Heartbeat(h)) => {
+                        let t = std::time::Instant::now();
                         if let Err(e) = svc.heartbeat(&node, h).await {
                             tracing::warn!(%node, error = %e.message, "heartbeat not recorded");
                         }
+                        svc.metrics.heartbeat_seconds.observe(t.elapsed().as_secs_f64());
                     }
                     Some(agent_message::Msg::Reply(r)) => {
                         let done = r.done;
@@ -536,13 +561,15 @@ struct HubState {
     outs: Arc<Mutex<HashMap<String, Out>>>,
     /// Objects to send, per node, flushed after each burst of changes.
     pending: HashMap<String, Vec<pb::Object>>,
+    /// While the state is rebuilt nothing is queued: connected nodes get a diff after.
+    rebuilding: bool,
 }
 
 impl Hub {
     fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
-        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), outs: outs.clone(), pending: HashMap::new() };
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false };
         std::thread::Builder::new()
             .name("api-agents".into())
             .spawn(move || {
@@ -595,9 +622,11 @@ impl HubState {
                 n.pods.clear();
                 n.refs.clear();
             }
+            self.rebuilding = true;
             for e in &initial {
                 self.pod_changed(&e.key, Some(e), e.mod_rev);
             }
+            self.rebuilding = false;
             self.pending.clear();
             // Every connected agent gets the difference from what it was sent.
             let connected: Vec<String> = self.nodes.iter().filter(|(_, n)| n.conn.is_some()).map(|(k, _)| k.clone()).collect();
@@ -649,6 +678,9 @@ impl HubState {
     }
 
     fn queue(&mut self, node: &str, key: &str, e: Option<&Entry>, rev: i64) {
+        if self.rebuilding {
+            return;
+        }
         let Some(n) = self.nodes.get_mut(node) else { return };
         let Some(c) = n.conn.as_mut() else { return };
         let rev = e.map_or(rev, |e| e.mod_rev);
@@ -862,6 +894,9 @@ mod tests {
         assert_eq!((o.kind.as_str(), o.namespace.as_str(), o.name.as_str(), o.revision), ("Pod", "ns1", "web-1", 42));
         assert!(o.json.is_empty());
         assert_eq!(store_key("Secret", "a", "b").as_deref(), Some("/registry/secrets/a/b"));
-        assert_eq!(store_key("Node", "", "b"), None);
+        assert_eq!(store_key("Node", "", "b").as_deref(), Some("/registry/minions/b"));
+        assert_eq!(store_key("Service", "a", "b"), None);
+        let n = object("/registry/minions/n1", None, 7);
+        assert_eq!((n.kind.as_str(), n.namespace.as_str(), n.name.as_str()), ("Node", "", "n1"));
     }
 }

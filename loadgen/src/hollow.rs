@@ -194,9 +194,16 @@ fn pct(v: &mut [f64], p: f64) -> f64 {
 /// p99 of a verb's latency from the server's `apiserver_request_duration_seconds` buckets
 /// (upper bound of the bucket holding the 99th percentile), in ms.
 fn p99_from_metrics(text: &str, verb: &str, resource: &str) -> Option<f64> {
+    p99_of(text, "apiserver_request_duration_seconds", &[&format!("verb=\"{verb}\""), &format!("resource=\"{resource}\"")])
+}
+
+/// p99 (bucket upper bound, ms) of a Prometheus histogram, summed over series whose labels
+/// contain every one of `labels`.
+fn p99_of(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     let mut buckets: Vec<(f64, f64)> = Vec::new();
-    for l in text.lines().filter(|l| l.starts_with("apiserver_request_duration_seconds_bucket{")) {
-        if !l.contains(&format!("verb=\"{verb}\"")) || !l.contains(&format!("resource=\"{resource}\"")) {
+    let prefix = format!("{name}_bucket{{");
+    for l in text.lines().filter(|l| l.starts_with(&prefix)) {
+        if !labels.iter().all(|x| l.contains(x)) {
             continue;
         }
         let le = l.split("le=\"").nth(1)?.split('"').next()?;
@@ -335,6 +342,11 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
     for (verb, res) in [("POST", "pods"), ("PUT", "pods"), ("PATCH", "pods"), ("GET", "pods"), ("LIST", "pods"), ("PUT", "leases"), ("POST", "bindings")] {
         if let Some(p) = p99_from_metrics(&metrics_text, verb, res) {
             api.insert(format!("{verb} {res}"), json!(p));
+        }
+    }
+    for (label, metric) in [("agent status batch", "shoal_agent_status_batch_seconds"), ("agent heartbeat", "shoal_agent_heartbeat_seconds")] {
+        if let Some(p) = p99_of(&metrics_text, metric, &[]) {
+            api.insert(label.into(), json!(p));
         }
     }
     let hollow_kib = (rss_fleet - rss0).max(0.0) * 1024.0 / a.fleet.nodes as f64;
