@@ -183,10 +183,17 @@ impl Outbox {
 }
 
 /// Hands out pod addresses from the node's podCIDR (a /24 or wider; .1 is the gateway).
-#[derive(Default)]
 pub struct Ipam {
     /// (first address, size) of the range, and the offsets in use.
     inner: Mutex<(Option<(u32, u32)>, Used)>,
+    /// True once a range is set (pods wait for it, as sandboxes wait for the network).
+    ready: watch::Sender<bool>,
+}
+
+impl Default for Ipam {
+    fn default() -> Self {
+        Ipam { inner: Mutex::new((None, Used::new())), ready: watch::channel(false).0 }
+    }
 }
 
 type Used = std::collections::BTreeSet<u32>;
@@ -204,6 +211,18 @@ impl Ipam {
         if g.0.map(|r| r.0) != Some(base) {
             *g = (Some((base, 1 << (32 - len))), Default::default());
         }
+        drop(g);
+        self.ready.send_replace(true);
+    }
+    /// Whether the node has a pod range (the network is ready).
+    pub fn has_range(&self) -> bool {
+        *self.ready.borrow()
+    }
+    /// An address, waiting for the node's range if it has none yet.
+    pub async fn allocate_when_ready(&self) -> Option<Ipv4Addr> {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+        self.allocate()
     }
     pub fn allocate(&self) -> Option<Ipv4Addr> {
         let mut g = self.inner.lock();
@@ -472,7 +491,7 @@ impl<R: Runtime> PodManager<R> {
 
     async fn start(&self, pod: &Pod, r: &mut Report, ids: &mut Vec<String>, sandbox: &mut Option<String>) -> Result<(), String> {
         if !pod.host_network {
-            r.ip = Some(self.node.ipam.allocate().ok_or("no pod address free (is spec.podCIDR set on the node?)")?);
+            r.ip = Some(self.node.ipam.allocate_when_ready().await.ok_or("no pod address free in the node's podCIDR")?);
         }
         let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip };
         *sandbox = Some(self.rt.run_sandbox(&cfg).await.map_err(|e| e.to_string())?);

@@ -83,6 +83,8 @@ pub struct Agent<R: Runtime> {
     token: Mutex<Option<String>>,
     /// The server's view of this node's Ready condition is not True: send status now.
     status_due: AtomicBool,
+    /// Wakes the session to send a heartbeat with status at once.
+    status_now: tokio::sync::Notify,
     pub synced: AtomicBool,
     pub stats: Arc<AgentStats>,
     ready_since: i64,
@@ -105,7 +107,7 @@ impl<R: Runtime> Agent<R> {
         let node = Arc::new(NodeCtx { node_name: cfg.node_name.clone(), host_ip: Mutex::new(cfg.host_ip.clone()), ipam: Default::default() });
         let outbox = Arc::new(Outbox::default());
         let pods = PodManager::new(rt.clone(), node.clone(), outbox.clone());
-        Arc::new(Agent { cfg, channel, rt, pods, outbox, node, known: Mutex::new(HashMap::new()), token: Mutex::new(None), status_due: AtomicBool::new(true), synced: AtomicBool::new(false), stats, ready_since: now() })
+        Arc::new(Agent { cfg, channel, rt, pods, outbox, node, known: Mutex::new(HashMap::new()), token: Mutex::new(None), status_due: AtomicBool::new(true), status_now: tokio::sync::Notify::new(), synced: AtomicBool::new(false), stats, ready_since: now() })
     }
 
     pub fn name(&self) -> &str {
@@ -140,7 +142,11 @@ impl<R: Runtime> Agent<R> {
                 cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
                 cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
                 cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
-                cond("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
+                if self.node.ipam.has_range() {
+                    cond("Ready", "True", "KubeletReady", "kubelet is posting ready status")
+                } else {
+                    cond("Ready", "False", "KubeletNotReady", "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady message:the node has no spec.podCIDR yet")
+                },
             ],
             "addresses": [{"type": "InternalIP", "address": self.node.host_ip.lock().clone()}, {"type": "Hostname", "address": self.cfg.node_name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
@@ -257,7 +263,7 @@ impl<R: Runtime> Agent<R> {
                     inflight = Some((seq, b));
                     if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Status(msg)) }).await.is_err() { break End::Retry("session closed".into()) }
                 }
-                _ = hb.tick() => {
+                _ = async { tokio::select! { _ = hb.tick() => {}, _ = self.status_now.notified() => {} } } => {
                     let due = self.status_due.swap(false, Ordering::Relaxed) || last_status.elapsed() >= self.cfg.status_report;
                     let node_status_json = if due { last_status = tokio::time::Instant::now(); Bytes::from(self.node_status().to_string()) } else { Bytes::new() };
                     self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
@@ -334,10 +340,16 @@ impl<R: Runtime> Agent<R> {
             "Node" => {
                 let n: Value = serde_json::from_slice(&o.json).unwrap_or(Value::Null);
                 if let Some(c) = n.pointer("/spec/podCIDR").and_then(Value::as_str) {
+                    let was = self.node.ipam.has_range();
                     self.node.ipam.set_cidr(c);
+                    if !was && self.node.ipam.has_range() {
+                        // The network just became ready: say so now, not at the next beat.
+                        self.status_due.store(true, Ordering::Relaxed);
+                        self.status_now.notify_one();
+                    }
                 }
                 let ready = n.pointer("/status/conditions").and_then(Value::as_array).and_then(|cs| cs.iter().find(|c| c["type"] == "Ready")).is_some_and(|c| c["status"] == "True");
-                if !ready {
+                if !ready && self.node.ipam.has_range() {
                     // Someone (the node lifecycle controller, a restart) marked us not
                     // ready: say otherwise at the next heartbeat.
                     self.status_due.store(true, Ordering::Relaxed);
