@@ -2,8 +2,11 @@
 //! with a million keys rebuilds its index without decoding a message per key. Values in
 //! the rebuilt index are slices of the loaded file buffer, not copies.
 //!
-//! File `"{index:016x}.snap"` = `SHOALSN1` magic, crc32 (LE u32) of the archive, 4 zero
+//! File `"{index:016x}.snap"` = `SHOALSN2` magic, crc32 (LE u32) of the archive, 4 zero
 //! bytes, then the archive. The 16-byte header keeps the archive 16-byte aligned.
+//! Archives use 64-bit relative pointers (`SHOALSN1`, with 32-bit ones, could not hold
+//! more than 2 GiB: a 5,000-node density run's history reached that and the snapshot
+//! failed). The archive is serialized after the header in one buffer (no copy).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -15,7 +18,8 @@ use crate::disk::Disk;
 use crate::mvcc::{Mvcc, Version};
 use crate::state::{Lease, State};
 
-const MAGIC: &[u8; 8] = b"SHOALSN1";
+const MAGIC: &[u8; 8] = b"SHOALSN2";
+const OLD_MAGIC: &[u8; 8] = b"SHOALSN1";
 const HEADER: usize = 16;
 
 #[derive(Archive, Serialize, Deserialize, Debug)]
@@ -71,7 +75,7 @@ fn snap_name(index: u64) -> String {
 }
 
 /// Encodes a snapshot of `state` at its applied index.
-pub fn encode(state: &State, term: u64, meta: Vec<u8>) -> Vec<u8> {
+pub fn encode(state: &State, term: u64, meta: Vec<u8>) -> Result<Vec<u8>, String> {
     let keys = state
         .mvcc
         .keys()
@@ -100,19 +104,19 @@ pub fn encode(state: &State, term: u64, meta: Vec<u8>) -> Vec<u8> {
         leases: state.leases.iter().map(|(id, l)| SnapLease { id: *id, ttl: l.ttl }).collect(),
         meta,
     };
-    let archive = rkyv::to_bytes::<rkyv::rancor::Error>(&data).expect("serializing plain owned data into memory cannot fail");
-    let mut out = Vec::with_capacity(HEADER + archive.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&crc32fast::hash(&archive).to_le_bytes());
-    out.extend_from_slice(&[0u8; 4]);
-    out.extend_from_slice(&archive);
-    out
+    let mut buf = rkyv::util::AlignedVec::<16>::new();
+    buf.extend_from_slice(&[0u8; HEADER]);
+    let mut buf = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(&data, buf).map_err(|e| format!("serializing the snapshot: {e}"))?;
+    let crc = crc32fast::hash(&buf[HEADER..]);
+    buf[..8].copy_from_slice(MAGIC);
+    buf[8..12].copy_from_slice(&crc.to_le_bytes());
+    Ok(buf.into_vec())
 }
 
 /// Writes a snapshot file durably; returns its name.
 pub fn save(disk: &dyn Disk, state: &State, term: u64, meta: Vec<u8>) -> std::io::Result<String> {
     let name = snap_name(state.applied);
-    disk.write_atomic(&name, &encode(state, term, meta))?;
+    disk.write_atomic(&name, &encode(state, term, meta).map_err(std::io::Error::other)?)?;
     Ok(name)
 }
 
@@ -126,6 +130,9 @@ pub struct Loaded {
 /// Decodes a snapshot file's bytes into a state. `quota` is the local configuration.
 pub fn decode(file: Vec<u8>, quota: u64, path: &str) -> Result<Loaded, SnapshotError> {
     let corrupt = |reason: &str| SnapshotError::Corrupt { path: path.to_string(), reason: reason.to_string() };
+    if file.len() >= HEADER && &file[..8] == OLD_MAGIC {
+        return Err(corrupt("written by an older Shoal (32-bit archive format SHOALSN1); restore from a peer or an etcd snapshot"));
+    }
     if file.len() < HEADER || &file[..8] != MAGIC {
         return Err(corrupt("bad header"));
     }
@@ -247,7 +254,7 @@ mod tests {
     #[test]
     fn corrupt_snapshot_is_refused() {
         let s = State::new(0);
-        let mut bytes = encode(&s, 1, vec![]);
+        let mut bytes = encode(&s, 1, vec![]).unwrap();
         let n = bytes.len();
         bytes[n - 1] ^= 1;
         assert!(matches!(decode(bytes, 0, "x"), Err(SnapshotError::Corrupt { .. })));

@@ -106,7 +106,7 @@ impl StateMachine {
             return Err(sm_err("nothing applied yet: no snapshot to build"));
         };
         let meta = SnapshotMeta { last_log_id: Some(last), last_membership: applied.membership.clone(), snapshot_id: format!("{}-{}", last.leader_id.term, last.index) };
-        let bytes = snapshot::encode(&state, last.leader_id.term, encode_meta(&meta));
+        let bytes = snapshot::encode(&state, last.leader_id.term, encode_meta(&meta)).map_err(sm_err)?;
         let name = snapshot::file_name(last.index);
         let closed = self.shared.gate.lock();
         if *closed {
