@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use rkyv::{Archive, Deserialize, Serialize};
+use rkyv::{Archive, Serialize};
 
 use crate::disk::Disk;
 use crate::mvcc::{Mvcc, Version};
@@ -22,29 +22,48 @@ const MAGIC: &[u8; 8] = b"SHOALSN2";
 const OLD_MAGIC: &[u8; 8] = b"SHOALSN1";
 const HEADER: usize = 16;
 
-#[derive(Archive, Serialize, Deserialize, Debug)]
+#[derive(Archive, Serialize, Debug)]
 pub struct SnapVersion {
     pub mod_rev: i64,
     pub create_rev: i64,
     pub version: i64,
     pub lease: i64,
-    pub value: Vec<u8>,
+    /// The stored value, archived straight from the state's shared buffer (no copy).
+    #[rkyv(with = BytesAsVec)]
+    pub value: Bytes,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug)]
+/// Archives `Bytes` as an `ArchivedVec<u8>`, serializing from the buffer in place.
+pub struct BytesAsVec;
+
+impl rkyv::with::ArchiveWith<Bytes> for BytesAsVec {
+    type Archived = rkyv::vec::ArchivedVec<u8>;
+    type Resolver = rkyv::vec::VecResolver;
+    fn resolve_with(field: &Bytes, resolver: Self::Resolver, out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(field.len(), resolver, out);
+    }
+}
+
+impl<S: rkyv::rancor::Fallible + rkyv::ser::Allocator + rkyv::ser::Writer + ?Sized> rkyv::with::SerializeWith<Bytes, S> for BytesAsVec {
+    fn serialize_with(field: &Bytes, s: &mut S) -> Result<Self::Resolver, S::Error> {
+        rkyv::vec::ArchivedVec::serialize_from_slice(field.as_ref(), s)
+    }
+}
+
+#[derive(Archive, Serialize, Debug)]
 pub struct SnapKey {
     pub key: Vec<u8>,
     pub versions: Vec<SnapVersion>,
 }
 
-#[derive(Archive, Serialize, Deserialize, Debug)]
+#[derive(Archive, Serialize, Debug)]
 pub struct SnapLease {
     pub id: i64,
     pub ttl: i64,
 }
 
 /// Everything a member needs to resume from `index` without the log before it.
-#[derive(Archive, Serialize, Deserialize, Debug)]
+#[derive(Archive, Serialize, Debug)]
 pub struct SnapshotData {
     pub index: u64,
     pub term: u64,
@@ -89,7 +108,7 @@ pub fn encode(state: &State, term: u64, meta: Vec<u8>) -> Result<Vec<u8>, String
                     create_rev: v.create_rev,
                     version: v.version,
                     lease: v.lease,
-                    value: v.value.to_vec(),
+                    value: v.value.clone(),
                 })
                 .collect(),
         })
