@@ -24,6 +24,7 @@ struct Meta {
     name: String,
     namespace: String,
     uid: String,
+    annotations: HashMap<String, String>,
     deletion_timestamp: Option<String>,
     deletion_grace_period_seconds: Option<i64>,
 }
@@ -75,6 +76,8 @@ pub struct Pod {
     foreign_conditions: Arc<[Value]>,
     deleting: Option<i64>,
     terminal: bool,
+    /// The pod's `shoal.io/` annotations (for the runtime).
+    annotations: Arc<[(String, String)]>,
 }
 
 impl Pod {
@@ -94,6 +97,7 @@ impl Pod {
             foreign_conditions: p.status.conditions.into_iter().filter(|c| !own.iter().any(|o| c["type"] == *o)).collect(),
             deleting: p.metadata.deletion_timestamp.map(|_| p.metadata.deletion_grace_period_seconds.unwrap_or(0)),
             terminal: matches!(p.status.phase.as_str(), "Succeeded" | "Failed"),
+            annotations: p.metadata.annotations.into_iter().filter(|(k, _)| k.starts_with("shoal.io/")).collect(),
         })
     }
     pub fn key(&self) -> String {
@@ -493,7 +497,7 @@ impl<R: Runtime> PodManager<R> {
         if !pod.host_network {
             r.ip = Some(self.node.ipam.allocate_when_ready().await.ok_or("no pod address free in the node's podCIDR")?);
         }
-        let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip };
+        let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec() };
         *sandbox = Some(self.rt.run_sandbox(&cfg).await.map_err(|e| e.to_string())?);
         let sb = sandbox.clone().unwrap_or_default();
         for (i, c) in pod.init_containers.iter().enumerate() {
@@ -528,6 +532,22 @@ impl<R: Runtime> PodManager<R> {
             r.apps[i].4 = self.rt.container_state(id).ok();
         }
         Ok(())
+    }
+
+    /// CPU and memory of every running container, by pod: (namespace, name, [(container,
+    /// usage)]).
+    pub fn usage(&self) -> Vec<(String, String, Vec<(String, crate::runtime::Usage)>)> {
+        let handles: Vec<(String, Arc<Mutex<HashMap<String, String>>>)> = self.pods.lock().iter().map(|(k, h)| (k.clone(), h.containers.clone())).collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for (key, ids) in handles {
+            let cs: Vec<(String, crate::runtime::Usage)> = ids.lock().iter().filter_map(|(name, id)| self.rt.container_usage(id).map(|u| (name.clone(), u))).collect();
+            if cs.is_empty() {
+                continue;
+            }
+            let (ns, name) = key.split_once('/').unwrap_or(("", &key));
+            out.push((ns.to_string(), name.to_string(), cs));
+        }
+        out
     }
 
     fn containers_of(&self, pod: &Pod) -> Arc<Mutex<HashMap<String, String>>> {

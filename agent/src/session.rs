@@ -193,6 +193,14 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
+    /// Usage of the node and its pods, for the metrics API.
+    fn usage(&self) -> pb::Usage {
+        let u = self.rt.usage();
+        let pods = self.pods.usage().into_iter().map(|(namespace, name, cs)| pb::PodUsage { namespace, name, containers: cs.into_iter().map(|(name, u)| pb::ContainerUsage { name, cpu_nanocores: u.cpu_nanocores, memory_bytes: u.memory_bytes }).collect() }).collect();
+        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        pb::Usage { timestamp_ms: now_ms, window_ms: self.cfg.heartbeat.as_millis() as u32, cpu_nanocores: u.cpu_nanocores, memory_bytes: u.memory_bytes, pods }
+    }
+
     fn hello(&self) -> pb::Hello {
         let known = self.known.lock().iter().map(|((k, ns, n), r)| pb::Known { kind: k.to_string(), namespace: ns.to_string(), name: n.to_string(), revision: *r }).collect();
         pb::Hello { known }
@@ -267,7 +275,8 @@ impl<R: Runtime> Agent<R> {
                     let due = self.status_due.swap(false, Ordering::Relaxed) || last_status.elapsed() >= self.cfg.status_report;
                     let node_status_json = if due { last_status = tokio::time::Instant::now(); Bytes::from(self.node_status().to_string()) } else { Bytes::new() };
                     self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
-                    if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(pb::Heartbeat { node_status_json })) }).await.is_err() { break End::Retry("session closed".into()) }
+                    let usage = Some(self.usage());
+                    if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Heartbeat(pb::Heartbeat { node_status_json, usage })) }).await.is_err() { break End::Retry("session closed".into()) }
                 }
                 _ = stopped(stop) => break End::Stop,
             }

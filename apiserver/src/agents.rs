@@ -113,6 +113,8 @@ pub struct AgentService {
     next_request: AtomicU64,
     /// Reverse requests waiting for replies: id → where the replies go.
     pending: Arc<Mutex<HashMap<u64, mpsc::Sender<pb::ReverseReply>>>>,
+    /// The latest usage of each node (the resource metrics API).
+    pub usage: crate::resource_metrics::UsageTable,
 }
 
 fn def(plural: &str, group: &str, version: &str) -> &'static ResourceDef {
@@ -193,7 +195,7 @@ pub async fn ensure_bootstrap_token(backend: &Backend, dir: &std::path::Path) ->
 impl AgentService {
     pub fn new(backend: Backend, cache: Arc<Cache>, signer: Arc<Signer>, admin_token: String, metrics: Arc<AgentMetrics>) -> AgentService {
         let hub = Hub::start(cache.clone(), metrics.clone());
-        AgentService { backend, cache, signer, admin_token, hub, metrics, next_session: AtomicU64::new(1), next_request: AtomicU64::new(1), pending: Default::default() }
+        AgentService { backend, cache, signer, admin_token, hub, metrics, next_session: AtomicU64::new(1), next_request: AtomicU64::new(1), pending: Default::default(), usage: Default::default() }
     }
 
     /// The node a session's credential names.
@@ -289,6 +291,9 @@ impl AgentService {
 
     async fn heartbeat(&self, node: &str, h: pb::Heartbeat) -> Result<(), ApiError> {
         self.metrics.heartbeats.inc();
+        if let Some(u) = h.usage {
+            self.usage.put(node, u);
+        }
         let now = meta::now_micro_time();
         let lease = json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
             "metadata": {"name": node, "namespace": "kube-node-lease"},

@@ -62,6 +62,9 @@ impl Entry {
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
+    pub fn labels(&self) -> Option<&Map<String, Value>> {
+        self.labels.as_ref()
+    }
     /// A precomputed field-selector value (for pods: `spec.nodeName`, `status.phase`, ...).
     pub fn field_str(&self, f: &str) -> Option<&str> {
         self.fields.iter().find(|(k, _)| *k == f).map(|(_, v)| v.as_str())

@@ -21,12 +21,19 @@ fn group_doc(name: &str, versions: &[&str]) -> Value {
 
 /// `/apis`.
 pub fn group_list() -> Value {
-    let groups: Vec<Value> = resources::groups().iter().map(|(g, vs)| group_doc(g, vs)).collect();
+    let mut groups: Vec<Value> = resources::groups().iter().map(|(g, vs)| group_doc(g, vs)).collect();
+    groups.push(crate::resource_metrics::group_doc());
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
 /// `/apis/<group>`, or None when the group is not served.
 pub fn group(name: &str) -> Option<Value> {
+    if name == crate::resource_metrics::GROUP {
+        let mut d = crate::resource_metrics::group_doc();
+        d["kind"] = json!("APIGroup");
+        d["apiVersion"] = json!("v1");
+        return Some(d);
+    }
     let (g, vs) = resources::groups().into_iter().find(|(g, _)| *g == name)?;
     let mut d = group_doc(g, &vs);
     d["kind"] = json!("APIGroup");
@@ -64,6 +71,9 @@ fn sub_entry(r: &ResourceDef, sub: &str) -> Value {
 
 /// The `APIResourceList` of a group version, or None when it is not served.
 pub fn resource_list(group: &str, version: &str) -> Option<Value> {
+    if group == crate::resource_metrics::GROUP && version == crate::resource_metrics::VERSION {
+        return Some(crate::resource_metrics::resource_list());
+    }
     if !resources::serves(group, version) {
         return None;
     }

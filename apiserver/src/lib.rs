@@ -34,6 +34,7 @@ pub mod metrics;
 pub mod patch;
 pub mod priority;
 pub use shoal_client::quantity;
+pub mod resource_metrics;
 pub mod resources;
 pub mod rest;
 pub mod schema;

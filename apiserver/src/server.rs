@@ -475,6 +475,18 @@ impl Api {
             ["apis", g] => get_only(discovery::group(g)),
             ["apis", g, v] => get_only(discovery::resource_list(g, v)),
             ["api", "v1", rest @ ..] => return self.resource(&user, "", "v1", rest, &method, &query, &accept, &ctype, body).await,
+            ["apis", "metrics.k8s.io", "v1beta1", rest @ ..] => {
+                let resource = if rest.first() == Some(&"namespaces") { rest.get(2) } else { rest.first() };
+                let a = Attributes { verb: if rest.len() % 2 == 0 { "get".into() } else { "list".into() }, group: crate::resource_metrics::GROUP.into(), resource: resource.map(|r| r.to_string()).unwrap_or_default(), namespace: if rest.first() == Some(&"namespaces") { rest.get(1).map(|s| s.to_string()).unwrap_or_default() } else { String::new() }, ..Default::default() };
+                if let Err(why) = auth::authorize(&user, &a) {
+                    return (error_response(&ApiError::new(403, "Forbidden", why)), None);
+                }
+                match crate::resource_metrics::serve(&self.agents.usage, &self.cache, rest, query.get("labelSelector").unwrap_or("")) {
+                    Ok(v) if method == Method::GET => json_response(200, &v),
+                    Ok(_) => error_response(&ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
+                    Err(e) => error_response(&e),
+                }
+            }
             ["apis", g, v, rest @ ..] => {
                 let (g, v) = (g.to_string(), v.to_string());
                 return self.resource(&user, &g, &v, rest, &method, &query, &accept, &ctype, body).await;

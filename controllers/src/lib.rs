@@ -15,6 +15,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod events;
 pub mod gc;
+pub mod hpa;
 pub mod informer;
 pub mod ipam;
 pub mod namespace;
@@ -43,11 +44,13 @@ pub struct Options {
     pub nodes: nodelifecycle::Settings,
     /// Pod and service address ranges.
     pub plan: ipam::Plan,
+    /// How often HorizontalPodAutoscalers are evaluated.
+    pub hpa_sync: Duration,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default(), plan: Default::default() }
+        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default(), plan: Default::default(), hpa_sync: Duration::from_secs(15) }
     }
 }
 
@@ -141,6 +144,7 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
+    hpa::start(client.clone(), inf("/apis/autoscaling/v2/horizontalpodautoscalers"), pods.clone(), lead.clone(), opts.hpa_sync);
     let quotas = inf("/api/v1/resourcequotas");
     let claims = inf("/api/v1/persistentvolumeclaims");
     volume::start(client.clone(), claims.clone(), inf("/api/v1/persistentvolumes"), inf("/apis/storage.k8s.io/v1/storageclasses"), lead.clone());

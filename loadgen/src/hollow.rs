@@ -263,30 +263,46 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
     client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
 
     let (_, rv) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
-    let mut rx = client.watch(&format!("/api/v1/namespaces/{ns}/pods"), &rv).await.map_err(|e| anyhow::anyhow!("watch: {e}"))?;
     let seen: Arc<parking_lot::Mutex<HashMap<String, Seen>>> = Default::default();
     let (running_tx, running_rx) = watch::channel(0usize);
     {
         let seen = seen.clone();
+        let client = client.clone();
+        let path = format!("/api/v1/namespaces/{ns}/pods");
         tokio::spawn(async move {
-            let mut running = 0;
-            while let Some((ty, p)) = rx.recv().await {
-                if ty == "DELETED" {
+            // A watch the server closes (a slow reader, a timeout) resumes from the last
+            // resourceVersion seen.
+            let (mut rv, mut running) = (rv, 0usize);
+            loop {
+                let Ok(mut rx) = client.watch(&path, &rv).await else {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                     continue;
+                };
+                while let Some((ty, p)) = rx.recv().await {
+                    if let Some(r) = p.pointer("/metadata/resourceVersion").and_then(Value::as_str) {
+                        rv = r.to_string();
+                    }
+                    if ty == "DELETED" || ty == "BOOKMARK" {
+                        continue;
+                    }
+                    let now = Instant::now();
+                    let name = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
+                    let mut g = seen.lock();
+                    let s = g.entry(name).or_default();
+                    s.created.get_or_insert(now);
+                    if p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
+                        s.scheduled.get_or_insert(now);
+                    }
+                    if p.pointer("/status/phase").and_then(Value::as_str) == Some("Running") && s.running.is_none() {
+                        s.running = Some(now);
+                        running += 1;
+                        let _ = running_tx.send(running);
+                    }
                 }
-                let now = Instant::now();
-                let name = p.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
-                let mut g = seen.lock();
-                let s = g.entry(name).or_default();
-                s.created.get_or_insert(now);
-                if p.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty()) {
-                    s.scheduled.get_or_insert(now);
+                if running_tx.is_closed() {
+                    return;
                 }
-                if p.pointer("/status/phase").and_then(Value::as_str) == Some("Running") && s.running.is_none() {
-                    s.running = Some(now);
-                    running += 1;
-                    let _ = running_tx.send(running);
-                }
+                tracing::info!(%rv, "pod watch closed by the server; resuming");
             }
         });
     }
@@ -318,7 +334,18 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
         }
         if start.elapsed() > Duration::from_secs(a.timeout_s) || last_progress.elapsed() > Duration::from_secs(120) {
             b.finish_and_clear();
-            bail!("only {n} of {total} pods Running after {:.0}s", start.elapsed().as_secs_f64());
+            // Say where the missing pods are.
+            let mut by_state: std::collections::BTreeMap<String, usize> = Default::default();
+            if let Ok((pods, _)) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await {
+                for p in &pods {
+                    let node = p.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("");
+                    let phase = p.pointer("/status/phase").and_then(Value::as_str).unwrap_or("");
+                    *by_state.entry(format!("{} {phase}", if node.is_empty() { "unbound" } else { "bound" })).or_default() += 1;
+                }
+            }
+            let unsent: usize = fleet.agents.iter().map(|a| a.unsent()).sum();
+            let held: usize = fleet.pods();
+            bail!("only {n} of {total} pods Running (as the watch saw) after {:.0}s; pods in the API: {by_state:?}; agents hold {held} pods, {unsent} statuses unsent", start.elapsed().as_secs_f64());
         }
         let _ = tokio::time::timeout(Duration::from_millis(500), running_rx.changed()).await;
     }

@@ -177,6 +177,10 @@ struct ServerArgs {
     /// Nodes per second whose pods may be evicted after they became unreachable or not ready.
     #[arg(long, default_value_t = 0.1)]
     node_eviction_rate: f64,
+    /// How often HorizontalPodAutoscalers are evaluated (`15s`), as kube-controller-manager's
+    /// flag of the same name.
+    #[arg(long, default_value = "15s")]
+    horizontal_pod_autoscaler_sync_period: String,
     /// How often the API server compacts the store's history, keeping at least this much
     /// (`300s`, `5m`, `1h`; `0` disables), as kube-apiserver's flag of the same name.
     #[arg(long, default_value = "5m")]
@@ -306,6 +310,10 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     };
     let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
     let node_eviction_rate = a.node_eviction_rate;
+    let hpa_sync = parse_duration(&a.horizontal_pod_autoscaler_sync_period).with_context(|| format!("--horizontal-pod-autoscaler-sync-period {:?}", a.horizontal_pod_autoscaler_sync_period))?;
+    if hpa_sync.is_zero() {
+        bail!("--horizontal-pod-autoscaler-sync-period must be longer than 0");
+    }
     let plan = shoal_controllers::ipam::Plan {
         cluster: shoal_controllers::ipam::Cidr::parse(&a.cluster_cidr).map_err(|e| anyhow::anyhow!("--cluster-cidr: {e}"))?,
         service: shoal_controllers::ipam::Cidr::parse(&a.service_cluster_ip_range).map_err(|e| anyhow::anyhow!("--service-cluster-ip-range: {e}"))?,
@@ -450,6 +458,7 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                         period: std::time::Duration::from_secs(node_grace.as_secs().clamp(1, 5)),
                         eviction_rate: node_eviction_rate,
                     },
+                    hpa_sync,
                     ..Default::default()
                 };
                 std::thread::Builder::new().name("controllers".into()).spawn(move || {

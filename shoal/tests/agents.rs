@@ -190,3 +190,43 @@ fn an_agent_resumes_after_a_server_crash_without_a_relist_or_a_lost_status() {
     let _ = fast.stop.send(true);
     let _ = slow.stop.send(true);
 }
+
+#[test]
+fn kubectl_top_and_an_autoscaler_follow_hollow_pods_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start_api(dir.path(), "a", &["--horizontal-pod-autoscaler-sync-period", "1s"]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    let f = fleet(&s, &["hollow-0", "hollow-1"], Duration::from_millis(50));
+    k.eventually(&["get", "nodes", "--no-headers"], "2 Ready nodes", |o| o.lines().filter(|l| l.contains(" Ready ")).count() == 2);
+    // Each container of these pods uses 300m of CPU (the simulated runtime reads it from
+    // the annotation) against a request of 100m.
+    let busy = |cpu: &str| format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: busy}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: busy}}}}\n  template:\n    metadata: {{labels: {{app: busy}}, annotations: {{shoal.io/sim-cpu: {cpu}, shoal.io/sim-memory: 40Mi}}}}\n    spec: {{containers: [{{name: c, image: busybox, resources: {{requests: {{cpu: 100m}}}}}}]}}\n");
+    k.apply(&busy("300m"));
+    k.ok(&["rollout", "status", "deployment/busy", "--timeout=60s"]);
+
+    // The metrics API, as metrics-server serves it.
+    let (ok, out) = k.run(&["get", "--raw", "/apis/metrics.k8s.io/v1beta1/nodes/nope"], None);
+    assert!(!ok && out.contains("NotFound"), "{out}");
+    k.eventually(&["top", "pods", "--no-headers"], "kubectl top pods", |o| o.contains("busy-") && o.contains("300m") && o.contains("40Mi"));
+    k.eventually(&["top", "nodes", "--no-headers"], "kubectl top nodes", |o| o.lines().count() == 2 && o.lines().all(|l| l.starts_with("hollow-") && l.contains('%')));
+    let (ok, out) = k.run(&["top", "pods", "-l", "app=nobody", "--no-headers"], None);
+    assert!(ok || out.contains("No resources found"), "{out}");
+
+    // 300% of the request against a 50% target: up to the maximum, with upstream's status
+    // and event.
+    k.apply("apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: busy}\nspec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: busy}\n  minReplicas: 1\n  maxReplicas: 4\n  metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 50}}}]\n  behavior: {scaleDown: {stabilizationWindowSeconds: 0}}\n");
+    k.eventually(&["get", "deployment", "busy", "-o", "jsonpath={.spec.replicas}"], "scaled up to the maximum", |o| o == "4");
+    k.eventually(&["get", "hpa", "busy", "-o", "json"], "HPA status", |o| {
+        let v: Value = serde_json::from_str(o).unwrap_or(Value::Null);
+        let limited = v["status"]["conditions"].as_array().is_some_and(|c| c.iter().any(|c| c["type"] == "ScalingLimited" && c["status"] == "True" && c["reason"] == "TooManyReplicas"));
+        limited && v["status"]["currentMetrics"][0]["resource"]["current"]["averageUtilization"] == 300 && v["status"]["desiredReplicas"] == 4
+    });
+    k.eventually(&["get", "events", "--field-selector", "reason=SuccessfulRescale", "-o", "jsonpath={.items[*].message}"], "rescale event", |o| o.contains("New size: 4; reason: cpu resource utilization (percentage of request) above target"));
+    k.eventually(&["get", "hpa", "busy", "--no-headers"], "kubectl get hpa", |o| o.contains("cpu: 300%/50%"));
+
+    // Load drops (new pods at 10m): down to the minimum.
+    k.ok(&["patch", "deployment", "busy", "-p", r#"{"spec":{"template":{"metadata":{"annotations":{"shoal.io/sim-cpu":"10m"}}}}}"#]);
+    k.eventually(&["get", "deployment", "busy", "-o", "jsonpath={.spec.replicas}"], "scaled down to the minimum", |o| o == "1");
+    let _ = f.stop.send(true);
+}

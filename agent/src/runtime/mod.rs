@@ -16,6 +16,9 @@ pub struct SandboxConfig {
     pub host_network: bool,
     /// The address the pod network gave the pod (None with host networking).
     pub ip: Option<std::net::Ipv4Addr>,
+    /// The pod's `shoal.io/` annotations (the simulated runtime reads `shoal.io/sim-cpu`
+    /// and `shoal.io/sim-memory` from them).
+    pub annotations: Vec<(String, String)>,
 }
 
 /// An init container runs to completion before the next one; app containers run together.
@@ -80,4 +83,6 @@ pub trait Runtime: Send + Sync + 'static {
     /// The container's log (CRI log format lines), the last `tail` lines when given.
     fn logs(&self, id: &str, tail: Option<usize>) -> Result<Vec<u8>>;
     fn usage(&self) -> Usage;
+    /// CPU and memory of one running container (None when it is not running).
+    fn container_usage(&self, id: &str) -> Option<Usage>;
 }

@@ -1,6 +1,8 @@
 //! The simulated runtime of hollow nodes: no processes, only plausible state. A container
 //! starts after `start_delay`, an init container exits 0 after `init_run`, app containers
-//! run until stopped; stats grow slowly with the number of running containers.
+//! run until stopped. A container uses 1–5m of CPU and 8–24 MiB, or what the pod's
+//! annotations `shoal.io/sim-cpu` / `shoal.io/sim-memory` say (quantities, per container):
+//! hollow pods can load an autoscaler.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,6 +29,7 @@ impl Default for SimSettings {
 struct Container {
     name: String,
     kind: ContainerKind,
+    usage: Usage,
     state: ContainerState,
     /// Woken when the container exits.
     exited: tokio::sync::watch::Sender<bool>,
@@ -37,6 +40,8 @@ pub struct Sim {
     settings: SimSettings,
     next: AtomicU64,
     containers: Mutex<HashMap<String, Container>>,
+    /// Sandbox id → the usage its containers report when the pod says so.
+    sandboxes: Mutex<HashMap<String, (Option<u64>, Option<u64>)>>,
 }
 
 fn now() -> i64 {
@@ -45,7 +50,7 @@ fn now() -> i64 {
 
 impl Sim {
     pub fn new(settings: SimSettings) -> Sim {
-        Sim { settings, next: AtomicU64::new(1), containers: Mutex::new(HashMap::new()) }
+        Sim { settings, next: AtomicU64::new(1), containers: Mutex::new(HashMap::new()), sandboxes: Mutex::new(HashMap::new()) }
     }
 
     fn id(&self, what: &str) -> String {
@@ -75,15 +80,22 @@ impl super::Runtime for Sim {
         "sim://0.1.0".into()
     }
 
-    async fn run_sandbox(&self, _cfg: &SandboxConfig) -> Result<String> {
-        Ok(self.id("sb"))
+    async fn run_sandbox(&self, cfg: &SandboxConfig) -> Result<String> {
+        let id = self.id("sb");
+        let q = |k: &str| cfg.annotations.iter().find(|(n, _)| n == k).and_then(|(_, v)| shoal_client::quantity::parse(v)).filter(|n| *n >= 0);
+        // Quantities parse to milli-units: 1m of CPU is 1e6 nanocores, 1000m of memory a byte.
+        let cpu = q("shoal.io/sim-cpu").map(|n| (n * 1_000_000) as u64);
+        let mem = q("shoal.io/sim-memory").map(|n| (n / 1000) as u64);
+        self.sandboxes.lock().insert(id.clone(), (cpu, mem));
+        Ok(id)
     }
 
     async fn stop_sandbox(&self, _id: &str) -> Result<()> {
         Ok(())
     }
 
-    async fn remove_sandbox(&self, _id: &str) -> Result<()> {
+    async fn remove_sandbox(&self, id: &str) -> Result<()> {
+        self.sandboxes.lock().remove(id);
         Ok(())
     }
 
@@ -97,10 +109,13 @@ impl super::Runtime for Sim {
         Ok(format!("{repo}@sha256:{h:016x}{h:016x}{h:016x}{h:016x}"))
     }
 
-    async fn create_container(&self, _sandbox: &str, c: &ContainerConfig) -> Result<String> {
+    async fn create_container(&self, sandbox: &str, c: &ContainerConfig) -> Result<String> {
         let id = self.id("c");
         let (tx, _) = tokio::sync::watch::channel(false);
-        self.containers.lock().insert(id.clone(), Container { name: c.name.clone(), kind: c.kind, state: ContainerState::Created, exited: tx });
+        let (cpu, mem) = self.sandboxes.lock().get(sandbox).copied().unwrap_or((None, None));
+        let h = c.name.bytes().chain(c.image.bytes()).fold(7u64, |h, b| h.wrapping_mul(31).wrapping_add(b.into()));
+        let usage = Usage { cpu_nanocores: cpu.unwrap_or(1_000_000 + (h % 4) * 1_000_000), memory_bytes: mem.unwrap_or((8 + (h % 17)) << 20) };
+        self.containers.lock().insert(id.clone(), Container { name: c.name.clone(), kind: c.kind, usage, state: ContainerState::Created, exited: tx });
         Ok(id)
     }
 
@@ -153,8 +168,15 @@ impl super::Runtime for Sim {
     }
 
     fn usage(&self) -> Usage {
-        let n = self.running() as u64;
-        Usage { cpu_nanocores: 5_000_000 * n + 20_000_000, memory_bytes: (8 << 20) * n + (200 << 20) }
+        // The node: its running containers plus a simulated system overhead.
+        let g = self.containers.lock();
+        let running = g.values().filter(|c| matches!(c.state, ContainerState::Running { .. }));
+        let (cpu, mem) = running.fold((20_000_000u64, 200u64 << 20), |(c, m), x| (c + x.usage.cpu_nanocores, m + x.usage.memory_bytes));
+        Usage { cpu_nanocores: cpu, memory_bytes: mem }
+    }
+
+    fn container_usage(&self, id: &str) -> Option<Usage> {
+        self.containers.lock().get(id).filter(|c| matches!(c.state, ContainerState::Running { .. })).map(|c| c.usage)
     }
 }
 
@@ -166,7 +188,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn init_containers_exit_and_app_containers_run_until_stopped() {
         let s = Sim::new(SimSettings::default());
-        let sb = s.run_sandbox(&SandboxConfig { namespace: "ns".into(), name: "p".into(), uid: "u".into(), host_network: false, ip: None }).await.unwrap();
+        let sb = s.run_sandbox(&SandboxConfig { namespace: "ns".into(), name: "p".into(), uid: "u".into(), host_network: false, ip: None, annotations: vec![("shoal.io/sim-cpu".into(), "250m".into()), ("shoal.io/sim-memory".into(), "64Mi".into())] }).await.unwrap();
         let init = s.create_container(&sb, &ContainerConfig { name: "init".into(), image: "busybox".into(), kind: ContainerKind::Init }).await.unwrap();
         s.start_container(&init).await.unwrap();
         assert!(matches!(s.wait_container(&init).await.unwrap(), ContainerState::Exited { exit_code: 0, .. }));
@@ -175,6 +197,10 @@ mod tests {
         s.start_container(&app).await.unwrap();
         assert!(matches!(s.container_state(&app).unwrap(), ContainerState::Running { .. }));
         assert_eq!(s.running(), 1);
+        let u = s.container_usage(&app).unwrap();
+        assert_eq!((u.cpu_nanocores, u.memory_bytes), (250_000_000, 64 << 20), "usage from the pod's annotations");
+        assert_eq!(s.usage().cpu_nanocores, 270_000_000);
+        assert!(s.container_usage(&init).is_none(), "an exited container uses nothing");
         s.stop_container(&app, Duration::from_secs(30)).await.unwrap();
         assert!(matches!(s.wait_container(&app).await.unwrap(), ContainerState::Exited { exit_code: 143, .. }));
         assert!(String::from_utf8(s.logs(&app, Some(1)).unwrap()).unwrap().contains("simulated"));
