@@ -301,7 +301,26 @@ impl AgentService {
         let t = Target { def: def("leases", "coordination.k8s.io", "v1"), ns: "kube-node-lease", name: node, sub: "" };
         let mut q = Query::default();
         q.0.insert("fieldManager".into(), "shoal-agent".into());
-        match rest::update(&self.backend, &t, lease.clone(), &q).await {
+        // Fast path: renew from the watch cache's copy with a revision compare (one store
+        // write, no linearizable read); a lost race falls back to a full update.
+        let key = t.def.key(t.ns, t.name);
+        let renewed = match self.cache.get(&key) {
+            Some(e) => {
+                let mut cur = e.value();
+                if cur.pointer("/spec/holderIdentity").and_then(Value::as_str) == Some(node) {
+                    cur["spec"]["renewTime"] = json!(now);
+                    cur["spec"]["leaseDurationSeconds"] = json!(LEASE_SECS);
+                    if let Some(m) = cur.get_mut("metadata").and_then(Value::as_object_mut) {
+                        m.remove("resourceVersion");
+                    }
+                    rest::put_if_unchanged(&self.backend, &key, e.mod_rev, &cur).await?
+                } else {
+                    false
+                }
+            }
+            None => false,
+        };
+        match if renewed { Ok((200, Value::Null)) } else { rest::update(&self.backend, &t, lease.clone(), &q).await } {
             Ok(_) => {}
             Err(e) if e.code == 404 => {
                 let mut lease = lease;

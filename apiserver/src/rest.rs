@@ -296,6 +296,14 @@ async fn txn_put(backend: &Backend, key: &str, cond: Compare, value: Bytes) -> R
     Ok(if r.succeeded { Written::At(r.header.map_or(0, |h| h.revision)) } else { Written::Lost })
 }
 
+/// Writes `obj`, a new version of the object at `key` derived by the caller from a copy at
+/// revision `rev`, only if the key is still at `rev` (no read first). Ok(false) when it
+/// moved: the caller falls back to `update`. Used for writes the server makes itself
+/// (node Lease renewals from the watch cache's copy).
+pub async fn put_if_unchanged(backend: &Backend, key: &str, rev: i64, obj: &Value) -> Result<bool, ApiError> {
+    Ok(matches!(txn_put(backend, key, cmp_mod(key, rev), encode_for_store(obj)).await?, Written::At(_)))
+}
+
 /// Deletes `key` at `rev` together with `also` (allocation records it owns).
 async fn txn_delete_with(backend: &Backend, key: &str, rev: i64, also: &[String]) -> Result<Written, ApiError> {
     let del = |k: &str| RequestOp { request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: k.as_bytes().to_vec().into(), ..Default::default() })) };

@@ -18,6 +18,7 @@ pub mod gc;
 pub mod hpa;
 pub mod informer;
 pub mod ipam;
+pub mod loadbalancer;
 pub mod namespace;
 pub mod nodelifecycle;
 pub mod pod;
@@ -46,11 +47,13 @@ pub struct Options {
     pub plan: ipam::Plan,
     /// How often HorizontalPodAutoscalers are evaluated.
     pub hpa_sync: Duration,
+    /// Addresses for Services of type LoadBalancer (empty: they stay pending).
+    pub lb_pool: loadbalancer::Pool,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default(), plan: Default::default(), hpa_sync: Duration::from_secs(15) }
+        Options { identity: format!("shoal-{}", std::process::id()), resync: Duration::from_secs(10), nodes: Default::default(), plan: Default::default(), hpa_sync: Duration::from_secs(15), lb_pool: Default::default() }
     }
 }
 
@@ -144,6 +147,7 @@ pub fn start(client: Client, opts: Options) -> Leadership {
     replicaset::start(client.clone(), replicasets.clone(), pods.clone(), lead.clone());
     deployment::start(client.clone(), deployments.clone(), replicasets.clone(), lead.clone());
     endpoints::start(client.clone(), services.clone(), pods.clone(), lead.clone());
+    loadbalancer::start(client.clone(), services.clone(), opts.lb_pool.clone(), lead.clone());
     hpa::start(client.clone(), inf("/apis/autoscaling/v2/horizontalpodautoscalers"), pods.clone(), lead.clone(), opts.hpa_sync);
     let quotas = inf("/api/v1/resourcequotas");
     let claims = inf("/api/v1/persistentvolumeclaims");

@@ -181,6 +181,11 @@ struct ServerArgs {
     /// flag of the same name.
     #[arg(long, default_value = "15s")]
     horizontal_pod_autoscaler_sync_period: String,
+    /// Addresses for Services of type LoadBalancer: CIDRs and `first-last` ranges, comma
+    /// separated (`192.0.2.0/28,198.51.100.10-198.51.100.20`). Must not overlap the cluster
+    /// or service CIDR. Empty: LoadBalancer services stay pending (no cloud provider).
+    #[arg(long, default_value = "")]
+    load_balancer_ip_pool: String,
     /// How often the API server compacts the store's history, keeping at least this much
     /// (`300s`, `5m`, `1h`; `0` disables), as kube-apiserver's flag of the same name.
     #[arg(long, default_value = "5m")]
@@ -320,6 +325,12 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
         node_mask: a.node_cidr_mask_size,
     };
     plan.validate().map_err(|e| anyhow::anyhow!("address plan refused: {e}"))?;
+    let lb_pool = shoal_controllers::loadbalancer::Pool::parse(&a.load_balancer_ip_pool).map_err(|e| anyhow::anyhow!("--load-balancer-ip-pool: {e}"))?;
+    for (what, c) in [("cluster", &plan.cluster), ("service", &plan.service)] {
+        if lb_pool.overlaps(c) {
+            bail!("--load-balancer-ip-pool overlaps the {what} CIDR {c}");
+        }
+    }
     if plan.service != shoal_controllers::ipam::Plan::default().service {
         bail!("--service-cluster-ip-range other than 10.96.0.0/12 is not supported yet (the API server allocates ClusterIPs from 10.96.0.0/12)");
     }
@@ -459,6 +470,7 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                         eviction_rate: node_eviction_rate,
                     },
                     hpa_sync,
+                    lb_pool: lb_pool.clone(),
                     ..Default::default()
                 };
                 std::thread::Builder::new().name("controllers".into()).spawn(move || {

@@ -96,6 +96,11 @@ fn hollow_nodes_run_deployments_that_kubectl_drives() {
     // The nodes register, get pod CIDRs and report Ready.
     k.eventually(&["get", "nodes", "--no-headers"], "3 Ready hollow nodes", |o| o.lines().filter(|l| l.contains(" Ready ")).count() == 3);
     k.eventually(&["get", "leases", "-n", "kube-node-lease", "--no-headers"], "a Lease per node", |o| o.lines().count() == 3);
+    // Heartbeats (every 2 s here) keep renewing them.
+    let renew = || k.ok(&["get", "lease", "-n", "kube-node-lease", "hollow-0", "-o", "jsonpath={.spec.renewTime}"]);
+    let first = renew();
+    k.eventually(&["get", "lease", "-n", "kube-node-lease", "hollow-0", "-o", "jsonpath={.spec.renewTime}"], "a renewed Lease", |o| !o.is_empty() && o != first);
+    assert_eq!(k.ok(&["get", "lease", "-n", "kube-node-lease", "hollow-0", "-o", "jsonpath={.spec.holderIdentity}"]), "hollow-0");
     let nodes: Value = serde_json::from_str(&k.ok(&["get", "nodes", "-o", "json"])).unwrap();
     for n in nodes["items"].as_array().unwrap() {
         assert_eq!(n["status"]["nodeInfo"]["containerRuntimeVersion"], "sim://0.1.0");

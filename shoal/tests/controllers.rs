@@ -244,3 +244,36 @@ fn statefulsets_create_in_order_with_stable_names_and_claims() {
     k.ok(&["delete", "pod", "db-1", "--grace-period=0"]);
     k.eventually(&["get", "pod", "db-1", "-o", "jsonpath={.metadata.name}/{.metadata.deletionTimestamp}"], "db-1 recreated", |o| o == "db-1/");
 }
+
+#[test]
+fn load_balancer_services_get_addresses_from_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    // A pool that overlaps the cluster CIDR is refused at start-up, with the reason.
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["server", "--data-dir"]).arg(dir.path().join("bad")).args(["--load-balancer-ip-pool", "10.1.0.0/28"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--load-balancer-ip-pool overlaps the cluster CIDR 10.0.0.0/8"), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let s = Server::start_api(dir.path(), "ctl", &["--load-balancer-ip-pool", "192.0.2.10-192.0.2.11"]);
+    s.wait_api();
+    let k = K { bin: kubectl_bin(), cfg: s.kubeconfig() };
+    let ip = |name: &str| k.ok(&["get", "service", name, "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"]);
+    k.ok(&["create", "service", "loadbalancer", "a", "--tcp=80:8080"]);
+    k.eventually(&["get", "service", "a", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"], "first address", |o| o == "192.0.2.10");
+    k.ok(&["create", "service", "loadbalancer", "b", "--tcp=80:8080"]);
+    k.eventually(&["get", "service", "b", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"], "second address", |o| o == "192.0.2.11");
+    k.eventually(&["get", "service", "b", "--no-headers"], "EXTERNAL-IP column", |o| o.contains("192.0.2.11"));
+    // The pool is empty: the third waits, with a warning.
+    k.ok(&["create", "service", "loadbalancer", "c", "--tcp=80:8080"]);
+    k.eventually(&["get", "events", "--field-selector", "involvedObject.name=c,reason=AllocationFailed", "-o", "jsonpath={.items[*].message}"], "allocation failure", |o| o.contains("no available IPs in the load balancer pool"));
+    assert_eq!(ip("c"), "");
+    k.eventually(&["get", "events", "--field-selector", "involvedObject.name=a", "-o", "jsonpath={.items[*].reason}"], "upstream's events", |o| o.contains("EnsuringLoadBalancer") && o.contains("EnsuredLoadBalancer"));
+    // Deleting a frees its address for c; b turning into a ClusterIP service loses its own.
+    k.ok(&["delete", "service", "a"]);
+    k.eventually(&["get", "service", "c", "-o", "jsonpath={.status.loadBalancer.ingress[0].ip}"], "c gets a's address", |o| o == "192.0.2.10");
+    k.ok(&["patch", "service", "b", "-p", r#"{"spec":{"type":"ClusterIP","ports":[{"port":80,"targetPort":8080,"protocol":"TCP","name":"80-8080","nodePort":null}]}}"#]);
+    k.eventually(&["get", "service", "b", "-o", "jsonpath={.status.loadBalancer}"], "b's address released", |o| o.is_empty() || o == "{}");
+    // A service of another class is not ours.
+    k.apply("apiVersion: v1\nkind: Service\nmetadata: {name: other}\nspec: {type: LoadBalancer, loadBalancerClass: example.com/lb, ports: [{port: 80}]}\n");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(ip("other"), "");
+}
