@@ -1,14 +1,120 @@
 //! Events components record (core/v1 Events, as `kubectl get events` and `describe` show
-//! them). Best effort: a failed event never fails the work it reports on.
+//! them), with upstream's event correlation (client-go's EventCorrelator): an event
+//! identical to one recorded in the last 10 minutes increments that event's `count` and
+//! `lastTimestamp` instead of creating another; more than 10 similar events (same object,
+//! reason and type, other messages) in 10 minutes are combined into one
+//! "(combined from similar events): ..." event. Best effort: a failed event never fails the
+//! work it reports on.
 
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 use serde_json::{json, Value};
+
 use crate::{time, Client};
+
+/// Upstream's defaults.
+const WINDOW: Duration = Duration::from_secs(600);
+const SIMILAR_MAX: usize = 10;
+const CACHE_MAX: usize = 4096;
+
+/// What the correlator decided for one event.
+#[derive(Debug, PartialEq)]
+pub enum Action {
+    /// Create a new event with this message.
+    Create(String),
+    /// Bump the event `name` (in the namespace) to `count`, with this message.
+    Bump { name: String, count: u64, message: String },
+}
+
+#[derive(Default)]
+struct Seen {
+    /// Identical events: key → (event name, count, last seen).
+    identical: HashMap<String, (String, u64, Instant)>,
+    /// Similar events: key → distinct messages seen in the window, with when.
+    similar: HashMap<String, HashMap<String, Instant>>,
+}
+
+/// The correlation state (per process, as a client-go broadcaster's).
+#[derive(Default)]
+pub struct Correlator {
+    seen: Mutex<Seen>,
+}
+
+impl Correlator {
+    /// Decides for an event about `object` (a key naming it) at `now`.
+    pub fn decide(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str, now: Instant) -> Action {
+        let mut g = self.seen.lock();
+        if g.identical.len() > CACHE_MAX {
+            g.identical.retain(|_, (_, _, t)| now.duration_since(*t) < WINDOW);
+            g.similar.retain(|_, ts| ts.values().any(|t| now.duration_since(*t) < WINDOW));
+        }
+        let similar_key = format!("{component}\u{0}{object}\u{0}{ty}\u{0}{reason}");
+        let times = g.similar.entry(similar_key.clone()).or_default();
+        times.retain(|_, t| now.duration_since(*t) < WINDOW);
+        times.insert(message.to_string(), now);
+        // Past the limit every similar event goes to one combined event (keyed without
+        // its message), whose message is the latest.
+        let (key, message) = if times.len() > SIMILAR_MAX { (format!("{similar_key}\u{0}*"), format!("(combined from similar events): {message}")) } else { (format!("{similar_key}\u{0}{message}"), message.to_string()) };
+        match g.identical.get_mut(&key) {
+            Some((name, count, last)) if now.duration_since(*last) < WINDOW && !name.is_empty() => {
+                *count += 1;
+                *last = now;
+                Action::Bump { name: name.clone(), count: *count, message }
+            }
+            _ => {
+                g.identical.insert(key, (String::new(), 1, now));
+                Action::Create(message)
+            }
+        }
+    }
+
+    fn key(object: &str, ty: &str, reason: &str, message: &str, component: &str) -> String {
+        let m = if message.starts_with("(combined from similar events): ") { "*" } else { message };
+        format!("{component}\u{0}{object}\u{0}{ty}\u{0}{reason}\u{0}{m}")
+    }
+
+    /// Remembers the name the server gave the event created for this key.
+    fn created(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str, name: &str) {
+        let key = Self::key(object, ty, reason, message, component);
+        if let Some(e) = self.seen.lock().identical.get_mut(&key) {
+            e.0 = name.to_string();
+        }
+    }
+
+    fn forget(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str) {
+        let key = Self::key(object, ty, reason, message, component);
+        self.seen.lock().identical.remove(&key);
+    }
+}
+
+fn correlator() -> &'static Correlator {
+    static C: std::sync::OnceLock<Correlator> = std::sync::OnceLock::new();
+    C.get_or_init(Correlator::default)
+}
 
 /// Records a Normal or Warning event about `obj`.
 pub async fn record(client: &Client, obj: &Value, ty: &str, reason: &str, message: &str, component: &str) {
     let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
     let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let object = format!("{}/{}/{ns}/{name}/{}", obj.get("kind").and_then(Value::as_str).unwrap_or(""), obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""), obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or(""));
     let now = time::format(time::now_secs());
+    let c = correlator();
+    let message = match c.decide(&object, ty, reason, message, component, Instant::now()) {
+        Action::Bump { name: ev, count, message: m } => {
+            match client.merge_patch(&format!("/api/v1/namespaces/{ns}/events/{ev}"), &json!({"count": count, "lastTimestamp": now, "message": m})).await {
+                Ok(_) => return,
+                Err(e) => {
+                    // Gone (expired, deleted): start again with a new event.
+                    tracing::debug!(error = %e, reason, "bumping an event failed; creating a new one");
+                    c.forget(&object, ty, reason, &m, component);
+                    m
+                }
+            }
+        }
+        Action::Create(m) => m,
+    };
     let ev = json!({
         "apiVersion": "v1", "kind": "Event",
         "metadata": {"generateName": format!("{name}."), "namespace": ns},
@@ -18,7 +124,43 @@ pub async fn record(client: &Client, obj: &Value, ty: &str, reason: &str, messag
         "firstTimestamp": now, "lastTimestamp": now, "count": 1,
         "reportingComponent": component, "reportingInstance": component,
     });
-    if let Err(e) = client.create(&format!("/api/v1/namespaces/{ns}/events"), &ev).await {
-        tracing::debug!(error = %e, reason, "recording an event failed");
+    match client.create(&format!("/api/v1/namespaces/{ns}/events"), &ev).await {
+        Ok(v) => c.created(&object, ty, reason, &message, component, v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")),
+        Err(e) => {
+            c.forget(&object, ty, reason, &message, component);
+            tracing::debug!(error = %e, reason, "recording an event failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_events_are_counted_and_similar_ones_combined() {
+        let c = Correlator::default();
+        let t = Instant::now();
+        assert_eq!(c.decide("o", "Warning", "R", "m", "x", t), Action::Create("m".into()));
+        c.created("o", "Warning", "R", "m", "x", "o.1");
+        assert_eq!(c.decide("o", "Warning", "R", "m", "x", t), Action::Bump { name: "o.1".into(), count: 2, message: "m".into() });
+        assert_eq!(c.decide("o", "Warning", "R", "m", "x", t), Action::Bump { name: "o.1".into(), count: 3, message: "m".into() });
+        // Repeating one message is not "similar events".
+        for _ in 0..20 {
+            assert!(matches!(c.decide("o", "Warning", "R", "m", "x", t), Action::Bump { .. }));
+        }
+        // Another object, type or reason is another event.
+        assert_eq!(c.decide("p", "Warning", "R", "m", "x", t), Action::Create("m".into()));
+        // After the window, a new event.
+        let late = t + WINDOW + Duration::from_secs(1);
+        assert!(matches!(c.decide("o", "Warning", "R", "m", "x", late), Action::Create(_)));
+        // Many different messages for the same object and reason are combined.
+        let c = Correlator::default();
+        for i in 0..SIMILAR_MAX {
+            assert_eq!(c.decide("o", "Normal", "S", &format!("m{i}"), "x", t), Action::Create(format!("m{i}")));
+        }
+        assert_eq!(c.decide("o", "Normal", "S", "m99", "x", t), Action::Create("(combined from similar events): m99".into()));
+        c.created("o", "Normal", "S", "(combined from similar events): m99", "x", "o.9");
+        assert_eq!(c.decide("o", "Normal", "S", "m100", "x", t), Action::Bump { name: "o.9".into(), count: 2, message: "(combined from similar events): m100".into() });
     }
 }

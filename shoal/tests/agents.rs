@@ -233,5 +233,10 @@ fn kubectl_top_and_an_autoscaler_follow_hollow_pods_usage() {
     // Load drops (new pods at 10m): down to the minimum.
     k.ok(&["patch", "deployment", "busy", "-p", r#"{"spec":{"template":{"metadata":{"annotations":{"shoal.io/sim-cpu":"10m"}}}}}"#]);
     k.eventually(&["get", "deployment", "busy", "-o", "jsonpath={.spec.replicas}"], "scaled down to the minimum", |o| o == "1");
+
+    // A metric this cluster cannot serve: ScalingActive=False every sync, recorded as one
+    // event whose count grows (upstream's event correlation), not an event per second.
+    k.apply("apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: custom}\nspec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: busy}\n  maxReplicas: 3\n  metrics: [{type: Pods, pods: {metric: {name: qps}, target: {type: AverageValue, averageValue: '10'}}}]\n");
+    k.eventually(&["get", "events", "--field-selector", "involvedObject.name=custom,reason=InvalidMetricSourceType", "-o", "jsonpath={range .items[*]}{.count}{\"\\n\"}{end}"], "one counted warning", |o| o.lines().count() == 1 && o.trim().parse::<u64>().is_ok_and(|c| c >= 3));
     let _ = f.stop.send(true);
 }
