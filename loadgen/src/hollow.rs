@@ -222,53 +222,18 @@ fn p99_of(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     buckets.iter().find(|(_, n)| *n >= 0.99 * total).map(|(le, _)| le * 1000.0)
 }
 
-pub async fn density(a: DensityArgs) -> Result<Value> {
-    let total = a.fleet.nodes * a.pods_per_node;
-    if total == 0 || a.deployment_size == 0 {
-        bail!("--nodes, --pods-per-node and --deployment-size must be at least 1");
-    }
-    let bin = a.shoal_bin.clone().unwrap_or_else(crate::procs::default_shoal_bin);
-    let extra: Vec<String> = a.server_flags.split_whitespace().map(String::from).collect();
-    let (server, dir) = crate::procs::start_shoal_api(&bin, None, None, &extra)?;
-    let cfg = shoal_client::Config::from_kubeconfig(&dir.join("kubeconfig"), "loadgen")?;
-    let client = shoal_client::Client::new(cfg.clone(), 4)?;
-    let t = Instant::now();
-    while client.get("/api/v1/namespaces/default").await.ok().flatten().is_none() {
-        if t.elapsed() > Duration::from_secs(30) {
-            bail!("the API server did not become ready");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let token = std::fs::read_to_string(dir.join("pki/bootstrap-token")).map(|t| t.trim().to_string()).unwrap_or(cfg.token.clone());
-    let rss0 = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
-    let fleet = Fleet::start(&a.fleet, &cfg.server, &cfg.ca_pem, &token)?;
-    let connect_s = wait_synced(&fleet, Duration::from_secs(600)).await?;
-    // Every node Ready and with a pod CIDR before pods come.
-    let b = bar(a.fleet.nodes as u64, "nodes Ready");
-    loop {
-        let (nodes, _) = client.list("/api/v1/nodes").await.map_err(|e| anyhow::anyhow!("listing nodes: {e}"))?;
-        let ready = nodes.iter().filter(|n| n.pointer("/spec/podCIDR").is_some() && n.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))).count();
-        b.set_position(ready as u64);
-        if ready >= a.fleet.nodes {
-            break;
-        }
-        if t.elapsed() > Duration::from_secs(900) {
-            bail!("only {ready} of {} nodes became Ready", a.fleet.nodes);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    b.finish_and_clear();
-    let rss_fleet = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
-    let ns = "density";
-    client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+type SeenMap = Arc<parking_lot::Mutex<HashMap<String, Seen>>>;
 
-    let (_, rv) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
+/// Follows the pods under `path` (a list URL): when each was first seen, scheduled and
+/// Running, and how many are Running.
+async fn watch_pods(client: &shoal_client::Client, path: &str) -> Result<(SeenMap, watch::Receiver<usize>)> {
+    let (_, rv) = client.list(path).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
     let seen: Arc<parking_lot::Mutex<HashMap<String, Seen>>> = Default::default();
     let (running_tx, running_rx) = watch::channel(0usize);
     {
         let seen = seen.clone();
         let client = client.clone();
-        let path = format!("/api/v1/namespaces/{ns}/pods");
+        let path = path.to_string();
         tokio::spawn(async move {
             // A watch the server closes (a slow reader, a timeout) resumes from the last
             // resourceVersion seen.
@@ -306,6 +271,66 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
             }
         });
     }
+    Ok((seen, running_rx))
+}
+
+/// A release `shoal server` with hollow nodes connected, Ready and with pod CIDRs.
+pub struct HollowCluster {
+    pub server: crate::procs::Proc,
+    pub client: shoal_client::Client,
+    pub fleet: Fleet,
+    pub connect_s: f64,
+    /// loadgen's RSS before and after starting the hollow nodes (MiB).
+    pub rss0: f64,
+    pub rss_fleet: f64,
+}
+
+pub async fn hollow_cluster(f: &FleetArgs, shoal_bin: Option<&std::path::Path>, server_flags: &str) -> Result<HollowCluster> {
+    let bin = shoal_bin.map(std::path::Path::to_path_buf).unwrap_or_else(crate::procs::default_shoal_bin);
+    let extra: Vec<String> = server_flags.split_whitespace().map(String::from).collect();
+    let (server, dir) = crate::procs::start_shoal_api(&bin, None, None, &extra)?;
+    let cfg = shoal_client::Config::from_kubeconfig(&dir.join("kubeconfig"), "loadgen")?;
+    let client = shoal_client::Client::new(cfg.clone(), 4)?;
+    let t = Instant::now();
+    while client.get("/api/v1/namespaces/default").await.ok().flatten().is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("the API server did not become ready");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = std::fs::read_to_string(dir.join("pki/bootstrap-token")).map(|t| t.trim().to_string()).unwrap_or(cfg.token.clone());
+    let rss0 = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    let fleet = Fleet::start(f, &cfg.server, &cfg.ca_pem, &token)?;
+    let connect_s = wait_synced(&fleet, Duration::from_secs(600)).await?;
+    // Every node Ready and with a pod CIDR before pods come.
+    let b = bar(f.nodes as u64, "nodes Ready");
+    loop {
+        let (nodes, _) = client.list("/api/v1/nodes").await.map_err(|e| anyhow::anyhow!("listing nodes: {e}"))?;
+        let ready = nodes.iter().filter(|n| n.pointer("/spec/podCIDR").is_some() && n.pointer("/status/conditions").and_then(Value::as_array).is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))).count();
+        b.set_position(ready as u64);
+        if ready >= f.nodes {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(900) {
+            bail!("only {ready} of {} nodes became Ready", f.nodes);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    b.finish_and_clear();
+    let rss_fleet = crate::procs::rss_mib(std::process::id()).unwrap_or(0.0);
+    Ok(HollowCluster { server, client, fleet, connect_s, rss0, rss_fleet })
+}
+
+pub async fn density(a: DensityArgs) -> Result<Value> {
+    let total = a.fleet.nodes * a.pods_per_node;
+    if total == 0 || a.deployment_size == 0 {
+        bail!("--nodes, --pods-per-node and --deployment-size must be at least 1");
+    }
+    let HollowCluster { server, client, fleet, connect_s, rss0, rss_fleet } = hollow_cluster(&a.fleet, a.shoal_bin.as_deref(), &a.server_flags).await?;
+    let ns = "density";
+    client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+
+    let (seen, running_rx) = watch_pods(&client, &format!("/api/v1/namespaces/{ns}/pods")).await?;
     let cpu0 = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0);
     let start = Instant::now();
     let deployments = total.div_ceil(a.deployment_size);
@@ -407,4 +432,168 @@ apiserver_request_duration_seconds_bucket{verb=\"GET\",group=\"\",resource=\"pod
         let mut v = vec![3.0, 1.0, 2.0];
         assert_eq!(pct(&mut v, 0.5), 2.0);
     }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LoadArgs {
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+    /// Pods per node at the start (as upstream's load test: half in Deployments of 250,
+    /// a quarter in Deployments of 30, a quarter in Deployments of 5; a Service for every
+    /// other Deployment).
+    #[arg(long, default_value_t = 30)]
+    pub pods_per_node: usize,
+    /// Namespaces the Deployments are spread over.
+    #[arg(long, default_value_t = 10)]
+    pub namespaces: usize,
+    /// Give up on a phase after this many seconds.
+    #[arg(long, default_value_t = 1200)]
+    pub timeout_s: u64,
+    /// The shoal binary (default: the one beside loadgen).
+    #[arg(long)]
+    pub shoal_bin: Option<std::path::PathBuf>,
+    /// Extra flags for `shoal server`, space separated.
+    #[arg(long, default_value = "")]
+    pub server_flags: String,
+}
+
+/// Waits until every Deployment in the load namespaces has all its replicas available and
+/// no more pods exist than wanted.
+async fn wait_settled(client: &shoal_client::Client, namespaces: &[String], want_pods: usize, limit: Duration, msg: &str) -> Result<f64> {
+    let t = Instant::now();
+    let b = bar(want_pods as u64, msg);
+    loop {
+        let (mut avail, mut want, mut pods) = (0usize, 0usize, 0usize);
+        for ns in namespaces {
+            let (ds, _) = client.list(&format!("/apis/apps/v1/namespaces/{ns}/deployments")).await.map_err(|e| anyhow::anyhow!("listing deployments: {e}"))?;
+            for d in &ds {
+                want += d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(0) as usize;
+                avail += d.pointer("/status/availableReplicas").and_then(Value::as_u64).unwrap_or(0).min(d.pointer("/spec/replicas").and_then(Value::as_u64).unwrap_or(0)) as usize;
+            }
+            let (ps, _) = client.list(&format!("/api/v1/namespaces/{ns}/pods")).await.map_err(|e| anyhow::anyhow!("listing pods: {e}"))?;
+            pods += ps.len();
+        }
+        b.set_length(want.max(1) as u64);
+        b.set_position(avail as u64);
+        if want == want_pods && avail == want && pods == want {
+            b.finish_and_clear();
+            return Ok(t.elapsed().as_secs_f64());
+        }
+        if t.elapsed() > limit {
+            b.finish_and_clear();
+            bail!("{msg}: {avail} of {want} replicas available and {pods} pods (want {want_pods}) after {}s", limit.as_secs());
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Upstream's cluster-loader "load" test in small: create Deployments and Services, scale
+/// every Deployment to between 50% and 150% of its size, delete everything.
+pub async fn load(a: LoadArgs) -> Result<Value> {
+    let total = a.fleet.nodes * a.pods_per_node;
+    if total == 0 || a.namespaces == 0 {
+        bail!("--nodes, --pods-per-node and --namespaces must be at least 1");
+    }
+    let HollowCluster { server, client, fleet, connect_s, .. } = hollow_cluster(&a.fleet, a.shoal_bin.as_deref(), &a.server_flags).await?;
+    let namespaces: Vec<String> = (0..a.namespaces).map(|i| format!("load-{i}")).collect();
+    for ns in &namespaces {
+        client.create("/api/v1/namespaces", &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})).await.map_err(|e| anyhow::anyhow!("namespace: {e}"))?;
+    }
+    // Sizes: half the pods in 250s, a quarter in 30s, a quarter in 5s (at least one each).
+    let mut sizes = Vec::new();
+    for (share, size) in [(total / 2, 250usize), (total / 4, 30), (total - total / 2 - total / 4, 5)] {
+        let mut left = share;
+        while left > 0 {
+            let n = size.min(left);
+            sizes.push(n);
+            left -= n;
+        }
+    }
+    let (seen, mut running_rx) = watch_pods(&client, "/api/v1/pods").await?;
+    let cpu0 = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0);
+    let mut rss_max = 0f64;
+    // Phase 1: create.
+    let t = Instant::now();
+    let b = bar(sizes.len() as u64, "creating deployments");
+    let mut deps = Vec::new();
+    for (i, n) in sizes.iter().enumerate() {
+        let ns = &namespaces[i % namespaces.len()];
+        let name = format!("load-{i}");
+        let dep = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": ns},
+            "spec": {"replicas": n, "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "resources": {"requests": {"cpu": "10m", "memory": "20Mi"}}}]}}}});
+        client.create(&format!("/apis/apps/v1/namespaces/{ns}/deployments"), &dep).await.map_err(|e| anyhow::anyhow!("deployment {name}: {e}"))?;
+        if i % 2 == 0 {
+            let svc = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": ns}, "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": 8080}]}});
+            client.create(&format!("/api/v1/namespaces/{ns}/services"), &svc).await.map_err(|e| anyhow::anyhow!("service {name}: {e}"))?;
+        }
+        deps.push((ns.clone(), name, *n));
+        b.inc(1);
+    }
+    b.finish_and_clear();
+    let b = bar(total as u64, "pods Running");
+    while *running_rx.borrow() < total {
+        b.set_position(*running_rx.borrow() as u64);
+        if t.elapsed() > Duration::from_secs(a.timeout_s) {
+            bail!("create: only {} of {total} pods Running after {}s", *running_rx.borrow(), a.timeout_s);
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(500), running_rx.changed()).await;
+    }
+    b.finish_and_clear();
+    let create_s = t.elapsed().as_secs_f64();
+    rss_max = rss_max.max(crate::procs::rss_mib(server.pid()).unwrap_or(0.0));
+    let mut startup: Vec<f64> = seen.lock().values().filter_map(|s| Some(s.running?.duration_since(s.created?).as_secs_f64())).collect();
+    let (p50, p99) = (pct(&mut startup, 0.5), pct(&mut startup, 0.99));
+
+    // Phase 2: scale each to 50%..150% (a fixed pseudo-random factor per Deployment).
+    let t = Instant::now();
+    let mut want = 0;
+    for (i, (ns, name, n)) in deps.iter().enumerate() {
+        let f = 0.5 + ((i as u64).wrapping_mul(2654435761) % 101) as f64 / 100.0;
+        let m = ((*n as f64 * f).round() as usize).max(1);
+        want += m;
+        client.merge_patch(&format!("/apis/apps/v1/namespaces/{ns}/deployments/{name}/scale"), &json!({"spec": {"replicas": m}})).await.map_err(|e| anyhow::anyhow!("scaling {name}: {e}"))?;
+    }
+    wait_settled(&client, &namespaces, want, Duration::from_secs(a.timeout_s), "scaling").await?;
+    let scale_s = t.elapsed().as_secs_f64();
+    rss_max = rss_max.max(crate::procs::rss_mib(server.pid()).unwrap_or(0.0));
+
+    // Phase 3: delete every namespace (cascading) and wait for the pods to go.
+    let t = Instant::now();
+    for ns in &namespaces {
+        client.delete(&format!("/api/v1/namespaces/{ns}"), None).await.map_err(|e| anyhow::anyhow!("deleting {ns}: {e}"))?;
+    }
+    let b = bar(want as u64, "pods deleted");
+    loop {
+        let (pods, _) = client.list("/api/v1/pods").await.map_err(|e| anyhow::anyhow!("listing pods: {e}"))?;
+        let left = pods.iter().filter(|p| p.pointer("/metadata/namespace").and_then(Value::as_str).is_some_and(|n| n.starts_with("load-"))).count();
+        b.set_position((want.saturating_sub(left)) as u64);
+        if left == 0 {
+            break;
+        }
+        if t.elapsed() > Duration::from_secs(a.timeout_s) {
+            bail!("delete: {left} pods left after {}s", a.timeout_s);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    b.finish_and_clear();
+    let delete_s = t.elapsed().as_secs_f64();
+    let cpu = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
+    let metrics_text = client.get_text("/metrics").await.unwrap_or_default();
+    let mut api = serde_json::Map::new();
+    for (verb, res) in [("POST", "pods"), ("DELETE", "pods"), ("PATCH", "deployments"), ("POST", "deployments"), ("LIST", "pods"), ("POST", "services")] {
+        if let Some(p) = p99_from_metrics(&metrics_text, verb, res) {
+            api.insert(format!("{verb} {res}"), json!(p));
+        }
+    }
+    if let Some(p) = p99_of(&metrics_text, "shoal_agent_status_batch_seconds", &[]) {
+        api.insert("agent status batch".into(), json!(p));
+    }
+    fleet.stop();
+    println!("{:<8} {:>7} {:>8} {:>12} {:>10} {:>11} {:>9} {:>9} {:>11}", "load", "nodes", "pods", "deployments", "create s", "scale s", "delete s", "p99 s", "server RSS");
+    println!("{:<8} {:>7} {:>8} {:>12} {:>10.1} {:>11.1} {:>9.1} {:>9.2} {:>11.0}", "", a.fleet.nodes, total, deps.len(), create_s, scale_s, delete_s, p99, rss_max);
+    drop(server);
+    Ok(json!({"scenario": "load", "nodes": a.fleet.nodes, "pods": total, "deployments": deps.len(), "connect_s": connect_s,
+        "create_s": create_s, "scale_s": scale_s, "delete_s": delete_s, "pods_after_scale": want,
+        "startup_p50_s": p50, "startup_p99_s": p99, "server_cpu_s": cpu, "rss_mib": rss_max, "api_p99_ms": api}))
 }

@@ -18,7 +18,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Parser, Debug)]
 #[command(name = "loadgen", version, about)]
 struct Cli {
-    /// Also write the final JSON result to this file (default: target/loadgen/<scenario>.json).
+    /// Also write the final JSON result to this file (default: target/loadgen/<scenario>.json);
+    /// a Markdown summary goes beside it (same name, `.md`).
     #[arg(long, global = true)]
     out: Option<PathBuf>,
     #[command(subcommand)]
@@ -40,6 +41,39 @@ enum Cmd {
     /// Starts `shoal server` and hollow nodes, creates `nodes × pods-per-node` pods through
     /// Deployments, and measures pod startup latency, all-running time and memory.
     Density(hollow::DensityArgs),
+    /// Starts `shoal server` and hollow nodes, then creates Deployments and Services, scales
+    /// every Deployment and deletes everything (upstream's load test in small).
+    Load(hollow::LoadArgs),
+}
+
+/// A Markdown summary of a result: one row per measured value (nested objects flattened
+/// with dotted names), for pasting into docs/benchmarks.md.
+fn markdown(v: &serde_json::Value) -> String {
+    fn rows(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, x) in m {
+                    let name = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+                    rows(&name, x, out);
+                }
+            }
+            serde_json::Value::Number(n) => {
+                let s = match n.as_f64() {
+                    Some(f) if n.is_f64() => format!("{f:.3}"),
+                    _ => n.to_string(),
+                };
+                out.push((prefix.to_string(), s));
+            }
+            other => out.push((prefix.to_string(), other.to_string().trim_matches('"').to_string())),
+        }
+    }
+    let mut r = Vec::new();
+    rows("", v, &mut r);
+    let mut s = format!("# loadgen {}\n\n| measure | value |\n|---|---|\n", v["scenario"].as_str().unwrap_or("result"));
+    for (k, x) in r.into_iter().filter(|(k, _)| k != "scenario") {
+        s.push_str(&format!("| {k} | {x} |\n"));
+    }
+    s
 }
 
 fn main() {
@@ -59,6 +93,7 @@ fn main() {
             Cmd::Scheduler(a) => scheduler::run(a).await,
             Cmd::Hollow(a) => hollow::hollow(a).await,
             Cmd::Density(a) => hollow::density(a).await,
+            Cmd::Load(a) => hollow::load(a).await,
         }
     });
     match res {
@@ -71,6 +106,10 @@ fn main() {
             }
             if let Err(e) = std::fs::write(&out, format!("{line}\n")) {
                 eprintln!("loadgen: warning: could not write {}: {e}", out.display());
+            }
+            let md = out.with_extension("md");
+            if let Err(e) = std::fs::write(&md, markdown(&v)) {
+                eprintln!("loadgen: warning: could not write {}: {e}", md.display());
             }
             println!("{line}");
         }
