@@ -114,6 +114,12 @@ impl<R: Runtime> Agent<R> {
         &self.cfg.node_name
     }
 
+    /// The revision of an object the agent holds (kind `Pod`, `ConfigMap`, `Secret`,
+    /// `PersistentVolumeClaim`, `PersistentVolume`, `Node`), if it holds it.
+    pub fn holds(&self, kind: &str, namespace: &str, name: &str) -> Option<i64> {
+        self.known.lock().get(&(Arc::from(kind), Arc::from(namespace), Arc::from(name))).copied()
+    }
+
     /// Statuses waiting to be sent or acknowledged.
     pub fn unsent(&self) -> usize {
         self.outbox.len()

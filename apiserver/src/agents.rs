@@ -485,6 +485,8 @@ fn store_key(kind: &str, ns: &str, name: &str) -> Option<String> {
         "Pod" => def("pods", "", "v1"),
         "ConfigMap" => def("configmaps", "", "v1"),
         "Secret" => def("secrets", "", "v1"),
+        "PersistentVolumeClaim" => def("persistentvolumeclaims", "", "v1"),
+        "PersistentVolume" => def("persistentvolumes", "", "v1"),
         _ => return None,
     };
     Some(d.key(ns, name))
@@ -497,13 +499,18 @@ fn kind_of_key(key: &str) -> &'static str {
         "Pod"
     } else if key.starts_with("/registry/configmaps/") {
         "ConfigMap"
+    } else if key.starts_with("/registry/persistentvolumeclaims/") {
+        "PersistentVolumeClaim"
+    } else if key.starts_with("/registry/persistentvolumes/") {
+        "PersistentVolume"
     } else {
         "Secret"
     }
 }
 
-/// ConfigMaps and Secrets a pod uses (volumes, projected sources, env, envFrom, image pull
-/// secrets), as store keys.
+/// ConfigMaps, Secrets and PersistentVolumeClaims a pod uses (volumes, projected sources,
+/// env, envFrom, image pull secrets, claims and generic ephemeral volumes' claims), as
+/// store keys. (A claim's PersistentVolume follows the claim: see `Hub`.)
 pub fn pod_refs(pod: &Value) -> Vec<String> {
     let ns = pod.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("");
     let mut out = HashSet::new();
@@ -513,7 +520,13 @@ pub fn pod_refs(pod: &Value) -> Vec<String> {
         }
     };
     let spec = &pod["spec"];
+    let pod_name = pod.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
     for v in spec["volumes"].as_array().into_iter().flatten() {
+        add("persistentvolumeclaims", v.pointer("/persistentVolumeClaim/claimName"));
+        if v.get("ephemeral").is_some() {
+            let claim = Value::String(format!("{pod_name}-{}", v["name"].as_str().unwrap_or("")));
+            add("persistentvolumeclaims", Some(&claim));
+        }
         add("configmaps", v.pointer("/configMap/name"));
         add("secrets", v.pointer("/secret/secretName"));
         for s in v.pointer("/projected/sources").and_then(Value::as_array).into_iter().flatten() {
@@ -539,6 +552,13 @@ pub fn pod_refs(pod: &Value) -> Vec<String> {
     let mut v: Vec<String> = out.into_iter().collect();
     v.sort();
     v
+}
+
+/// The store key of the PersistentVolume a claim is bound to.
+fn volume_of_claim(e: &Entry) -> Option<String> {
+    let v = e.value();
+    let pv = v.pointer("/spec/volumeName").and_then(Value::as_str).filter(|n| !n.is_empty())?;
+    Some(def("persistentvolumes", "", "v1").key("", pv))
 }
 
 enum HubMsg {
@@ -580,8 +600,10 @@ struct HubState {
     metrics: Arc<AgentMetrics>,
     pods: HashMap<String, PodRec>,
     nodes: HashMap<String, NodeRec>,
-    /// ConfigMap/Secret key → nodes with a pod using it.
+    /// ConfigMap/Secret/claim/volume key → nodes with a pod using it.
     users: HashMap<String, HashSet<String>>,
+    /// Claim key → the key of the PersistentVolume it is bound to (for claims in use).
+    claim_volume: HashMap<String, String>,
     outs: Arc<Mutex<HashMap<String, Out>>>,
     /// Objects to send, per node, flushed after each burst of changes.
     pending: HashMap<String, Vec<pb::Object>>,
@@ -593,7 +615,7 @@ impl Hub {
     fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
-        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false };
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false };
         std::thread::Builder::new()
             .name("api-agents".into())
             .spawn(move || {
@@ -615,7 +637,7 @@ impl Hub {
 
 fn object(key: &str, e: Option<&Entry>, rev: i64) -> pb::Object {
     let rest = key.splitn(4, '/').nth(3).unwrap_or("");
-    let (ns, name) = if kind_of_key(key) == "Node" { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
+    let (ns, name) = if matches!(kind_of_key(key), "Node" | "PersistentVolume") { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
     pb::Object { kind: kind_of_key(key).into(), namespace: ns.into(), name: name.into(), revision: e.map_or(rev, |e| e.mod_rev), json: e.map(Entry::json).unwrap_or_default() }
 }
 
@@ -630,9 +652,11 @@ impl HubState {
                 let (c, _, _, _) = self.cache.subscribe("/registry/configmaps/", &filter(def("configmaps", "", "v1")), Some(self.cache.revision()))?;
                 let (s, _, _, _) = self.cache.subscribe("/registry/secrets/", &filter(def("secrets", "", "v1")), Some(self.cache.revision()))?;
                 let (n, _, _, _) = self.cache.subscribe("/registry/minions/", &filter(def("nodes", "", "v1")), Some(self.cache.revision()))?;
-                Some((p, c, s, n, initial))
+                let (pvc, _, _, _) = self.cache.subscribe("/registry/persistentvolumeclaims/", &filter(def("persistentvolumeclaims", "", "v1")), Some(self.cache.revision()))?;
+                let (pv, _, _, _) = self.cache.subscribe("/registry/persistentvolumes/", &filter(def("persistentvolumes", "", "v1")), Some(self.cache.revision()))?;
+                Some((p, c, s, n, pvc, pv, initial))
             })();
-            let Some((mut psub, mut csub, mut ssub, mut nsub, initial)) = subs else {
+            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, initial)) = subs else {
                 // Not ready yet; agents may still attach (they are answered once it is).
                 tokio::select! {
                     m = rx.recv() => match m { Some(m) => self.control(m, false), None => return },
@@ -642,6 +666,7 @@ impl HubState {
             };
             self.pods.clear();
             self.users.clear();
+            self.claim_volume.clear();
             for n in self.nodes.values_mut() {
                 n.pods.clear();
                 n.refs.clear();
@@ -666,6 +691,8 @@ impl HubState {
                     d = csub.rx.recv() => if !self.delivery(d, &mut csub.rx) { break },
                     d = ssub.rx.recv() => if !self.delivery(d, &mut ssub.rx) { break },
                     d = nsub.rx.recv() => if !self.delivery(d, &mut nsub.rx) { break },
+                    d = pvcsub.rx.recv() => if !self.delivery(d, &mut pvcsub.rx) { break },
+                    d = pvsub.rx.recv() => if !self.delivery(d, &mut pvsub.rx) { break },
                 }
                 self.flush();
             }
@@ -771,6 +798,17 @@ impl HubState {
                 if e.is_some() {
                     self.queue(node, r, e.as_deref(), 0);
                 }
+                // A claim in use brings its volume along.
+                if r.starts_with("/registry/persistentvolumeclaims/") {
+                    let pv = match self.claim_volume.get(r) {
+                        Some(pv) => Some(pv.clone()),
+                        None => e.as_deref().and_then(volume_of_claim),
+                    };
+                    if let Some(pv) = pv {
+                        self.claim_volume.insert(r.clone(), pv.clone());
+                        self.add_refs(node, &[pv]);
+                    }
+                }
             }
         }
     }
@@ -797,13 +835,38 @@ impl HubState {
                     }
                 }
                 self.queue(node, r, None, 0);
+                if let Some(pv) = self.claim_volume.get(r).cloned() {
+                    if !self.users.contains_key(r) {
+                        self.claim_volume.remove(r);
+                    }
+                    self.unref(node, &[pv]);
+                }
             }
         }
     }
 
-    /// A ConfigMap or Secret changed: the nodes whose pods use it get it.
+    /// A ConfigMap, Secret, claim or volume changed: the nodes whose pods use it get it. A
+    /// claim bound to another volume moves its users to that volume.
     fn ref_changed(&mut self, key: &str, cur: Option<&Entry>, rev: i64) {
         let users: Vec<String> = self.users.get(key).map(|u| u.iter().cloned().collect()).unwrap_or_default();
+        if key.starts_with("/registry/persistentvolumeclaims/") && !users.is_empty() {
+            let now = cur.and_then(volume_of_claim);
+            let before = self.claim_volume.get(key).cloned();
+            if now != before {
+                match &now {
+                    Some(pv) => self.claim_volume.insert(key.to_string(), pv.clone()),
+                    None => self.claim_volume.remove(key),
+                };
+                for node in &users {
+                    if let Some(pv) = &now {
+                        self.add_refs(node, std::slice::from_ref(pv));
+                    }
+                    if let Some(pv) = &before {
+                        self.unref(node, std::slice::from_ref(pv));
+                    }
+                }
+            }
+        }
         for node in users {
             self.queue(&node, key, cur, rev);
         }
@@ -900,14 +963,14 @@ mod tests {
 
     #[test]
     fn pod_refs_finds_every_reference() {
-        let pod = json!({"metadata": {"namespace": "ns"}, "spec": {
-            "volumes": [{"configMap": {"name": "cm1"}}, {"secret": {"secretName": "s1"}}, {"projected": {"sources": [{"configMap": {"name": "cm2"}}, {"secret": {"name": "s2"}}, {"serviceAccountToken": {"path": "t"}}]}}, {"emptyDir": {}}],
+        let pod = json!({"metadata": {"namespace": "ns", "name": "web"}, "spec": {
+            "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "claim1"}}, {"name": "scratch", "ephemeral": {"volumeClaimTemplate": {}}}, {"configMap": {"name": "cm1"}}, {"secret": {"secretName": "s1"}}, {"projected": {"sources": [{"configMap": {"name": "cm2"}}, {"secret": {"name": "s2"}}, {"serviceAccountToken": {"path": "t"}}]}}, {"emptyDir": {}}],
             "initContainers": [{"env": [{"name": "A", "valueFrom": {"secretKeyRef": {"name": "s3", "key": "k"}}}]}],
             "containers": [{"envFrom": [{"configMapRef": {"name": "cm3"}}, {"secretRef": {"name": "s1"}}], "env": [{"name": "B", "value": "x"}, {"name": "C", "valueFrom": {"configMapKeyRef": {"name": "cm1", "key": "k"}}}]}],
             "imagePullSecrets": [{"name": "pull"}]}});
         assert_eq!(
             pod_refs(&pod),
-            vec!["/registry/configmaps/ns/cm1", "/registry/configmaps/ns/cm2", "/registry/configmaps/ns/cm3", "/registry/secrets/ns/pull", "/registry/secrets/ns/s1", "/registry/secrets/ns/s2", "/registry/secrets/ns/s3"]
+            vec!["/registry/configmaps/ns/cm1", "/registry/configmaps/ns/cm2", "/registry/configmaps/ns/cm3", "/registry/persistentvolumeclaims/ns/claim1", "/registry/persistentvolumeclaims/ns/web-scratch", "/registry/secrets/ns/pull", "/registry/secrets/ns/s1", "/registry/secrets/ns/s2", "/registry/secrets/ns/s3"]
         );
         assert!(pod_refs(&json!({"metadata": {"namespace": "ns"}, "spec": {"containers": [{"name": "c"}]}})).is_empty());
     }
@@ -920,6 +983,9 @@ mod tests {
         assert_eq!(store_key("Secret", "a", "b").as_deref(), Some("/registry/secrets/a/b"));
         assert_eq!(store_key("Node", "", "b").as_deref(), Some("/registry/minions/b"));
         assert_eq!(store_key("Service", "a", "b"), None);
+        let v = object("/registry/persistentvolumes/pv-1", None, 3);
+        assert_eq!((v.kind.as_str(), v.namespace.as_str(), v.name.as_str()), ("PersistentVolume", "", "pv-1"));
+        assert_eq!(object("/registry/persistentvolumeclaims/ns/c", None, 3).kind, "PersistentVolumeClaim");
         let n = object("/registry/minions/n1", None, 7);
         assert_eq!((n.kind.as_str(), n.namespace.as_str(), n.name.as_str()), ("Node", "", "n1"));
     }

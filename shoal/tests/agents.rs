@@ -136,6 +136,18 @@ fn hollow_nodes_run_deployments_that_kubectl_drives() {
     let (ok, out) = k.run(&["logs", &name, "--tail=-5x"], None);
     assert!(!ok, "{out}");
 
+    // A pod with a claim: the claim is provisioned on the pod's node and the node's agent
+    // gets the claim and its volume with the pod (and a ConfigMap it mounts).
+    k.apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: conf}\ndata: {a: b}\n---\napiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: store}\nspec:\n  containers: [{name: c, image: busybox}]\n  volumes: [{name: d, persistentVolumeClaim: {claimName: data}}, {name: c, configMap: {name: conf}}]\n");
+    k.eventually(&["get", "pod", "store", "-o", "jsonpath={.status.phase}"], "the pod with a claim Running", |o| o == "Running");
+    let pv = k.ok(&["get", "pvc", "data", "-o", "jsonpath={.spec.volumeName}"]);
+    let node = k.ok(&["get", "pod", "store", "-o", "jsonpath={.spec.nodeName}"]);
+    let agent = f.agents.iter().find(|a| a.name() == node).expect("the pod's node is a hollow node");
+    wait("the agent holding the claim, its volume and the ConfigMap", Duration::from_secs(10), || agent.holds("PersistentVolumeClaim", "default", "data").is_some() && agent.holds("PersistentVolume", "", &pv).is_some() && agent.holds("ConfigMap", "default", "conf").is_some());
+    assert!(f.agents.iter().filter(|a| a.name() != node).all(|a| a.holds("PersistentVolumeClaim", "default", "data").is_none() && a.holds("ConfigMap", "default", "conf").is_none()), "other nodes get nothing of it");
+    k.ok(&["delete", "pod", "store", "--timeout=30s"]);
+    wait("the agent dropping them with the pod", Duration::from_secs(10), || agent.holds("PersistentVolumeClaim", "default", "data").is_none() && agent.holds("PersistentVolume", "", &pv).is_none() && agent.holds("ConfigMap", "default", "conf").is_none());
+
     // Graceful delete: the agent stops the pod and the server removes it; a replacement runs.
     let t = Instant::now();
     k.ok(&["delete", "pod", &name, "--timeout=30s"]);
