@@ -402,12 +402,14 @@ impl Member {
         m.membership().nodes().map(|(id, n)| (*id, n.clone(), !voters.contains(id))).collect()
     }
 
-    /// Picks a lease ID nobody holds: positive, never reused by this member.
+    /// Picks a lease ID nobody holds: positive, never reused by this member, and at least
+    /// 2^60 so its 16-digit hex form (`etcdctl lease grant`) never starts with 0 (tools
+    /// that compare the decimal form converted to hex without padding would trip on it).
     pub fn next_lease_id(&self) -> i64 {
         loop {
             let x = self.lease_seq.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
             let id = (x >> 1) as i64;
-            if id > 0 && !self.state.read().leases.contains_key(&id) {
+            if id >= 1 << 60 && !self.state.read().leases.contains_key(&id) {
                 return id;
             }
         }
