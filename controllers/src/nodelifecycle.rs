@@ -4,7 +4,12 @@
 //! False gets `node.kubernetes.io/not-ready`; the taints go away when it is Ready again.
 //! Pods on a node with a NoExecute taint they do not tolerate are evicted (those that
 //! tolerate it for `tolerationSeconds` after that long), at most `eviction_rate` nodes per
-//! second, as upstream's rate limiter.
+//! second per zone (`topology.kubernetes.io/region` + `zone` labels), as upstream's rate
+//! limiters. A zone where at least `unhealthy_threshold` of the nodes (and more than two)
+//! are not ready is partially disrupted and evicts at `secondary_rate` (zero in zones of
+//! at most `large_cluster` nodes); when every node of every zone is not ready the
+//! controller assumes it, not the nodes, is cut off ("master disruption mode"): it evicts
+//! nothing and puts no NoExecute taints until a node is ready again.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -26,14 +31,54 @@ pub struct Settings {
     pub grace: Duration,
     /// How often nodes are checked (`--node-monitor-period`).
     pub period: Duration,
-    /// Nodes whose pods may be evicted per second (`--node-eviction-rate`).
+    /// Nodes whose pods may be evicted per second, per zone (`--node-eviction-rate`).
     pub eviction_rate: f64,
+    /// The rate in a partially disrupted zone (`--secondary-node-eviction-rate`).
+    pub secondary_rate: f64,
+    /// Share of not-ready nodes that makes a zone partially disrupted
+    /// (`--unhealthy-zone-threshold`).
+    pub unhealthy_threshold: f64,
+    /// Zones of at most this many nodes stop evicting when partially disrupted
+    /// (`--large-cluster-size-threshold`).
+    pub large_cluster: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { grace: Duration::from_secs(40), period: Duration::from_secs(5), eviction_rate: 0.1 }
+        Settings { grace: Duration::from_secs(40), period: Duration::from_secs(5), eviction_rate: 0.1, secondary_rate: 0.01, unhealthy_threshold: 0.55, large_cluster: 50 }
     }
+}
+
+/// A zone's health (upstream's ZoneState).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ZoneState {
+    Normal,
+    PartialDisruption,
+    FullDisruption,
+}
+
+pub fn zone_state(not_ready: usize, total: usize, threshold: f64) -> ZoneState {
+    if total > 0 && not_ready == total {
+        ZoneState::FullDisruption
+    } else if not_ready > 2 && not_ready as f64 / total as f64 >= threshold {
+        ZoneState::PartialDisruption
+    } else {
+        ZoneState::Normal
+    }
+}
+
+/// Evictions per second allowed in a zone of `size` nodes in `state`.
+pub fn zone_rate(state: ZoneState, size: usize, s: &Settings) -> f64 {
+    match state {
+        ZoneState::Normal | ZoneState::FullDisruption => s.eviction_rate,
+        ZoneState::PartialDisruption if size > s.large_cluster => s.secondary_rate,
+        ZoneState::PartialDisruption => 0.0,
+    }
+}
+
+fn zone_of(node: &Value) -> String {
+    let l = |k: &str| node.pointer("/metadata/labels").and_then(|m| m.get(k)).and_then(Value::as_str).unwrap_or("").to_string();
+    format!("{}:\u{0}:{}", l("topology.kubernetes.io/region"), l("topology.kubernetes.io/zone"))
 }
 
 fn ready_condition(node: &Value) -> Option<&Value> {
@@ -50,36 +95,67 @@ fn last_heartbeat(node: &Value, lease: Option<&Value>) -> i64 {
 
 pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer<Pod>, lead: Leadership, s: Settings) {
     tokio::spawn(async move {
-        let mut tokens = 1.0f64;
+        // Per zone: eviction tokens (one node's pods per token).
+        let mut tokens: HashMap<String, f64> = HashMap::new();
         let mut last = Instant::now();
+        let mut disrupted = false;
         // When each node got its NoExecute taint (for tolerationSeconds).
         let mut tainted_since: HashMap<String, i64> = HashMap::new();
         loop {
             tokio::time::sleep(s.period).await;
-            tokens = (tokens + last.elapsed().as_secs_f64() * s.eviction_rate).min(1.0);
+            let elapsed = last.elapsed().as_secs_f64();
             last = Instant::now();
             if !lead.is_leader() || !nodes.is_synced() {
                 continue;
             }
             let now = time::now_secs();
-            for node in nodes.list(|_| true) {
+            // Observe every node first, then decide per zone.
+            let all = nodes.list(|_| true);
+            let mut observed = Vec::with_capacity(all.len());
+            let mut zones: HashMap<String, (usize, usize)> = HashMap::new();
+            for node in all {
                 let name = node.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
                 let lease = leases.get(&format!("kube-node-lease/{name}"));
+                // A node that has not reported yet is given the grace period from its
+                // creation (counted in last_heartbeat) before it is considered lost.
                 let silent = now - last_heartbeat(&node, lease.as_deref()) > s.grace.as_secs() as i64;
-                // A node that has not reported yet is given the grace period from its creation
-                // (counted in last_heartbeat) before it is considered lost.
                 let ready = ready_condition(&node).and_then(|c| c["status"].as_str()).unwrap_or("").to_string();
-                if let Err(e) = update_node(&client, &node, silent, &ready).await {
+                let zone = zone_of(&node);
+                let z = zones.entry(zone.clone()).or_default();
+                z.1 += 1;
+                if silent || ready != "True" {
+                    z.0 += 1;
+                }
+                observed.push((node, name, silent, ready, zone));
+            }
+            let states: HashMap<String, (ZoneState, usize)> = zones.iter().map(|(z, (nr, t))| (z.clone(), (zone_state(*nr, *t, s.unhealthy_threshold), *t))).collect();
+            let all_down = !states.is_empty() && states.values().all(|(st, _)| *st == ZoneState::FullDisruption);
+            if all_down != disrupted {
+                disrupted = all_down;
+                if all_down {
+                    tracing::warn!("every node is not ready: entering master disruption mode (no evictions, no NoExecute taints) until one is ready again");
+                } else {
+                    tracing::info!("a node is ready again: leaving master disruption mode");
+                    tokens.clear();
+                    tainted_since.clear();
+                }
+            }
+            for (z, (st, size)) in &states {
+                let t = tokens.entry(z.clone()).or_insert(1.0);
+                *t = (*t + elapsed * zone_rate(*st, *size, &s)).min(1.0);
+            }
+            for (node, name, silent, ready, zone) in observed {
+                if let Err(e) = update_node(&client, &node, silent, &ready, !disrupted).await {
                     tracing::debug!(node = %name, error = %e, "updating node conditions failed");
                     continue;
                 }
                 let taint_key = if silent || ready == "Unknown" { Some(UNREACHABLE) } else if ready == "False" { Some(NOT_READY) } else { None };
-                let Some(key) = taint_key else {
+                let Some(key) = taint_key.filter(|_| !disrupted) else {
                     tainted_since.remove(&name);
                     continue;
                 };
                 let since = *tainted_since.entry(name.clone()).or_insert(now);
-                if tokens < 1.0 {
+                if tokens.get(&zone).copied().unwrap_or(0.0) < 1.0 {
                     continue;
                 }
                 let mut evicted = 0;
@@ -98,7 +174,9 @@ pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer<P
                     }
                 }
                 if evicted > 0 {
-                    tokens -= 1.0;
+                    if let Some(t) = tokens.get_mut(&zone) {
+                        *t -= 1.0;
+                    }
                 }
             }
         }
@@ -106,7 +184,7 @@ pub fn start(client: Client, nodes: Informer, leases: Informer, pods: Informer<P
 }
 
 /// Keeps the Ready condition and the lifecycle taints in step with what is observed.
-async fn update_node(client: &Client, node: &Value, silent: bool, ready: &str) -> Result<(), String> {
+async fn update_node(client: &Client, node: &Value, silent: bool, ready: &str, no_execute: bool) -> Result<(), String> {
     let name = node.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
     if silent && ready != "Unknown" {
         let now = time::format(time::now_secs());
@@ -124,7 +202,9 @@ async fn update_node(client: &Client, node: &Value, silent: bool, ready: &str) -
     let taints: Vec<Value> = node.pointer("/spec/taints").and_then(Value::as_array).cloned().unwrap_or_default();
     let mut next: Vec<Value> = taints.iter().filter(|t| !matches!(t["key"].as_str(), Some(UNREACHABLE | NOT_READY))).cloned().collect();
     for k in &want {
-        next.push(json!({"key": k, "effect": "NoExecute", "timeAdded": time::format(time::now_secs())}));
+        if no_execute {
+            next.push(json!({"key": k, "effect": "NoExecute", "timeAdded": time::format(time::now_secs())}));
+        }
         next.push(json!({"key": k, "effect": "NoSchedule"}));
     }
     let same = |a: &[Value], b: &[Value]| {
@@ -145,6 +225,24 @@ async fn update_node(client: &Client, node: &Value, silent: bool, ready: &str) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zones_are_judged_as_upstream() {
+        let s = Settings::default();
+        assert_eq!(zone_state(0, 10, 0.55), ZoneState::Normal);
+        assert_eq!(zone_state(2, 3, 0.55), ZoneState::Normal, "two not-ready nodes never make a disruption");
+        assert_eq!(zone_state(6, 10, 0.55), ZoneState::PartialDisruption);
+        assert_eq!(zone_state(5, 10, 0.55), ZoneState::Normal);
+        assert_eq!(zone_state(3, 3, 0.55), ZoneState::FullDisruption);
+        assert_eq!(zone_state(0, 0, 0.55), ZoneState::Normal);
+        assert_eq!(zone_rate(ZoneState::Normal, 10, &s), 0.1);
+        assert_eq!(zone_rate(ZoneState::PartialDisruption, 100, &s), 0.01);
+        assert_eq!(zone_rate(ZoneState::PartialDisruption, 50, &s), 0.0, "small zones stop evicting");
+        assert_eq!(zone_rate(ZoneState::FullDisruption, 10, &s), 0.1);
+        let n = json!({"metadata": {"labels": {"topology.kubernetes.io/zone": "a", "topology.kubernetes.io/region": "r"}}});
+        assert_eq!(zone_of(&n), "r:\u{0}:a");
+        assert_eq!(zone_of(&json!({})), ":\u{0}:");
+    }
 
     #[test]
     fn tolerations() {

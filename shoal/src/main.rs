@@ -174,9 +174,20 @@ struct ServerArgs {
     /// Only the default is accepted today (the API server's allocator uses it).
     #[arg(long, default_value = "10.96.0.0/12")]
     service_cluster_ip_range: String,
-    /// Nodes per second whose pods may be evicted after they became unreachable or not ready.
+    /// Nodes per second, per zone, whose pods may be evicted after they became unreachable or
+    /// not ready.
     #[arg(long, default_value_t = 0.1)]
     node_eviction_rate: f64,
+    /// The eviction rate in a zone where at least --unhealthy-zone-threshold of the nodes
+    /// are not ready (zones of at most --large-cluster-size-threshold nodes stop evicting).
+    #[arg(long, default_value_t = 0.01)]
+    secondary_node_eviction_rate: f64,
+    /// Share of not-ready nodes (and more than two) that makes a zone partially disrupted.
+    #[arg(long, default_value_t = 0.55)]
+    unhealthy_zone_threshold: f64,
+    /// Zones of at most this many nodes stop evicting when partially disrupted.
+    #[arg(long, default_value_t = 50)]
+    large_cluster_size_threshold: usize,
     /// How often HorizontalPodAutoscalers are evaluated (`15s`), as kube-controller-manager's
     /// flag of the same name.
     #[arg(long, default_value = "15s")]
@@ -315,6 +326,7 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     };
     let node_grace = parse_duration(&a.node_monitor_grace_period).with_context(|| format!("--node-monitor-grace-period {:?}", a.node_monitor_grace_period))?;
     let node_eviction_rate = a.node_eviction_rate;
+    let (secondary_rate, unhealthy_threshold, large_cluster) = (a.secondary_node_eviction_rate, a.unhealthy_zone_threshold, a.large_cluster_size_threshold);
     let hpa_sync = parse_duration(&a.horizontal_pod_autoscaler_sync_period).with_context(|| format!("--horizontal-pod-autoscaler-sync-period {:?}", a.horizontal_pod_autoscaler_sync_period))?;
     if hpa_sync.is_zero() {
         bail!("--horizontal-pod-autoscaler-sync-period must be longer than 0");
@@ -336,6 +348,12 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
     }
     if !(node_eviction_rate > 0.0 && node_eviction_rate.is_finite()) {
         bail!("--node-eviction-rate must be a positive number, got {node_eviction_rate}");
+    }
+    if !(a.secondary_node_eviction_rate >= 0.0 && a.secondary_node_eviction_rate.is_finite()) {
+        bail!("--secondary-node-eviction-rate must be zero or positive, got {}", a.secondary_node_eviction_rate);
+    }
+    if !(a.unhealthy_zone_threshold > 0.0 && a.unhealthy_zone_threshold <= 1.0) {
+        bail!("--unhealthy-zone-threshold must be in (0, 1], got {}", a.unhealthy_zone_threshold);
     }
     let name = a.name.clone();
     let compaction_interval = Some(parse_duration(&a.etcd_compaction_interval).with_context(|| format!("--etcd-compaction-interval {:?}", a.etcd_compaction_interval))?);
@@ -468,6 +486,9 @@ fn server(mut a: ServerArgs) -> anyhow::Result<()> {
                         grace: node_grace,
                         period: std::time::Duration::from_secs(node_grace.as_secs().clamp(1, 5)),
                         eviction_rate: node_eviction_rate,
+                        secondary_rate,
+                        unhealthy_threshold,
+                        large_cluster,
                     },
                     hpa_sync,
                     lb_pool: lb_pool.clone(),

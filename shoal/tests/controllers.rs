@@ -154,6 +154,20 @@ fn silent_nodes_are_tainted_and_their_pods_evicted() {
         cidrs.sort();
         cidrs == ["10.0.0.0/24", "10.0.1.0/24"]
     });
+    // n2 keeps reporting (a node lifecycle controller that sees every node silent assumes
+    // it is the one cut off and evicts nothing: checked at the end).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keeper = {
+        let (stop, api) = (stop.clone(), s.api.to_string());
+        let token = std::fs::read_to_string(s.data_dir.join("pki/admin.token")).unwrap();
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let body = format!(r#"{{"status":{{"conditions":[{{"type":"Ready","status":"True","reason":"KubeletReady","lastHeartbeatTime":"{}"}}]}}}}"#, now_rfc3339());
+                let _ = Command::new("curl").args(["-sk", "-o", "/dev/null", "-X", "PATCH", "-H", &format!("Authorization: Bearer {}", token.trim()), "-H", "Content-Type: application/merge-patch+json", "-d", &body]).arg(format!("https://{api}/api/v1/nodes/n2/status")).output();
+                std::thread::sleep(Duration::from_millis(700));
+            }
+        })
+    };
     // Pods tolerate an unreachable node for 300 s by default (DefaultTolerationSeconds);
     // these for 1 s.
     k.apply("apiVersion: apps/v1\nkind: ReplicaSet\nmetadata: {name: rs1}\nspec:\n  replicas: 2\n  selector: {matchLabels: {app: nodetest}}\n  template:\n    metadata: {labels: {app: nodetest}}\n    spec:\n      tolerations: [{key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 1}]\n      containers: [{name: c, image: busybox}]\n");
@@ -180,6 +194,14 @@ fn silent_nodes_are_tainted_and_their_pods_evicted() {
     // The node reports Ready again: the taint goes away.
     ready(&s);
     k.eventually(&["get", "node", "n1", "-o", "jsonpath={.spec.taints}"], "untainted", |o| !o.contains("unreachable"));
+    // Every node silent: master disruption mode, no NoExecute taint (nothing is evicted).
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    keeper.join().unwrap();
+    k.eventually(&["get", "nodes", "-o", "jsonpath={range .items[*]}{.metadata.name}={.spec.taints[*].effect} {end}"], "NoSchedule only on every node", |o| {
+        let mut v: Vec<&str> = o.split_whitespace().collect();
+        v.sort();
+        v == ["n1=NoSchedule", "n2=NoSchedule"]
+    });
 }
 
 #[test]
