@@ -197,6 +197,11 @@ fn p99_from_metrics(text: &str, verb: &str, resource: &str) -> Option<f64> {
     p99_of(text, "apiserver_request_duration_seconds", &[&format!("verb=\"{verb}\""), &format!("resource=\"{resource}\"")])
 }
 
+/// The value of an unlabelled gauge in Prometheus text.
+fn gauge(text: &str, name: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse().ok())
+}
+
 /// p99 (bucket upper bound, ms) of a Prometheus histogram, summed over series whose labels
 /// contain every one of `labels`.
 fn p99_of(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
@@ -401,6 +406,7 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
             api.insert(label.into(), json!(p));
         }
     }
+    let stored_mib = gauge(&metrics_text, "etcd_mvcc_db_total_size_in_bytes").unwrap_or(0.0) / (1024.0 * 1024.0);
     let hollow_kib = (rss_fleet - rss0).max(0.0) * 1024.0 / a.fleet.nodes as f64;
     fleet.stop();
     println!("{:<10} {:>8} {:>10} {:>14} {:>10} {:>10} {:>10} {:>12} {:>12}", "density", "nodes", "pods", "all running s", "p50 s", "p90 s", "p99 s", "server RSS", "hollow KiB");
@@ -411,7 +417,7 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
         "connect_s": connect_s, "all_running_s": all_running_s,
         "startup_p50_s": p50, "startup_p90_s": p90, "startup_p99_s": p99, "schedule_p99_s": sched_p99,
         "pods_per_s": total as f64 / all_running_s.max(1e-6),
-        "server_cpu_s": cpu, "server_cpu_ms_per_pod": cpu * 1000.0 / total as f64, "rss_mib": server_rss,
+        "server_cpu_s": cpu, "server_cpu_ms_per_pod": cpu * 1000.0 / total as f64, "rss_mib": server_rss, "stored_mib": stored_mib,
         "hollow_node_kib": hollow_kib, "api_p99_ms": api,
         "statuses_sent": fleet.stats.statuses_sent.load(Ordering::Relaxed), "status_errors": fleet.stats.status_errors.load(Ordering::Relaxed),
     }))
@@ -429,6 +435,8 @@ apiserver_request_duration_seconds_bucket{verb=\"POST\",group=\"\",resource=\"po
 apiserver_request_duration_seconds_bucket{verb=\"GET\",group=\"\",resource=\"pods\",subresource=\"\",le=\"+Inf\"} 5\n";
         assert_eq!(p99_from_metrics(text, "POST", "pods"), Some(25.0));
         assert_eq!(p99_from_metrics(text, "PUT", "pods"), None);
+        let g = "# HELP etcd_mvcc_db_total_size_in_bytes x\netcd_mvcc_db_total_size_in_bytes 2048\netcd_mvcc_db_total_size_in_bytes_other 5\n";
+        assert_eq!(gauge(g, "etcd_mvcc_db_total_size_in_bytes"), Some(2048.0));
         let mut v = vec![3.0, 1.0, 2.0];
         assert_eq!(pct(&mut v, 0.5), 2.0);
     }
