@@ -3,10 +3,13 @@
 //! identical to one recorded in the last 10 minutes increments that event's `count` and
 //! `lastTimestamp` instead of creating another; more than 10 similar events (same object,
 //! reason and type, other messages) in 10 minutes are combined into one
-//! "(combined from similar events): ..." event. Best effort: a failed event never fails the
-//! work it reports on.
+//! "(combined from similar events): ..." event. Writes happen in the background, bumps of
+//! one event in order. Best effort: a failed event never fails the work it reports on.
+//! (Found by the 5,000-node density run: recording inline, every SuccessfulCreate bump of a
+//! ReplicaSet's combined event made the pod creations wait, and the run went several times slower.)
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -94,43 +97,61 @@ fn correlator() -> &'static Correlator {
     C.get_or_init(Correlator::default)
 }
 
-/// Records a Normal or Warning event about `obj`.
+/// Per event name, so bumps of one event are written one after another.
+fn event_lock(name: &str) -> Arc<tokio::sync::Mutex<()>> {
+    static LOCKS: std::sync::OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = std::sync::OnceLock::new();
+    let mut g = LOCKS.get_or_init(Default::default).lock();
+    if g.len() > CACHE_MAX {
+        g.retain(|_, l| Arc::strong_count(l) > 1);
+    }
+    g.entry(name.to_string()).or_default().clone()
+}
+
+/// Records a Normal or Warning event about `obj`. The write happens in the background
+/// (as client-go's broadcaster does): a controller never waits on its events.
 pub async fn record(client: &Client, obj: &Value, ty: &str, reason: &str, message: &str, component: &str) {
-    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default");
-    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
+    let ns = obj.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default").to_string();
+    let name = obj.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("").to_string();
     let object = format!("{}/{}/{ns}/{name}/{}", obj.get("kind").and_then(Value::as_str).unwrap_or(""), obj.get("apiVersion").and_then(Value::as_str).unwrap_or(""), obj.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or(""));
-    let now = time::format(time::now_secs());
-    let c = correlator();
-    let message = match c.decide(&object, ty, reason, message, component, Instant::now()) {
-        Action::Bump { name: ev, count, message: m } => {
-            match client.merge_patch(&format!("/api/v1/namespaces/{ns}/events/{ev}"), &json!({"count": count, "lastTimestamp": now, "message": m})).await {
-                Ok(_) => return,
-                Err(e) => {
-                    // Gone (expired, deleted): start again with a new event.
-                    tracing::debug!(error = %e, reason, "bumping an event failed; creating a new one");
-                    c.forget(&object, ty, reason, &m, component);
-                    m
+    let action = correlator().decide(&object, ty, reason, message, component, Instant::now());
+    let involved = json!({"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": name, "namespace": ns, "uid": obj.pointer("/metadata/uid"), "resourceVersion": obj.pointer("/metadata/resourceVersion")});
+    let (client, ty, reason, component) = (client.clone(), ty.to_string(), reason.to_string(), component.to_string());
+    tokio::spawn(async move {
+        let c = correlator();
+        let now = time::format(time::now_secs());
+        let message = match action {
+            Action::Bump { name: ev, count, message: m } => {
+                let lock = event_lock(&ev);
+                let _g = lock.lock().await;
+                match client.merge_patch(&format!("/api/v1/namespaces/{ns}/events/{ev}"), &json!({"count": count, "lastTimestamp": now, "message": m})).await {
+                    Ok(_) => return,
+                    Err(e) => {
+                        // Gone (expired, deleted): start again with a new event.
+                        tracing::debug!(error = %e, reason, "bumping an event failed; creating a new one");
+                        c.forget(&object, &ty, &reason, &m, &component);
+                        m
+                    }
                 }
             }
+            Action::Create(m) => m,
+        };
+        let ev = json!({
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": format!("{name}."), "namespace": ns},
+            "involvedObject": involved,
+            "reason": reason, "message": message, "type": ty,
+            "source": {"component": component},
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "reportingComponent": component, "reportingInstance": component,
+        });
+        match client.create(&format!("/api/v1/namespaces/{ns}/events"), &ev).await {
+            Ok(v) => c.created(&object, &ty, &reason, &message, &component, v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")),
+            Err(e) => {
+                c.forget(&object, &ty, &reason, &message, &component);
+                tracing::debug!(error = %e, reason, "recording an event failed");
+            }
         }
-        Action::Create(m) => m,
-    };
-    let ev = json!({
-        "apiVersion": "v1", "kind": "Event",
-        "metadata": {"generateName": format!("{name}."), "namespace": ns},
-        "involvedObject": {"apiVersion": obj.get("apiVersion"), "kind": obj.get("kind"), "name": name, "namespace": ns, "uid": obj.pointer("/metadata/uid"), "resourceVersion": obj.pointer("/metadata/resourceVersion")},
-        "reason": reason, "message": message, "type": ty,
-        "source": {"component": component},
-        "firstTimestamp": now, "lastTimestamp": now, "count": 1,
-        "reportingComponent": component, "reportingInstance": component,
     });
-    match client.create(&format!("/api/v1/namespaces/{ns}/events"), &ev).await {
-        Ok(v) => c.created(&object, ty, reason, &message, component, v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")),
-        Err(e) => {
-            c.forget(&object, ty, reason, &message, component);
-            tracing::debug!(error = %e, reason, "recording an event failed");
-        }
-    }
 }
 
 #[cfg(test)]
