@@ -74,6 +74,14 @@ pub struct DensityArgs {
     /// Replicas of each Deployment.
     #[arg(long, default_value_t = 1000)]
     pub deployment_size: usize,
+    /// After the saturation phase, pods created one at a time into the full cluster to
+    /// measure startup latency (upstream's density "latency pods"; the SLO is measured on
+    /// these, not on pods queued behind 150,000 others).
+    #[arg(long, default_value_t = 500)]
+    pub latency_pods: usize,
+    /// Creation rate of the latency pods, per second.
+    #[arg(long, default_value_t = 10.0)]
+    pub latency_qps: f64,
     /// Give up after this many seconds of waiting for pods.
     #[arg(long, default_value_t = 1800)]
     pub timeout_s: u64,
@@ -383,17 +391,48 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
     b.finish_and_clear();
     let cpu = crate::procs::cpu_seconds(server.pid()).unwrap_or(0.0) - cpu0;
     let server_rss = crate::procs::rss_mib(server.pid()).unwrap_or(0.0);
+    // Latency phase: single pods at a steady rate into the full cluster.
+    let lat_total = a.latency_pods;
+    if lat_total > 0 {
+        let b = bar(lat_total as u64, "latency pods");
+        let every = Duration::from_secs_f64(1.0 / a.latency_qps.max(0.1));
+        let mut tick = tokio::time::interval(every);
+        for i in 0..lat_total {
+            tick.tick().await;
+            let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": format!("latency-{i}"), "namespace": ns, "labels": {"app": "latency"}},
+                "spec": {"containers": [{"name": "pause", "image": "registry.k8s.io/pause:3.10", "resources": {"requests": {"cpu": "10m", "memory": "20Mi"}}}]}});
+            client.create(&format!("/api/v1/namespaces/{ns}/pods"), &pod).await.map_err(|e| anyhow::anyhow!("latency pod {i}: {e}"))?;
+            b.inc(1);
+        }
+        let t = Instant::now();
+        while *running_rx.borrow() < total + lat_total {
+            if t.elapsed() > Duration::from_secs(120) {
+                bail!("only {} of {lat_total} latency pods Running", (*running_rx.borrow()).saturating_sub(total));
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(500), running_rx.changed()).await;
+        }
+        b.finish_and_clear();
+    }
     let metrics_text = client.get_text("/metrics").await.unwrap_or_default();
-    let (mut startup, mut sched): (Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new());
-    for s in seen.lock().values() {
+    let (mut startup, mut sched, mut sat): (Vec<f64>, Vec<f64>, Vec<f64>) = (Vec::new(), Vec::new(), Vec::new());
+    for (name, s) in seen.lock().iter() {
+        let latency_pod = name.starts_with("latency-");
         if let (Some(c), Some(r)) = (s.created, s.running) {
-            startup.push(r.duration_since(c).as_secs_f64());
+            if latency_pod || lat_total == 0 {
+                startup.push(r.duration_since(c).as_secs_f64());
+            }
+            if !latency_pod {
+                sat.push(r.duration_since(c).as_secs_f64());
+            }
         }
         if let (Some(c), Some(sc)) = (s.created, s.scheduled) {
-            sched.push(sc.duration_since(c).as_secs_f64());
+            if latency_pod || lat_total == 0 {
+                sched.push(sc.duration_since(c).as_secs_f64());
+            }
         }
     }
     let (p50, p90, p99) = (pct(&mut startup, 0.5), pct(&mut startup, 0.9), pct(&mut startup, 0.99));
+    let (sat_p50, sat_p99) = (pct(&mut sat, 0.5), pct(&mut sat, 0.99));
     let sched_p99 = pct(&mut sched, 0.99);
     let mut api = serde_json::Map::new();
     for (verb, res) in [("POST", "pods"), ("PUT", "pods"), ("PATCH", "pods"), ("GET", "pods"), ("LIST", "pods"), ("PUT", "leases"), ("POST", "bindings")] {
@@ -409,13 +448,14 @@ pub async fn density(a: DensityArgs) -> Result<Value> {
     let stored_mib = gauge(&metrics_text, "etcd_mvcc_db_total_size_in_bytes").unwrap_or(0.0) / (1024.0 * 1024.0);
     let hollow_kib = (rss_fleet - rss0).max(0.0) * 1024.0 / a.fleet.nodes as f64;
     fleet.stop();
-    println!("{:<10} {:>8} {:>10} {:>14} {:>10} {:>10} {:>10} {:>12} {:>12}", "density", "nodes", "pods", "all running s", "p50 s", "p90 s", "p99 s", "server RSS", "hollow KiB");
-    println!("{:<10} {:>8} {:>10} {:>14.1} {:>10.2} {:>10.2} {:>10.2} {:>12.0} {:>12.1}", "", a.fleet.nodes, total, all_running_s, p50, p90, p99, server_rss, hollow_kib);
+    println!("{:<10} {:>8} {:>10} {:>14} {:>18} {:>10} {:>10} {:>10} {:>12} {:>12}", "density", "nodes", "pods", "all running s", "saturation p99 s", "p50 s", "p90 s", "p99 s", "server RSS", "hollow KiB");
+    println!("{:<10} {:>8} {:>10} {:>14.1} {:>18.2} {:>10.2} {:>10.2} {:>10.2} {:>12.0} {:>12.1}", "", a.fleet.nodes, total, all_running_s, sat_p99, p50, p90, p99, server_rss, hollow_kib);
     drop(server);
     Ok(json!({
         "scenario": "density", "nodes": a.fleet.nodes, "pods": total, "pods_per_node": a.pods_per_node,
         "connect_s": connect_s, "all_running_s": all_running_s,
-        "startup_p50_s": p50, "startup_p90_s": p90, "startup_p99_s": p99, "schedule_p99_s": sched_p99,
+        "startup_p50_s": p50, "startup_p90_s": p90, "startup_p99_s": p99, "schedule_p99_s": sched_p99, "latency_pods": lat_total,
+        "saturation_startup_p50_s": sat_p50, "saturation_startup_p99_s": sat_p99,
         "pods_per_s": total as f64 / all_running_s.max(1e-6),
         "server_cpu_s": cpu, "server_cpu_ms_per_pod": cpu * 1000.0 / total as f64, "rss_mib": server_rss, "stored_mib": stored_mib,
         "hollow_node_kib": hollow_kib, "api_p99_ms": api,
