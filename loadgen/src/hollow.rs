@@ -302,9 +302,16 @@ pub async fn hollow_cluster(f: &FleetArgs, shoal_bin: Option<&std::path::Path>, 
     let bin = shoal_bin.map(std::path::Path::to_path_buf).unwrap_or_else(crate::procs::default_shoal_bin);
     let extra: Vec<String> = server_flags.split_whitespace().map(String::from).collect();
     let (server, dir) = crate::procs::start_shoal_api(&bin, None, None, &extra)?;
+    // The API server writes its kubeconfig right after it starts listening.
+    let t = Instant::now();
+    while !std::fs::read_to_string(dir.join("kubeconfig")).is_ok_and(|k| k.contains("token:")) {
+        if t.elapsed() > Duration::from_secs(30) {
+            bail!("shoal server wrote no kubeconfig in {}", dir.display());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let cfg = shoal_client::Config::from_kubeconfig(&dir.join("kubeconfig"), "loadgen")?;
     let client = shoal_client::Client::new(cfg.clone(), 4)?;
-    let t = Instant::now();
     while client.get("/api/v1/namespaces/default").await.ok().flatten().is_none() {
         if t.elapsed() > Duration::from_secs(30) {
             bail!("the API server did not become ready");
