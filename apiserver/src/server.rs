@@ -72,6 +72,10 @@ pub struct Api {
     pub store_ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The agent protocol (gRPC on this same address, routed by content-type).
     pub agents: crate::agents::AgentGrpc,
+    /// The objects every cluster has (system namespaces, priority classes, default storage
+    /// class, `kubernetes` service, bootstrap token) are written: until then /readyz fails,
+    /// as kube-apiserver's post-start hooks make it.
+    pub bootstrapped: std::sync::atomic::AtomicBool,
 }
 
 /// A running API server.
@@ -121,7 +125,7 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
     }
     let signer = Arc::new(crate::token::Signer::load_or_create(&cfg.pki_dir)?);
     let agents = crate::agents::AgentGrpc(Arc::new(crate::agents::AgentService::new(backend.clone(), cache.clone(), signer.clone(), creds.admin_token.clone(), agent_metrics)));
-    let api = Arc::new(Api { backend, cache, signer, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready, agents });
+    let api = Arc::new(Api { backend, cache, signer, admin_token: creds.admin_token.clone(), server_address, metrics, registry: Arc::new(reg), store_ready, agents, bootstrapped: std::sync::atomic::AtomicBool::new(false) });
     let pki_dir = cfg.pki_dir.clone();
 
     for (i, l) in listeners.into_iter().enumerate() {
@@ -142,7 +146,10 @@ pub fn start(cfg: ApiConfig, backend: Backend, store_ready: Arc<dyn Fn() -> bool
                                 Err(e) => Err(e),
                             };
                             match r {
-                                Ok(()) => break,
+                                Ok(()) => {
+                                    api.bootstrapped.store(true, std::sync::atomic::Ordering::Release);
+                                    break;
+                                }
                                 Err(e) => {
                                     if attempt % 10 == 0 {
                                         tracing::warn!(error = %e.message, "creating the system namespaces failed; retrying");
@@ -414,7 +421,13 @@ impl Api {
         match segs.as_slice() {
             ["healthz" | "livez"] | ["healthz" | "livez", "ping"] => return (full(200, "text/plain; charset=utf-8", "ok"), None),
             ["readyz"] | ["readyz", _] => {
-                return if (self.store_ready)() && self.cache.is_ready() { (full(200, "text/plain; charset=utf-8", "ok"), None) } else { (full(500, "text/plain; charset=utf-8", "[-]etcd failed: reason withheld\nreadyz check failed\n"), None) };
+                return if !((self.store_ready)() && self.cache.is_ready()) {
+                    (full(500, "text/plain; charset=utf-8", "[-]etcd failed: reason withheld\nreadyz check failed\n"), None)
+                } else if !self.bootstrapped.load(std::sync::atomic::Ordering::Acquire) {
+                    (full(500, "text/plain; charset=utf-8", "[+]etcd ok\n[-]poststarthook/shoal-bootstrap failed: reason withheld\nreadyz check failed\n"), None)
+                } else {
+                    (full(200, "text/plain; charset=utf-8", "ok"), None)
+                };
             }
             ["version"] => return (json_response(200, &version()), None),
             _ => {}
