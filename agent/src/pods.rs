@@ -288,6 +288,9 @@ pub fn now() -> i64 {
     shoal_client::time::now_secs()
 }
 
+/// (name, image, imageID, containerID, state) of one container in a report.
+type ContainerSlot = (String, String, String, String, Option<ContainerState>);
+
 /// A pod's status as the agent reports it.
 #[derive(Clone, Debug, Default)]
 struct Report {
@@ -296,13 +299,12 @@ struct Report {
     ip: Option<Ipv4Addr>,
     initialized: bool,
     ready: bool,
-    /// (name, image, imageID, containerID, state)
-    init: Vec<(String, String, String, String, Option<ContainerState>)>,
-    apps: Vec<(String, String, String, String, Option<ContainerState>)>,
+    init: Vec<ContainerSlot>,
+    apps: Vec<ContainerSlot>,
     reason: Option<(&'static str, String)>,
 }
 
-fn container_status(c: &(String, String, String, String, Option<ContainerState>), waiting: &str) -> Value {
+fn container_status(c: &ContainerSlot, waiting: &str) -> Value {
     let (name, image, image_id, id, st) = c;
     let state = match st {
         None | Some(ContainerState::Created) => json!({"waiting": {"reason": waiting}}),
@@ -481,6 +483,17 @@ impl<R: Runtime> PodManager<R> {
         }
     }
 
+    /// Pulls the image and creates one container; records its image and container IDs in
+    /// the report slot and its runtime id for logs. Returns the runtime id.
+    async fn create(&self, pod: &Pod, sandbox: &str, c: &Container, kind: ContainerKind, slot: &mut ContainerSlot) -> Result<String, String> {
+        let image_id = self.rt.pull_image(&c.image).await.map_err(|e| e.to_string())?;
+        let id = self.rt.create_container(sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind }).await.map_err(|e| e.to_string())?;
+        slot.2 = image_id;
+        slot.3 = format!("{}//{id}", self.rt.version().split("//").next().unwrap_or("sim:"));
+        self.containers_of(pod).lock().insert(c.name.clone(), id.clone());
+        Ok(id)
+    }
+
     async fn start(&self, pod: &Pod, r: &mut Report, ids: &mut Vec<String>, sandbox: &mut Option<String>) -> Result<(), String> {
         if !pod.host_network {
             r.ip = Some(self.node.ipam.allocate_when_ready().await.ok_or("no pod address free in the node's podCIDR")?);
@@ -489,12 +502,8 @@ impl<R: Runtime> PodManager<R> {
         *sandbox = Some(self.rt.run_sandbox(&cfg).await.map_err(|e| e.to_string())?);
         let sb = sandbox.clone().unwrap_or_default();
         for (i, c) in pod.init_containers.iter().enumerate() {
-            let image_id = self.rt.pull_image(&c.image).await.map_err(|e| e.to_string())?;
-            let id = self.rt.create_container(&sb, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind: ContainerKind::Init }).await.map_err(|e| e.to_string())?;
+            let id = self.create(pod, &sb, c, ContainerKind::Init, &mut r.init[i]).await?;
             ids.push(id.clone());
-            r.init[i].2 = image_id;
-            r.init[i].3 = format!("{}//{id}", self.rt.version().split("//").next().unwrap_or("sim:"));
-            self.containers_of(pod).lock().insert(c.name.clone(), id.clone());
             self.rt.start_container(&id).await.map_err(|e| e.to_string())?;
             let st = self.rt.wait_container(&id).await.map_err(|e| e.to_string())?;
             let ok = matches!(st, ContainerState::Exited { exit_code: 0, .. });
@@ -505,12 +514,7 @@ impl<R: Runtime> PodManager<R> {
         }
         r.initialized = true;
         for (i, c) in pod.containers.iter().enumerate() {
-            let image_id = self.rt.pull_image(&c.image).await.map_err(|e| e.to_string())?;
-            let id = self.rt.create_container(&sb, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind: ContainerKind::App }).await.map_err(|e| e.to_string())?;
-            ids.push(id.clone());
-            r.apps[i].2 = image_id;
-            r.apps[i].3 = format!("{}//{id}", self.rt.version().split("//").next().unwrap_or("sim:"));
-            self.containers_of(pod).lock().insert(c.name.clone(), id.clone());
+            ids.push(self.create(pod, &sb, c, ContainerKind::App, &mut r.apps[i]).await?);
         }
         let starts = ids[pod.init_containers.len()..].iter().map(|id| self.rt.start_container(id));
         for res in futures::future::join_all(starts).await {

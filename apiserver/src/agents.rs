@@ -216,23 +216,20 @@ impl AgentService {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(64);
         let out = self.hub.session_out(node)?;
-        self.pending.lock().insert(id, tx);
+        self.pending.lock().insert(id, tx.clone());
         let msg = pb::ServerMessage { msg: Some(server_message::Msg::Request(pb::ReverseRequest { id, request: Some(req) })) };
         if out.try_send(Ok(msg)).is_err() {
             self.pending.lock().remove(&id);
             return None;
         }
-        let (pending, out2) = (self.pending.clone(), out.clone());
-        // When the caller drops the receiver, tell the agent to stop.
-        let watch_tx = self.pending.lock().get(&id).cloned();
-        if let Some(w) = watch_tx {
-            tokio::spawn(async move {
-                w.closed().await;
-                if pending.lock().remove(&id).is_some() {
-                    let _ = out2.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Cancel(pb::Cancel { id })) }));
-                }
-            });
-        }
+        // When the caller drops the receiver before the last reply, tell the agent to stop.
+        let pending = self.pending.clone();
+        tokio::spawn(async move {
+            tx.closed().await;
+            if pending.lock().remove(&id).is_some() {
+                let _ = out.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Cancel(pb::Cancel { id })) }));
+            }
+        });
         Some(rx)
     }
 
@@ -753,37 +750,29 @@ impl HubState {
 
     fn pod_changed(&mut self, key: &str, cur: Option<&Entry>, rev: i64) {
         let new_node = cur.and_then(|e| e.field_str("spec.nodeName")).filter(|n| !n.is_empty()).map(String::from);
-        let old = self.pods.get(key).map(|p| p.node.clone());
-        // The volumes and env of a pod never change after it is created (pod spec
-        // validation forbids it), so its references are read once, when it is bound.
-        let new_refs = match (&new_node, cur, self.pods.get(key)) {
-            (Some(nn), _, Some(p)) if &p.node == nn => p.refs.clone(),
-            (Some(_), Some(e), _) => pod_refs(&e.value()),
-            _ => Vec::new(),
-        };
-        let old_refs = self.pods.get(key).map(|p| p.refs.clone()).unwrap_or_default();
-        if let Some(o) = &old {
-            if new_node.as_ref() != Some(o) {
-                if let Some(n) = self.nodes.get_mut(o) {
-                    n.pods.remove(key);
-                }
-                self.queue(&o.clone(), key, None, rev);
-                self.unref(o, &old_refs);
+        // The common case, a status change of a bound pod: only the node hears of it.
+        if let Some(nn) = &new_node {
+            if self.pods.get(key).is_some_and(|p| &p.node == nn) {
+                self.queue(nn, key, cur, rev);
+                return;
             }
         }
-        match new_node {
-            Some(nn) => {
-                let rec = self.nodes.entry(nn.clone()).or_default();
-                rec.pods.insert(key.to_string());
-                if old.as_ref() != Some(&nn) {
-                    self.add_refs(&nn, &new_refs);
-                }
-                self.queue(&nn, key, cur, rev);
-                self.pods.insert(key.to_string(), PodRec { node: nn, refs: new_refs });
+        // Bound, deleted or (never, but handled) moved: references follow the node. The
+        // volumes and env of a pod never change after it is created (pod spec validation
+        // forbids it), so its references are read once, when it is bound.
+        if let Some(old) = self.pods.remove(key) {
+            if let Some(n) = self.nodes.get_mut(&old.node) {
+                n.pods.remove(key);
             }
-            None => {
-                self.pods.remove(key);
-            }
+            self.queue(&old.node, key, None, rev);
+            self.unref(&old.node, &old.refs);
+        }
+        if let (Some(nn), Some(e)) = (new_node, cur) {
+            let refs = pod_refs(&e.value());
+            self.nodes.entry(nn.clone()).or_default().pods.insert(key.to_string());
+            self.add_refs(&nn, &refs);
+            self.queue(&nn, key, cur, rev);
+            self.pods.insert(key.to_string(), PodRec { node: nn, refs });
         }
     }
 

@@ -89,9 +89,9 @@ pub fn serve(table: &UsageTable, cache: &Cache, rest: &[&str], label_selector: &
         let mut out = Vec::new();
         for (_, u) in table.fresh() {
             for p in u.pods.iter().filter(|p| ns.is_none_or(|n| n == p.namespace) && name.is_none_or(|n| n == p.name)) {
-                let labels = labels_of(&format!("/registry/pods/{}/{}", p.namespace, p.name));
                 // A pod that is gone from the API (deleted meanwhile) is not reported.
-                let Some(labels) = labels.or_else(|| cache.get(&format!("/registry/pods/{}/{}", p.namespace, p.name)).map(|_| Map::new())) else { continue };
+                let Some(e) = cache.get(&format!("/registry/pods/{}/{}", p.namespace, p.name)) else { continue };
+                let labels = e.labels().cloned().unwrap_or_default();
                 if !sel.matches(Some(&labels)) {
                     continue;
                 }

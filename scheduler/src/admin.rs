@@ -13,22 +13,6 @@ use crate::driver::Handle;
 use crate::framework::{feasible_nodes, filter, schedule_one, score, Profile, Rng, Weights};
 use crate::plugins::{messages, podtopology::State};
 
-/// Plugin names as KubeSchedulerConfiguration spells them, and their weight fields.
-const PLUGINS: [&str; 7] = ["NodeResourcesFit", "NodeResourcesBalancedAllocation", "ImageLocality", "NodeAffinity", "TaintToleration", "InterPodAffinity", "PodTopologySpread"];
-
-fn weight_mut<'a>(w: &'a mut Weights, plugin: &str) -> Option<&'a mut i64> {
-    Some(match plugin {
-        "NodeResourcesFit" => &mut w.node_resources_least_allocated,
-        "NodeResourcesBalancedAllocation" => &mut w.node_resources_balanced_allocation,
-        "ImageLocality" => &mut w.image_locality,
-        "NodeAffinity" => &mut w.node_affinity,
-        "TaintToleration" => &mut w.taint_toleration,
-        "InterPodAffinity" => &mut w.inter_pod_affinity,
-        "PodTopologySpread" => &mut w.pod_topology_spread,
-        _ => return None,
-    })
-}
-
 fn to_pb(scheduler_name: &str, p: &Profile) -> pb::Profile {
     let w = &p.weights;
     pb::Profile {
@@ -57,7 +41,7 @@ pub fn apply_update(cur: &Profile, req: &pb::UpdateProfileRequest) -> Result<Pro
     let mut names: Vec<&String> = req.weights.keys().collect();
     names.sort();
     for name in names {
-        let slot = weight_mut(&mut p.weights, name).ok_or_else(|| format!("unknown score plugin {name:?}; known: {}", PLUGINS.join(", ")))?;
+        let slot = p.weights.of_plugin_mut(name).ok_or_else(|| format!("unknown score plugin {name:?}; known: {}", Weights::PLUGINS.join(", ")))?;
         *slot = req.weights[name];
     }
     if let Some(v) = req.percentage_of_nodes_to_score {

@@ -63,19 +63,6 @@ struct PluginRef {
     weight: Option<i64>,
 }
 
-fn slot<'a>(w: &'a mut Weights, name: &str) -> Option<&'a mut i64> {
-    Some(match name {
-        "NodeResourcesFit" => &mut w.node_resources_least_allocated,
-        "NodeResourcesBalancedAllocation" => &mut w.node_resources_balanced_allocation,
-        "ImageLocality" => &mut w.image_locality,
-        "NodeAffinity" => &mut w.node_affinity,
-        "TaintToleration" => &mut w.taint_toleration,
-        "InterPodAffinity" => &mut w.inter_pod_affinity,
-        "PodTopologySpread" => &mut w.pod_topology_spread,
-        _ => return None,
-    })
-}
-
 /// Profiles by schedulerName from the file's text; `default` is the profile
 /// `default-scheduler` starts from (`--scheduler-profile`).
 pub fn parse(text: &str, default: &Profile) -> Result<HashMap<String, Profile>, String> {
@@ -106,11 +93,11 @@ pub fn parse(text: &str, default: &Profile) -> Result<HashMap<String, Profile>, 
                     if d.name == "*" {
                         prof.weights = Weights::zero();
                     } else {
-                        *slot(&mut prof.weights, &d.name).ok_or_else(|| format!("profile {}: unknown score plugin {:?}", p.scheduler_name, d.name))? = 0;
+                        *prof.weights.of_plugin_mut(&d.name).ok_or_else(|| format!("profile {}: unknown score plugin {:?}", p.scheduler_name, d.name))? = 0;
                     }
                 }
                 for e in &set.enabled {
-                    let w = slot(&mut prof.weights, &e.name).ok_or_else(|| format!("profile {}: unknown score plugin {:?}", p.scheduler_name, e.name))?;
+                    let w = prof.weights.of_plugin_mut(&e.name).ok_or_else(|| format!("profile {}: unknown score plugin {:?}", p.scheduler_name, e.name))?;
                     *w = e.weight.unwrap_or(1);
                 }
             }

@@ -31,6 +31,25 @@ pub struct Weights {
     pub pod_topology_spread: i64,
 }
 
+impl Weights {
+    /// Score plugin names as KubeSchedulerConfiguration spells them.
+    pub const PLUGINS: [&'static str; 7] = ["NodeResourcesFit", "NodeResourcesBalancedAllocation", "ImageLocality", "NodeAffinity", "TaintToleration", "InterPodAffinity", "PodTopologySpread"];
+
+    /// The weight of a score plugin by its upstream name.
+    pub fn of_plugin_mut(&mut self, plugin: &str) -> Option<&mut i64> {
+        Some(match plugin {
+            "NodeResourcesFit" => &mut self.node_resources_least_allocated,
+            "NodeResourcesBalancedAllocation" => &mut self.node_resources_balanced_allocation,
+            "ImageLocality" => &mut self.image_locality,
+            "NodeAffinity" => &mut self.node_affinity,
+            "TaintToleration" => &mut self.taint_toleration,
+            "InterPodAffinity" => &mut self.inter_pod_affinity,
+            "PodTopologySpread" => &mut self.pod_topology_spread,
+            _ => return None,
+        })
+    }
+}
+
 /// A named set of weights and knobs; `shoal` and `kubernetes` are built in.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
