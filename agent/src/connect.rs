@@ -34,7 +34,8 @@ impl tonic::codegen::Service<http::Uri> for TlsConnect {
         Box::pin(async move {
             let tcp = TcpStream::connect(&*me.addr).await?;
             let _ = tcp.set_nodelay(true);
-            let name = rustls::pki_types::ServerName::try_from(me.host.to_string()).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+            let name = rustls::pki_types::ServerName::try_from(me.host.to_string())
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
             let tls = me.tls.connect(name, tcp).await?;
             Ok(TokioIo::new(tls))
         })
@@ -44,7 +45,13 @@ impl tonic::codegen::Service<http::Uri> for TlsConnect {
 /// A lazily connected channel to `server` (`https://host:port`) trusting `ca_pem`; it
 /// reconnects by itself after a failure.
 pub fn channel(server: &str, ca_pem: &str) -> anyhow::Result<Channel> {
-    let hostport = server.strip_prefix("https://").ok_or_else(|| anyhow::anyhow!("the server address must start with https:// (got {server:?})"))?.trim_end_matches('/').to_string();
+    let hostport = server
+        .strip_prefix("https://")
+        .ok_or_else(|| {
+            anyhow::anyhow!("the server address must start with https:// (got {server:?})")
+        })?
+        .trim_end_matches('/')
+        .to_string();
     let host = match hostport.rsplit_once(':') {
         Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
         None => anyhow::bail!("the server address needs a port (got {server:?})"),
@@ -56,9 +63,18 @@ pub fn channel(server: &str, ca_pem: &str) -> anyhow::Result<Channel> {
     if roots.is_empty() {
         anyhow::bail!("the CA bundle holds no certificate");
     }
-    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider())).with_safe_default_protocol_versions()?.with_root_certificates(roots).with_no_client_auth();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     tls.alpn_protocols = vec![b"h2".to_vec()];
-    let connect = TlsConnect { tls: tokio_rustls::TlsConnector::from(Arc::new(tls)), addr: hostport.clone().into(), host: host.into() };
+    let connect = TlsConnect {
+        tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+        addr: hostport.clone().into(),
+        host: host.into(),
+    };
     let ep = Endpoint::from_shared(format!("http://{hostport}"))?
         .connect_timeout(std::time::Duration::from_secs(10))
         .http2_keep_alive_interval(std::time::Duration::from_secs(30))

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod image;
 pub mod pods;
 pub mod runtime;
 pub mod session;

@@ -83,8 +83,15 @@ pub struct Pod {
 impl Pod {
     /// Reads the fields the agent uses from the pod's JSON.
     pub fn parse(json: &[u8]) -> Result<Pod, String> {
-        let p: PodObj = serde_json::from_slice(json).map_err(|e| format!("undecodable pod: {e}"))?;
-        let own = ["PodScheduled", "Initialized", "ContainersReady", "Ready", "PodReadyToStartContainers"];
+        let p: PodObj =
+            serde_json::from_slice(json).map_err(|e| format!("undecodable pod: {e}"))?;
+        let own = [
+            "PodScheduled",
+            "Initialized",
+            "ContainersReady",
+            "Ready",
+            "PodReadyToStartContainers",
+        ];
         Ok(Pod {
             namespace: p.metadata.namespace.into(),
             name: p.metadata.name.into(),
@@ -94,10 +101,23 @@ impl Pod {
             host_network: p.spec.host_network,
             grace: p.spec.termination_grace_period_seconds.unwrap_or(30).max(0),
             qos_class: p.status.qos_class.into(),
-            foreign_conditions: p.status.conditions.into_iter().filter(|c| !own.iter().any(|o| c["type"] == *o)).collect(),
-            deleting: p.metadata.deletion_timestamp.map(|_| p.metadata.deletion_grace_period_seconds.unwrap_or(0)),
+            foreign_conditions: p
+                .status
+                .conditions
+                .into_iter()
+                .filter(|c| !own.iter().any(|o| c["type"] == *o))
+                .collect(),
+            deleting: p
+                .metadata
+                .deletion_timestamp
+                .map(|_| p.metadata.deletion_grace_period_seconds.unwrap_or(0)),
             terminal: matches!(p.status.phase.as_str(), "Succeeded" | "Failed"),
-            annotations: p.metadata.annotations.into_iter().filter(|(k, _)| k.starts_with("shoal.io/")).collect(),
+            annotations: p
+                .metadata
+                .annotations
+                .into_iter()
+                .filter(|(k, _)| k.starts_with("shoal.io/"))
+                .collect(),
         })
     }
     pub fn key(&self) -> String {
@@ -155,7 +175,12 @@ impl Outbox {
                 b.statuses.push((k, u, s));
             }
         }
-        let keys: Vec<String> = g.gone.keys().take(max.saturating_sub(b.statuses.len())).cloned().collect();
+        let keys: Vec<String> = g
+            .gone
+            .keys()
+            .take(max.saturating_sub(b.statuses.len()))
+            .cloned()
+            .collect();
         for k in keys {
             if let Some(u) = g.gone.remove(&k) {
                 b.gone.push((k, u));
@@ -196,7 +221,10 @@ pub struct Ipam {
 
 impl Default for Ipam {
     fn default() -> Self {
-        Ipam { inner: Mutex::new((None, Used::new())), ready: watch::channel(false).0 }
+        Ipam {
+            inner: Mutex::new((None, Used::new())),
+            ready: watch::channel(false).0,
+        }
     }
 }
 
@@ -205,8 +233,12 @@ type Used = std::collections::BTreeSet<u32>;
 impl Ipam {
     /// Sets the range from `spec.podCIDR` (ignored when unparsable).
     pub fn set_cidr(&self, cidr: &str) {
-        let Some((ip, len)) = cidr.split_once('/') else { return };
-        let (Ok(ip), Ok(len)) = (ip.parse::<Ipv4Addr>(), len.parse::<u32>()) else { return };
+        let Some((ip, len)) = cidr.split_once('/') else {
+            return;
+        };
+        let (Ok(ip), Ok(len)) = (ip.parse::<Ipv4Addr>(), len.parse::<u32>()) else {
+            return;
+        };
         if !(8..=30).contains(&len) {
             return;
         }
@@ -308,8 +340,17 @@ fn container_status(c: &ContainerSlot, waiting: &str) -> Value {
     let (name, image, image_id, id, st) = c;
     let state = match st {
         None | Some(ContainerState::Created) => json!({"waiting": {"reason": waiting}}),
-        Some(ContainerState::Running { started_at }) => json!({"running": {"startedAt": time(*started_at)}}),
-        Some(ContainerState::Exited { exit_code, reason, started_at, finished_at }) => json!({"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": time(*started_at), "finishedAt": time(*finished_at), "containerID": id}}),
+        Some(ContainerState::Running { started_at }) => {
+            json!({"running": {"startedAt": time(*started_at)}})
+        }
+        Some(ContainerState::Exited {
+            exit_code,
+            reason,
+            started_at,
+            finished_at,
+        }) => {
+            json!({"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": time(*started_at), "finishedAt": time(*finished_at), "containerID": id}})
+        }
     };
     let running = matches!(st, Some(ContainerState::Running { .. }));
     let mut v = json!({"name": name, "image": image, "imageID": image_id, "ready": running, "restartCount": 0, "started": running, "state": state});
@@ -330,8 +371,16 @@ impl Report {
             c
         };
         let mut conditions = vec![
-            cond("PodReadyToStartContainers", self.ip.is_some() || pod.host_network, None),
-            cond("Initialized", self.initialized, Some("ContainersNotInitialized")),
+            cond(
+                "PodReadyToStartContainers",
+                self.ip.is_some() || pod.host_network,
+                None,
+            ),
+            cond(
+                "Initialized",
+                self.initialized,
+                Some("ContainersNotInitialized"),
+            ),
             cond("Ready", self.ready, Some("ContainersNotReady")),
             cond("ContainersReady", self.ready, Some("ContainersNotReady")),
             cond("PodScheduled", true, None),
@@ -346,9 +395,17 @@ impl Report {
             "containerStatuses": self.apps.iter().map(|c| container_status(c, if self.initialized { "ContainerCreating" } else { "PodInitializing" })).collect::<Vec<_>>(),
         });
         if !self.init.is_empty() {
-            s["initContainerStatuses"] = self.init.iter().map(|c| container_status(c, "PodInitializing")).collect();
+            s["initContainerStatuses"] = self
+                .init
+                .iter()
+                .map(|c| container_status(c, "PodInitializing"))
+                .collect();
         }
-        let ip = if pod.host_network { Some(host_ip.to_string()) } else { self.ip.map(|i| i.to_string()) };
+        let ip = if pod.host_network {
+            Some(host_ip.to_string())
+        } else {
+            self.ip.map(|i| i.to_string())
+        };
         if let Some(ip) = ip.filter(|i| !i.is_empty()) {
             s["podIP"] = json!(ip);
             s["podIPs"] = json!([{"ip": ip}]);
@@ -366,7 +423,12 @@ impl Report {
 
 impl<R: Runtime> PodManager<R> {
     pub fn new(rt: Arc<R>, node: Arc<NodeCtx>, outbox: Arc<Outbox>) -> Arc<Self> {
-        Arc::new(PodManager { rt, node, outbox, pods: Mutex::new(HashMap::new()) })
+        Arc::new(PodManager {
+            rt,
+            node,
+            outbox,
+            pods: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn count(&self) -> usize {
@@ -397,7 +459,14 @@ impl<R: Runtime> PodManager<R> {
             return;
         }
         let (tx, rx) = watch::channel(want);
-        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default() });
+        g.insert(
+            key.clone(),
+            Handle {
+                uid: pod.uid.clone(),
+                ctl: tx,
+                containers: Default::default(),
+            },
+        );
         drop(g);
         let me = self.clone();
         tokio::spawn(async move {
@@ -414,13 +483,42 @@ impl<R: Runtime> PodManager<R> {
 
     fn publish(&self, pod: &Pod, r: &Report) {
         let host_ip = self.node.host_ip.lock().clone();
-        self.outbox.status(pod.key(), pod.uid.clone(), r.json(pod, &host_ip));
+        self.outbox
+            .status(pod.key(), pod.uid.clone(), r.json(pod, &host_ip));
     }
 
     async fn run(self: Arc<Self>, pod: Pod, mut ctl: watch::Receiver<Ctl>) {
-        let mut r = Report { phase: "Pending", start: now(), ..Default::default() };
-        r.init = pod.init_containers.iter().map(|c| (c.name.clone(), c.image.clone(), String::new(), String::new(), None)).collect();
-        r.apps = pod.containers.iter().map(|c| (c.name.clone(), c.image.clone(), String::new(), String::new(), None)).collect();
+        let mut r = Report {
+            phase: "Pending",
+            start: now(),
+            ..Default::default()
+        };
+        r.init = pod
+            .init_containers
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    c.image.clone(),
+                    String::new(),
+                    String::new(),
+                    None,
+                )
+            })
+            .collect();
+        r.apps = pod
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    c.image.clone(),
+                    String::new(),
+                    String::new(),
+                    None,
+                )
+            })
+            .collect();
         r.initialized = pod.init_containers.is_empty();
         let mut ids: Vec<String> = Vec::new();
         let mut sandbox = None;
@@ -456,11 +554,18 @@ impl<R: Runtime> PodManager<R> {
             _ => 0,
         };
         for id in &ids {
-            let _ = self.rt.stop_container(id, Duration::from_secs(grace as u64)).await;
+            let _ = self
+                .rt
+                .stop_container(id, Duration::from_secs(grace as u64))
+                .await;
         }
         for (i, id) in ids.iter().enumerate() {
             if let Ok(st) = self.rt.container_state(id) {
-                let slot = if i < r.init.len() { &mut r.init[i] } else { &mut r.apps[i - r.init.len()] };
+                let slot = if i < r.init.len() {
+                    &mut r.init[i]
+                } else {
+                    &mut r.apps[i - r.init.len()]
+                };
                 slot.4 = Some(st);
             }
             let _ = self.rt.remove_container(id).await;
@@ -485,27 +590,82 @@ impl<R: Runtime> PodManager<R> {
 
     /// Pulls the image and creates one container; records its image and container IDs in
     /// the report slot and its runtime id for logs. Returns the runtime id.
-    async fn create(&self, pod: &Pod, sandbox: &str, c: &Container, kind: ContainerKind, slot: &mut ContainerSlot) -> Result<String, String> {
-        let image_id = self.rt.pull_image(&c.image).await.map_err(|e| e.to_string())?;
-        let id = self.rt.create_container(sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind }).await.map_err(|e| e.to_string())?;
+    async fn create(
+        &self,
+        pod: &Pod,
+        sandbox: &str,
+        c: &Container,
+        kind: ContainerKind,
+        slot: &mut ContainerSlot,
+    ) -> Result<String, String> {
+        let image_id = self
+            .rt
+            .pull_image(&c.image)
+            .await
+            .map_err(|e| e.to_string())?;
+        let id = self
+            .rt
+            .create_container(
+                sandbox,
+                &ContainerConfig {
+                    name: c.name.clone(),
+                    image: c.image.clone(),
+                    kind,
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         slot.2 = image_id;
-        slot.3 = format!("{}//{id}", self.rt.version().split("//").next().unwrap_or("sim:"));
-        self.containers_of(pod).lock().insert(c.name.clone(), id.clone());
+        slot.3 = format!(
+            "{}//{id}",
+            self.rt.version().split("//").next().unwrap_or("sim:")
+        );
+        self.containers_of(pod)
+            .lock()
+            .insert(c.name.clone(), id.clone());
         Ok(id)
     }
 
-    async fn start(&self, pod: &Pod, r: &mut Report, ids: &mut Vec<String>, sandbox: &mut Option<String>) -> Result<(), String> {
+    async fn start(
+        &self,
+        pod: &Pod,
+        r: &mut Report,
+        ids: &mut Vec<String>,
+        sandbox: &mut Option<String>,
+    ) -> Result<(), String> {
         if !pod.host_network {
-            r.ip = Some(self.node.ipam.allocate_when_ready().await.ok_or("no pod address free in the node's podCIDR")?);
+            r.ip = Some(
+                self.node
+                    .ipam
+                    .allocate_when_ready()
+                    .await
+                    .ok_or("no pod address free in the node's podCIDR")?,
+            );
         }
-        let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec() };
+        let cfg = SandboxConfig {
+            namespace: pod.namespace.to_string(),
+            name: pod.name.to_string(),
+            uid: pod.uid.to_string(),
+            host_network: pod.host_network,
+            ip: r.ip,
+            annotations: pod.annotations.to_vec(),
+        };
         *sandbox = Some(self.rt.run_sandbox(&cfg).await.map_err(|e| e.to_string())?);
         let sb = sandbox.clone().unwrap_or_default();
         for (i, c) in pod.init_containers.iter().enumerate() {
-            let id = self.create(pod, &sb, c, ContainerKind::Init, &mut r.init[i]).await?;
+            let id = self
+                .create(pod, &sb, c, ContainerKind::Init, &mut r.init[i])
+                .await?;
             ids.push(id.clone());
-            self.rt.start_container(&id).await.map_err(|e| e.to_string())?;
-            let st = self.rt.wait_container(&id).await.map_err(|e| e.to_string())?;
+            self.rt
+                .start_container(&id)
+                .await
+                .map_err(|e| e.to_string())?;
+            let st = self
+                .rt
+                .wait_container(&id)
+                .await
+                .map_err(|e| e.to_string())?;
             let ok = matches!(st, ContainerState::Exited { exit_code: 0, .. });
             r.init[i].4 = Some(st);
             if !ok {
@@ -514,9 +674,14 @@ impl<R: Runtime> PodManager<R> {
         }
         r.initialized = true;
         for (i, c) in pod.containers.iter().enumerate() {
-            ids.push(self.create(pod, &sb, c, ContainerKind::App, &mut r.apps[i]).await?);
+            ids.push(
+                self.create(pod, &sb, c, ContainerKind::App, &mut r.apps[i])
+                    .await?,
+            );
         }
-        let starts = ids[pod.init_containers.len()..].iter().map(|id| self.rt.start_container(id));
+        let starts = ids[pod.init_containers.len()..]
+            .iter()
+            .map(|id| self.rt.start_container(id));
         for res in futures::future::join_all(starts).await {
             res.map_err(|e| e.to_string())?;
         }
@@ -529,10 +694,19 @@ impl<R: Runtime> PodManager<R> {
     /// CPU and memory of every running container, by pod: (namespace, name, [(container,
     /// usage)]).
     pub fn usage(&self) -> Vec<(String, String, Vec<(String, crate::runtime::Usage)>)> {
-        let handles: Vec<(String, Arc<Mutex<HashMap<String, String>>>)> = self.pods.lock().iter().map(|(k, h)| (k.clone(), h.containers.clone())).collect();
+        let handles: Vec<(String, Arc<Mutex<HashMap<String, String>>>)> = self
+            .pods
+            .lock()
+            .iter()
+            .map(|(k, h)| (k.clone(), h.containers.clone()))
+            .collect();
         let mut out = Vec::with_capacity(handles.len());
         for (key, ids) in handles {
-            let cs: Vec<(String, crate::runtime::Usage)> = ids.lock().iter().filter_map(|(name, id)| self.rt.container_usage(id).map(|u| (name.clone(), u))).collect();
+            let cs: Vec<(String, crate::runtime::Usage)> = ids
+                .lock()
+                .iter()
+                .filter_map(|(name, id)| self.rt.container_usage(id).map(|u| (name.clone(), u)))
+                .collect();
             if cs.is_empty() {
                 continue;
             }
@@ -543,26 +717,49 @@ impl<R: Runtime> PodManager<R> {
     }
 
     fn containers_of(&self, pod: &Pod) -> Arc<Mutex<HashMap<String, String>>> {
-        self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).map(|h| h.containers.clone()).unwrap_or_default()
+        self.pods
+            .lock()
+            .get(&pod.key())
+            .filter(|h| h.uid == pod.uid)
+            .map(|h| h.containers.clone())
+            .unwrap_or_default()
     }
 
     /// Logs of a container of a pod (for the server's reverse requests), with upstream's
     /// messages when there is none.
-    pub fn logs(&self, ns: &str, pod: &str, container: &str, tail: Option<usize>) -> Result<Vec<u8>, String> {
+    pub fn logs(
+        &self,
+        ns: &str,
+        pod: &str,
+        container: &str,
+        tail: Option<usize>,
+    ) -> Result<Vec<u8>, String> {
         let key = format!("{ns}/{pod}");
-        let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
+        let ids = self
+            .pods
+            .lock()
+            .get(&key)
+            .map(|h| h.containers.clone())
+            .ok_or_else(|| format!("pod {key} is not running on this node"))?;
         let ids = ids.lock();
         let name = if container.is_empty() {
             if ids.len() > 1 {
                 let mut names: Vec<&String> = ids.keys().collect();
                 names.sort();
-                return Err(format!("a container name must be specified for pod {pod}, choose one of: {names:?}"));
+                return Err(format!(
+                    "a container name must be specified for pod {pod}, choose one of: {names:?}"
+                ));
             }
-            ids.keys().next().cloned().ok_or_else(|| format!("container in pod {pod} has not started"))?
+            ids.keys()
+                .next()
+                .cloned()
+                .ok_or_else(|| format!("container in pod {pod} has not started"))?
         } else {
             container.to_string()
         };
-        let id = ids.get(&name).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?;
+        let id = ids
+            .get(&name)
+            .ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?;
         self.rt.logs(id, tail).map_err(|e| e.to_string())
     }
 }
@@ -583,10 +780,18 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pod_runs_then_is_deleted_and_reported_gone() {
-        let node = Arc::new(NodeCtx { node_name: "n1".into(), host_ip: Mutex::new("10.1.0.5".into()), ipam: Ipam::default() });
+        let node = Arc::new(NodeCtx {
+            node_name: "n1".into(),
+            host_ip: Mutex::new("10.1.0.5".into()),
+            ipam: Ipam::default(),
+        });
         node.ipam.set_cidr("10.244.3.0/24");
         let outbox = Arc::new(Outbox::default());
-        let m = PodManager::new(Arc::new(Sim::new(SimSettings::default())), node, outbox.clone());
+        let m = PodManager::new(
+            Arc::new(Sim::new(SimSettings::default())),
+            node,
+            outbox.clone(),
+        );
         m.upsert(Pod::parse(&pod_json("u1", false)).unwrap());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let b = outbox.take(10);
@@ -598,9 +803,23 @@ mod tests {
         assert_eq!(s["qosClass"], "BestEffort");
         assert_eq!(s["containerStatuses"][0]["ready"], true);
         assert!(s["containerStatuses"][1]["state"]["running"]["startedAt"].is_string());
-        assert_eq!(s["initContainerStatuses"][0]["state"]["terminated"]["reason"], "Completed");
-        assert!(s["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "DisruptionTarget"), "foreign conditions kept");
-        assert!(s["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "True"));
+        assert_eq!(
+            s["initContainerStatuses"][0]["state"]["terminated"]["reason"],
+            "Completed"
+        );
+        assert!(
+            s["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["type"] == "DisruptionTarget"),
+            "foreign conditions kept"
+        );
+        assert!(s["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True"));
         // Same uid, now deleting: stop and report gone.
         m.upsert(Pod::parse(&pod_json("u1", true)).unwrap());
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -621,7 +840,11 @@ mod tests {
         assert_eq!(b.statuses[0].2, Bytes::from_static(b"2"));
         o.status("a/p".into(), "u".into(), Bytes::from_static(b"3"));
         o.put_back(b);
-        assert_eq!(o.take(10).statuses[0].2, Bytes::from_static(b"3"), "newer status wins over a put-back one");
+        assert_eq!(
+            o.take(10).statuses[0].2,
+            Bytes::from_static(b"3"),
+            "newer status wins over a put-back one"
+        );
         o.gone("a/q".into(), "u2".into());
         assert_eq!(o.len(), 1);
     }

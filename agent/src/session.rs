@@ -103,11 +103,34 @@ enum End {
 }
 
 impl<R: Runtime> Agent<R> {
-    pub fn new(cfg: AgentConfig, channel: Channel, rt: Arc<R>, stats: Arc<AgentStats>) -> Arc<Agent<R>> {
-        let node = Arc::new(NodeCtx { node_name: cfg.node_name.clone(), host_ip: Mutex::new(cfg.host_ip.clone()), ipam: Default::default() });
+    pub fn new(
+        cfg: AgentConfig,
+        channel: Channel,
+        rt: Arc<R>,
+        stats: Arc<AgentStats>,
+    ) -> Arc<Agent<R>> {
+        let node = Arc::new(NodeCtx {
+            node_name: cfg.node_name.clone(),
+            host_ip: Mutex::new(cfg.host_ip.clone()),
+            ipam: Default::default(),
+        });
         let outbox = Arc::new(Outbox::default());
         let pods = PodManager::new(rt.clone(), node.clone(), outbox.clone());
-        Arc::new(Agent { cfg, channel, rt, pods, outbox, node, known: Mutex::new(HashMap::new()), token: Mutex::new(None), status_due: AtomicBool::new(true), status_now: tokio::sync::Notify::new(), synced: AtomicBool::new(false), stats, ready_since: now() })
+        Arc::new(Agent {
+            cfg,
+            channel,
+            rt,
+            pods,
+            outbox,
+            node,
+            known: Mutex::new(HashMap::new()),
+            token: Mutex::new(None),
+            status_due: AtomicBool::new(true),
+            status_now: tokio::sync::Notify::new(),
+            synced: AtomicBool::new(false),
+            stats,
+            ready_since: now(),
+        })
     }
 
     pub fn name(&self) -> &str {
@@ -117,7 +140,10 @@ impl<R: Runtime> Agent<R> {
     /// The revision of an object the agent holds (kind `Pod`, `ConfigMap`, `Secret`,
     /// `PersistentVolumeClaim`, `PersistentVolume`, `Node`), if it holds it.
     pub fn holds(&self, kind: &str, namespace: &str, name: &str) -> Option<i64> {
-        self.known.lock().get(&(Arc::from(kind), Arc::from(namespace), Arc::from(name))).copied()
+        self.known
+            .lock()
+            .get(&(Arc::from(kind), Arc::from(namespace), Arc::from(name)))
+            .copied()
     }
 
     /// Statuses waiting to be sent or acknowledged.
@@ -127,7 +153,13 @@ impl<R: Runtime> Agent<R> {
 
     fn node_object(&self) -> Value {
         let mut labels = self.cfg.labels.clone();
-        for (k, v) in [("kubernetes.io/hostname", self.cfg.node_name.as_str()), ("kubernetes.io/os", "linux"), ("kubernetes.io/arch", "amd64"), ("beta.kubernetes.io/os", "linux"), ("beta.kubernetes.io/arch", "amd64")] {
+        for (k, v) in [
+            ("kubernetes.io/hostname", self.cfg.node_name.as_str()),
+            ("kubernetes.io/os", "linux"),
+            ("kubernetes.io/arch", "amd64"),
+            ("beta.kubernetes.io/os", "linux"),
+            ("beta.kubernetes.io/arch", "amd64"),
+        ] {
             labels.entry(k.to_string()).or_insert(json!(v));
         }
         let mut n = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": self.cfg.node_name, "labels": labels}, "spec": {}, "status": self.node_status()});
@@ -162,10 +194,19 @@ impl<R: Runtime> Agent<R> {
 
     async fn register(&self) -> Result<String, End> {
         let mut client = NodeAgentClient::new(self.channel.clone());
-        let req = pb::RegisterRequest { bootstrap_token: self.cfg.bootstrap_token.clone(), node_name: self.cfg.node_name.clone(), node_json: Bytes::from(self.node_object().to_string()) };
+        let req = pb::RegisterRequest {
+            bootstrap_token: self.cfg.bootstrap_token.clone(),
+            node_name: self.cfg.node_name.clone(),
+            node_json: Bytes::from(self.node_object().to_string()),
+        };
         match client.register(req).await {
             Ok(r) => Ok(r.into_inner().node_token),
-            Err(s) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::InvalidArgument => Err(End::Retry(format!("registration refused: {}", s.message()))),
+            Err(s)
+                if s.code() == tonic::Code::Unauthenticated
+                    || s.code() == tonic::Code::InvalidArgument =>
+            {
+                Err(End::Retry(format!("registration refused: {}", s.message())))
+            }
             Err(s) => Err(End::Retry(format!("registration failed: {}", s.message()))),
         }
     }
@@ -180,7 +221,9 @@ impl<R: Runtime> Agent<R> {
             let end = self.session(&mut stop).await;
             match end {
                 End::Stop => return,
-                End::Retry(why) => tracing::debug!(node = %self.cfg.node_name, %why, "agent session ended; reconnecting"),
+                End::Retry(why) => {
+                    tracing::debug!(node = %self.cfg.node_name, %why, "agent session ended; reconnecting")
+                }
                 End::Reregister(why) => {
                     tracing::info!(node = %self.cfg.node_name, %why, "node credential refused; registering again");
                     *self.token.lock() = None;
@@ -190,7 +233,13 @@ impl<R: Runtime> Agent<R> {
                 backoff = Duration::from_millis(500);
             }
             // Jitter spreads thousands of agents reconnecting after a server restart.
-            let jitter = Duration::from_millis(u64::from(self.cfg.node_name.bytes().fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into())) % 500));
+            let jitter = Duration::from_millis(u64::from(
+                self.cfg
+                    .node_name
+                    .bytes()
+                    .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(b.into()))
+                    % 500,
+            ));
             tokio::select! {
                 _ = tokio::time::sleep(backoff + jitter) => {}
                 _ = stopped(&mut stop) => return,
@@ -202,13 +251,47 @@ impl<R: Runtime> Agent<R> {
     /// Usage of the node and its pods, for the metrics API.
     fn usage(&self) -> pb::Usage {
         let u = self.rt.usage();
-        let pods = self.pods.usage().into_iter().map(|(namespace, name, cs)| pb::PodUsage { namespace, name, containers: cs.into_iter().map(|(name, u)| pb::ContainerUsage { name, cpu_nanocores: u.cpu_nanocores, memory_bytes: u.memory_bytes }).collect() }).collect();
-        let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        pb::Usage { timestamp_ms: now_ms, window_ms: self.cfg.heartbeat.as_millis() as u32, cpu_nanocores: u.cpu_nanocores, memory_bytes: u.memory_bytes, pods }
+        let pods = self
+            .pods
+            .usage()
+            .into_iter()
+            .map(|(namespace, name, cs)| pb::PodUsage {
+                namespace,
+                name,
+                containers: cs
+                    .into_iter()
+                    .map(|(name, u)| pb::ContainerUsage {
+                        name,
+                        cpu_nanocores: u.cpu_nanocores,
+                        memory_bytes: u.memory_bytes,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        pb::Usage {
+            timestamp_ms: now_ms,
+            window_ms: self.cfg.heartbeat.as_millis() as u32,
+            cpu_nanocores: u.cpu_nanocores,
+            memory_bytes: u.memory_bytes,
+            pods,
+        }
     }
 
     fn hello(&self) -> pb::Hello {
-        let known = self.known.lock().iter().map(|((k, ns, n), r)| pb::Known { kind: k.to_string(), namespace: ns.to_string(), name: n.to_string(), revision: *r }).collect();
+        let known = self
+            .known
+            .lock()
+            .iter()
+            .map(|((k, ns, n), r)| pb::Known {
+                kind: k.to_string(),
+                namespace: ns.to_string(),
+                name: n.to_string(),
+                revision: *r,
+            })
+            .collect();
         pb::Hello { known }
     }
 
@@ -225,25 +308,35 @@ impl<R: Runtime> Agent<R> {
             },
         };
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
-        let _ = tx.try_send(pb::AgentMessage { msg: Some(agent_message::Msg::Hello(self.hello())) });
+        let _ = tx.try_send(pb::AgentMessage {
+            msg: Some(agent_message::Msg::Hello(self.hello())),
+        });
         let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         match format!("Bearer {token}").parse() {
             Ok(v) => {
                 req.metadata_mut().insert("authorization", v);
             }
-            Err(_) => return End::Reregister("the node credential is not a valid header value".into()),
+            Err(_) => {
+                return End::Reregister("the node credential is not a valid header value".into())
+            }
         }
-        let mut client = NodeAgentClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
+        let mut client =
+            NodeAgentClient::new(self.channel.clone()).max_decoding_message_size(64 << 20);
         let mut inbound = match client.session(req).await {
             Ok(r) => r.into_inner(),
-            Err(s) if s.code() == tonic::Code::Unauthenticated => return End::Reregister(s.message().to_string()),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                return End::Reregister(s.message().to_string())
+            }
             Err(s) => return End::Retry(s.message().to_string()),
         };
         self.stats.sessions.fetch_add(1, Ordering::Relaxed);
         self.status_due.store(true, Ordering::Relaxed);
         let mut seq = 0u64;
         let mut inflight: Option<(u64, crate::pods::Batch)> = None;
-        let mut hb = tokio::time::interval_at(tokio::time::Instant::now() + Duration::from_millis(50), self.cfg.heartbeat);
+        let mut hb = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(50),
+            self.cfg.heartbeat,
+        );
         hb.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = tokio::time::Instant::now();
         let end = loop {
@@ -294,7 +387,11 @@ impl<R: Runtime> Agent<R> {
     }
 
     /// Applies one server message; returns a reply to send, if any.
-    fn handle(self: &Arc<Self>, m: pb::ServerMessage, inflight: &mut Option<(u64, crate::pods::Batch)>) -> Option<pb::AgentMessage> {
+    fn handle(
+        self: &Arc<Self>,
+        m: pb::ServerMessage,
+        inflight: &mut Option<(u64, crate::pods::Batch)>,
+    ) -> Option<pb::AgentMessage> {
         match m.msg? {
             server_message::Msg::Objects(o) => {
                 for item in o.items {
@@ -311,14 +408,31 @@ impl<R: Runtime> Agent<R> {
                 if inflight.as_ref().is_some_and(|(s, _)| *s == a.seq) {
                     let (_, batch) = inflight.take()?;
                     // Transient failures are retried; a pod that is gone or replaced is not.
-                    let retry: Vec<&pb::StatusError> = a.errors.iter().filter(|e| e.code == 429 || e.code >= 500).collect();
-                    self.stats.status_errors.fetch_add(a.errors.len() as u64, Ordering::Relaxed);
+                    let retry: Vec<&pb::StatusError> = a
+                        .errors
+                        .iter()
+                        .filter(|e| e.code == 429 || e.code >= 500)
+                        .collect();
+                    self.stats
+                        .status_errors
+                        .fetch_add(a.errors.len() as u64, Ordering::Relaxed);
                     for e in &a.errors {
                         tracing::debug!(node = %self.cfg.node_name, pod = %format!("{}/{}", e.namespace, e.name), code = e.code, message = %e.message, "pod status not written");
                     }
                     if !retry.is_empty() {
-                        let keep = |k: &str| retry.iter().any(|e| k == format!("{}/{}", e.namespace, e.name));
-                        let b = crate::pods::Batch { statuses: batch.statuses.into_iter().filter(|(k, _, _)| keep(k)).collect(), gone: batch.gone.into_iter().filter(|(k, _)| keep(k)).collect() };
+                        let keep = |k: &str| {
+                            retry
+                                .iter()
+                                .any(|e| k == format!("{}/{}", e.namespace, e.name))
+                        };
+                        let b = crate::pods::Batch {
+                            statuses: batch
+                                .statuses
+                                .into_iter()
+                                .filter(|(k, _, _)| keep(k))
+                                .collect(),
+                            gone: batch.gone.into_iter().filter(|(k, _)| keep(k)).collect(),
+                        };
                         self.outbox.put_back(b);
                     } else if !self.outbox.is_empty() {
                         self.outbox.notify.notify_one();
@@ -332,7 +446,11 @@ impl<R: Runtime> Agent<R> {
     }
 
     fn object(&self, o: pb::Object) {
-        let id = (Arc::<str>::from(o.kind.as_str()), Arc::<str>::from(o.namespace.as_str()), Arc::<str>::from(o.name.as_str()));
+        let id = (
+            Arc::<str>::from(o.kind.as_str()),
+            Arc::<str>::from(o.namespace.as_str()),
+            Arc::<str>::from(o.name.as_str()),
+        );
         if o.json.is_empty() {
             self.known.lock().remove(&id);
             if o.kind == "Pod" {
@@ -350,7 +468,9 @@ impl<R: Runtime> Agent<R> {
         match o.kind.as_str() {
             "Pod" => match Pod::parse(&o.json) {
                 Ok(p) => self.pods.upsert(p),
-                Err(e) => tracing::warn!(node = %self.cfg.node_name, pod = %o.name, error = %e, "pod ignored"),
+                Err(e) => {
+                    tracing::warn!(node = %self.cfg.node_name, pod = %o.name, error = %e, "pod ignored")
+                }
             },
             "Node" => {
                 let n: Value = serde_json::from_slice(&o.json).unwrap_or(Value::Null);
@@ -363,7 +483,11 @@ impl<R: Runtime> Agent<R> {
                         self.status_now.notify_one();
                     }
                 }
-                let ready = n.pointer("/status/conditions").and_then(Value::as_array).and_then(|cs| cs.iter().find(|c| c["type"] == "Ready")).is_some_and(|c| c["status"] == "True");
+                let ready = n
+                    .pointer("/status/conditions")
+                    .and_then(Value::as_array)
+                    .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready"))
+                    .is_some_and(|c| c["status"] == "True");
                 if !ready && self.node.ipam.has_range() {
                     // Someone (the node lifecycle controller, a restart) marked us not
                     // ready: say otherwise at the next heartbeat.
@@ -394,6 +518,13 @@ impl<R: Runtime> Agent<R> {
             }
             None => (Bytes::new(), "unknown request".to_string()),
         };
-        pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id: r.id, data, done: true, error })) }
+        pb::AgentMessage {
+            msg: Some(agent_message::Msg::Reply(pb::ReverseReply {
+                id: r.id,
+                data,
+                done: true,
+                error,
+            })),
+        }
     }
 }

@@ -39,8 +39,15 @@ pub struct ContainerConfig {
 #[derive(Clone, Debug, PartialEq)]
 pub enum ContainerState {
     Created,
-    Running { started_at: i64 },
-    Exited { exit_code: i32, reason: String, started_at: i64, finished_at: i64 },
+    Running {
+        started_at: i64,
+    },
+    Exited {
+        exit_code: i32,
+        reason: String,
+        started_at: i64,
+        finished_at: i64,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -72,7 +79,11 @@ pub trait Runtime: Send + Sync + 'static {
     fn remove_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Makes the image available; returns its digest reference (`imageID`).
     fn pull_image(&self, image: &str) -> impl Future<Output = Result<String>> + Send;
-    fn create_container(&self, sandbox: &str, c: &ContainerConfig) -> impl Future<Output = Result<String>> + Send;
+    fn create_container(
+        &self,
+        sandbox: &str,
+        c: &ContainerConfig,
+    ) -> impl Future<Output = Result<String>> + Send;
     fn start_container(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     /// Stops with SIGTERM, then SIGKILL after `grace`.
     fn stop_container(&self, id: &str, grace: Duration) -> impl Future<Output = Result<()>> + Send;
