@@ -15,9 +15,13 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod net;
+pub mod node;
 pub mod image;
+pub mod logs;
 pub mod pods;
 pub mod runtime;
 pub mod session;
+pub mod spec;
 
 pub use session::{Agent, AgentConfig, AgentStats};

@@ -16,7 +16,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio::sync::{watch, Notify};
 
-use crate::runtime::{ContainerConfig, ContainerKind, ContainerState, Runtime, SandboxConfig};
+use crate::runtime::{ContainerConfig, ContainerKind, ContainerState, PullPolicy, Runtime, RuntimeError, SandboxConfig};
+use crate::spec::{Objects, PodFacts};
 
 #[derive(Deserialize, Default, Clone, Debug)]
 #[serde(rename_all = "camelCase", default)]
@@ -30,10 +31,11 @@ struct Meta {
 }
 
 #[derive(Deserialize, Default, Clone, Debug)]
-#[serde(default)]
+#[serde(rename_all = "camelCase", default)]
 struct Container {
     name: String,
     image: String,
+    image_pull_policy: String,
 }
 
 #[derive(Deserialize, Default, Clone, Debug)]
@@ -43,6 +45,7 @@ struct Spec {
     init_containers: Vec<Container>,
     host_network: bool,
     termination_grace_period_seconds: Option<i64>,
+    restart_policy: String,
 }
 
 #[derive(Deserialize, Default, Clone, Debug)]
@@ -61,16 +64,33 @@ struct PodObj {
     status: Status,
 }
 
+/// `spec.restartPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RestartPolicy {
+    Always,
+    OnFailure,
+    Never,
+}
+
+/// A container as the agent keeps it.
+#[derive(Clone, Debug)]
+struct Ctr {
+    name: String,
+    image: String,
+    pull: PullPolicy,
+}
+
 /// A pod as the agent keeps it.
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub namespace: Arc<str>,
     pub name: Arc<str>,
     pub uid: Arc<str>,
-    containers: Arc<[Container]>,
-    init_containers: Arc<[Container]>,
+    containers: Arc<[Ctr]>,
+    init_containers: Arc<[Ctr]>,
     host_network: bool,
     grace: i64,
+    restart: RestartPolicy,
     qos_class: Arc<str>,
     /// Conditions set by others (DisruptionTarget, readiness gates) kept in our reports.
     foreign_conditions: Arc<[Value]>,
@@ -78,50 +98,47 @@ pub struct Pod {
     terminal: bool,
     /// The pod's `shoal.io/` annotations (for the runtime).
     annotations: Arc<[(String, String)]>,
+    /// The whole pod, for runtimes that run real containers (volumes, environment).
+    raw: Option<Arc<Value>>,
 }
 
 impl Pod {
-    /// Reads the fields the agent uses from the pod's JSON.
-    pub fn parse(json: &[u8]) -> Result<Pod, String> {
-        let p: PodObj =
-            serde_json::from_slice(json).map_err(|e| format!("undecodable pod: {e}"))?;
-        let own = [
-            "PodScheduled",
-            "Initialized",
-            "ContainersReady",
-            "Ready",
-            "PodReadyToStartContainers",
-        ];
+    /// Reads the fields the agent uses from the pod's JSON; `keep` keeps the whole pod
+    /// (a real node needs it, a hollow node does not).
+    pub fn parse(json: &[u8], keep: bool) -> Result<Pod, String> {
+        let p: PodObj = serde_json::from_slice(json).map_err(|e| format!("undecodable pod: {e}"))?;
+        let raw = if keep { Some(Arc::new(serde_json::from_slice::<Value>(json).map_err(|e| format!("undecodable pod: {e}"))?)) } else { None };
+        let own = ["PodScheduled", "Initialized", "ContainersReady", "Ready", "PodReadyToStartContainers"];
+        let ctrs = |cs: Vec<Container>| -> Arc<[Ctr]> { cs.into_iter().map(|c| Ctr { pull: PullPolicy::of(&c.image_pull_policy, &c.image), name: c.name, image: c.image }).collect() };
         Ok(Pod {
             namespace: p.metadata.namespace.into(),
             name: p.metadata.name.into(),
             uid: p.metadata.uid.into(),
-            containers: p.spec.containers.into(),
-            init_containers: p.spec.init_containers.into(),
+            containers: ctrs(p.spec.containers),
+            init_containers: ctrs(p.spec.init_containers),
             host_network: p.spec.host_network,
             grace: p.spec.termination_grace_period_seconds.unwrap_or(30).max(0),
+            restart: match p.spec.restart_policy.as_str() {
+                "Never" => RestartPolicy::Never,
+                "OnFailure" => RestartPolicy::OnFailure,
+                _ => RestartPolicy::Always,
+            },
             qos_class: p.status.qos_class.into(),
-            foreign_conditions: p
-                .status
-                .conditions
-                .into_iter()
-                .filter(|c| !own.iter().any(|o| c["type"] == *o))
-                .collect(),
-            deleting: p
-                .metadata
-                .deletion_timestamp
-                .map(|_| p.metadata.deletion_grace_period_seconds.unwrap_or(0)),
+            foreign_conditions: p.status.conditions.into_iter().filter(|c| !own.iter().any(|o| c["type"] == *o)).collect(),
+            deleting: p.metadata.deletion_timestamp.map(|_| p.metadata.deletion_grace_period_seconds.unwrap_or(0)),
             terminal: matches!(p.status.phase.as_str(), "Succeeded" | "Failed"),
-            annotations: p
-                .metadata
-                .annotations
-                .into_iter()
-                .filter(|(k, _)| k.starts_with("shoal.io/"))
-                .collect(),
+            annotations: p.metadata.annotations.into_iter().filter(|(k, _)| k.starts_with("shoal.io/")).collect(),
+            raw,
         })
     }
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+    fn hostname(&self) -> String {
+        self.raw.as_ref().and_then(|r| r["spec"]["hostname"].as_str().map(str::to_string)).unwrap_or_else(|| self.name.to_string())
+    }
+    fn pull_secrets(&self) -> Vec<String> {
+        self.raw.as_ref().map(|r| r["spec"]["imagePullSecrets"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str().map(str::to_string)).collect()).unwrap_or_default()
     }
 }
 
@@ -280,6 +297,16 @@ pub struct NodeCtx {
     pub node_name: String,
     pub host_ip: Mutex<String>,
     pub ipam: Ipam,
+    /// ConfigMaps, Secrets and claims of the node's pods (kept only by real nodes).
+    pub objects: Objects,
+    /// Where pods' volumes live (`DATA/pods`); None on hollow nodes.
+    pub pods_dir: Option<std::path::PathBuf>,
+}
+
+impl NodeCtx {
+    pub fn new(node_name: &str, host_ip: &str, pods_dir: Option<std::path::PathBuf>) -> NodeCtx {
+        NodeCtx { node_name: node_name.into(), host_ip: Mutex::new(host_ip.into()), ipam: Ipam::default(), objects: Objects::default(), pods_dir }
+    }
 }
 
 /// What a pod task is told.
@@ -292,11 +319,18 @@ enum Ctl {
     Forget,
 }
 
+/// Runtime ids of a container: the current one and the one before it (`logs --previous`).
+#[derive(Clone, Debug, Default)]
+struct Ids {
+    current: String,
+    previous: Option<String>,
+}
+
 struct Handle {
     uid: Arc<str>,
     ctl: watch::Sender<Ctl>,
-    /// Container name → runtime id (for logs).
-    containers: Arc<Mutex<HashMap<String, String>>>,
+    /// Container name → runtime ids (for logs and usage).
+    containers: Arc<Mutex<HashMap<String, Ids>>>,
 }
 
 /// The pods of one node.
@@ -305,6 +339,8 @@ pub struct PodManager<R: Runtime> {
     node: Arc<NodeCtx>,
     outbox: Arc<Outbox>,
     pods: Mutex<HashMap<String, Handle>>,
+    /// First restart delay (upstream: 10 s, doubling to 5 min).
+    pub backoff_base: Duration,
 }
 
 /// RFC 3339 (UTC, seconds) of a unix time.
@@ -320,47 +356,81 @@ pub fn now() -> i64 {
     shoal_client::time::now_secs()
 }
 
-/// (name, image, imageID, containerID, state) of one container in a report.
-type ContainerSlot = (String, String, String, String, Option<ContainerState>);
+/// One container's part of a report.
+#[derive(Clone, Debug, Default)]
+struct Slot {
+    name: String,
+    image: String,
+    image_id: String,
+    /// `runc://ID`
+    id: String,
+    state: Option<ContainerState>,
+    /// Why it is not running (reason, message), when that is known.
+    waiting: Option<(&'static str, String)>,
+    restarts: u32,
+    last: Option<ContainerState>,
+}
 
 /// A pod's status as the agent reports it.
 #[derive(Clone, Debug, Default)]
 struct Report {
-    phase: &'static str,
+    /// Set when the pod is done (Succeeded, Failed).
+    done: Option<&'static str>,
     start: i64,
     ip: Option<Ipv4Addr>,
     initialized: bool,
-    ready: bool,
-    init: Vec<ContainerSlot>,
-    apps: Vec<ContainerSlot>,
+    init: Vec<Slot>,
+    apps: Vec<Slot>,
     reason: Option<(&'static str, String)>,
 }
 
-fn container_status(c: &ContainerSlot, waiting: &str) -> Value {
-    let (name, image, image_id, id, st) = c;
-    let state = match st {
-        None | Some(ContainerState::Created) => json!({"waiting": {"reason": waiting}}),
-        Some(ContainerState::Running { started_at }) => {
-            json!({"running": {"startedAt": time(*started_at)}})
+fn terminated(st: &ContainerState, id: &str) -> Option<Value> {
+    match st {
+        ContainerState::Exited { exit_code, reason, started_at, finished_at } => Some(json!({"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": time(*started_at), "finishedAt": time(*finished_at), "containerID": id}})),
+        _ => None,
+    }
+}
+
+fn container_status(c: &Slot, waiting: &str) -> Value {
+    let state = match (&c.waiting, &c.state) {
+        (Some((r, m)), _) => {
+            let mut w = json!({"reason": r});
+            if !m.is_empty() {
+                w["message"] = json!(m);
+            }
+            json!({ "waiting": w })
         }
-        Some(ContainerState::Exited {
-            exit_code,
-            reason,
-            started_at,
-            finished_at,
-        }) => {
-            json!({"terminated": {"exitCode": exit_code, "reason": reason, "startedAt": time(*started_at), "finishedAt": time(*finished_at), "containerID": id}})
-        }
+        (None, None | Some(ContainerState::Created)) => json!({"waiting": {"reason": waiting}}),
+        (None, Some(ContainerState::Running { started_at })) => json!({"running": {"startedAt": time(*started_at)}}),
+        (None, Some(st)) => terminated(st, &c.id).unwrap_or_default(),
     };
-    let running = matches!(st, Some(ContainerState::Running { .. }));
-    let mut v = json!({"name": name, "image": image, "imageID": image_id, "ready": running, "restartCount": 0, "started": running, "state": state});
-    if !id.is_empty() {
-        v["containerID"] = json!(id);
+    let running = c.waiting.is_none() && matches!(c.state, Some(ContainerState::Running { .. }));
+    let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": running, "restartCount": c.restarts, "started": running, "state": state, "lastState": {}});
+    if let Some(t) = c.last.as_ref().and_then(|l| terminated(l, "")) {
+        v["lastState"] = t;
+    }
+    if !c.id.is_empty() {
+        v["containerID"] = json!(c.id);
     }
     v
 }
 
 impl Report {
+    fn running(c: &Slot) -> bool {
+        c.waiting.is_none() && matches!(c.state, Some(ContainerState::Running { .. }))
+    }
+    fn ready(&self) -> bool {
+        self.done.is_none() && self.initialized && self.apps.iter().all(Self::running)
+    }
+    fn phase(&self) -> &'static str {
+        if let Some(d) = self.done {
+            return d;
+        }
+        if self.initialized && self.apps.iter().any(|c| Self::running(c) || c.restarts > 0 || matches!(c.state, Some(ContainerState::Exited { .. }))) {
+            return "Running";
+        }
+        "Pending"
+    }
     fn json(&self, pod: &Pod, host_ip: &str) -> Bytes {
         let t = time(self.start);
         let cond = |ty: &str, ok: bool, reason: Option<&str>| {
@@ -370,24 +440,18 @@ impl Report {
             }
             c
         };
+        let ready = self.ready();
+        let ready_reason = if self.done.is_some() { "PodCompleted" } else { "ContainersNotReady" };
         let mut conditions = vec![
-            cond(
-                "PodReadyToStartContainers",
-                self.ip.is_some() || pod.host_network,
-                None,
-            ),
-            cond(
-                "Initialized",
-                self.initialized,
-                Some("ContainersNotInitialized"),
-            ),
-            cond("Ready", self.ready, Some("ContainersNotReady")),
-            cond("ContainersReady", self.ready, Some("ContainersNotReady")),
+            cond("PodReadyToStartContainers", self.ip.is_some() || pod.host_network, None),
+            cond("Initialized", self.initialized, Some("ContainersNotInitialized")),
+            cond("Ready", ready, Some(ready_reason)),
+            cond("ContainersReady", ready, Some(ready_reason)),
             cond("PodScheduled", true, None),
         ];
         conditions.extend(pod.foreign_conditions.iter().cloned());
         let mut s = json!({
-            "phase": self.phase,
+            "phase": self.phase(),
             "conditions": conditions,
             "hostIP": host_ip,
             "hostIPs": [{"ip": host_ip}],
@@ -395,17 +459,9 @@ impl Report {
             "containerStatuses": self.apps.iter().map(|c| container_status(c, if self.initialized { "ContainerCreating" } else { "PodInitializing" })).collect::<Vec<_>>(),
         });
         if !self.init.is_empty() {
-            s["initContainerStatuses"] = self
-                .init
-                .iter()
-                .map(|c| container_status(c, "PodInitializing"))
-                .collect();
+            s["initContainerStatuses"] = self.init.iter().map(|c| container_status(c, "PodInitializing")).collect();
         }
-        let ip = if pod.host_network {
-            Some(host_ip.to_string())
-        } else {
-            self.ip.map(|i| i.to_string())
-        };
+        let ip = if pod.host_network { Some(host_ip.to_string()) } else { self.ip.map(|i| i.to_string()) };
         if let Some(ip) = ip.filter(|i| !i.is_empty()) {
             s["podIP"] = json!(ip);
             s["podIPs"] = json!([{"ip": ip}]);
@@ -421,18 +477,71 @@ impl Report {
     }
 }
 
+/// Which slot of the report a container fills.
+#[derive(Clone, Copy)]
+enum Which {
+    Init(usize),
+    App(usize),
+}
+
+/// The shared state of one pod's task.
+struct Run<'a> {
+    pod: &'a Pod,
+    sandbox: String,
+    report: Mutex<Report>,
+    /// Runtime ids of every container created (removed when the pod stops).
+    created: Mutex<Vec<String>>,
+    ids: Arc<Mutex<HashMap<String, Ids>>>,
+    volumes: HashMap<String, std::path::PathBuf>,
+}
+
+impl Run<'_> {
+    fn slot<T>(&self, w: Which, f: impl FnOnce(&mut Slot) -> T) -> T {
+        let mut r = self.report.lock();
+        match w {
+            Which::Init(i) => f(&mut r.init[i]),
+            Which::App(i) => f(&mut r.apps[i]),
+        }
+    }
+}
+
+/// Restart delays: `base` doubling to 5 minutes; reset after a container ran 10 minutes.
+struct Backoff {
+    base: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(base: Duration) -> Backoff {
+        Backoff { base, next: base }
+    }
+    fn delay(&mut self, ran: Duration) -> Duration {
+        if ran >= Duration::from_secs(600) {
+            self.next = self.base;
+        }
+        let d = self.next;
+        self.next = (self.next * 2).min(Duration::from_secs(300).max(self.base));
+        d
+    }
+}
+
+/// Resolves once the pod is no longer to run.
+async fn told_to_stop(ctl: &mut watch::Receiver<Ctl>) {
+    let _ = ctl.wait_for(|c| *c != Ctl::Run).await;
+}
+
 impl<R: Runtime> PodManager<R> {
     pub fn new(rt: Arc<R>, node: Arc<NodeCtx>, outbox: Arc<Outbox>) -> Arc<Self> {
-        Arc::new(PodManager {
-            rt,
-            node,
-            outbox,
-            pods: Mutex::new(HashMap::new()),
-        })
+        Arc::new(PodManager { rt, node, outbox, pods: Mutex::new(HashMap::new()), backoff_base: Duration::from_secs(10) })
     }
 
     pub fn count(&self) -> usize {
         self.pods.lock().len()
+    }
+
+    /// Whether pods are kept whole (real runtimes) or compact (the simulated one).
+    pub fn keeps_specs(&self) -> bool {
+        self.rt.keeps_specs()
     }
 
     /// The server's current version of a pod bound to this node.
@@ -459,14 +568,7 @@ impl<R: Runtime> PodManager<R> {
             return;
         }
         let (tx, rx) = watch::channel(want);
-        g.insert(
-            key.clone(),
-            Handle {
-                uid: pod.uid.clone(),
-                ctl: tx,
-                containers: Default::default(),
-            },
-        );
+        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default() });
         drop(g);
         let me = self.clone();
         tokio::spawn(async move {
@@ -483,69 +585,36 @@ impl<R: Runtime> PodManager<R> {
 
     fn publish(&self, pod: &Pod, r: &Report) {
         let host_ip = self.node.host_ip.lock().clone();
-        self.outbox
-            .status(pod.key(), pod.uid.clone(), r.json(pod, &host_ip));
+        self.outbox.status(pod.key(), pod.uid.clone(), r.json(pod, &host_ip));
+    }
+
+    fn facts<'a>(&self, pod: &'a Value, ip: Option<Ipv4Addr>) -> PodFacts<'a> {
+        PodFacts { pod, pod_ip: ip.map(|i| i.to_string()).unwrap_or_default(), host_ip: self.node.host_ip.lock().clone(), node_name: self.node.node_name.clone() }
     }
 
     async fn run(self: Arc<Self>, pod: Pod, mut ctl: watch::Receiver<Ctl>) {
-        let mut r = Report {
-            phase: "Pending",
-            start: now(),
-            ..Default::default()
-        };
-        r.init = pod
-            .init_containers
-            .iter()
-            .map(|c| {
-                (
-                    c.name.clone(),
-                    c.image.clone(),
-                    String::new(),
-                    String::new(),
-                    None,
-                )
-            })
-            .collect();
-        r.apps = pod
-            .containers
-            .iter()
-            .map(|c| {
-                (
-                    c.name.clone(),
-                    c.image.clone(),
-                    String::new(),
-                    String::new(),
-                    None,
-                )
-            })
-            .collect();
-        r.initialized = pod.init_containers.is_empty();
-        let mut ids: Vec<String> = Vec::new();
+        let slots = |cs: &[Ctr]| cs.iter().map(|c| Slot { name: c.name.clone(), image: c.image.clone(), ..Default::default() }).collect::<Vec<_>>();
+        let mut r = Report { start: now(), init: slots(&pod.init_containers), apps: slots(&pod.containers), initialized: pod.init_containers.is_empty(), ..Default::default() };
         let mut sandbox = None;
-        let started = if *ctl.borrow() == Ctl::Run {
+        let run = if *ctl.borrow() == Ctl::Run {
             self.publish(&pod, &r);
-            let start = self.start(&pod, &mut r, &mut ids, &mut sandbox);
             tokio::select! {
-                res = start => res,
-                _ = ctl.wait_for(|c| *c != Ctl::Run) => Err("deleted while starting".to_string()),
+                res = self.sandbox(&pod, &mut r, &mut sandbox) => res,
+                _ = told_to_stop(&mut ctl) => None,
             }
         } else {
-            Err("deleted before it started".into())
+            None
         };
-        match started {
-            Ok(()) => {
-                r.phase = "Running";
-                r.ready = true;
-                self.publish(&pod, &r);
-                let _ = ctl.wait_for(|c| *c != Ctl::Run).await;
+        let ids = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).map(|h| h.containers.clone()).unwrap_or_default();
+        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes });
+        if let Some(run) = &run {
+            let mut c2 = ctl.clone();
+            tokio::select! {
+                _ = self.containers(run) => {}
+                _ = told_to_stop(&mut c2) => {}
             }
-            Err(e) if *ctl.borrow() == Ctl::Run => {
-                tracing::info!(pod = %pod.key(), error = %e, "pod failed to start");
-                r.reason = Some(("Failed", e));
-                self.publish(&pod, &r);
-                let _ = ctl.wait_for(|c| *c != Ctl::Run).await;
-            }
-            Err(_) => {}
+            // Done or failed: hold until deleted.
+            told_to_stop(&mut ctl).await;
         }
         // Stopping.
         let final_ctl = *ctl.borrow();
@@ -553,22 +622,23 @@ impl<R: Runtime> PodManager<R> {
             Ctl::Delete(g) => g.min(pod.grace),
             _ => 0,
         };
-        for id in &ids {
-            let _ = self
-                .rt
-                .stop_container(id, Duration::from_secs(grace as u64))
-                .await;
-        }
-        for (i, id) in ids.iter().enumerate() {
-            if let Ok(st) = self.rt.container_state(id) {
-                let slot = if i < r.init.len() {
-                    &mut r.init[i]
-                } else {
-                    &mut r.apps[i - r.init.len()]
-                };
-                slot.4 = Some(st);
+        if let Some(run) = &run {
+            let created = run.created.lock().clone();
+            let stops = created.iter().map(|id| self.rt.stop_container(id, Duration::from_secs(grace as u64)));
+            futures::future::join_all(stops).await;
+            let mut rep = run.report.lock().clone();
+            for slot in rep.init.iter_mut().chain(rep.apps.iter_mut()) {
+                if let Some(id) = slot.id.rsplit("//").next() {
+                    if let Ok(st) = self.rt.container_state(id) {
+                        slot.state = Some(st);
+                        slot.waiting = None;
+                    }
+                }
             }
-            let _ = self.rt.remove_container(id).await;
+            for id in &created {
+                let _ = self.rt.remove_container(id).await;
+            }
+            r = rep;
         }
         if let Some(sb) = sandbox {
             let _ = self.rt.stop_sandbox(&sb).await;
@@ -577,8 +647,17 @@ impl<R: Runtime> PodManager<R> {
         if let Some(ip) = r.ip {
             self.node.ipam.release(ip);
         }
+        if let Some(dir) = &self.node.pods_dir {
+            let vols = dir.join(&*pod.uid).join("volumes");
+            if let Ok(rd) = std::fs::read_dir(&vols) {
+                for e in rd.flatten() {
+                    let _ = rustix::mount::unmount(e.path(), rustix::mount::UnmountFlags::DETACH);
+                }
+            }
+            let _ = std::fs::remove_dir_all(dir.join(&*pod.uid));
+        }
         if matches!(final_ctl, Ctl::Delete(_)) {
-            r.ready = false;
+            r.done.get_or_insert("Running");
             self.publish(&pod, &r);
             self.outbox.gone(pod.key(), pod.uid.clone());
         }
@@ -588,125 +667,202 @@ impl<R: Runtime> PodManager<R> {
         }
     }
 
-    /// Pulls the image and creates one container; records its image and container IDs in
-    /// the report slot and its runtime id for logs. Returns the runtime id.
-    async fn create(
-        &self,
-        pod: &Pod,
-        sandbox: &str,
-        c: &Container,
-        kind: ContainerKind,
-        slot: &mut ContainerSlot,
-    ) -> Result<String, String> {
-        let image_id = self
-            .rt
-            .pull_image(&c.image)
-            .await
-            .map_err(|e| e.to_string())?;
-        let id = self
-            .rt
-            .create_container(
-                sandbox,
-                &ContainerConfig {
-                    name: c.name.clone(),
-                    image: c.image.clone(),
-                    kind,
-                },
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        slot.2 = image_id;
-        slot.3 = format!(
-            "{}//{id}",
-            self.rt.version().split("//").next().unwrap_or("sim:")
-        );
-        self.containers_of(pod)
-            .lock()
-            .insert(c.name.clone(), id.clone());
-        Ok(id)
-    }
-
-    async fn start(
-        &self,
-        pod: &Pod,
-        r: &mut Report,
-        ids: &mut Vec<String>,
-        sandbox: &mut Option<String>,
-    ) -> Result<(), String> {
+    /// Address, volumes and sandbox, retried until they work; returns the volumes.
+    async fn sandbox(&self, pod: &Pod, r: &mut Report, sandbox: &mut Option<String>) -> Option<HashMap<String, std::path::PathBuf>> {
         if !pod.host_network {
-            r.ip = Some(
-                self.node
-                    .ipam
-                    .allocate_when_ready()
-                    .await
-                    .ok_or("no pod address free in the node's podCIDR")?,
-            );
-        }
-        let cfg = SandboxConfig {
-            namespace: pod.namespace.to_string(),
-            name: pod.name.to_string(),
-            uid: pod.uid.to_string(),
-            host_network: pod.host_network,
-            ip: r.ip,
-            annotations: pod.annotations.to_vec(),
-        };
-        *sandbox = Some(self.rt.run_sandbox(&cfg).await.map_err(|e| e.to_string())?);
-        let sb = sandbox.clone().unwrap_or_default();
-        for (i, c) in pod.init_containers.iter().enumerate() {
-            let id = self
-                .create(pod, &sb, c, ContainerKind::Init, &mut r.init[i])
-                .await?;
-            ids.push(id.clone());
-            self.rt
-                .start_container(&id)
-                .await
-                .map_err(|e| e.to_string())?;
-            let st = self
-                .rt
-                .wait_container(&id)
-                .await
-                .map_err(|e| e.to_string())?;
-            let ok = matches!(st, ContainerState::Exited { exit_code: 0, .. });
-            r.init[i].4 = Some(st);
-            if !ok {
-                return Err(format!("init container {} failed", c.name));
+            r.ip = self.node.ipam.allocate_when_ready().await;
+            if r.ip.is_none() {
+                r.reason = Some(("OutOfpods", "no pod address free in the node's podCIDR".into()));
+                r.done = Some("Failed");
+                self.publish(pod, r);
+                return None;
             }
         }
-        r.initialized = true;
-        for (i, c) in pod.containers.iter().enumerate() {
-            ids.push(
-                self.create(pod, &sb, c, ContainerKind::App, &mut r.apps[i])
-                    .await?,
-            );
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let volumes = match (&pod.raw, &self.node.pods_dir) {
+                (Some(raw), Some(dir)) => crate::spec::prepare_volumes(&self.facts(raw, r.ip), &self.node.objects, &dir.join(&*pod.uid)),
+                _ => Ok(HashMap::new()),
+            };
+            let res = match volumes {
+                Ok(v) => {
+                    let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec(), hostname: pod.hostname() };
+                    self.rt.run_sandbox(&cfg).await.map(|sb| (sb, v)).map_err(|e| format!("Failed to create pod sandbox: {e}"))
+                }
+                Err(e) => Err(format!("MountVolume.SetUp failed: {e}")),
+            };
+            match res {
+                Ok((sb, v)) => {
+                    *sandbox = Some(sb);
+                    return Some(v);
+                }
+                Err(e) => {
+                    tracing::info!(pod = %pod.key(), error = %e, "pod sandbox not ready; retrying");
+                    for s in r.apps.iter_mut().chain(r.init.iter_mut()) {
+                        s.waiting = Some(("ContainerCreating", e.clone()));
+                    }
+                    self.publish(pod, r);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(30));
+                }
+            }
         }
-        let starts = ids[pod.init_containers.len()..]
-            .iter()
-            .map(|id| self.rt.start_container(id));
-        for res in futures::future::join_all(starts).await {
-            res.map_err(|e| e.to_string())?;
+    }
+
+    /// Init containers in order, then the app containers together; returns when the pod
+    /// is done (every container ended for good).
+    async fn containers(&self, run: &Run<'_>) {
+        for (i, c) in run.pod.init_containers.iter().enumerate() {
+            let code = self.supervise(run, c, Which::Init(i)).await;
+            if code != 0 {
+                // Only with restartPolicy Never does a failed init container end the pod.
+                let mut r = run.report.lock();
+                r.done = Some("Failed");
+                self.publish(run.pod, &r);
+                return;
+            }
         }
-        for (i, id) in ids[pod.init_containers.len()..].iter().enumerate() {
-            r.apps[i].4 = self.rt.container_state(id).ok();
+        {
+            let mut r = run.report.lock();
+            r.initialized = true;
+            self.publish(run.pod, &r);
         }
-        Ok(())
+        let apps = run.pod.containers.iter().enumerate().map(|(i, c)| self.supervise(run, c, Which::App(i)));
+        let codes = futures::future::join_all(apps).await;
+        let mut r = run.report.lock();
+        r.done = Some(if codes.iter().all(|c| *c == 0) { "Succeeded" } else { "Failed" });
+        self.publish(run.pod, &r);
+    }
+
+    /// Runs one container, restarting it as the restart policy says, until it ends for
+    /// good; returns its last exit code.
+    async fn supervise(&self, run: &Run<'_>, c: &Ctr, which: Which) -> i32 {
+        let mut backoff = Backoff::new(self.backoff_base);
+        let init = matches!(which, Which::Init(_));
+        loop {
+            let started = std::time::Instant::now();
+            let code = match self.launch(run, c, which).await {
+                Ok(id) => {
+                    {
+                        let r = run.report.lock();
+                        self.publish(run.pod, &r);
+                    }
+                    let st = self.rt.wait_container(&id).await.unwrap_or(ContainerState::Exited { exit_code: 255, reason: "Unknown".into(), started_at: now(), finished_at: now() });
+                    let code = match &st {
+                        ContainerState::Exited { exit_code, .. } => *exit_code,
+                        _ => 255,
+                    };
+                    run.slot(which, |s| s.state = Some(st));
+                    code
+                }
+                Err((reason, msg)) => {
+                    // Could not start: wait and try again (ImagePullBackOff and friends).
+                    tracing::info!(pod = %run.pod.key(), container = %c.name, %reason, error = %msg, "container not started");
+                    run.slot(which, |s| s.waiting = Some((reason, msg.clone())));
+                    {
+                        let r = run.report.lock();
+                        self.publish(run.pod, &r);
+                    }
+                    let d = backoff.delay(Duration::ZERO);
+                    tokio::time::sleep(d.min(Duration::from_secs(2)).max(Duration::from_millis(100))).await;
+                    if reason == "ErrImagePull" {
+                        run.slot(which, |s| s.waiting = Some(("ImagePullBackOff", format!("Back-off pulling image \"{}\": {msg}", c.image))));
+                        {
+                            let r = run.report.lock();
+                            self.publish(run.pod, &r);
+                        }
+                        tokio::time::sleep(d.saturating_sub(Duration::from_secs(2))).await;
+                    }
+                    continue;
+                }
+            };
+            let restart = match run.pod.restart {
+                RestartPolicy::Always => !init || code != 0,
+                RestartPolicy::OnFailure => code != 0,
+                RestartPolicy::Never => false,
+            };
+            if !restart {
+                let r = run.report.lock();
+                self.publish(run.pod, &r);
+                return code;
+            }
+            let d = backoff.delay(started.elapsed());
+            run.slot(which, |s| {
+                s.last = s.state.take();
+                s.waiting = Some(("CrashLoopBackOff", format!("back-off {}s restarting failed container={} pod={}_{}({})", d.as_secs(), c.name, run.pod.name, run.pod.namespace, run.pod.uid)));
+            });
+            {
+                let r = run.report.lock();
+                self.publish(run.pod, &r);
+            }
+            tokio::time::sleep(d).await;
+            run.slot(which, |s| s.restarts += 1);
+        }
+    }
+
+    /// Pulls, creates and starts one container; the error is (waiting reason, message).
+    async fn launch(&self, run: &Run<'_>, c: &Ctr, which: Which) -> Result<String, (&'static str, String)> {
+        let pod = run.pod;
+        let creds = match &pod.raw {
+            Some(_) => crate::spec::pull_credentials(&c.image, &pod.namespace, &pod.pull_secrets(), &self.node.objects),
+            None => vec![],
+        };
+        let image_id = self.rt.pull_image(&c.image, c.pull, &creds).await.map_err(|e| match e {
+            RuntimeError::ImageNeverPull(m) => ("ErrImageNeverPull", m),
+            RuntimeError::ImagePull(m) => ("ErrImagePull", m),
+            e => ("ErrImagePull", e.to_string()),
+        })?;
+        let spec = match &pod.raw {
+            Some(raw) => {
+                let list = if matches!(which, Which::Init(_)) { "initContainers" } else { "containers" };
+                let cj = raw["spec"][list].as_array().and_then(|a| a.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
+                let ip = run.report.lock().ip;
+                Arc::new(crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes).map_err(|e| ("CreateContainerConfigError", e))?)
+            }
+            None => Default::default(),
+        };
+        let kind = if matches!(which, Which::Init(_)) { ContainerKind::Init } else { ContainerKind::App };
+        let id = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec }).await.map_err(|e| ("CreateContainerError", e.to_string()))?;
+        // Keep this and the previous container (for `logs --previous`); older ones go.
+        let older = {
+            let mut ids = run.ids.lock();
+            let e = ids.entry(c.name.clone()).or_default();
+            let older = e.previous.take();
+            e.previous = (!e.current.is_empty()).then(|| std::mem::take(&mut e.current));
+            e.current = id.clone();
+            older
+        };
+        if let Some(o) = older {
+            let _ = self.rt.remove_container(&o).await;
+            run.created.lock().retain(|x| *x != o);
+        }
+        run.created.lock().push(id.clone());
+        let scheme = self.rt.version();
+        let scheme = scheme.split("//").next().unwrap_or("sim:");
+        run.slot(which, |s| {
+            s.image_id = image_id;
+            s.id = format!("{scheme}//{id}");
+            s.state = Some(ContainerState::Created);
+        });
+        self.rt.start_container(&id).await.map_err(|e| ("RunContainerError", e.to_string()))?;
+        let st = self.rt.container_state(&id).ok();
+        run.slot(which, |s| {
+            s.waiting = None;
+            // An exit already seen stays; otherwise it runs.
+            if !matches!(s.state, Some(ContainerState::Exited { .. })) {
+                s.state = st;
+            }
+        });
+        Ok(id)
     }
 
     /// CPU and memory of every running container, by pod: (namespace, name, [(container,
     /// usage)]).
     pub fn usage(&self) -> Vec<(String, String, Vec<(String, crate::runtime::Usage)>)> {
-        let handles: Vec<(String, Arc<Mutex<HashMap<String, String>>>)> = self
-            .pods
-            .lock()
-            .iter()
-            .map(|(k, h)| (k.clone(), h.containers.clone()))
-            .collect();
+        let handles: Vec<(String, Arc<Mutex<HashMap<String, Ids>>>)> = self.pods.lock().iter().map(|(k, h)| (k.clone(), h.containers.clone())).collect();
         let mut out = Vec::with_capacity(handles.len());
         for (key, ids) in handles {
-            let cs: Vec<(String, crate::runtime::Usage)> = ids
-                .lock()
-                .iter()
-                .filter_map(|(name, id)| self.rt.container_usage(id).map(|u| (name.clone(), u)))
-                .collect();
+            let cs: Vec<(String, crate::runtime::Usage)> = ids.lock().iter().filter_map(|(name, id)| self.rt.container_usage(&id.current).map(|u| (name.clone(), u))).collect();
             if cs.is_empty() {
                 continue;
             }
@@ -716,51 +872,25 @@ impl<R: Runtime> PodManager<R> {
         out
     }
 
-    fn containers_of(&self, pod: &Pod) -> Arc<Mutex<HashMap<String, String>>> {
-        self.pods
-            .lock()
-            .get(&pod.key())
-            .filter(|h| h.uid == pod.uid)
-            .map(|h| h.containers.clone())
-            .unwrap_or_default()
-    }
-
     /// Logs of a container of a pod (for the server's reverse requests), with upstream's
     /// messages when there is none.
-    pub fn logs(
-        &self,
-        ns: &str,
-        pod: &str,
-        container: &str,
-        tail: Option<usize>,
-    ) -> Result<Vec<u8>, String> {
+    pub fn logs(&self, ns: &str, pod: &str, container: &str, previous: bool, o: &crate::logs::LogOptions) -> Result<Vec<u8>, String> {
         let key = format!("{ns}/{pod}");
-        let ids = self
-            .pods
-            .lock()
-            .get(&key)
-            .map(|h| h.containers.clone())
-            .ok_or_else(|| format!("pod {key} is not running on this node"))?;
+        let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
         let ids = ids.lock();
         let name = if container.is_empty() {
             if ids.len() > 1 {
                 let mut names: Vec<&String> = ids.keys().collect();
                 names.sort();
-                return Err(format!(
-                    "a container name must be specified for pod {pod}, choose one of: {names:?}"
-                ));
+                return Err(format!("a container name must be specified for pod {pod}, choose one of: {names:?}"));
             }
-            ids.keys()
-                .next()
-                .cloned()
-                .ok_or_else(|| format!("container in pod {pod} has not started"))?
+            ids.keys().next().cloned().ok_or_else(|| format!("container in pod {pod} has not started"))?
         } else {
             container.to_string()
         };
-        let id = ids
-            .get(&name)
-            .ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?;
-        self.rt.logs(id, tail).map_err(|e| e.to_string())
+        let id = ids.get(&name).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?;
+        let id = if previous { id.previous.as_ref().ok_or_else(|| format!("previous terminated container \"{name}\" in pod \"{pod}\" not found"))? } else { &id.current };
+        self.rt.logs(id).map(|raw| crate::logs::render(&raw, o)).map_err(|e| e.to_string())
     }
 }
 
@@ -780,11 +910,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_pod_runs_then_is_deleted_and_reported_gone() {
-        let node = Arc::new(NodeCtx {
-            node_name: "n1".into(),
-            host_ip: Mutex::new("10.1.0.5".into()),
-            ipam: Ipam::default(),
-        });
+        let node = Arc::new(NodeCtx::new("n1", "10.1.0.5", None));
         node.ipam.set_cidr("10.244.3.0/24");
         let outbox = Arc::new(Outbox::default());
         let m = PodManager::new(
@@ -792,7 +918,7 @@ mod tests {
             node,
             outbox.clone(),
         );
-        m.upsert(Pod::parse(&pod_json("u1", false)).unwrap());
+        m.upsert(Pod::parse(&pod_json("u1", false), false).unwrap());
         tokio::time::sleep(Duration::from_secs(2)).await;
         let b = outbox.take(10);
         assert_eq!(b.statuses.len(), 1, "the latest status only");
@@ -821,7 +947,7 @@ mod tests {
             .iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True"));
         // Same uid, now deleting: stop and report gone.
-        m.upsert(Pod::parse(&pod_json("u1", true)).unwrap());
+        m.upsert(Pod::parse(&pod_json("u1", true), false).unwrap());
         tokio::time::sleep(Duration::from_secs(1)).await;
         let b = outbox.take(10);
         assert_eq!(b.gone.len(), 1);

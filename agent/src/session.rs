@@ -39,6 +39,8 @@ pub struct AgentConfig {
     pub status_report: Duration,
     /// Pod statuses per batch.
     pub max_batch: usize,
+    /// Where pods' volumes live (real nodes); None on hollow nodes.
+    pub pods_dir: Option<std::path::PathBuf>,
 }
 
 impl AgentConfig {
@@ -53,6 +55,7 @@ impl AgentConfig {
             heartbeat: Duration::from_secs(10),
             status_report: Duration::from_secs(300),
             max_batch: 200,
+            pods_dir: None,
         }
     }
 }
@@ -109,11 +112,7 @@ impl<R: Runtime> Agent<R> {
         rt: Arc<R>,
         stats: Arc<AgentStats>,
     ) -> Arc<Agent<R>> {
-        let node = Arc::new(NodeCtx {
-            node_name: cfg.node_name.clone(),
-            host_ip: Mutex::new(cfg.host_ip.clone()),
-            ipam: Default::default(),
-        });
+        let node = Arc::new(NodeCtx::new(&cfg.node_name, &cfg.host_ip, cfg.pods_dir.clone()));
         let outbox = Arc::new(Outbox::default());
         let pods = PodManager::new(rt.clone(), node.clone(), outbox.clone());
         Arc::new(Agent {
@@ -455,6 +454,8 @@ impl<R: Runtime> Agent<R> {
             self.known.lock().remove(&id);
             if o.kind == "Pod" {
                 self.pods.remove(&format!("{}/{}", o.namespace, o.name));
+            } else {
+                self.node.objects.remove(&o.kind, &o.namespace, &o.name);
             }
             return;
         }
@@ -466,7 +467,13 @@ impl<R: Runtime> Agent<R> {
             k.insert(id, o.revision);
         }
         match o.kind.as_str() {
-            "Pod" => match Pod::parse(&o.json) {
+            "ConfigMap" | "Secret" | "PersistentVolumeClaim" | "PersistentVolume" if self.pods.keeps_specs() => {
+                match serde_json::from_slice::<Value>(&o.json) {
+                    Ok(v) => self.node.objects.put(&o.kind, &o.namespace, &o.name, v),
+                    Err(e) => tracing::warn!(kind = %o.kind, name = %o.name, error = %e, "object ignored"),
+                }
+            }
+            "Pod" => match Pod::parse(&o.json, self.pods.keeps_specs()) {
                 Ok(p) => self.pods.upsert(p),
                 Err(e) => {
                     tracing::warn!(node = %self.cfg.node_name, pod = %o.name, error = %e, "pod ignored")
@@ -475,6 +482,7 @@ impl<R: Runtime> Agent<R> {
             "Node" => {
                 let n: Value = serde_json::from_slice(&o.json).unwrap_or(Value::Null);
                 if let Some(c) = n.pointer("/spec/podCIDR").and_then(Value::as_str) {
+                    self.rt.set_pod_cidr(c);
                     let was = self.node.ipam.has_range();
                     self.node.ipam.set_cidr(c);
                     if !was && self.node.ipam.has_range() {
@@ -501,14 +509,14 @@ impl<R: Runtime> Agent<R> {
     fn reverse(&self, r: pb::ReverseRequest) -> pb::AgentMessage {
         let (data, error) = match r.request {
             Some(reverse_request::Request::Logs(l)) => {
-                let tail = (l.tail_lines >= 0).then_some(l.tail_lines as usize);
-                match self.pods.logs(&l.namespace, &l.pod, &l.container, tail) {
-                    Ok(mut d) => {
-                        if l.limit_bytes > 0 {
-                            d.truncate(l.limit_bytes as usize);
-                        }
-                        (Bytes::from(d), String::new())
-                    }
+                let o = crate::logs::LogOptions {
+                    tail: (l.tail_lines >= 0).then_some(l.tail_lines as usize),
+                    timestamps: l.timestamps,
+                    since_unix: (l.since_seconds > 0).then(|| now() - l.since_seconds),
+                    limit_bytes: (l.limit_bytes > 0).then_some(l.limit_bytes as usize),
+                };
+                match self.pods.logs(&l.namespace, &l.pod, &l.container, l.previous, &o) {
+                    Ok(d) => (Bytes::from(d), String::new()),
                     Err(e) => (Bytes::new(), e),
                 }
             }

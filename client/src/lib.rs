@@ -305,6 +305,12 @@ pub mod time {
         format!("{}.{:06}Z", format(d.as_secs() as i64).trim_end_matches('Z'), d.subsec_micros())
     }
 
+    /// RFC 3339 UTC with nanoseconds (the CRI log format's time stamps).
+    pub fn now_nanos() -> String {
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        format!("{}.{:09}Z", format(d.as_secs() as i64).trim_end_matches('Z'), d.subsec_nanos())
+    }
+
     /// RFC 3339 UTC with seconds (`metav1.Time`).
     pub fn format(unix: i64) -> String {
         let (days, secs) = (unix.div_euclid(86_400), unix.rem_euclid(86_400));

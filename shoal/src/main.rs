@@ -34,6 +34,88 @@ enum Command {
     /// Operate a running server over its admin gRPC API (`--admin-addr`): show and tune
     /// the scheduler live, queue statistics, explain a pending pod.
     Admin(admin::AdminArgs),
+    /// Run a node agent: joins the cluster with a bootstrap token and runs the pods the
+    /// scheduler binds to this node with runc (images, pod network, volumes, logs).
+    Agent(AgentArgs),
+    /// Manage the node's image store.
+    Image(ImageArgs),
+}
+
+#[derive(Parser, Debug)]
+struct AgentArgs {
+    /// The API server, `https://HOST:PORT`.
+    #[arg(long, default_value = "https://127.0.0.1:6443")]
+    server: String,
+    /// Bootstrap token (`ID.SECRET`; `shoal server` writes one to DATA_DIR/pki/bootstrap-token).
+    #[arg(long, env = "SHOAL_TOKEN", default_value = "")]
+    token: String,
+    /// PEM file of the cluster CA (the server's DATA_DIR/pki/ca.crt).
+    #[arg(long, default_value = "shoal-data/pki/ca.crt")]
+    ca_file: PathBuf,
+    /// The Node's name (default: this machine's hostname).
+    #[arg(long, default_value = "")]
+    node_name: String,
+    /// The node's InternalIP, reported in the Node and as pods' hostIP.
+    #[arg(long, default_value = "127.0.0.1")]
+    node_ip: String,
+    /// Where images, containers, volumes and logs live.
+    #[arg(long, default_value = "shoal-agent-data")]
+    data_dir: PathBuf,
+    /// The cluster's pod range: pod traffic leaving it is masqueraded.
+    #[arg(long, default_value = "10.0.0.0/8")]
+    cluster_cidr: String,
+    /// Registry (`host:port`) spoken to over plain HTTP; repeatable. Loopback registries
+    /// always are.
+    #[arg(long = "insecure-registry")]
+    insecure_registries: Vec<String>,
+    /// The OCI runtime binary.
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    /// A label of the Node (`key=value`); repeatable.
+    #[arg(long = "node-label")]
+    labels: Vec<String>,
+    /// CPUs the node offers (0: all of this machine's).
+    #[arg(long, default_value_t = 0)]
+    cpu: u32,
+    /// Memory the node offers in bytes (0: all of this machine's).
+    #[arg(long, default_value_t = 0)]
+    memory_bytes: u64,
+    /// Pods the node runs at most.
+    #[arg(long, default_value_t = 110)]
+    max_pods: u32,
+}
+
+#[derive(Parser, Debug)]
+struct ImageArgs {
+    /// The agent's data directory (images are under DATA_DIR/images).
+    #[arg(long, default_value = "shoal-agent-data", global = true)]
+    data_dir: PathBuf,
+    #[command(subcommand)]
+    cmd: ImageCmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum ImageCmd {
+    /// Import an OCI layout (directory or tarball) or a docker-archive tarball (`docker
+    /// save`, `skopeo copy … docker-archive:`), for machines without a registry.
+    Import {
+        /// The archive or layout directory.
+        file: PathBuf,
+        /// Name the image (`REPO:TAG`) when the archive carries only a tag or no name.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List the images in the store.
+    List,
+    /// Pull an image from its registry.
+    Pull {
+        image: String,
+        /// Registry (`host:port`) spoken to over plain HTTP; repeatable.
+        #[arg(long = "insecure-registry")]
+        insecure_registries: Vec<String>,
+    },
+    /// Remove an image (layers shared with other images stay).
+    Rm { image: String },
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -222,6 +304,8 @@ fn main() {
         .init();
     let res = match cli.cmd {
         Command::Server(a) => server(a),
+        Command::Agent(a) => agent(a),
+        Command::Image(a) => image(a),
         Command::Admin(a) => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -246,6 +330,73 @@ fn main() {
         eprintln!("shoal: error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn agent(a: AgentArgs) -> anyhow::Result<()> {
+    let node_name = if a.node_name.is_empty() { std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_ascii_lowercase() } else { a.node_name };
+    let mut labels = vec![];
+    for l in &a.labels {
+        let (k, v) = l.split_once('=').with_context(|| format!("--node-label {l:?} is not key=value"))?;
+        labels.push((k.to_string(), v.to_string()));
+    }
+    let opts = shoal_agent::node::NodeOptions { server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
+    opts.validate()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
+    rt.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let run = tokio::spawn(shoal_agent::node::run(opts, rx));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+            r = run => return r.context("the agent task failed")?,
+        }
+        tracing::info!("stopping the agent (pods keep running until the agent comes back)");
+        let _ = tx.send(true);
+        Ok(())
+    })
+}
+
+fn image(a: ImageArgs) -> anyhow::Result<()> {
+    let insecure = match &a.cmd {
+        ImageCmd::Pull { insecure_registries, .. } => insecure_registries.clone(),
+        _ => vec![],
+    };
+    let store = shoal_agent::image::ImageStore::open(&a.data_dir.join("images"), insecure).with_context(|| format!("while opening the image store in {}", a.data_dir.display()))?;
+    match a.cmd {
+        ImageCmd::Import { file, name } => {
+            let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("importing {}", file.display()));
+            spinner.enable_steady_tick(Duration::from_millis(120));
+            let imgs = store.import(&file, name.as_deref());
+            spinner.finish_and_clear();
+            for i in imgs? {
+                println!("imported {} ({}, {} bytes)", i.repo_tags.first().or(i.repo_digests.first()).cloned().unwrap_or_else(|| "<none>".into()), i.id, i.size);
+            }
+        }
+        ImageCmd::List => {
+            println!("{:<60} {:<20} {:>12}", "IMAGE", "ID", "SIZE");
+            for i in store.list() {
+                let id = i.id.trim_start_matches("sha256:").chars().take(12).collect::<String>();
+                for n in i.repo_tags.iter().chain(i.repo_tags.is_empty().then_some(&i.repo_digests).into_iter().flatten()) {
+                    println!("{n:<60} {id:<20} {:>12}", i.size);
+                }
+            }
+        }
+        ImageCmd::Pull { image, .. } => {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let spinner = indicatif::ProgressBar::new_spinner().with_message(format!("pulling {image}"));
+            spinner.enable_steady_tick(Duration::from_millis(120));
+            let res = rt.block_on(store.pull(&image, None, true));
+            spinner.finish_and_clear();
+            let i = res?;
+            println!("pulled {} ({})", i.repo_digests.first().cloned().unwrap_or_default(), i.id);
+        }
+        ImageCmd::Rm { image } => {
+            store.remove(&image)?;
+            println!("removed {image}");
+        }
+    }
+    Ok(())
 }
 
 /// Parses a duration as `300`, `300s`, `5m`, `1h` or `1h30m`.

@@ -1,7 +1,8 @@
 //! The runtime interface, shaped like the CRI: pod sandboxes and their containers. The pod
-//! lifecycle (`pods.rs`) drives it; backends: [`sim`] (hollow nodes) today, `runc` and a
-//! CRI client next.
+//! lifecycle (`pods.rs`) drives it; backends: [`runc`] (real containers) and [`sim`]
+//! (hollow nodes).
 
+pub mod runc;
 pub mod sim;
 
 use std::future::Future;
@@ -19,6 +20,8 @@ pub struct SandboxConfig {
     /// The pod's `shoal.io/` annotations (the simulated runtime reads `shoal.io/sim-cpu`
     /// and `shoal.io/sim-memory` from them).
     pub annotations: Vec<(String, String)>,
+    /// The pod's hostname (`spec.hostname` or its name).
+    pub hostname: String,
 }
 
 /// An init container runs to completion before the next one; app containers run together.
@@ -33,6 +36,40 @@ pub struct ContainerConfig {
     pub name: String,
     pub image: String,
     pub kind: ContainerKind,
+    /// What to run and how; empty for runtimes that run nothing (the simulated one).
+    pub run: std::sync::Arc<RunSpec>,
+}
+
+/// What a container runs and with which limits (from the pod's container spec).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RunSpec {
+    /// Replaces the image's entrypoint when not empty.
+    pub command: Vec<String>,
+    /// Replaces the image's cmd when not empty (or when `command` is given).
+    pub args: Vec<String>,
+    /// Resolved environment (`$(VAR)` references expanded), after the image's.
+    pub env: Vec<(String, String)>,
+    pub working_dir: Option<String>,
+    pub cpu_request_milli: u64,
+    pub cpu_limit_milli: u64,
+    pub memory_limit_bytes: u64,
+    pub run_as_user: Option<u32>,
+    pub run_as_group: Option<u32>,
+    pub privileged: bool,
+    pub read_only_root: bool,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub tty: bool,
+    /// Bind mounts into the container.
+    pub mounts: Vec<Mount>,
+}
+
+/// A bind mount.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mount {
+    pub host_path: std::path::PathBuf,
+    pub container_path: String,
+    pub read_only: bool,
 }
 
 /// A container's state as the runtime reports it.
@@ -55,6 +92,9 @@ pub enum RuntimeError {
     /// The image could not be pulled (reported as `ErrImagePull` with this message).
     #[error("{0}")]
     ImagePull(String),
+    /// The image is absent and the pull policy is Never (`ErrImageNeverPull`).
+    #[error("{0}")]
+    ImageNeverPull(String),
     #[error("no such container or sandbox: {0}")]
     NotFound(String),
     #[error("{0}")]
@@ -70,15 +110,52 @@ pub struct Usage {
 
 pub type Result<T> = std::result::Result<T, RuntimeError>;
 
+/// `imagePullPolicy`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PullPolicy {
+    Always,
+    #[default]
+    IfNotPresent,
+    Never,
+}
+
+impl PullPolicy {
+    /// From the container's field, defaulted as the API server does (Always for `:latest`
+    /// or no tag, IfNotPresent otherwise).
+    pub fn of(field: &str, image: &str) -> PullPolicy {
+        match field {
+            "Always" => PullPolicy::Always,
+            "Never" => PullPolicy::Never,
+            "IfNotPresent" => PullPolicy::IfNotPresent,
+            _ => {
+                let last = image.rsplit('/').next().unwrap_or(image);
+                if image.contains('@') || (last.contains(':') && !last.ends_with(":latest")) {
+                    PullPolicy::IfNotPresent
+                } else {
+                    PullPolicy::Always
+                }
+            }
+        }
+    }
+}
+
 /// A container runtime. Every call is cheap to cancel (dropping the future).
 pub trait Runtime: Send + Sync + 'static {
     /// Short name, shown as `containerRuntimeVersion` (`sim://0.1`).
     fn version(&self) -> String;
+    /// Whether containers need their full spec ([`RunSpec`], volumes, environment): false
+    /// for the simulated runtime, so hollow nodes keep pods small.
+    fn keeps_specs(&self) -> bool {
+        false
+    }
+    /// The node's pod range became known (or changed).
+    fn set_pod_cidr(&self, _cidr: &str) {}
     fn run_sandbox(&self, cfg: &SandboxConfig) -> impl Future<Output = Result<String>> + Send;
     fn stop_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     fn remove_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
-    /// Makes the image available; returns its digest reference (`imageID`).
-    fn pull_image(&self, image: &str) -> impl Future<Output = Result<String>> + Send;
+    /// Makes the image available as the policy says, trying each credential (from the
+    /// pod's imagePullSecrets) in turn; returns its digest reference (`imageID`).
+    fn pull_image(&self, image: &str, policy: PullPolicy, creds: &[crate::image::Credentials]) -> impl Future<Output = Result<String>> + Send;
     fn create_container(
         &self,
         sandbox: &str,
@@ -91,8 +168,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn container_state(&self, id: &str) -> Result<ContainerState>;
     /// Resolves when the container has exited, with its final state.
     fn wait_container(&self, id: &str) -> impl Future<Output = Result<ContainerState>> + Send;
-    /// The container's log (CRI log format lines), the last `tail` lines when given.
-    fn logs(&self, id: &str, tail: Option<usize>) -> Result<Vec<u8>>;
+    /// The container's log as written (CRI log format records).
+    fn logs(&self, id: &str) -> Result<Vec<u8>>;
     fn usage(&self) -> Usage;
     /// CPU and memory of one running container (None when it is not running).
     fn container_usage(&self, id: &str) -> Option<Usage>;

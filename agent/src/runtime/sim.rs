@@ -126,7 +126,7 @@ impl super::Runtime for Sim {
         Ok(())
     }
 
-    async fn pull_image(&self, image: &str) -> Result<String> {
+    async fn pull_image(&self, image: &str, _policy: super::PullPolicy, _creds: &[crate::image::Credentials]) -> Result<String> {
         if image.is_empty() {
             return Err(RuntimeError::ImagePull("image name is empty".into()));
         }
@@ -222,27 +222,15 @@ impl super::Runtime for Sim {
         self.container_state(id)
     }
 
-    fn logs(&self, id: &str, tail: Option<usize>) -> Result<Vec<u8>> {
+    fn logs(&self, id: &str) -> Result<Vec<u8>> {
         let g = self.containers.lock();
         let c = g.get(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
         let started = match c.state {
-            ContainerState::Running { started_at } | ContainerState::Exited { started_at, .. } => {
-                started_at
-            }
+            ContainerState::Running { started_at } | ContainerState::Exited { started_at, .. } => started_at,
             ContainerState::Created => return Ok(Vec::new()),
         };
-        let lines = [
-            format!("hollow container {} started at {started}", c.name),
-            format!(
-                "hollow container {} is running on a simulated runtime",
-                c.name
-            ),
-        ];
-        let n = tail.unwrap_or(lines.len()).min(lines.len());
-        Ok(lines[lines.len() - n..]
-            .iter()
-            .flat_map(|l| format!("{l}\n").into_bytes())
-            .collect())
+        let t = shoal_client::time::format(started);
+        Ok(format!("{t} stdout F hollow container {} started at {started}\n{t} stdout F hollow container {} is running on a simulated runtime\n", c.name, c.name).into_bytes())
     }
 
     fn usage(&self) -> Usage {
@@ -284,6 +272,7 @@ mod tests {
                 uid: "u".into(),
                 host_network: false,
                 ip: None,
+                hostname: "p".into(),
                 annotations: vec![
                     ("shoal.io/sim-cpu".into(), "250m".into()),
                     ("shoal.io/sim-memory".into(), "64Mi".into()),
@@ -298,6 +287,7 @@ mod tests {
                     name: "init".into(),
                     image: "busybox".into(),
                     kind: ContainerKind::Init,
+                    run: Default::default(),
                 },
             )
             .await
@@ -314,6 +304,7 @@ mod tests {
                     name: "app".into(),
                     image: "busybox".into(),
                     kind: ContainerKind::App,
+                    run: Default::default(),
                 },
             )
             .await
@@ -343,7 +334,7 @@ mod tests {
             s.wait_container(&app).await.unwrap(),
             ContainerState::Exited { exit_code: 143, .. }
         ));
-        assert!(String::from_utf8(s.logs(&app, Some(1)).unwrap())
+        assert!(String::from_utf8(s.logs(&app).unwrap())
             .unwrap()
             .contains("simulated"));
         s.remove_container(&app).await.unwrap();
@@ -351,9 +342,9 @@ mod tests {
             s.container_state(&app),
             Err(RuntimeError::NotFound(_))
         ));
-        assert!(s.pull_image("").await.is_err());
+        assert!(s.pull_image("", super::super::PullPolicy::IfNotPresent, &[]).await.is_err());
         assert!(s
-            .pull_image("registry.local/busybox:1.36")
+            .pull_image("registry.local/busybox:1.36", super::super::PullPolicy::IfNotPresent, &[])
             .await
             .unwrap()
             .starts_with("registry.local/busybox@sha256:"));

@@ -1,0 +1,92 @@
+//! A real node: the agent session, the runc runtime, the image store and the pod network
+//! wired together, as `shoal agent` runs them.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+use crate::image::ImageStore;
+use crate::net::PodNetwork;
+use crate::runtime::runc::{Runc, RuncSettings};
+use crate::{Agent, AgentConfig, AgentStats};
+
+/// How `shoal agent` runs (every field is a flag of the command).
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    /// `https://HOST:PORT` of the API server.
+    pub server: String,
+    /// Bootstrap token `ID.SECRET`.
+    pub token: String,
+    /// PEM file of the cluster CA.
+    pub ca_file: PathBuf,
+    pub node_name: String,
+    /// Images, containers, volumes, logs.
+    pub data_dir: PathBuf,
+    /// The node's InternalIP.
+    pub node_ip: String,
+    /// The cluster's pod range (traffic inside it is not masqueraded).
+    pub cluster_cidr: String,
+    /// Registries spoken to over plain HTTP (`host:port`), besides loopback ones.
+    pub insecure_registries: Vec<String>,
+    pub runc: PathBuf,
+    /// Labels of the Node (`k=v`).
+    pub labels: Vec<(String, String)>,
+    /// `status.capacity`: cpu cores and memory bytes (detected when zero), max pods.
+    pub cpu: u32,
+    pub memory_bytes: u64,
+    pub max_pods: u32,
+}
+
+impl NodeOptions {
+    /// Rejects nonsense before anything starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if !self.server.starts_with("https://") {
+            anyhow::bail!("--server must be https://HOST:PORT (got {:?})", self.server);
+        }
+        if self.token.is_empty() {
+            anyhow::bail!("--token is required (a bootstrap token ID.SECRET, see the server's DATA_DIR/pki/bootstrap-token)");
+        }
+        if crate::net::parse_cidr(&self.cluster_cidr).is_none() {
+            anyhow::bail!("--cluster-cidr {:?} is not an IPv4 CIDR", self.cluster_cidr);
+        }
+        if self.node_name.is_empty() || self.node_name.len() > 253 || !self.node_name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.') {
+            anyhow::bail!("--node-name {:?} must be a lowercase DNS subdomain", self.node_name);
+        }
+        if self.node_ip.parse::<std::net::IpAddr>().is_err() {
+            anyhow::bail!("--node-ip {:?} is not an IP address", self.node_ip);
+        }
+        Ok(())
+    }
+}
+
+fn detect_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())).map(|k| k * 1024).unwrap_or(0)
+}
+
+/// Runs the node until `stop` turns true.
+pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+    o.validate()?;
+    let ca = std::fs::read_to_string(&o.ca_file).with_context(|| format!("while reading the cluster CA {}", o.ca_file.display()))?;
+    std::fs::create_dir_all(&o.data_dir).with_context(|| format!("while creating {}", o.data_dir.display()))?;
+    let images = Arc::new(ImageStore::open(&o.data_dir.join("images"), o.insecure_registries.clone()).context("while opening the image store")?);
+    let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone() });
+    let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)) };
+    let rt = Runc::new(settings, images, net).await.context("while starting the runc runtime")?;
+    let mut cfg = AgentConfig::new(&o.node_name, &o.token);
+    cfg.host_ip = o.node_ip.clone();
+    cfg.pods_dir = Some(o.data_dir.join("pods"));
+    let cpu = if o.cpu == 0 { std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1) } else { o.cpu };
+    let mem = if o.memory_bytes == 0 { detect_memory() } else { o.memory_bytes };
+    cfg.capacity = serde_json::json!({"cpu": cpu.to_string(), "memory": format!("{}Ki", mem / 1024), "pods": o.max_pods.to_string(), "ephemeral-storage": "100Gi"});
+    for (k, v) in &o.labels {
+        cfg.labels.insert(k.clone(), serde_json::Value::from(v.as_str()));
+    }
+    let channel = crate::connect::channel(&o.server, &ca)?;
+    let agent = Agent::new(cfg, channel, rt, Arc::new(AgentStats::default()));
+    tracing::info!(node = %o.node_name, server = %o.server, data_dir = %o.data_dir.display(), "node agent starting");
+    agent.run(stop).await;
+    Ok(())
+}
