@@ -331,6 +331,9 @@ struct Handle {
     ctl: watch::Sender<Ctl>,
     /// Container name → runtime ids (for logs and usage).
     containers: Arc<Mutex<HashMap<String, Ids>>>,
+    /// The pod and its address once its volumes are set up (to refresh them when a
+    /// ConfigMap or Secret they show changes).
+    volumes: Arc<Mutex<Option<(Arc<Value>, Option<Ipv4Addr>)>>>,
 }
 
 /// The pods of one node.
@@ -568,7 +571,7 @@ impl<R: Runtime> PodManager<R> {
             return;
         }
         let (tx, rx) = watch::channel(want);
-        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default() });
+        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default(), volumes: Default::default() });
         drop(g);
         let me = self.clone();
         tokio::spawn(async move {
@@ -694,6 +697,11 @@ impl<R: Runtime> PodManager<R> {
             match res {
                 Ok((sb, v)) => {
                     *sandbox = Some(sb);
+                    if let Some(raw) = &pod.raw {
+                        if let Some(h) = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid) {
+                            *h.volumes.lock() = Some((raw.clone(), r.ip));
+                        }
+                    }
                     return Some(v);
                 }
                 Err(e) => {
@@ -854,6 +862,32 @@ impl<R: Runtime> PodManager<R> {
             }
         });
         Ok(id)
+    }
+
+    /// A ConfigMap or Secret changed: rewrite the volumes that show it (atomically, as
+    /// upstream's AtomicWriter), so running containers see the new files.
+    pub fn object_changed(&self, kind: &str, ns: &str, name: &str) {
+        let Some(dir) = &self.node.pods_dir else { return };
+        let field = if kind == "Secret" { "secretName" } else { "name" };
+        let key = if kind == "Secret" { "secret" } else { "configMap" };
+        let uses = |pod: &Value| {
+            pod["spec"]["volumes"].as_array().into_iter().flatten().any(|v| {
+                v[key][field] == name || v["projected"]["sources"].as_array().into_iter().flatten().any(|s| s[key]["name"] == name)
+            })
+        };
+        let pods: Vec<(String, Arc<Value>, Option<Ipv4Addr>)> = self
+            .pods
+            .lock()
+            .iter()
+            .filter(|(k, _)| k.split_once('/').map(|(n, _)| n) == Some(ns))
+            .filter_map(|(_, h)| h.volumes.lock().clone().map(|(p, ip)| (h.uid.to_string(), p, ip)))
+            .filter(|(_, p, _)| uses(p))
+            .collect();
+        for (uid, pod, ip) in pods {
+            if let Err(e) = crate::spec::prepare_volumes(&self.facts(&pod, ip), &self.node.objects, &dir.join(&uid)) {
+                tracing::warn!(pod = %uid, error = %e, "volume refresh failed");
+            }
+        }
     }
 
     /// CPU and memory of every running container, by pod: (namespace, name, [(container,

@@ -469,7 +469,12 @@ impl<R: Runtime> Agent<R> {
         match o.kind.as_str() {
             "ConfigMap" | "Secret" | "PersistentVolumeClaim" | "PersistentVolume" if self.pods.keeps_specs() => {
                 match serde_json::from_slice::<Value>(&o.json) {
-                    Ok(v) => self.node.objects.put(&o.kind, &o.namespace, &o.name, v),
+                    Ok(v) => {
+                        self.node.objects.put(&o.kind, &o.namespace, &o.name, v);
+                        if o.kind == "ConfigMap" || o.kind == "Secret" {
+                            self.pods.object_changed(&o.kind, &o.namespace, &o.name);
+                        }
+                    }
                     Err(e) => tracing::warn!(kind = %o.kind, name = %o.name, error = %e, "object ignored"),
                 }
             }

@@ -118,6 +118,20 @@ fn parse_challenge(h: &str) -> (String, Vec<(String, String)>) {
     (scheme.to_ascii_lowercase(), params)
 }
 
+/// An OS error in the words Go's net package uses (what users of containerd know).
+fn go_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".into(),
+        std::io::ErrorKind::TimedOut => "i/o timeout".into(),
+        std::io::ErrorKind::HostUnreachable => "connect: no route to host".into(),
+        std::io::ErrorKind::NetworkUnreachable => "connect: network is unreachable".into(),
+        _ => {
+            let s = e.to_string();
+            s.split(" (os error").next().unwrap_or(&s).to_lowercase()
+        }
+    }
+}
+
 fn percent_encode(s: &str) -> String {
     s.bytes()
         .map(|b| {
@@ -200,7 +214,7 @@ impl Registry {
             let tcp =
                 TcpStream::connect((u.host.trim_start_matches('[').trim_end_matches(']'), u.port))
                     .await
-                    .map_err(|e| transport(format!("dial tcp {}:{}: {e}", u.host, u.port)))?;
+                    .map_err(|e| transport(format!("dial tcp {}:{}: {}", u.host, u.port, go_error(&e))))?;
             let _ = tcp.set_nodelay(true);
             let mut req = http::Request::get(&u.path)
                 .header(

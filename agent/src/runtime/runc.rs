@@ -217,6 +217,18 @@ impl Runc {
         });
     }
 
+    /// Removes the pod's (empty, its containers gone) cgroup in every hierarchy.
+    fn remove_pod_cgroups(&self, uid: &str) {
+        let rel = format!("{}/pod{uid}", self.s.cgroup_parent);
+        if self.cgroup_v2 {
+            let _ = std::fs::remove_dir(format!("/sys/fs/cgroup{rel}"));
+            return;
+        }
+        for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(e.path().join(rel.trim_start_matches('/')));
+        }
+    }
+
     fn cgroup_file(&self, cgroup: &str, controller: &str, file: &str) -> PathBuf {
         if self.cgroup_v2 {
             PathBuf::from(format!("/sys/fs/cgroup{cgroup}/{file}"))
@@ -389,6 +401,7 @@ impl Runtime for Runc {
     async fn remove_sandbox(&self, id: &str) -> Result<()> {
         if let Some(sb) = self.sandboxes.lock().remove(id) {
             let _ = std::fs::remove_dir_all(&sb.dir);
+            self.remove_pod_cgroups(&sb.uid);
         }
         Ok(())
     }

@@ -1,0 +1,247 @@
+//! The real node agent (`shoal agent`): runc containers from an imported busybox image, the
+//! pod network, volumes, environment, restart policy and logs, driven by kubectl. Each test
+//! runs in a network namespace of its own (its thread's, inherited by every process it
+//! starts), so pod ranges never touch the machine's own namespace.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::kube::{kubectl_bin, K};
+use common::Server;
+use serde_json::Value;
+
+/// Moves this test's thread into a new network namespace; processes it starts inherit it.
+fn own_netns() {
+    // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's network namespace;
+    // no memory is touched.
+    let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+    let st = Command::new("ip").args(["link", "set", "lo", "up"]).status().unwrap();
+    assert!(st.success());
+}
+
+/// Builds the busybox test image (docker-archive) into `dir`.
+fn busybox_image(dir: &Path) -> PathBuf {
+    let out = dir.join("busybox.tar");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/busybox-image.py");
+    let o = Command::new("python3").arg(script).arg(&out).args(["--name", "busybox:test"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// A `shoal agent` process; on drop it is killed and what it ran is cleaned up.
+struct AgentProc {
+    child: Child,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProc {
+    fn start(server: &Server, dir: &Path, node: &str) -> AgentProc {
+        let data = dir.join(node);
+        let log = dir.join(format!("{node}.log"));
+        let token = std::fs::read_to_string(server.data_dir.join("pki/bootstrap-token")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .arg("agent")
+            .args(["--server", &format!("https://{}", server.api)])
+            .args(["--token", token.trim()])
+            .arg("--ca-file")
+            .arg(server.data_dir.join("pki/ca.crt"))
+            .args(["--node-name", node])
+            .arg("--data-dir")
+            .arg(&data)
+            .args(["--log", "info,shoal_agent=debug"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        AgentProc { child, data, log }
+    }
+
+    fn import(data: &Path, image: &Path) {
+        let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["image", "--data-dir"]).arg(data).arg("import").arg(image).output().unwrap();
+        assert!(o.status.success(), "import: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(String::from_utf8_lossy(&o.stdout).contains("docker.io/library/busybox:test"));
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Container ids runc knows in this agent's state root.
+    fn runc_ids(&self) -> Vec<String> {
+        let o = Command::new("runc").arg("--root").arg(self.data.join("run/state")).args(["list", "-q"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for id in self.runc_ids() {
+            let _ = Command::new("runc").arg("--root").arg(self.data.join("run/state")).args(["delete", "--force", &id]).status();
+        }
+        for e in std::fs::read_dir(self.data.join("run/containers")).into_iter().flatten().flatten() {
+            let _ = Command::new("umount").arg("-l").arg(e.path().join("rootfs")).stderr(Stdio::null()).status();
+        }
+        for e in std::fs::read_dir(self.data.join("run/sandboxes")).into_iter().flatten().flatten() {
+            let ns = format!("shoal-{}", e.file_name().to_string_lossy());
+            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        }
+    }
+}
+
+fn pod(k: &K, name: &str) -> Value {
+    let (ok, out) = k.run(&["get", "pod", name, "-o", "json"], None);
+    if !ok {
+        return Value::Null;
+    }
+    serde_json::from_str(&out).unwrap_or(Value::Null)
+}
+
+/// Waits (up to `secs`) until `f` holds for the pod's JSON.
+fn wait_pod(k: &K, agent: &AgentProc, name: &str, secs: u64, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let p = pod(k, name);
+        if f(&p) {
+            return p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(secs), "{what}: pod {name} is {}\nagent log tail:\n{}", serde_json::to_string_pretty(&p["status"]).unwrap(), tail(&agent.log_text(), 30));
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+const APP: &str = r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: app-config}
+data: {greeting: hello-config}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 2
+      containers:
+      - name: web
+        image: busybox:test
+        command: [sh, -c]
+        args:
+        - 'echo "greeting=$GREETING file=$(cat /etc/app/greeting) pod=$POD_NAME ip=$POD_IP"; echo ok > /tmp/index.html; exec httpd -f -p 8080 -h /tmp'
+        env:
+        - {name: GREETING, valueFrom: {configMapKeyRef: {name: app-config, key: greeting}}}
+        - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
+        - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
+        resources: {limits: {cpu: 200m, memory: 64Mi}}
+        volumeMounts: [{name: config, mountPath: /etc/app, readOnly: true}]
+      volumes: [{name: config, configMap: {name: app-config}}]
+"#;
+
+#[test]
+fn runc_pods_run_network_restart_and_log() {
+    // Fetched (when not cached) before leaving the machine's namespace.
+    let kubectl = kubectl_bin();
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let server = Server::start_api(dir.path(), "s1", &[]);
+    server.wait_api();
+    AgentProc::import(&dir.path().join("node-a"), &image);
+    let agent = AgentProc::start(&server, dir.path(), "node-a");
+    let k = K { bin: kubectl, cfg: server.kubeconfig() };
+    k.eventually(&["get", "node", "node-a"], "node Ready", |o| o.contains(" Ready "));
+    let node: Value = serde_json::from_str(&k.ok(&["get", "node", "node-a", "-o", "json"])).unwrap();
+    assert_eq!(node["status"]["nodeInfo"]["containerRuntimeVersion"], "runc://1.1");
+
+    // A Deployment of busybox pods becomes Ready, with its environment and volume.
+    k.apply(APP);
+    let out = k.ok(&["rollout", "status", "deploy/web", "--timeout", "60s"]);
+    assert!(out.contains("successfully rolled out"), "{out}");
+    let pods: Value = serde_json::from_str(&k.ok(&["get", "pods", "-l", "app=web", "-o", "json"])).unwrap();
+    let items = pods["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2);
+    let (a, b) = (&items[0], &items[1]);
+    let (a_name, a_ip, b_ip) = (a["metadata"]["name"].as_str().unwrap(), a["status"]["podIP"].as_str().unwrap(), b["status"]["podIP"].as_str().unwrap());
+    assert_ne!(a_ip, b_ip);
+    assert!(a["status"]["containerStatuses"][0]["containerID"].as_str().unwrap().starts_with("runc://"));
+    let logs = k.ok(&["logs", a_name]);
+    assert!(logs.contains(&format!("greeting=hello-config file=hello-config pod={a_name} ip={a_ip}")), "{logs}");
+    let ts = k.ok(&["logs", a_name, "--timestamps"]);
+    assert!(ts.starts_with("20") && ts.contains("Z greeting="), "{ts}");
+
+    // Node to pod: the pod's address answers from this (the node's) namespace.
+    let body = Command::new("curl").args(["-s", "--max-time", "5"]).arg(format!("http://{a_ip}:8080/index.html")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&body.stdout), "ok\n", "node to pod");
+
+    // Pod to pod: a client pod fetches from the other pod and completes (busybox's nc:
+    // Debian's static busybox wget crashes).
+    let client = format!(
+        r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "client"}}, "spec": {{"restartPolicy": "Never", "containers": [{{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {b_ip} 8080"]}}]}}}}"#
+    );
+    k.apply(&client);
+    let p = wait_pod(&k, &agent, "client", 30, "client completes", |p| p["status"]["phase"] == "Succeeded");
+    assert_eq!(p["status"]["containerStatuses"][0]["state"]["terminated"]["reason"], "Completed");
+    let got = k.ok(&["logs", "client"]);
+    assert!(got.starts_with("HTTP/1.") && got.ends_with("\nok\n"), "pod to pod: {got}");
+
+    // A failing init container: the app container never starts and the pod fails.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "init-fails"}, "spec": {"restartPolicy": "Never", "initContainers": [{"name": "setup", "image": "busybox:test", "command": ["sh", "-c", "echo setting up; exit 2"]}], "containers": [{"name": "app", "image": "busybox:test", "command": ["sh", "-c", "echo app ran"]}]}}"#);
+    let p = wait_pod(&k, &agent, "init-fails", 30, "init failure", |p| p["status"]["phase"] == "Failed");
+    assert_eq!(p["status"]["initContainerStatuses"][0]["state"]["terminated"]["exitCode"], 2);
+    assert_eq!(p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"], "PodInitializing");
+    assert!(k.ok(&["logs", "init-fails", "-c", "setup"]).contains("setting up"));
+
+    // An image no registry has: ErrImagePull, then ImagePullBackOff, with the registry's
+    // (here: the dialer's) message.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "bad-image"}, "spec": {"containers": [{"name": "c", "image": "127.0.0.1:1/nope:1"}]}}"#);
+    let p = wait_pod(&k, &agent, "bad-image", 30, "image pull failure", |p| p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff");
+    let msg = p["status"]["containerStatuses"][0]["state"]["waiting"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("127.0.0.1:1/nope:1") && msg.contains("connection refused"), "{msg}");
+    let out = k.ok(&["get", "pod", "bad-image"]);
+    assert!(out.contains("ErrImagePull") || out.contains("ImagePullBackOff"), "{out}");
+
+    // A container that keeps failing is restarted with a back-off; the previous run's
+    // logs stay readable.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "crasher"}, "spec": {"containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "echo crashing; exit 3"]}]}}"#);
+    let p = wait_pod(&k, &agent, "crasher", 40, "crash loop", |p| p["status"]["containerStatuses"][0]["restartCount"].as_u64() >= Some(1) && p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "CrashLoopBackOff");
+    assert_eq!(p["status"]["containerStatuses"][0]["lastState"]["terminated"]["exitCode"], 3);
+    assert_eq!(p["status"]["phase"], "Running");
+    assert!(k.ok(&["logs", "crasher", "--previous"]).contains("crashing"));
+
+    // A ConfigMap update appears in the volume of a running pod.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "watcher"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "while true; do cat /cfg/greeting; echo; sleep 0.5; done"], "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}], "volumes": [{"name": "cfg", "configMap": {"name": "app-config"}}]}}"#);
+    wait_pod(&k, &agent, "watcher", 30, "watcher runs", |p| p["status"]["phase"] == "Running");
+    k.ok(&["patch", "configmap", "app-config", "-p", r#"{"data":{"greeting":"updated-config"}}"#]);
+    k.eventually(&["logs", "watcher", "--tail", "2"], "the new value in the volume", |o| o.contains("updated-config"));
+
+    // Deleting pods stops their containers and removes them.
+    let before = agent.runc_ids().len();
+    assert!(before >= 4, "runc runs {before} containers");
+    k.ok(&["delete", "deployment", "web"]);
+    k.ok(&["delete", "pod", "crasher", "watcher", "bad-image", "client", "init-fails", "--wait=true", "--timeout=60s"]);
+    k.eventually(&["get", "pods", "-o", "name"], "all pods gone", |o| o.trim().is_empty() || o.contains("No resources"));
+    let t = Instant::now();
+    while !agent.runc_ids().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20), "containers left: {:?}", agent.runc_ids());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&links.stdout).matches("veth").count(), 0, "pod links removed");
+    let cgroups = std::fs::read_dir("/sys/fs/cgroup/memory/shoal/node-a").map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
+    assert_eq!(cgroups, 0, "pod cgroups removed");
+}
