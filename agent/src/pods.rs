@@ -906,6 +906,18 @@ impl<R: Runtime> PodManager<R> {
         out
     }
 
+    /// Starts `cmd` in a container of a pod (`kubectl exec`).
+    pub fn exec(&self, ns: &str, pod: &str, container: &str, cmd: &[String], stdin: bool) -> Result<tokio::process::Child, String> {
+        let key = format!("{ns}/{pod}");
+        let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
+        let id = {
+            let ids = ids.lock();
+            let name = if container.is_empty() { ids.keys().next().cloned().unwrap_or_default() } else { container.to_string() };
+            ids.get(&name).map(|i| i.current.clone()).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?
+        };
+        self.rt.exec(&id, cmd, stdin).map_err(|e| format!("unable to upgrade connection: {e}"))
+    }
+
     /// Logs of a container of a pod (for the server's reverse requests), with upstream's
     /// messages when there is none.
     pub fn logs(&self, ns: &str, pod: &str, container: &str, previous: bool, o: &crate::logs::LogOptions) -> Result<Vec<u8>, String> {

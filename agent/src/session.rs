@@ -91,6 +91,10 @@ pub struct Agent<R: Runtime> {
     pub synced: AtomicBool,
     pub stats: Arc<AgentStats>,
     ready_since: i64,
+    /// The current session's outbound messages (exec output goes there).
+    replies: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
+    /// Running execs: request id → their input.
+    execs: Mutex<HashMap<u64, mpsc::Sender<Option<Bytes>>>>,
 }
 
 /// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`).
@@ -129,6 +133,8 @@ impl<R: Runtime> Agent<R> {
             synced: AtomicBool::new(false),
             stats,
             ready_since: now(),
+            replies: Mutex::new(None),
+            execs: Mutex::new(HashMap::new()),
         })
     }
 
@@ -307,6 +313,7 @@ impl<R: Runtime> Agent<R> {
             },
         };
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+        *self.replies.lock() = Some(tx.clone());
         let _ = tx.try_send(pb::AgentMessage {
             msg: Some(agent_message::Msg::Hello(self.hello())),
         });
@@ -439,8 +446,27 @@ impl<R: Runtime> Agent<R> {
                 }
                 None
             }
+            server_message::Msg::Request(pb::ReverseRequest { id, request: Some(reverse_request::Request::Exec(e)) }) => {
+                self.exec(id, e);
+                None
+            }
             server_message::Msg::Request(r) => Some(self.reverse(r)),
-            server_message::Msg::Cancel(_) => None,
+            server_message::Msg::Cancel(c) => {
+                // Dropping the input channel kills the exec'd process.
+                self.execs.lock().remove(&c.id);
+                None
+            }
+            server_message::Msg::Input(i) => {
+                let tx = self.execs.lock().get(&i.id).cloned();
+                if let Some(tx) = tx {
+                    if i.close {
+                        let _ = tx.try_send(None);
+                    } else if tx.try_send(Some(i.data)).is_err() {
+                        tracing::debug!(id = i.id, "exec input dropped (the process is not reading)");
+                    }
+                }
+                None
+            }
         }
     }
 
@@ -511,6 +537,56 @@ impl<R: Runtime> Agent<R> {
         }
     }
 
+    /// Runs an exec request: output goes back as replies on the session, input comes from
+    /// `StreamInput` messages, the last reply carries the exit code.
+    fn exec(self: &Arc<Self>, id: u64, e: pb::ExecRequest) {
+        let Some(out) = self.replies.lock().clone() else { return };
+        let reply = move |data: Bytes, stream: u32, done: bool, error: String, exit_code: i32| pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id, data, done, error, stream, exit_code })) };
+        let mut child = match self.pods.exec(&e.namespace, &e.pod, &e.container, &e.command, e.stdin) {
+            Ok(c) => c,
+            Err(msg) => {
+                let _ = out.try_send(reply(Bytes::new(), 0, true, msg, 0));
+                return;
+            }
+        };
+        let (in_tx, mut in_rx) = mpsc::channel::<Option<Bytes>>(16);
+        self.execs.lock().insert(id, in_tx);
+        let me = self.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stdin = child.stdin.take();
+            let (Some(mut so), Some(mut se)) = (child.stdout.take(), child.stderr.take()) else { return };
+            let (mut bo, mut be) = (vec![0u8; 32 << 10], vec![0u8; 32 << 10]);
+            let (mut o_open, mut e_open) = (true, true);
+            let mut in_open = true;
+            while o_open || e_open {
+                tokio::select! {
+                    n = so.read(&mut bo), if o_open => match n {
+                        Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&bo[..n]), 1, false, String::new(), 0)).await.is_err() { break } }
+                        _ => o_open = false,
+                    },
+                    n = se.read(&mut be), if e_open => match n {
+                        Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&be[..n]), 2, false, String::new(), 0)).await.is_err() { break } }
+                        _ => e_open = false,
+                    },
+                    i = in_rx.recv(), if in_open => match i {
+                        Some(Some(d)) => { if let Some(w) = stdin.as_mut() { let _ = w.write_all(&d).await; } }
+                        // End of input, or the server cancelled: close stdin.
+                        Some(None) => { stdin = None; in_open = false; }
+                        None => { let _ = child.start_kill(); in_open = false; stdin = None; }
+                    },
+                }
+            }
+            drop(stdin);
+            let code = match child.wait().await {
+                Ok(st) => st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(9)),
+                Err(_) => 255,
+            };
+            me.execs.lock().remove(&id);
+            let _ = out.send(reply(Bytes::new(), 0, true, String::new(), code)).await;
+        });
+    }
+
     fn reverse(&self, r: pb::ReverseRequest) -> pb::AgentMessage {
         let (data, error) = match r.request {
             Some(reverse_request::Request::Logs(l)) => {
@@ -525,6 +601,7 @@ impl<R: Runtime> Agent<R> {
                     Err(e) => (Bytes::new(), e),
                 }
             }
+            Some(reverse_request::Request::Exec(_)) => (Bytes::new(), "exec is handled on its own".to_string()),
             Some(reverse_request::Request::Stats(_)) => {
                 let u = self.rt.usage();
                 (Bytes::from(json!({"node": {"nodeName": self.cfg.node_name, "cpu": {"usageNanoCores": u.cpu_nanocores}, "memory": {"workingSetBytes": u.memory_bytes}}, "pods": self.pods.count()}).to_string()), String::new())
@@ -537,6 +614,7 @@ impl<R: Runtime> Agent<R> {
                 data,
                 done: true,
                 error,
+                ..Default::default()
             })),
         }
     }

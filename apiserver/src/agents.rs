@@ -213,6 +213,18 @@ impl AgentService {
     /// Sends a reverse request to a node's agent; replies arrive on the returned receiver
     /// (dropping it cancels the request). None: the node has no session.
     pub fn request(&self, node: &str, req: pb::reverse_request::Request) -> Option<mpsc::Receiver<pb::ReverseReply>> {
+        self.request_with_id(node, req).map(|(_, rx)| rx)
+    }
+
+    /// Sends standard input to a running exec request (`close` ends it); false when the
+    /// node's session is gone.
+    pub async fn input(&self, node: &str, id: u64, data: bytes::Bytes, close: bool) -> bool {
+        let Some(out) = self.hub.session_out(node) else { return false };
+        out.send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Input(pb::StreamInput { id, data, close })) })).await.is_ok()
+    }
+
+    /// As [`Self::request`], also returning the request's id (for [`Self::input`]).
+    pub fn request_with_id(&self, node: &str, req: pb::reverse_request::Request) -> Option<(u64, mpsc::Receiver<pb::ReverseReply>)> {
         let id = self.next_request.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(64);
         let out = self.hub.session_out(node)?;
@@ -230,7 +242,7 @@ impl AgentService {
                 let _ = out.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Cancel(pb::Cancel { id })) }));
             }
         });
-        Some(rx)
+        Some((id, rx))
     }
 
     async fn write_status(&self, node: &str, s: &pb::PodStatus) -> Result<(), ApiError> {

@@ -26,6 +26,7 @@ pub mod cache;
 pub mod conversion;
 pub mod crd;
 pub mod discovery;
+pub mod exec;
 pub mod gnostic;
 pub mod kinds;
 pub mod meta;

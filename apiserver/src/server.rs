@@ -437,6 +437,14 @@ impl Api {
             Err(e) => return (error_response(&e), None),
         };
         let method = req.method().clone();
+        if let ["api", "v1", "namespaces", ns, "pods", name, "exec"] = segs.as_slice() {
+            let labels = Some(("connect", "", "pods", "exec".to_string()));
+            let (ns, name) = (ns.to_string(), name.to_string());
+            return match self.exec(&user, &ns, &name, req).await {
+                Ok(r) => (r, labels),
+                Err(e) => (error_response(&e), labels),
+            };
+        }
         let is_resource = matches!(segs.as_slice(), ["api", "v1", _, ..] | ["apis", _, _, _, ..]);
         if !is_resource {
             let a = Attributes { verb: method.as_str().to_lowercase(), path: path.clone(), ..Default::default() };
@@ -732,6 +740,53 @@ impl Api {
 }
 
 impl Api {
+    /// `pods/exec`: authorized as `create pods/exec`, checked against the pod, then the
+    /// WebSocket is accepted and relayed to the pod's agent (`exec.rs`).
+    async fn exec(&self, user: &auth::User, ns: &str, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+        let p = crate::exec::ExecParams::parse(req.uri().query())?;
+        let a = Attributes { verb: "create".into(), group: String::new(), resource: "pods".into(), subresource: "exec".into(), namespace: ns.into(), name: name.into(), path: String::new() };
+        if let Err(why) = auth::authorize(user, &a) {
+            return Err(ApiError::forbidden(Gr { group: "", resource: "pods" }, name, &why));
+        }
+        let t = Target { def: crate::resources::find("", "v1", "pods").ok_or_else(|| ApiError::internal("pods are a built-in resource"))?, ns, name, sub: "" };
+        let pod = rest::get(&self.backend, &t).await?;
+        let names: Vec<&str> = ["initContainers", "containers"].iter().flat_map(|l| pod["spec"][*l].as_array().into_iter().flatten()).filter_map(|c| c["name"].as_str()).collect();
+        let app: Vec<&str> = pod["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+        let container = match p.container.as_str() {
+            "" => app.first().copied().unwrap_or_default().to_string(),
+            c if names.contains(&c) => c.to_string(),
+            c => return Err(ApiError::bad_request(format!("container {c} is not valid for pod {name}"))),
+        };
+        let phase = pod["status"]["phase"].as_str().unwrap_or_default();
+        if phase == "Succeeded" || phase == "Failed" {
+            return Err(ApiError::bad_request(format!("cannot exec into a container in a completed pod; current phase is {phase}")));
+        }
+        let node = pod.pointer("/spec/nodeName").and_then(Value::as_str).unwrap_or("").to_string();
+        if node.is_empty() {
+            return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
+        }
+        let (proto, accept) = crate::exec::negotiate(&req)?;
+        let er = shoal_proto::agent::ExecRequest { namespace: ns.into(), pod: name.into(), container, command: p.command.clone(), stdin: p.stdin, tty: p.tty };
+        let (id, replies) = self.agents.request_with_id(&node, shoal_proto::agent::reverse_request::Request::Exec(er)).ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} is not connected")))?;
+        let agents = self.agents.0.clone();
+        tokio::spawn(async move {
+            let io = match hyper::upgrade::on(req).await {
+                Ok(u) => hyper_util::rt::TokioIo::new(u),
+                Err(e) => {
+                    tracing::debug!(error = %e, "exec upgrade failed");
+                    return;
+                }
+            };
+            let node2 = node.clone();
+            crate::exec::relay(io, p, replies, move |data, close| {
+                let (agents, node) = (agents.clone(), node2.clone());
+                async move { agents.input(&node, id, data, close).await }
+            })
+            .await;
+        });
+        Ok(crate::exec::switching(proto, &accept))
+    }
+
     /// `pods/log`: the pod's agent is asked over its session (reverse request) and the
     /// answer is streamed back as text.
     async fn pod_log(&self, b: &Backend, t: &Target<'_>, q: &Query) -> Result<Response<Body>, ApiError> {

@@ -184,6 +184,18 @@ fn runc_pods_run_network_restart_and_log() {
     let ts = k.ok(&["logs", a_name, "--timestamps"]);
     assert!(ts.starts_with("20") && ts.contains("Z greeting="), "{ts}");
 
+    // exec: output, exit codes and standard input through the API server to the agent.
+    assert_eq!(k.ok(&["exec", a_name, "--", "echo", "hi"]), "hi\n");
+    assert_eq!(k.ok(&["exec", a_name, "--", "cat", "/etc/app/greeting"]), "hello-config");
+    let (ok, out) = k.run(&["exec", a_name, "--", "sh", "-c", "echo to-stderr >&2; exit 3"], None);
+    assert!(!ok && out.contains("to-stderr") && out.contains("command terminated with exit code 3"), "{out}");
+    let st = Command::new(&k.bin).arg("--kubeconfig").arg(&k.cfg).args(["exec", a_name, "--", "sh", "-c", "exit 3"]).status().unwrap();
+    assert_eq!(st.code(), Some(3), "kubectl exits with the command's code");
+    let (ok, out) = k.run(&["exec", "-i", a_name, "--", "sh", "-c", "tr a-z A-Z"], Some("shout\n"));
+    assert!(ok && out == "SHOUT\n", "stdin: {out}");
+    let (ok, out) = k.run(&["exec", a_name, "-c", "nope", "--", "true"], None);
+    assert!(!ok && out.contains("container nope is not valid for pod"), "{out}");
+
     // Node to pod: the pod's address answers from this (the node's) namespace.
     let body = Command::new("curl").args(["-s", "--max-time", "5"]).arg(format!("http://{a_ip}:8080/index.html")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&body.stdout), "ok\n", "node to pod");

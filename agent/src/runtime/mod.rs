@@ -171,6 +171,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// The container's log as written (CRI log format records).
     fn logs(&self, id: &str) -> Result<Vec<u8>>;
     fn usage(&self) -> Usage;
+    /// Runs `cmd` in a running container with its stdout and stderr piped (stdin too when
+    /// asked); the child's exit status is the command's.
+    fn exec(&self, _id: &str, _cmd: &[String], _stdin: bool) -> Result<tokio::process::Child> {
+        Err(RuntimeError::Other(format!("exec is not supported by the {} runtime", self.version())))
+    }
     /// CPU and memory of one running container (None when it is not running).
     fn container_usage(&self, id: &str) -> Option<Usage>;
 }

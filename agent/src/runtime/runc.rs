@@ -579,6 +579,26 @@ impl Runtime for Runc {
         ids.iter().filter_map(|id| self.container_usage(id)).fold(Usage::default(), |a, u| Usage { cpu_nanocores: a.cpu_nanocores + u.cpu_nanocores, memory_bytes: a.memory_bytes + u.memory_bytes })
     }
 
+    fn exec(&self, id: &str, cmd: &[String], stdin: bool) -> Result<tokio::process::Child> {
+        if !matches!(self.container_state(id)?, ContainerState::Running { .. }) {
+            return Err(other("container not running"));
+        }
+        if cmd.is_empty() {
+            return Err(other("a command is required"));
+        }
+        Command::new(&self.s.runc)
+            .arg("--root")
+            .arg(self.s.root.join("state"))
+            .args(["exec", id])
+            .args(cmd)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| other(format!("running runc exec: {e}")))
+    }
+
     fn container_usage(&self, id: &str) -> Option<Usage> {
         let cg = {
             let g = self.ctrs.lock();
