@@ -39,6 +39,7 @@ cleanup() {
     for c in "$dir"/node/run/containers/*; do [ -d "$c" ] && umount -l "$c/rootfs" 2>/dev/null || true; done
     for s in "$dir"/node/run/sandboxes/*; do [ -d "$s" ] && ip netns del "shoal-$(basename "$s")" 2>/dev/null || true; done
     for v in "$dir"/node/pods/*/volumes/*; do mountpoint -q "$v" 2>/dev/null && umount -l "$v" || true; done
+    for c in /sys/fs/cgroup/*/shoal/acc-node-$$; do rmdir "$c" 2>/dev/null || true; done
   fi
   rm -rf "$dir"
 }
@@ -54,7 +55,7 @@ if [ "$real" = 1 ]; then
   python3 scripts/busybox-image.py "$dir/busybox.tar" --name busybox:acc
   "$bin" image --data-dir "$dir/node" import "$dir/busybox.tar" >&2
   "$bin" agent --server "https://127.0.0.1:$p3" --token "$(cat "$dir/d/pki/bootstrap-token")" \
-    --ca-file "$dir/d/pki/ca.crt" --node-name acc-node-0 --data-dir "$dir/node" >"$dir/agent.log" 2>&1 &
+    --ca-file "$dir/d/pki/ca.crt" --node-name "acc-node-$$" --data-dir "$dir/node" >"$dir/agent.log" 2>&1 &
   apid=$!
   export ACC_IMAGE=busybox:acc
 else

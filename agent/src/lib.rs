@@ -19,6 +19,7 @@ pub mod net;
 pub mod node;
 pub mod image;
 pub mod logs;
+pub mod metrics;
 pub mod pods;
 pub mod runtime;
 pub mod session;

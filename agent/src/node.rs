@@ -38,6 +38,8 @@ pub struct NodeOptions {
     pub cpu: u32,
     pub memory_bytes: u64,
     pub max_pods: u32,
+    /// Where `/metrics` is served (None: not served).
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl NodeOptions {
@@ -84,8 +86,14 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     for (k, v) in &o.labels {
         cfg.labels.insert(k.clone(), serde_json::Value::from(v.as_str()));
     }
+    let metrics = Arc::new(crate::metrics::NodeMetrics::default());
+    cfg.metrics = Some(metrics.clone());
+    let stats = Arc::new(AgentStats::default());
+    if let Some(addr) = o.metrics_addr {
+        crate::metrics::serve(addr, metrics, stats.clone()).await.with_context(|| format!("while listening for metrics on {addr}"))?;
+    }
     let channel = crate::connect::channel(&o.server, &ca)?;
-    let agent = Agent::new(cfg, channel, rt, Arc::new(AgentStats::default()));
+    let agent = Agent::new(cfg, channel, rt, stats);
     tracing::info!(node = %o.node_name, server = %o.server, data_dir = %o.data_dir.display(), "node agent starting");
     agent.run(stop).await;
     Ok(())

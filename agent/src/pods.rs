@@ -344,6 +344,8 @@ pub struct PodManager<R: Runtime> {
     pods: Mutex<HashMap<String, Handle>>,
     /// First restart delay (upstream: 10 s, doubling to 5 min).
     pub backoff_base: Duration,
+    /// Metrics of a real node (None on hollow nodes).
+    metrics: Option<Arc<crate::metrics::NodeMetrics>>,
 }
 
 /// RFC 3339 (UTC, seconds) of a unix time.
@@ -496,6 +498,9 @@ struct Run<'a> {
     created: Mutex<Vec<String>>,
     ids: Arc<Mutex<HashMap<String, Ids>>>,
     volumes: HashMap<String, std::path::PathBuf>,
+    /// When the pod reached the agent, and whether its start was measured.
+    since: std::time::Instant,
+    start_measured: std::sync::atomic::AtomicBool,
 }
 
 impl Run<'_> {
@@ -535,7 +540,17 @@ async fn told_to_stop(ctl: &mut watch::Receiver<Ctl>) {
 
 impl<R: Runtime> PodManager<R> {
     pub fn new(rt: Arc<R>, node: Arc<NodeCtx>, outbox: Arc<Outbox>) -> Arc<Self> {
-        Arc::new(PodManager { rt, node, outbox, pods: Mutex::new(HashMap::new()), backoff_base: Duration::from_secs(10) })
+        Self::with_metrics(rt, node, outbox, None)
+    }
+
+    pub fn with_metrics(rt: Arc<R>, node: Arc<NodeCtx>, outbox: Arc<Outbox>, metrics: Option<Arc<crate::metrics::NodeMetrics>>) -> Arc<Self> {
+        Arc::new(PodManager { rt, node, outbox, pods: Mutex::new(HashMap::new()), backoff_base: Duration::from_secs(10), metrics })
+    }
+
+    fn op<T, E>(&self, op: &str, r: &Result<T, E>) {
+        if let Some(m) = &self.metrics {
+            m.op(op, r);
+        }
     }
 
     pub fn count(&self) -> usize {
@@ -596,6 +611,7 @@ impl<R: Runtime> PodManager<R> {
     }
 
     async fn run(self: Arc<Self>, pod: Pod, mut ctl: watch::Receiver<Ctl>) {
+        let since = std::time::Instant::now();
         let slots = |cs: &[Ctr]| cs.iter().map(|c| Slot { name: c.name.clone(), image: c.image.clone(), ..Default::default() }).collect::<Vec<_>>();
         let mut r = Report { start: now(), init: slots(&pod.init_containers), apps: slots(&pod.containers), initialized: pod.init_containers.is_empty(), ..Default::default() };
         let mut sandbox = None;
@@ -609,7 +625,10 @@ impl<R: Runtime> PodManager<R> {
             None
         };
         let ids = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).map(|h| h.containers.clone()).unwrap_or_default();
-        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes });
+        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes, since, start_measured: Default::default() });
+        if let (Some(m), Some(_)) = (&self.metrics, &run) {
+            m.running_pods.inc();
+        }
         if let Some(run) = &run {
             let mut c2 = ctl.clone();
             tokio::select! {
@@ -642,6 +661,9 @@ impl<R: Runtime> PodManager<R> {
                 let _ = self.rt.remove_container(id).await;
             }
             r = rep;
+        }
+        if let (Some(m), Some(_)) = (&self.metrics, &run) {
+            m.running_pods.dec();
         }
         if let Some(sb) = sandbox {
             let _ = self.rt.stop_sandbox(&sb).await;
@@ -690,7 +712,9 @@ impl<R: Runtime> PodManager<R> {
             let res = match volumes {
                 Ok(v) => {
                     let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec(), hostname: pod.hostname() };
-                    self.rt.run_sandbox(&cfg).await.map(|sb| (sb, v)).map_err(|e| format!("Failed to create pod sandbox: {e}"))
+                    let res = self.rt.run_sandbox(&cfg).await;
+                    self.op("run_podsandbox", &res);
+                    res.map(|sb| (sb, v)).map_err(|e| format!("Failed to create pod sandbox: {e}"))
                 }
                 Err(e) => Err(format!("MountVolume.SetUp failed: {e}")),
             };
@@ -753,6 +777,12 @@ impl<R: Runtime> PodManager<R> {
                 Ok(id) => {
                     {
                         let r = run.report.lock();
+                        if let Some(m) = &self.metrics {
+                            m.running_containers.inc();
+                            if r.ready() && !run.start_measured.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                m.pod_start.observe(run.since.elapsed().as_secs_f64());
+                            }
+                        }
                         self.publish(run.pod, &r);
                     }
                     let st = self.rt.wait_container(&id).await.unwrap_or(ContainerState::Exited { exit_code: 255, reason: "Unknown".into(), started_at: now(), finished_at: now() });
@@ -761,6 +791,9 @@ impl<R: Runtime> PodManager<R> {
                         _ => 255,
                     };
                     run.slot(which, |s| s.state = Some(st));
+                    if let Some(m) = &self.metrics {
+                        m.running_containers.dec();
+                    }
                     code
                 }
                 Err((reason, msg)) => {
@@ -815,7 +848,13 @@ impl<R: Runtime> PodManager<R> {
             Some(_) => crate::spec::pull_credentials(&c.image, &pod.namespace, &pod.pull_secrets(), &self.node.objects),
             None => vec![],
         };
-        let image_id = self.rt.pull_image(&c.image, c.pull, &creds).await.map_err(|e| match e {
+        let t0 = std::time::Instant::now();
+        let pulled = self.rt.pull_image(&c.image, c.pull, &creds).await;
+        self.op("pull_image", &pulled);
+        if let (Some(m), Ok(_)) = (&self.metrics, &pulled) {
+            m.image_pull.observe(t0.elapsed().as_secs_f64());
+        }
+        let image_id = pulled.map_err(|e| match e {
             RuntimeError::ImageNeverPull(m) => ("ErrImageNeverPull", m),
             RuntimeError::ImagePull(m) => ("ErrImagePull", m),
             e => ("ErrImagePull", e.to_string()),
@@ -830,7 +869,9 @@ impl<R: Runtime> PodManager<R> {
             None => Default::default(),
         };
         let kind = if matches!(which, Which::Init(_)) { ContainerKind::Init } else { ContainerKind::App };
-        let id = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec }).await.map_err(|e| ("CreateContainerError", e.to_string()))?;
+        let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec }).await;
+        self.op("create_container", &created);
+        let id = created.map_err(|e| ("CreateContainerError", e.to_string()))?;
         // Keep this and the previous container (for `logs --previous`); older ones go.
         let older = {
             let mut ids = run.ids.lock();
@@ -852,7 +893,9 @@ impl<R: Runtime> PodManager<R> {
             s.id = format!("{scheme}//{id}");
             s.state = Some(ContainerState::Created);
         });
-        self.rt.start_container(&id).await.map_err(|e| ("RunContainerError", e.to_string()))?;
+        let started = self.rt.start_container(&id).await;
+        self.op("start_container", &started);
+        started.map_err(|e| ("RunContainerError", e.to_string()))?;
         let st = self.rt.container_state(&id).ok();
         run.slot(which, |s| {
             s.waiting = None;
@@ -904,6 +947,11 @@ impl<R: Runtime> PodManager<R> {
             out.push((ns.to_string(), name.to_string(), cs));
         }
         out
+    }
+
+    /// The node's metrics (None on hollow nodes).
+    pub fn metrics(&self) -> Option<&Arc<crate::metrics::NodeMetrics>> {
+        self.metrics.as_ref()
     }
 
     /// Starts `cmd` in a container of a pod (`kubectl exec`).

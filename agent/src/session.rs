@@ -41,6 +41,8 @@ pub struct AgentConfig {
     pub max_batch: usize,
     /// Where pods' volumes live (real nodes); None on hollow nodes.
     pub pods_dir: Option<std::path::PathBuf>,
+    /// Metrics of a real node; None on hollow nodes.
+    pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
 }
 
 impl AgentConfig {
@@ -56,6 +58,7 @@ impl AgentConfig {
             status_report: Duration::from_secs(300),
             max_batch: 200,
             pods_dir: None,
+            metrics: None,
         }
     }
 }
@@ -91,6 +94,8 @@ pub struct Agent<R: Runtime> {
     pub synced: AtomicBool,
     pub stats: Arc<AgentStats>,
     ready_since: i64,
+    /// The image list's generation last reported in node status.
+    images_gen: AtomicU64,
     /// The current session's outbound messages (exec output goes there).
     replies: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     /// Running execs: request id → their input.
@@ -118,7 +123,7 @@ impl<R: Runtime> Agent<R> {
     ) -> Arc<Agent<R>> {
         let node = Arc::new(NodeCtx::new(&cfg.node_name, &cfg.host_ip, cfg.pods_dir.clone()));
         let outbox = Arc::new(Outbox::default());
-        let pods = PodManager::new(rt.clone(), node.clone(), outbox.clone());
+        let pods = PodManager::with_metrics(rt.clone(), node.clone(), outbox.clone(), cfg.metrics.clone());
         Arc::new(Agent {
             cfg,
             channel,
@@ -134,6 +139,7 @@ impl<R: Runtime> Agent<R> {
             stats,
             ready_since: now(),
             replies: Mutex::new(None),
+            images_gen: AtomicU64::new(0),
             execs: Mutex::new(HashMap::new()),
         })
     }
@@ -178,6 +184,12 @@ impl<R: Runtime> Agent<R> {
         let t = crate::pods::now();
         let ts = |s: i64| crate::pods::rfc3339(s);
         let cond = |ty: &str, st: &str, reason: &str, msg: &str| json!({"type": ty, "status": st, "reason": reason, "message": msg, "lastHeartbeatTime": ts(t), "lastTransitionTime": ts(self.ready_since)});
+        // Largest first, at most 50, as the kubelet reports them (ImageLocality reads them).
+        let (_, mut imgs) = self.rt.images();
+        imgs.sort_by(|a, b| b.1.cmp(&a.1));
+        imgs.truncate(50);
+        let images: Vec<Value> = imgs.into_iter().map(|(names, size)| json!({"names": names, "sizeBytes": size})).collect();
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
         json!({
             "capacity": self.cfg.capacity,
             "allocatable": self.cfg.capacity,
@@ -193,7 +205,8 @@ impl<R: Runtime> Agent<R> {
             ],
             "addresses": [{"type": "InternalIP", "address": self.node.host_ip.lock().clone()}, {"type": "Hostname", "address": self.cfg.node_name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
-            "nodeInfo": {"machineID": "", "systemUUID": "", "bootID": "", "kernelVersion": "", "osImage": "Shoal", "containerRuntimeVersion": self.rt.version(), "kubeletVersion": "v1.35.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+            "images": images,
+            "nodeInfo": {"machineID": read("/etc/machine-id"), "systemUUID": "", "bootID": read("/proc/sys/kernel/random/boot_id"), "kernelVersion": read("/proc/sys/kernel/osrelease"), "osImage": "Shoal", "containerRuntimeVersion": self.rt.version(), "kubeletVersion": "v1.35.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
         })
     }
 
@@ -377,7 +390,9 @@ impl<R: Runtime> Agent<R> {
                     if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Status(msg)) }).await.is_err() { break End::Retry("session closed".into()) }
                 }
                 _ = async { tokio::select! { _ = hb.tick() => {}, _ = self.status_now.notified() => {} } } => {
-                    let due = self.status_due.swap(false, Ordering::Relaxed) || last_status.elapsed() >= self.cfg.status_report;
+                    let images_gen = self.rt.images().0;
+                    let images_changed = images_gen != self.images_gen.swap(images_gen, Ordering::Relaxed);
+                    let due = self.status_due.swap(false, Ordering::Relaxed) || images_changed || last_status.elapsed() >= self.cfg.status_report;
                     let node_status_json = if due { last_status = tokio::time::Instant::now(); Bytes::from(self.node_status().to_string()) } else { Bytes::new() };
                     self.stats.heartbeats.fetch_add(1, Ordering::Relaxed);
                     let usage = Some(self.usage());
@@ -549,6 +564,9 @@ impl<R: Runtime> Agent<R> {
                 return;
             }
         };
+        if let Some(m) = self.pods.metrics() {
+            m.execs.inc();
+        }
         let (in_tx, mut in_rx) = mpsc::channel::<Option<Bytes>>(16);
         self.execs.lock().insert(id, in_tx);
         let me = self.clone();

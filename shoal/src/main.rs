@@ -83,6 +83,9 @@ struct AgentArgs {
     /// Pods the node runs at most.
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Where the agent serves Prometheus `/metrics` and `/healthz` (empty: not served).
+    #[arg(long, default_value = "127.0.0.1:10255")]
+    metrics_addr: String,
 }
 
 #[derive(Parser, Debug)]
@@ -339,7 +342,11 @@ fn agent(a: AgentArgs) -> anyhow::Result<()> {
         let (k, v) = l.split_once('=').with_context(|| format!("--node-label {l:?} is not key=value"))?;
         labels.push((k.to_string(), v.to_string()));
     }
-    let opts = shoal_agent::node::NodeOptions { server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
+    let metrics_addr = match a.metrics_addr.as_str() {
+        "" => None,
+        m => Some(m.parse().with_context(|| format!("--metrics-addr {m:?} is not host:port"))?),
+    };
+    let opts = shoal_agent::node::NodeOptions { metrics_addr, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
     rt.block_on(async move {

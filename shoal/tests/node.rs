@@ -37,6 +37,7 @@ struct AgentProc {
     child: Child,
     data: PathBuf,
     log: PathBuf,
+    node: String,
 }
 
 impl AgentProc {
@@ -58,7 +59,7 @@ impl AgentProc {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        AgentProc { child, data, log }
+        AgentProc { child, data, log, node: node.to_string() }
     }
 
     fn import(data: &Path, image: &Path) {
@@ -91,6 +92,9 @@ impl Drop for AgentProc {
         for e in std::fs::read_dir(self.data.join("run/sandboxes")).into_iter().flatten().flatten() {
             let ns = format!("shoal-{}", e.file_name().to_string_lossy());
             let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        }
+        for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+            let _ = std::fs::remove_dir(e.path().join("shoal").join(&self.node));
         }
     }
 }
@@ -161,12 +165,14 @@ fn runc_pods_run_network_restart_and_log() {
     let image = busybox_image(dir.path());
     let server = Server::start_api(dir.path(), "s1", &[]);
     server.wait_api();
-    AgentProc::import(&dir.path().join("node-a"), &image);
-    let agent = AgentProc::start(&server, dir.path(), "node-a");
+    // Unique per run: cgroups are the machine's, shared with any other run.
+    let node = format!("node-{}", std::process::id());
+    AgentProc::import(&dir.path().join(&node), &image);
+    let agent = AgentProc::start(&server, dir.path(), &node);
     let k = K { bin: kubectl, cfg: server.kubeconfig() };
-    k.eventually(&["get", "node", "node-a"], "node Ready", |o| o.contains(" Ready "));
-    let node: Value = serde_json::from_str(&k.ok(&["get", "node", "node-a", "-o", "json"])).unwrap();
-    assert_eq!(node["status"]["nodeInfo"]["containerRuntimeVersion"], "runc://1.1");
+    k.eventually(&["get", "node", &node], "node Ready", |o| o.contains(" Ready "));
+    let n: Value = serde_json::from_str(&k.ok(&["get", "node", &node, "-o", "json"])).unwrap();
+    assert_eq!(n["status"]["nodeInfo"]["containerRuntimeVersion"], "runc://1.1");
 
     // A Deployment of busybox pods becomes Ready, with its environment and volume.
     k.apply(APP);
@@ -183,6 +189,13 @@ fn runc_pods_run_network_restart_and_log() {
     assert!(logs.contains(&format!("greeting=hello-config file=hello-config pod={a_name} ip={a_ip}")), "{logs}");
     let ts = k.ok(&["logs", a_name, "--timestamps"]);
     assert!(ts.starts_with("20") && ts.contains("Z greeting="), "{ts}");
+
+    // The agent's metrics, and its images in the node's status (for ImageLocality).
+    let m = Command::new("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:10255/metrics"]).output().unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    assert!(m.contains("kubelet_running_pods 2") && m.contains("kubelet_pod_start_duration_seconds_count 2"), "{m}");
+    assert!(m.contains("kubelet_runtime_operations_total{operation_type=\"start_container\"} 2"), "{m}");
+    k.eventually(&["get", "node", &node, "-o", "jsonpath={.status.images[*].names}"], "images in node status", |o| o.contains("docker.io/library/busybox:test"));
 
     // exec: output, exit codes and standard input through the API server to the agent.
     assert_eq!(k.ok(&["exec", a_name, "--", "echo", "hi"]), "hi\n");
@@ -254,6 +267,6 @@ fn runc_pods_run_network_restart_and_log() {
     }
     let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&links.stdout).matches("veth").count(), 0, "pod links removed");
-    let cgroups = std::fs::read_dir("/sys/fs/cgroup/memory/shoal/node-a").map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
+    let cgroups = std::fs::read_dir(format!("/sys/fs/cgroup/memory/shoal/{node}")).map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
     assert_eq!(cgroups, 0, "pod cgroups removed");
 }

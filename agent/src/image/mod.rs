@@ -81,6 +81,8 @@ pub struct ImageStore {
     registry: Registry,
     /// One pull per reference at a time; others wait for it.
     pulls: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Bumped whenever the image list changes.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 /// A manifest's parts.
@@ -201,10 +203,18 @@ impl ImageStore {
             index: Mutex::new(index),
             registry: Registry::new(insecure_registries),
             pulls: Mutex::new(HashMap::new()),
+            // Starts above 0 so the first node status carries the images.
+            generation: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
+    /// A number that changes whenever an image is added or removed.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     fn save(&self, idx: &Index) -> io::Result<()> {
+        self.generation.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = self.root.join("images.json.tmp");
         fs::write(&tmp, serde_json::to_vec(idx)?)?;
         fs::File::open(&tmp)?.sync_all()?;

@@ -150,6 +150,11 @@ pub trait Runtime: Send + Sync + 'static {
     }
     /// The node's pod range became known (or changed).
     fn set_pod_cidr(&self, _cidr: &str) {}
+    /// Images on the node for its status (names, size), and a number that changes when
+    /// the list does.
+    fn images(&self) -> (u64, Vec<(Vec<String>, u64)>) {
+        (0, Vec::new())
+    }
     fn run_sandbox(&self, cfg: &SandboxConfig) -> impl Future<Output = Result<String>> + Send;
     fn stop_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;
     fn remove_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;

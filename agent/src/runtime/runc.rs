@@ -357,6 +357,12 @@ impl Runtime for Runc {
         true
     }
 
+    fn images(&self) -> (u64, Vec<(Vec<String>, u64)>) {
+        let list = self.images.list();
+        let r#gen = self.images.generation();
+        (r#gen, list.into_iter().map(|i| (i.repo_digests.iter().chain(i.repo_tags.iter()).cloned().collect(), i.size)).collect())
+    }
+
     fn set_pod_cidr(&self, cidr: &str) {
         *self.s.pod_cidr.lock() = Some(cidr.to_string());
     }
