@@ -969,6 +969,54 @@ impl<R: Runtime> PodManager<R> {
     /// Logs of a container of a pod (for the server's reverse requests), with upstream's
     /// messages when there is none.
     pub fn logs(&self, ns: &str, pod: &str, container: &str, previous: bool, o: &crate::logs::LogOptions) -> Result<Vec<u8>, String> {
+        let id = self.log_target(ns, pod, container, previous)?;
+        self.rt.logs(&id).map(|raw| crate::logs::render(&raw, o)).map_err(|e| e.to_string())
+    }
+
+    /// Follows a container's log (`logs -f`): what is there, rendered as `o` says, then each
+    /// new record as it is written, until the container has exited and its log is drained
+    /// or `out` is closed. Returns when done.
+    pub async fn follow_logs(&self, ns: &str, pod: &str, container: &str, o: &crate::logs::LogOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let id = self.log_target(ns, pod, container, false)?;
+        let Some(path) = self.rt.log_path(&id) else {
+            // A runtime without log files: what there is, once.
+            let raw = self.rt.logs(&id).map_err(|e| e.to_string())?;
+            let _ = out.send(Bytes::from(crate::logs::render(&raw, o))).await;
+            return Ok(());
+        };
+        let mut f = tokio::fs::File::open(&path).await.map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+        // Only whole records; a partial last line waits for its end.
+        let cut = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        let mut pos = cut as u64;
+        if out.send(Bytes::from(crate::logs::render(&buf[..cut], o))).await.is_err() {
+            return Ok(());
+        }
+        let later = crate::logs::LogOptions { timestamps: o.timestamps, ..Default::default() };
+        let mut chunk = vec![0u8; 64 << 10];
+        loop {
+            let exited = !matches!(self.rt.container_state(&id), Ok(ContainerState::Running { .. } | ContainerState::Created));
+            f.seek(std::io::SeekFrom::Start(pos)).await.map_err(|e| e.to_string())?;
+            let n = f.read(&mut chunk).await.map_err(|e| e.to_string())?;
+            let whole = chunk[..n].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            if whole > 0 {
+                pos += whole as u64;
+                if out.send(Bytes::from(crate::logs::render(&chunk[..whole], &later))).await.is_err() {
+                    return Ok(());
+                }
+                continue;
+            }
+            if exited || out.is_closed() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The runtime id of a pod's container (the previous one with `previous`).
+    fn log_target(&self, ns: &str, pod: &str, container: &str, previous: bool) -> Result<String, String> {
         let key = format!("{ns}/{pod}");
         let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
         let ids = ids.lock();
@@ -984,7 +1032,7 @@ impl<R: Runtime> PodManager<R> {
         };
         let id = ids.get(&name).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?;
         let id = if previous { id.previous.as_ref().ok_or_else(|| format!("previous terminated container \"{name}\" in pod \"{pod}\" not found"))? } else { &id.current };
-        self.rt.logs(id).map(|raw| crate::logs::render(&raw, o)).map_err(|e| e.to_string())
+        Ok(id.clone())
     }
 }
 

@@ -465,6 +465,10 @@ impl<R: Runtime> Agent<R> {
                 self.exec(id, e);
                 None
             }
+            server_message::Msg::Request(pb::ReverseRequest { id, request: Some(reverse_request::Request::Logs(l)) }) if l.follow => {
+                self.follow(id, l);
+                None
+            }
             server_message::Msg::Request(r) => Some(self.reverse(r)),
             server_message::Msg::Cancel(c) => {
                 // Dropping the input channel kills the exec'd process.
@@ -602,6 +606,43 @@ impl<R: Runtime> Agent<R> {
             };
             me.execs.lock().remove(&id);
             let _ = out.send(reply(Bytes::new(), 0, true, String::new(), code)).await;
+        });
+    }
+
+    /// `logs -f`: streams the log as it grows; a cancel from the server stops it.
+    fn follow(self: &Arc<Self>, id: u64, l: pb::LogsRequest) {
+        let Some(out) = self.replies.lock().clone() else { return };
+        let (cancel_tx, mut cancel_rx) = mpsc::channel::<Option<Bytes>>(1);
+        self.execs.lock().insert(id, cancel_tx);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let o = crate::logs::LogOptions {
+                tail: (l.tail_lines >= 0).then_some(l.tail_lines as usize),
+                timestamps: l.timestamps,
+                since_unix: (l.since_seconds > 0).then(|| now() - l.since_seconds),
+                limit_bytes: None,
+            };
+            let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+            let pods = me.pods.clone();
+            let follow = async move { pods.follow_logs(&l.namespace, &l.pod, &l.container, &o, tx).await };
+            let reply = |data: Bytes, done: bool, error: String| pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id, data, done, error, ..Default::default() })) };
+            let relay = async {
+                // The first reply goes even when empty: it tells the server the log exists.
+                let mut first = true;
+                while let Some(d) = rx.recv().await {
+                    if (first || !d.is_empty()) && out.send(reply(d, false, String::new())).await.is_err() {
+                        return;
+                    }
+                    first = false;
+                }
+            };
+            let res = tokio::select! {
+                (r, _) = async { tokio::join!(follow, relay) } => r,
+                // The server cancelled (the client went away): the sender was dropped.
+                _ = async { while cancel_rx.recv().await.is_some() {} } => Ok(()),
+            };
+            me.execs.lock().remove(&id);
+            let _ = out.send(reply(Bytes::new(), true, res.err().unwrap_or_default())).await;
         });
     }
 

@@ -139,7 +139,7 @@ impl Fleet {
     }
 }
 
-fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
+pub(crate) fn bar(len: u64, msg: &str) -> indicatif::ProgressBar {
     let b = indicatif::ProgressBar::new(len);
     b.set_style(indicatif::ProgressStyle::with_template("{msg:28} {bar:40} {pos}/{len} {elapsed}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
     b.set_message(msg.to_string());
@@ -185,13 +185,13 @@ pub async fn hollow(a: HollowArgs) -> Result<Value> {
 
 /// Per pod: when the watch saw it created, scheduled, running.
 #[derive(Default, Clone, Copy)]
-struct Seen {
-    created: Option<Instant>,
-    scheduled: Option<Instant>,
-    running: Option<Instant>,
+pub(crate) struct Seen {
+    pub(crate) created: Option<Instant>,
+    pub(crate) scheduled: Option<Instant>,
+    pub(crate) running: Option<Instant>,
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -235,11 +235,11 @@ fn p99_of(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
     buckets.iter().find(|(_, n)| *n >= 0.99 * total).map(|(le, _)| le * 1000.0)
 }
 
-type SeenMap = Arc<parking_lot::Mutex<HashMap<String, Seen>>>;
+pub(crate) type SeenMap = Arc<parking_lot::Mutex<HashMap<String, Seen>>>;
 
 /// Follows the pods under `path` (a list URL): when each was first seen, scheduled and
 /// Running, and how many are Running.
-async fn watch_pods(client: &shoal_client::Client, path: &str) -> Result<(SeenMap, watch::Receiver<usize>)> {
+pub(crate) async fn watch_pods(client: &shoal_client::Client, path: &str) -> Result<(SeenMap, watch::Receiver<usize>)> {
     let (_, rv) = client.list(path).await.map_err(|e| anyhow::anyhow!("list: {e}"))?;
     let seen: Arc<parking_lot::Mutex<HashMap<String, Seen>>> = Default::default();
     let (running_tx, running_rx) = watch::channel(0usize);

@@ -3,6 +3,7 @@
 
 mod api;
 mod hollow;
+mod node;
 mod procs;
 mod scheduler;
 mod store;
@@ -44,6 +45,9 @@ enum Cmd {
     /// Starts `shoal server` and hollow nodes, then creates Deployments and Services, scales
     /// every Deployment and deletes everything (upstream's load test in small).
     Load(hollow::LoadArgs),
+    /// One real node: `shoal server` and `shoal agent` (runc) in a network namespace of
+    /// their own; pod startup latency with a cached image, agent memory and CPU per pod.
+    Node(node::NodeArgs),
 }
 
 /// A Markdown summary of a result: one row per measured value (nested objects flattened
@@ -78,6 +82,13 @@ fn markdown(v: &serde_json::Value) -> String {
 
 fn main() {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Node(_)) {
+        // Before the runtime starts threads: they and every child inherit the namespace.
+        if let Err(e) = node::enter_own_netns() {
+            eprintln!("loadgen: error: {e:#}");
+            std::process::exit(1);
+        }
+    }
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).init();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -94,6 +105,7 @@ fn main() {
             Cmd::Hollow(a) => hollow::hollow(a).await,
             Cmd::Density(a) => hollow::density(a).await,
             Cmd::Load(a) => hollow::load(a).await,
+            Cmd::Node(a) => node::node(a).await,
         }
     });
     match res {

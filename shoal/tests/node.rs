@@ -209,6 +209,18 @@ fn runc_pods_run_network_restart_and_log() {
     let (ok, out) = k.run(&["exec", a_name, "-c", "nope", "--", "true"], None);
     assert!(!ok && out.contains("container nope is not valid for pod"), "{out}");
 
+    // logs -f follows a running container until the client stops.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ticker"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done"]}]}}"#);
+    wait_pod(&k, &agent, "ticker", 30, "ticker runs", |p| p["status"]["phase"] == "Running");
+    let o = Command::new("timeout").arg("3").arg(&k.bin).arg("--kubeconfig").arg(&k.cfg).args(["logs", "-f", "ticker"]).output().unwrap();
+    let followed = String::from_utf8_lossy(&o.stdout);
+    assert!(followed.lines().count() >= 8 && followed.lines().all(|l| l.starts_with("tick-")), "logs -f: {followed}");
+    // A follow of a container that exits ends by itself.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "short"}, "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "sleep 1; echo one; sleep 1; echo two"]}]}}"#);
+    wait_pod(&k, &agent, "short", 30, "short runs", |p| p["status"]["phase"] == "Running" || p["status"]["phase"] == "Succeeded");
+    let (ok, out) = k.run(&["logs", "-f", "short"], None);
+    assert!(ok && out == "one\ntwo\n", "logs -f of an exiting container: {out:?}");
+
     // Node to pod: the pod's address answers from this (the node's) namespace.
     let body = Command::new("curl").args(["-s", "--max-time", "5"]).arg(format!("http://{a_ip}:8080/index.html")).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&body.stdout), "ok\n", "node to pod");
@@ -258,7 +270,7 @@ fn runc_pods_run_network_restart_and_log() {
     let before = agent.runc_ids().len();
     assert!(before >= 4, "runc runs {before} containers");
     k.ok(&["delete", "deployment", "web"]);
-    k.ok(&["delete", "pod", "crasher", "watcher", "bad-image", "client", "init-fails", "--wait=true", "--timeout=60s"]);
+    k.ok(&["delete", "pod", "crasher", "watcher", "bad-image", "client", "init-fails", "ticker", "short", "--wait=true", "--timeout=60s"]);
     k.eventually(&["get", "pods", "-o", "name"], "all pods gone", |o| o.trim().is_empty() || o.contains("No resources"));
     let t = Instant::now();
     while !agent.runc_ids().is_empty() {

@@ -175,6 +175,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn wait_container(&self, id: &str) -> impl Future<Output = Result<ContainerState>> + Send;
     /// The container's log as written (CRI log format records).
     fn logs(&self, id: &str) -> Result<Vec<u8>>;
+    /// The file the container's log is written to, for following it (`logs -f`).
+    fn log_path(&self, _id: &str) -> Option<std::path::PathBuf> {
+        None
+    }
     fn usage(&self) -> Usage;
     /// Runs `cmd` in a running container with its stdout and stderr piped (stdin too when
     /// asked); the child's exit status is the command's.

@@ -575,6 +575,10 @@ impl Runtime for Runc {
         Ok(st.clone())
     }
 
+    fn log_path(&self, id: &str) -> Option<PathBuf> {
+        self.ctrs.lock().get(id).map(|c| c.log.clone())
+    }
+
     fn logs(&self, id: &str) -> Result<Vec<u8>> {
         let log = self.ctrs.lock().get(id).map(|c| c.log.clone()).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
         Ok(std::fs::read(log).unwrap_or_default())
