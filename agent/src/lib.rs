@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod net;
 pub mod node;
 pub mod pods;
+pub mod probe;
 pub mod runtime;
 pub mod session;
 pub mod spec;

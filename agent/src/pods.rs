@@ -374,6 +374,10 @@ struct Slot {
     waiting: Option<(&'static str, String)>,
     restarts: u32,
     last: Option<ContainerState>,
+    /// The readiness probe's verdict (None: no readiness probe).
+    probe_ready: Option<bool>,
+    /// Whether the startup probe has succeeded (None: no startup probe).
+    probe_started: Option<bool>,
 }
 
 /// A pod's status as the agent reports it.
@@ -410,7 +414,9 @@ fn container_status(c: &Slot, waiting: &str) -> Value {
         (None, Some(st)) => terminated(st, &c.id).unwrap_or_default(),
     };
     let running = c.waiting.is_none() && matches!(c.state, Some(ContainerState::Running { .. }));
-    let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": running, "restartCount": c.restarts, "started": running, "state": state, "lastState": {}});
+    let started = running && c.probe_started != Some(false);
+    let ready = started && c.probe_ready != Some(false);
+    let mut v = json!({"name": c.name, "image": c.image, "imageID": c.image_id, "ready": ready, "restartCount": c.restarts, "started": started, "state": state, "lastState": {}});
     if let Some(t) = c.last.as_ref().and_then(|l| terminated(l, "")) {
         v["lastState"] = t;
     }
@@ -425,7 +431,7 @@ impl Report {
         c.waiting.is_none() && matches!(c.state, Some(ContainerState::Running { .. }))
     }
     fn ready(&self) -> bool {
-        self.done.is_none() && self.initialized && self.apps.iter().all(Self::running)
+        self.done.is_none() && self.initialized && self.apps.iter().all(|c| Self::running(c) && c.probe_started != Some(false) && c.probe_ready != Some(false))
     }
     fn phase(&self) -> &'static str {
         if let Some(d) = self.done {
@@ -774,18 +780,34 @@ impl<R: Runtime> PodManager<R> {
         loop {
             let started = std::time::Instant::now();
             let code = match self.launch(run, c, which).await {
-                Ok(id) => {
+                Ok((id, probes)) => {
+                    run.slot(which, |s| {
+                        s.probe_ready = probes.readiness.as_ref().map(|_| false);
+                        s.probe_started = probes.startup.as_ref().map(|_| false);
+                    });
                     {
                         let r = run.report.lock();
                         if let Some(m) = &self.metrics {
                             m.running_containers.inc();
-                            if r.ready() && !run.start_measured.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                            // Started as upstream counts it: every app container running (ready or not).
+                            if r.initialized && r.apps.iter().all(Report::running) && !run.start_measured.swap(true, std::sync::atomic::Ordering::Relaxed) {
                                 m.pod_start.observe(run.since.elapsed().as_secs_f64());
                             }
                         }
                         self.publish(run.pod, &r);
                     }
-                    let st = self.rt.wait_container(&id).await.unwrap_or(ContainerState::Exited { exit_code: 255, reason: "Unknown".into(), started_at: now(), finished_at: now() });
+                    let wait = self.rt.wait_container(&id);
+                    tokio::pin!(wait);
+                    let st = tokio::select! {
+                        st = &mut wait => st,
+                        why = self.probe(run, which, &id, &probes) => {
+                            // A failed liveness or startup probe: stop it; the restart policy decides what follows.
+                            tracing::info!(pod = %run.pod.key(), container = %c.name, %why, "container will be restarted");
+                            let _ = self.rt.stop_container(&id, Duration::from_secs(run.pod.grace as u64)).await;
+                            wait.await
+                        }
+                    };
+                    let st = st.unwrap_or(ContainerState::Exited { exit_code: 255, reason: "Unknown".into(), started_at: now(), finished_at: now() });
                     let code = match &st {
                         ContainerState::Exited { exit_code, .. } => *exit_code,
                         _ => 255,
@@ -841,8 +863,83 @@ impl<R: Runtime> PodManager<R> {
         }
     }
 
+    /// Runs a container's probes; returns (only) when liveness or startup says to restart
+    /// it, with why. Readiness and startup verdicts go into the report.
+    async fn probe(&self, run: &Run<'_>, which: Which, id: &str, probes: &crate::spec::Probes) -> String {
+        let ip = run.report.lock().ip;
+        let set = |f: &dyn Fn(&mut Slot) -> bool| {
+            let changed = run.slot(which, f);
+            if changed {
+                let r = run.report.lock();
+                self.publish(run.pod, &r);
+            }
+        };
+        if let Some(p) = &probes.startup {
+            tokio::time::sleep(p.initial_delay).await;
+            let mut fails = 0;
+            loop {
+                match crate::probe::check(&*self.rt, id, ip, &p.action, p.timeout).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        fails += 1;
+                        if fails >= p.failure_threshold {
+                            return format!("Startup probe failed: {e}");
+                        }
+                    }
+                }
+                tokio::time::sleep(p.period).await;
+            }
+            set(&|s| s.probe_started.replace(true) != Some(true));
+        }
+        let liveness = async {
+            let Some(p) = &probes.liveness else { return std::future::pending().await };
+            tokio::time::sleep(p.initial_delay).await;
+            let mut fails = 0;
+            loop {
+                match crate::probe::check(&*self.rt, id, ip, &p.action, p.timeout).await {
+                    Ok(()) => fails = 0,
+                    Err(e) => {
+                        fails += 1;
+                        tracing::debug!(pod = %run.pod.key(), error = %e, fails, "liveness probe failed");
+                        if fails >= p.failure_threshold {
+                            return format!("Liveness probe failed: {e}");
+                        }
+                    }
+                }
+                tokio::time::sleep(p.period).await;
+            }
+        };
+        let readiness = async {
+            let Some(p) = &probes.readiness else { return std::future::pending::<()>().await };
+            tokio::time::sleep(p.initial_delay).await;
+            let (mut ok, mut bad) = (0, 0);
+            loop {
+                match crate::probe::check(&*self.rt, id, ip, &p.action, p.timeout).await {
+                    Ok(()) => {
+                        (ok, bad) = (ok + 1, 0);
+                        if ok >= p.success_threshold {
+                            set(&|s| s.probe_ready.replace(true) != Some(true));
+                        }
+                    }
+                    Err(e) => {
+                        (ok, bad) = (0, bad + 1);
+                        tracing::debug!(pod = %run.pod.key(), error = %e, "readiness probe failed");
+                        if bad >= p.failure_threshold {
+                            set(&|s| s.probe_ready.replace(false) != Some(false));
+                        }
+                    }
+                }
+                tokio::time::sleep(p.period).await;
+            }
+        };
+        tokio::select! {
+            why = liveness => why,
+            _ = readiness => unreachable!("the readiness loop never ends"),
+        }
+    }
+
     /// Pulls, creates and starts one container; the error is (waiting reason, message).
-    async fn launch(&self, run: &Run<'_>, c: &Ctr, which: Which) -> Result<String, (&'static str, String)> {
+    async fn launch(&self, run: &Run<'_>, c: &Ctr, which: Which) -> Result<(String, crate::spec::Probes), (&'static str, String)> {
         let pod = run.pod;
         let creds = match &pod.raw {
             Some(_) => crate::spec::pull_credentials(&c.image, &pod.namespace, &pod.pull_secrets(), &self.node.objects),
@@ -859,12 +956,15 @@ impl<R: Runtime> PodManager<R> {
             RuntimeError::ImagePull(m) => ("ErrImagePull", m),
             e => ("ErrImagePull", e.to_string()),
         })?;
-        let spec = match &pod.raw {
+        let (spec, probes) = match &pod.raw {
             Some(raw) => {
                 let list = if matches!(which, Which::Init(_)) { "initContainers" } else { "containers" };
                 let cj = raw["spec"][list].as_array().and_then(|a| a.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
                 let ip = run.report.lock().ip;
-                Arc::new(crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes).map_err(|e| ("CreateContainerConfigError", e))?)
+                let spec = crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes).map_err(|e| ("CreateContainerConfigError", e))?;
+                // Init containers are not probed.
+                let probes = if matches!(which, Which::Init(_)) { Default::default() } else { crate::spec::probes(&cj).map_err(|e| ("CreateContainerConfigError", e))? };
+                (Arc::new(spec), probes)
             }
             None => Default::default(),
         };
@@ -872,6 +972,8 @@ impl<R: Runtime> PodManager<R> {
         let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec }).await;
         self.op("create_container", &created);
         let id = created.map_err(|e| ("CreateContainerError", e.to_string()))?;
+        // Recorded before any other await: a pod deleted from here on still removes it.
+        run.created.lock().push(id.clone());
         // Keep this and the previous container (for `logs --previous`); older ones go.
         let older = {
             let mut ids = run.ids.lock();
@@ -882,10 +984,9 @@ impl<R: Runtime> PodManager<R> {
             older
         };
         if let Some(o) = older {
-            let _ = self.rt.remove_container(&o).await;
             run.created.lock().retain(|x| *x != o);
+            let _ = self.rt.remove_container(&o).await;
         }
-        run.created.lock().push(id.clone());
         let scheme = self.rt.version();
         let scheme = scheme.split("//").next().unwrap_or("sim:");
         run.slot(which, |s| {
@@ -904,7 +1005,7 @@ impl<R: Runtime> PodManager<R> {
                 s.state = st;
             }
         });
-        Ok(id)
+        Ok((id, probes))
     }
 
     /// A ConfigMap or Secret changed: rewrite the volumes that show it (atomically, as

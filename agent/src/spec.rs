@@ -400,10 +400,101 @@ pub fn run_spec(c: &Value, facts: &PodFacts, objects: &Objects, volumes: &HashMa
     })
 }
 
+/// How a probe checks a container.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ProbeAction {
+    Exec(Vec<String>),
+    Http { port: u16, path: String, host: Option<String>, headers: Vec<(String, String)> },
+    Tcp { port: u16, host: Option<String> },
+    Grpc { port: u16, service: String },
+}
+
+/// A probe with upstream's defaults.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Probe {
+    pub action: ProbeAction,
+    pub initial_delay: std::time::Duration,
+    pub period: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+}
+
+/// A container's startup, liveness and readiness probes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Probes {
+    pub startup: Option<Probe>,
+    pub liveness: Option<Probe>,
+    pub readiness: Option<Probe>,
+}
+
+/// A port given as a number or as the name of one of the container's ports.
+fn probe_port(v: &Value, c: &Value) -> Result<u16, String> {
+    if let Some(n) = v.as_u64() {
+        return u16::try_from(n).ok().filter(|p| *p > 0).ok_or_else(|| format!("invalid probe port {n}"));
+    }
+    let name = v.as_str().unwrap_or_default();
+    if let Ok(n) = name.parse::<u16>() {
+        return Ok(n);
+    }
+    c["ports"].as_array().into_iter().flatten().find(|p| p["name"] == name).and_then(|p| p["containerPort"].as_u64()).and_then(|n| u16::try_from(n).ok()).ok_or_else(|| format!("probe port {name:?} is not a port of the container"))
+}
+
+fn probe(p: &Value, c: &Value) -> Result<Option<Probe>, String> {
+    if !p.is_object() {
+        return Ok(None);
+    }
+    let secs = |k: &str, d: u64| std::time::Duration::from_secs(p[k].as_u64().unwrap_or(d));
+    let action = if let Some(e) = p.get("exec") {
+        ProbeAction::Exec(strs(&e["command"]))
+    } else if let Some(h) = p.get("httpGet") {
+        if h["scheme"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
+            return Err("httpGet probes with scheme HTTPS are not supported by this node yet".into());
+        }
+        let headers = h["httpHeaders"].as_array().into_iter().flatten().map(|x| (x["name"].as_str().unwrap_or_default().to_string(), x["value"].as_str().unwrap_or_default().to_string())).collect();
+        ProbeAction::Http { port: probe_port(&h["port"], c)?, path: h["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/").to_string(), host: h["host"].as_str().filter(|h| !h.is_empty()).map(str::to_string), headers }
+    } else if let Some(t) = p.get("tcpSocket") {
+        ProbeAction::Tcp { port: probe_port(&t["port"], c)?, host: t["host"].as_str().filter(|h| !h.is_empty()).map(str::to_string) }
+    } else if let Some(g) = p.get("grpc") {
+        ProbeAction::Grpc { port: probe_port(&g["port"], c)?, service: g["service"].as_str().unwrap_or_default().to_string() }
+    } else {
+        return Err("a probe needs one of exec, httpGet, tcpSocket or grpc".into());
+    };
+    Ok(Some(Probe {
+        action,
+        initial_delay: secs("initialDelaySeconds", 0),
+        period: secs("periodSeconds", 10).max(std::time::Duration::from_secs(1)),
+        timeout: secs("timeoutSeconds", 1).max(std::time::Duration::from_secs(1)),
+        success_threshold: p["successThreshold"].as_u64().unwrap_or(1).max(1) as u32,
+        failure_threshold: p["failureThreshold"].as_u64().unwrap_or(3).max(1) as u32,
+    }))
+}
+
+/// The probes of a container spec.
+pub fn probes(c: &Value) -> Result<Probes, String> {
+    Ok(Probes { startup: probe(&c["startupProbe"], c)?, liveness: probe(&c["livenessProbe"], c)?, readiness: probe(&c["readinessProbe"], c)? })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn probes_parse_with_upstream_defaults_and_named_ports() {
+        let c = json!({"ports": [{"name": "http", "containerPort": 8080}],
+            "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 2},
+            "readinessProbe": {"tcpSocket": {"port": 8080}, "failureThreshold": 1},
+            "startupProbe": {"exec": {"command": ["cat", "/ready"]}, "initialDelaySeconds": 1}});
+        let p = probes(&c).unwrap();
+        let l = p.liveness.unwrap();
+        assert_eq!(l.action, ProbeAction::Http { port: 8080, path: "/healthz".into(), host: None, headers: vec![] });
+        assert_eq!((l.period.as_secs(), l.timeout.as_secs(), l.failure_threshold, l.success_threshold), (2, 1, 3, 1));
+        assert_eq!(p.readiness.unwrap().failure_threshold, 1);
+        assert_eq!(p.startup.unwrap().action, ProbeAction::Exec(vec!["cat".into(), "/ready".into()]));
+        assert!(probes(&json!({"livenessProbe": {"tcpSocket": {"port": "nope"}}})).unwrap_err().contains("not a port"));
+        assert_eq!(probes(&json!({})).unwrap(), Probes::default());
+    }
 
     #[test]
     fn environment_resolves_as_upstream() {

@@ -152,6 +152,8 @@ spec:
         - {name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}
         - {name: POD_IP, valueFrom: {fieldRef: {fieldPath: status.podIP}}}
         resources: {limits: {cpu: 200m, memory: 64Mi}}
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {httpGet: {path: /index.html, port: http}, periodSeconds: 1}
         volumeMounts: [{name: config, mountPath: /etc/app, readOnly: true}]
       volumes: [{name: config, configMap: {name: app-config}}]
 "#;
@@ -260,6 +262,17 @@ fn runc_pods_run_network_restart_and_log() {
     assert_eq!(p["status"]["phase"], "Running");
     assert!(k.ok(&["logs", "crasher", "--previous"]).contains("crashing"));
 
+    // A failing liveness probe restarts the container; a failing readiness probe keeps the
+    // pod out of Ready while it runs.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "unhealthy"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "touch /tmp/healthy; sleep 2; rm /tmp/healthy; sleep 600"],
+        "livenessProbe": {"exec": {"command": ["cat", "/tmp/healthy"]}, "periodSeconds": 1, "failureThreshold": 2},
+        "readinessProbe": {"tcpSocket": {"port": 9}, "periodSeconds": 1}}]}}"#);
+    let p = wait_pod(&k, &agent, "unhealthy", 40, "liveness restart", |p| p["status"]["containerStatuses"][0]["restartCount"].as_u64() >= Some(1));
+    let cs = &p["status"]["containerStatuses"][0];
+    assert_eq!(cs["ready"], false, "readiness probe fails: {cs}");
+    assert!(cs["lastState"]["terminated"]["exitCode"].as_i64().is_some_and(|c| c == 137 || c == 143), "{cs}");
+    assert!(p["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "False"));
+
     // A ConfigMap update appears in the volume of a running pod.
     k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "watcher"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "while true; do cat /cfg/greeting; echo; sleep 0.5; done"], "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}], "volumes": [{"name": "cfg", "configMap": {"name": "app-config"}}]}}"#);
     wait_pod(&k, &agent, "watcher", 30, "watcher runs", |p| p["status"]["phase"] == "Running");
@@ -270,7 +283,7 @@ fn runc_pods_run_network_restart_and_log() {
     let before = agent.runc_ids().len();
     assert!(before >= 4, "runc runs {before} containers");
     k.ok(&["delete", "deployment", "web"]);
-    k.ok(&["delete", "pod", "crasher", "watcher", "bad-image", "client", "init-fails", "ticker", "short", "--wait=true", "--timeout=60s"]);
+    k.ok(&["delete", "pod", "crasher", "watcher", "bad-image", "client", "init-fails", "ticker", "short", "unhealthy", "--wait=true", "--timeout=60s"]);
     k.eventually(&["get", "pods", "-o", "name"], "all pods gone", |o| o.trim().is_empty() || o.contains("No resources"));
     let t = Instant::now();
     while !agent.runc_ids().is_empty() {

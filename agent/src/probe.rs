@@ -1,0 +1,115 @@
+//! One probe attempt (exec, httpGet, tcpSocket), with the kubelet's success rules and
+//! failure messages. The prober loop (thresholds, periods) is in `pods.rs`.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::runtime::Runtime;
+use crate::spec::ProbeAction;
+
+/// An OS error as Go's net package words it (what kubelet's probe messages show).
+fn dial_error(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::ConnectionRefused => "connect: connection refused".into(),
+        std::io::ErrorKind::TimedOut => "i/o timeout".into(),
+        _ => e.to_string().split(" (os error").next().unwrap_or_default().to_lowercase(),
+    }
+}
+
+/// Runs one attempt; Err carries the failure message.
+pub async fn check<R: Runtime>(rt: &R, container: &str, pod_ip: Option<Ipv4Addr>, action: &ProbeAction, timeout: Duration) -> Result<(), String> {
+    let ip = pod_ip.map(|i| i.to_string()).unwrap_or_else(|| "127.0.0.1".into());
+    match action {
+        ProbeAction::Exec(cmd) => {
+            let child = rt.exec(container, cmd, false).map_err(|e| e.to_string())?;
+            match tokio::time::timeout(timeout, child.wait_with_output()).await {
+                Err(_) => Err(format!("command {cmd:?} timed out")),
+                Ok(Err(e)) => Err(e.to_string()),
+                Ok(Ok(o)) if o.status.success() => Ok(()),
+                Ok(Ok(o)) => {
+                    let out = String::from_utf8_lossy(&o.stdout).to_string() + &String::from_utf8_lossy(&o.stderr);
+                    Err(out.trim().chars().take(1024).collect::<String>())
+                }
+            }
+        }
+        ProbeAction::Tcp { port, host } => {
+            let h = host.clone().unwrap_or(ip);
+            match tokio::time::timeout(timeout, tokio::net::TcpStream::connect((h.as_str(), *port))).await {
+                Err(_) => Err(format!("dial tcp {h}:{port}: i/o timeout")),
+                Ok(Err(e)) => Err(format!("dial tcp {h}:{port}: {}", dial_error(&e))),
+                Ok(Ok(_)) => Ok(()),
+            }
+        }
+        ProbeAction::Http { port, path, host, headers } => {
+            let h = host.clone().unwrap_or(ip);
+            let url = format!("http://{h}:{port}{path}");
+            let attempt = async {
+                let mut s = tokio::net::TcpStream::connect((h.as_str(), *port)).await.map_err(|e| format!("Get {url:?}: dial tcp {h}:{port}: {}", dial_error(&e)))?;
+                let mut req = format!("GET {path} HTTP/1.1\r\nHost: {h}:{port}\r\nUser-Agent: kube-probe/1.35\r\nAccept: */*\r\nConnection: close\r\n");
+                for (k, v) in headers {
+                    req.push_str(&format!("{k}: {v}\r\n"));
+                }
+                req.push_str("\r\n");
+                s.write_all(req.as_bytes()).await.map_err(|e| format!("Get {url:?}: {e}"))?;
+                let mut buf = vec![0u8; 1024];
+                let mut n = 0;
+                while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+                    let m = s.read(&mut buf[n..]).await.map_err(|e| format!("Get {url:?}: {e}"))?;
+                    if m == 0 {
+                        break;
+                    }
+                    n += m;
+                }
+                let line = String::from_utf8_lossy(&buf[..n]);
+                let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("Get {url:?}: malformed HTTP response"))?;
+                if (200..400).contains(&code) {
+                    Ok(())
+                } else {
+                    Err(format!("HTTP probe failed with statuscode: {code}"))
+                }
+            };
+            match tokio::time::timeout(timeout, attempt).await {
+                Err(_) => Err(format!("Get {url:?}: context deadline exceeded (Client.Timeout exceeded while awaiting headers)")),
+                Ok(r) => r,
+            }
+        }
+        ProbeAction::Grpc { port, .. } => Err(format!("gRPC probes (port {port}) are not supported by this node yet")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::sim::{Sim, SimSettings};
+
+    #[tokio::test]
+    async fn http_and_tcp_probes_judge_as_the_kubelet() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            let mut n = 0;
+            loop {
+                let (mut s, _) = l.accept().await.unwrap();
+                let mut b = [0u8; 512];
+                let _ = s.read(&mut b).await;
+                n += 1;
+                let code = if n == 1 { "200 OK" } else if n == 2 { "302 Found" } else { "503 Service Unavailable" };
+                let _ = s.write_all(format!("HTTP/1.1 {code}\r\nContent-Length: 0\r\n\r\n").as_bytes()).await;
+            }
+        });
+        let rt = Sim::new(SimSettings::default());
+        let lo = Some(Ipv4Addr::LOCALHOST);
+        let http = ProbeAction::Http { port, path: "/healthz".into(), host: None, headers: vec![] };
+        let t = Duration::from_secs(1);
+        assert!(check(&rt, "c", lo, &http, t).await.is_ok());
+        assert!(check(&rt, "c", lo, &http, t).await.is_ok(), "3xx is success");
+        assert_eq!(check(&rt, "c", lo, &http, t).await.unwrap_err(), "HTTP probe failed with statuscode: 503");
+        assert!(check(&rt, "c", lo, &ProbeAction::Tcp { port, host: None }, t).await.is_ok());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let e = check(&rt, "c", lo, &ProbeAction::Tcp { port: closed, host: None }, t).await.unwrap_err();
+        assert_eq!(e, format!("dial tcp 127.0.0.1:{closed}: connect: connection refused"));
+        assert!(check(&rt, "c", lo, &ProbeAction::Exec(vec!["true".into()]), t).await.unwrap_err().contains("not supported"), "the simulated runtime has no exec");
+    }
+}
