@@ -17,6 +17,9 @@ pub struct PodNetwork {
     pub bridge: String,
     /// The cluster's pod range (not masqueraded), e.g. `10.0.0.0/8`.
     pub cluster_cidr: String,
+    /// Routes installed to other nodes' pod ranges: node → (podCIDR, its address). Updates
+    /// apply in arrival order under this lock.
+    pub routes: tokio::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
 }
 
 /// Runs `ip [-n NS] -batch -` with `lines`; the error carries what `ip` said.
@@ -87,6 +90,49 @@ impl PodNetwork {
             Ok(o) => tracing::warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "masquerade rule not installed"),
             Err(e) => tracing::warn!(error = %e, "masquerade rule not installed"),
         }
+    }
+
+    /// Routes to other nodes' pod ranges through their addresses (nodes on one link reach
+    /// each other directly). `full` replaces every route installed before.
+    pub async fn set_peers(&self, peers: Vec<(String, String, String)>, full: bool) {
+        let mut routes = self.routes.lock().await;
+        let mut want: std::collections::HashMap<String, (String, String)> = if full { Default::default() } else { routes.clone() };
+        for (name, cidr, ip) in peers {
+            if cidr.is_empty() || ip.is_empty() {
+                want.remove(&name);
+            } else {
+                want.insert(name, (cidr, ip));
+            }
+        }
+        let mut batch = String::new();
+        for (name, (cidr, _)) in routes.iter() {
+            if !want.values().any(|(c, _)| c == cidr) {
+                tracing::debug!(node = %name, %cidr, "route removed");
+                batch.push_str(&format!("route del {cidr}\n"));
+            }
+        }
+        for (name, (cidr, ip)) in &want {
+            if routes.get(name) != Some(&(cidr.clone(), ip.clone())) {
+                batch.push_str(&format!("route replace {cidr} via {ip}\n"));
+            }
+        }
+        if !batch.is_empty() {
+            // -force: one unreachable peer must not keep the others from being routed.
+            let mut cmd = Command::new("ip");
+            cmd.args(["-force", "-batch", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
+            if let Ok(mut child) = cmd.spawn() {
+                if let Some(mut stdin) = child.stdin.take() {
+                    let _ = stdin.write_all(batch.as_bytes()).await;
+                }
+                if let Ok(o) = child.wait_with_output().await {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    if !err.trim().is_empty() {
+                        tracing::warn!(error = %err.trim(), "some routes to other nodes' pods were not installed (peers not on this node's link need VXLAN, which is not built yet)");
+                    }
+                }
+            }
+        }
+        *routes = want;
     }
 
     /// Creates the pod's namespace and link; returns the namespace's path.

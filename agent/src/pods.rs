@@ -996,7 +996,12 @@ impl<R: Runtime> PodManager<R> {
         });
         let started = self.rt.start_container(&id).await;
         self.op("start_container", &started);
-        started.map_err(|e| ("RunContainerError", e.to_string()))?;
+        if let Err(e) = started {
+            // Nothing ran: the next attempt makes a new one, this one goes now.
+            let _ = self.rt.remove_container(&id).await;
+            run.created.lock().retain(|x| *x != id);
+            return Err(("RunContainerError", e.to_string()));
+        }
         let st = self.rt.container_state(&id).ok();
         run.slot(which, |s| {
             s.waiting = None;

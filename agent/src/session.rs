@@ -310,7 +310,7 @@ impl<R: Runtime> Agent<R> {
                 revision: *r,
             })
             .collect();
-        pb::Hello { known }
+        pb::Hello { known, want_peers: self.rt.keeps_specs() }
     }
 
     async fn session(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> End {
@@ -473,6 +473,10 @@ impl<R: Runtime> Agent<R> {
             server_message::Msg::Cancel(c) => {
                 // Dropping the input channel kills the exec'd process.
                 self.execs.lock().remove(&c.id);
+                None
+            }
+            server_message::Msg::Peers(p) => {
+                self.rt.set_peers(p.peers.into_iter().map(|x| (x.name, x.pod_cidr, x.internal_ip)).collect(), p.full);
                 None
             }
             server_message::Msg::Input(i) => {

@@ -430,7 +430,7 @@ impl NodeAgent for AgentGrpc {
             };
             known.insert(key, k.revision);
         }
-        self.hub.send(HubMsg::Attach { node: node.clone(), id, known, out: tx.clone(), kill: kill_tx });
+        self.hub.send(HubMsg::Attach { node: node.clone(), id, known, out: tx.clone(), kill: kill_tx, peers: hello.want_peers });
         self.metrics.sessions.inc();
         tracing::debug!(%node, id, "agent session opened");
         let svc = self.0.clone();
@@ -571,7 +571,7 @@ fn volume_of_claim(e: &Entry) -> Option<String> {
 }
 
 enum HubMsg {
-    Attach { node: String, id: u64, known: HashMap<String, i64>, out: Out, kill: oneshot::Sender<()> },
+    Attach { node: String, id: u64, known: HashMap<String, i64>, out: Out, kill: oneshot::Sender<()>, peers: bool },
     Detach { node: String, id: u64 },
 }
 
@@ -581,6 +581,8 @@ struct Conn {
     kill: Option<oneshot::Sender<()>>,
     /// What the agent holds: store key → revision.
     sent: HashMap<String, i64>,
+    /// The agent wants other nodes' pod ranges (real nodes route between them).
+    peers: bool,
 }
 
 #[derive(Default)]
@@ -618,13 +620,17 @@ struct HubState {
     pending: HashMap<String, Vec<pb::Object>>,
     /// While the state is rebuilt nothing is queued: connected nodes get a diff after.
     rebuilding: bool,
+    /// Each node's (podCIDR, InternalIP), for agents that route between nodes.
+    peer_info: HashMap<String, (String, String)>,
+    /// Connected nodes that asked for peers (hollow nodes do not: O(routing nodes) per change).
+    routing: HashSet<String>,
 }
 
 impl Hub {
     fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
-        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false };
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false, peer_info: HashMap::new(), routing: HashSet::new() };
         std::thread::Builder::new()
             .name("api-agents".into())
             .spawn(move || {
@@ -644,6 +650,14 @@ impl Hub {
     }
 }
 
+/// A node's (podCIDR, InternalIP), when it has both.
+fn peer_of(e: &Entry) -> Option<(String, String)> {
+    let v = e.value();
+    let cidr = v.pointer("/spec/podCIDR")?.as_str()?.to_string();
+    let ip = v.pointer("/status/addresses")?.as_array()?.iter().find(|a| a["type"] == "InternalIP")?["address"].as_str()?.to_string();
+    Some((cidr, ip))
+}
+
 fn object(key: &str, e: Option<&Entry>, rev: i64) -> pb::Object {
     let rest = key.splitn(4, '/').nth(3).unwrap_or("");
     let (ns, name) = if matches!(kind_of_key(key), "Node" | "PersistentVolume") { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
@@ -660,12 +674,12 @@ impl HubState {
                 let (p, initial, _, _) = self.cache.subscribe("/registry/pods/", &filter(pods_def), None)?;
                 let (c, _, _, _) = self.cache.subscribe("/registry/configmaps/", &filter(def("configmaps", "", "v1")), Some(self.cache.revision()))?;
                 let (s, _, _, _) = self.cache.subscribe("/registry/secrets/", &filter(def("secrets", "", "v1")), Some(self.cache.revision()))?;
-                let (n, _, _, _) = self.cache.subscribe("/registry/minions/", &filter(def("nodes", "", "v1")), Some(self.cache.revision()))?;
+                let (n, nodes, _, _) = self.cache.subscribe("/registry/minions/", &filter(def("nodes", "", "v1")), None)?;
                 let (pvc, _, _, _) = self.cache.subscribe("/registry/persistentvolumeclaims/", &filter(def("persistentvolumeclaims", "", "v1")), Some(self.cache.revision()))?;
                 let (pv, _, _, _) = self.cache.subscribe("/registry/persistentvolumes/", &filter(def("persistentvolumes", "", "v1")), Some(self.cache.revision()))?;
-                Some((p, c, s, n, pvc, pv, initial))
+                Some((p, c, s, n, pvc, pv, initial, nodes))
             })();
-            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, initial)) = subs else {
+            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, initial, nodes)) = subs else {
                 // Not ready yet; agents may still attach (they are answered once it is).
                 tokio::select! {
                     m = rx.recv() => match m { Some(m) => self.control(m, false), None => return },
@@ -684,12 +698,14 @@ impl HubState {
             for e in &initial {
                 self.pod_changed(&e.key, Some(e), e.mod_rev);
             }
+            self.peer_info = nodes.iter().filter_map(|e| Some((e.name().to_string(), peer_of(e)?))).collect();
             self.rebuilding = false;
             self.pending.clear();
             // Every connected agent gets the difference from what it was sent.
             let connected: Vec<String> = self.nodes.iter().filter(|(_, n)| n.conn.is_some()).map(|(k, _)| k.clone()).collect();
             for node in connected {
                 self.resync(&node);
+                self.send_peers_full(&node);
             }
             tracing::info!(pods = self.pods.len(), "agent hub following the watch cache");
             loop {
@@ -724,6 +740,7 @@ impl HubState {
                     } else if let Some(node) = ev.key.strip_prefix("/registry/minions/") {
                         let node = node.to_string();
                         self.queue(&node, &ev.key, cur, ev.rev);
+                        self.peer_changed(&node, cur);
                     } else {
                         self.ref_changed(&ev.key, cur, ev.rev);
                     }
@@ -875,18 +892,26 @@ impl HubState {
 
     fn control(&mut self, m: HubMsg, ready: bool) {
         match m {
-            HubMsg::Attach { node, id, known, out, kill } => {
+            HubMsg::Attach { node, id, known, out, kill, peers } => {
                 let rec = self.nodes.entry(node.clone()).or_default();
                 if let Some(mut old) = rec.conn.take() {
                     if let Some(k) = old.kill.take() {
                         let _ = k.send(());
                     }
                 }
-                rec.conn = Some(Conn { id, out: out.clone(), kill: Some(kill), sent: known });
+                rec.conn = Some(Conn { id, out: out.clone(), kill: Some(kill), sent: known, peers });
+                if peers {
+                    self.routing.insert(node.clone());
+                } else {
+                    self.routing.remove(&node);
+                }
                 self.outs.lock().insert(node.clone(), out);
                 if ready {
                     self.resync(&node);
                     self.flush();
+                    if peers {
+                        self.send_peers_full(&node);
+                    }
                 }
             }
             HubMsg::Detach { node, id } => {
@@ -894,6 +919,7 @@ impl HubState {
                     if rec.conn.as_ref().is_some_and(|c| c.id == id) {
                         rec.conn = None;
                         self.outs.lock().remove(&node);
+                        self.routing.remove(&node);
                     }
                     if rec.conn.is_none() && rec.pods.is_empty() {
                         self.nodes.remove(&node);
@@ -928,6 +954,53 @@ impl HubState {
         }
     }
 
+    /// A node's pod range or address changed: agents that route hear of it (only then:
+    /// node status updates that change neither cost nothing).
+    fn peer_changed(&mut self, node: &str, cur: Option<&Entry>) {
+        let now = cur.and_then(peer_of);
+        if self.peer_info.get(node) == now.as_ref() {
+            return;
+        }
+        match &now {
+            Some(p) => self.peer_info.insert(node.to_string(), p.clone()),
+            None => self.peer_info.remove(node),
+        };
+        let (pod_cidr, internal_ip) = now.unwrap_or_default();
+        let peer = pb::Peer { name: node.to_string(), pod_cidr, internal_ip };
+        let mut slow = vec![];
+        for name in self.routing.iter().filter(|n| n.as_str() != node) {
+            let Some(c) = self.nodes.get(name).and_then(|r| r.conn.as_ref()).filter(|c| c.peers) else { continue };
+            if c.out.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Peers(pb::Peers { peers: vec![peer.clone()], full: false })) })).is_err() {
+                slow.push(name.clone());
+            }
+        }
+        // A lost update would leave a stale route: such an agent reconnects and gets all.
+        for name in slow {
+            self.disconnect_slow(&name);
+        }
+    }
+
+    fn disconnect_slow(&mut self, node: &str) {
+        let Some(rec) = self.nodes.get_mut(node) else { return };
+        let Some(c) = rec.conn.as_mut() else { return };
+        self.metrics.slow_disconnects.inc();
+        tracing::warn!(%node, "agent session too slow; closing it");
+        if let Some(k) = c.kill.take() {
+            let _ = k.send(());
+        }
+        rec.conn = None;
+        self.outs.lock().remove(node);
+        self.routing.remove(node);
+    }
+
+    fn send_peers_full(&mut self, node: &str) {
+        let Some(c) = self.nodes.get(node).and_then(|n| n.conn.as_ref()).filter(|c| c.peers) else { return };
+        let peers = self.peer_info.iter().filter(|(n, _)| n.as_str() != node).map(|(n, (cidr, ip))| pb::Peer { name: n.clone(), pod_cidr: cidr.clone(), internal_ip: ip.clone() }).collect();
+        if c.out.try_send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Peers(pb::Peers { peers, full: true })) })).is_err() {
+            self.disconnect_slow(node);
+        }
+    }
+
     fn flush(&mut self) {
         let nodes: Vec<String> = self.pending.keys().cloned().collect();
         for n in nodes {
@@ -947,13 +1020,7 @@ impl HubState {
         if c.out.try_send(Ok(msg)).is_err() {
             // Too slow (or gone): close the session; the agent comes back and gets the
             // difference.
-            self.metrics.slow_disconnects.inc();
-            tracing::warn!(%node, "agent session too slow; closing it");
-            if let Some(k) = c.kill.take() {
-                let _ = k.send(());
-            }
-            rec.conn = None;
-            self.outs.lock().remove(node);
+            self.disconnect_slow(node);
         }
     }
 }

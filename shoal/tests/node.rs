@@ -42,16 +42,31 @@ struct AgentProc {
 
 impl AgentProc {
     fn start(server: &Server, dir: &Path, node: &str) -> AgentProc {
+        AgentProc::start_in(&format!("https://{}", server.api), &server.data_dir, dir, node, None, "127.0.0.1")
+    }
+
+    /// Starts an agent joined to `url` (server data in `server_dir`), inside the named
+    /// network namespace when given (nsenter: unlike `ip netns exec` it keeps /sys, whose
+    /// cgroup mounts runc needs).
+    fn start_in(url: &str, server_dir: &Path, dir: &Path, node: &str, netns: Option<&str>, node_ip: &str) -> AgentProc {
         let data = dir.join(node);
         let log = dir.join(format!("{node}.log"));
-        let token = std::fs::read_to_string(server.data_dir.join("pki/bootstrap-token")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        let token = std::fs::read_to_string(server_dir.join("pki/bootstrap-token")).unwrap();
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_shoal"));
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_shoal")),
+        };
+        let child = cmd
             .arg("agent")
-            .args(["--server", &format!("https://{}", server.api)])
+            .args(["--server", url])
             .args(["--token", token.trim()])
             .arg("--ca-file")
-            .arg(server.data_dir.join("pki/ca.crt"))
-            .args(["--node-name", node])
+            .arg(server_dir.join("pki/ca.crt"))
+            .args(["--node-name", node, "--node-ip", node_ip])
             .arg("--data-dir")
             .arg(&data)
             .args(["--log", "info,shoal_agent=debug"])
@@ -294,4 +309,113 @@ fn runc_pods_run_network_restart_and_log() {
     assert_eq!(String::from_utf8_lossy(&links.stdout).matches("veth").count(), 0, "pod links removed");
     let cgroups = std::fs::read_dir(format!("/sys/fs/cgroup/memory/shoal/{node}")).map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
     assert_eq!(cgroups, 0, "pod cgroups removed");
+}
+
+/// A named network namespace standing for a machine on the test's LAN; deleted on drop.
+struct Host {
+    netns: String,
+}
+
+impl Host {
+    /// Creates it with `eth0` at `ip`/24 plugged into the LAN bridge `lan0` of the test's
+    /// own namespace.
+    fn new(netns: &str, ip: &str, veth: &str) -> Host {
+        let run = |args: &[&str]| {
+            let o = Command::new("ip").args(args).output().unwrap();
+            assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        };
+        run(&["netns", "add", netns]);
+        run(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns]);
+        run(&["link", "set", veth, "master", "lan0", "up"]);
+        run(&["-n", netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        run(&["-n", netns, "link", "set", "eth0", "up"]);
+        run(&["-n", netns, "link", "set", "lo", "up"]);
+        Host { netns: netns.to_string() }
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.netns]).status();
+    }
+}
+
+/// Two nodes on one LAN, each in a namespace of its own, the server on the LAN: a pod on
+/// node A reaches a pod on node B (routes between nodes' pod ranges, learnt from the
+/// server), and a pod reaches an address outside the cluster (masqueraded as its node).
+#[test]
+fn pods_on_two_nodes_reach_each_other_and_the_outside() {
+    let kubectl = kubectl_bin();
+    own_netns();
+    let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
+    run(&["link", "add", "lan0", "type", "bridge"]);
+    run(&["addr", "add", "192.168.77.1/24", "dev", "lan0"]);
+    run(&["link", "set", "lan0", "up"]);
+    let id = std::process::id();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    // The server listens on the LAN address (this namespace is fresh: fixed ports are free).
+    let data = dir.path().join("server");
+    let slog = dir.path().join("server.log");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_shoal"))
+        .args(["server", "--name", "s1", "--etcd-addr", "127.0.0.1:2379", "--peer-addr", "127.0.0.1:2380", "--metrics-addr", "", "--admin-addr", "", "--api-addr", "192.168.77.1:6443"])
+        .arg("--data-dir")
+        .arg(&data)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&slog).unwrap())
+        .spawn()
+        .unwrap();
+    struct Kill<'a>(&'a mut Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Kill(&mut server);
+    let t = Instant::now();
+    loop {
+        let o = Command::new("curl").args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "https://192.168.77.1:6443/readyz"]).output().unwrap();
+        if String::from_utf8_lossy(&o.stdout) == "200" && data.join("pki/bootstrap-token").exists() {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "server not ready: {}", std::fs::read_to_string(&slog).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let k = K { bin: kubectl, cfg: data.join("kubeconfig") };
+    let (na, nb) = (format!("na-{id}"), format!("nb-{id}"));
+    let _ha = Host::new(&format!("shoal-t{id}-a"), "192.168.77.11", &format!("va{id}"));
+    let _hb = Host::new(&format!("shoal-t{id}-b"), "192.168.77.12", &format!("vb{id}"));
+    AgentProc::import(&dir.path().join(&na), &image);
+    AgentProc::import(&dir.path().join(&nb), &image);
+    let url = "https://192.168.77.1:6443";
+    let a = AgentProc::start_in(url, &data, dir.path(), &na, Some(&format!("shoal-t{id}-a")), "192.168.77.11");
+    let _b = AgentProc::start_in(url, &data, dir.path(), &nb, Some(&format!("shoal-t{id}-b")), "192.168.77.12");
+    k.eventually(&["get", "nodes"], "two nodes Ready", |o| o.matches(" Ready ").count() == 2);
+
+    let pod = |name: &str, node: &str, cmd: &str, restart: &str| {
+        format!(r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}"}}, "spec": {{"nodeName": "{node}", "restartPolicy": "{restart}", "terminationGracePeriodSeconds": 1, "containers": [{{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "{cmd}"]}}]}}}}"#)
+    };
+    k.apply(&pod("server-b", &nb, "echo from-b > /tmp/index.html; exec httpd -f -p 8080 -h /tmp", "Always"));
+    let p = wait_pod(&k, &a, "server-b", 30, "server on b runs", |p| p["status"]["phase"] == "Running");
+    let b_ip = p["status"]["podIP"].as_str().unwrap().to_string();
+    // Pod on A to pod on B, by the pod address (no NAT between nodes).
+    k.apply(&pod("client-a", &na, &format!("printf 'GET /index.html HTTP/1.0\\\\r\\\\n\\\\r\\\\n' | nc -w 5 {b_ip} 8080"), "Never"));
+    wait_pod(&k, &a, "client-a", 40, "cross-node client completes", |p| p["status"]["phase"] == "Succeeded" || p["status"]["phase"] == "Failed");
+    let got = k.ok(&["logs", "client-a"]);
+    assert!(got.ends_with("from-b\n"), "pod on A to pod on B: {got:?}");
+
+    // Pod to outside the cluster: a listener on the LAN sees the node's address (masquerade).
+    let l = std::net::TcpListener::bind("192.168.77.1:8099").unwrap();
+    let seen = std::thread::spawn(move || {
+        let (mut s, peer) = l.accept().unwrap();
+        use std::io::Write;
+        let _ = s.write_all(b"outside-ok\n");
+        peer.ip().to_string()
+    });
+    k.apply(&pod("egress-a", &na, "echo hi | nc -w 5 192.168.77.1 8099", "Never"));
+    wait_pod(&k, &a, "egress-a", 40, "egress completes", |p| p["status"]["phase"] == "Succeeded");
+    assert_eq!(k.ok(&["logs", "egress-a"]), "outside-ok\n");
+    assert_eq!(seen.join().unwrap(), "192.168.77.11", "traffic leaving the cluster is masqueraded as its node");
+    k.ok(&["delete", "pod", "server-b", "client-a", "egress-a", "--wait=true", "--timeout=60s"]);
 }

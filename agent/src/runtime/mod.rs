@@ -150,6 +150,9 @@ pub trait Runtime: Send + Sync + 'static {
     }
     /// The node's pod range became known (or changed).
     fn set_pod_cidr(&self, _cidr: &str) {}
+    /// Other nodes' (name, podCIDR, InternalIP): routes to their pods. `full` replaces all
+    /// known; an empty podCIDR removes a node.
+    fn set_peers(&self, _peers: Vec<(String, String, String)>, _full: bool) {}
     /// Images on the node for its status (names, size), and a number that changes when
     /// the list does.
     fn images(&self) -> (u64, Vec<(Vec<String>, u64)>) {

@@ -53,6 +53,8 @@ struct Ctr {
     cgroup: String,
     /// (when, cpu ns) of the last usage sample, for a rate.
     cpu_sample: Option<(Instant, u64)>,
+    /// Held while runc creates and starts it: stop and remove wait for a start in flight.
+    op: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The runtime.
@@ -145,6 +147,58 @@ async fn copy_log(pipe: std::io::PipeReader, stream: &'static str, log: Arc<toki
 }
 
 use tokio::io::AsyncReadExt as _;
+
+/// `runc create` (stdio to the log pipes, the pid recorded) then `runc start`.
+async fn start(runc: &Path, root: &Path, id: &str, dir: &Path, log: &Path, ctrs: &Mutex<HashMap<String, Ctr>>) -> Result<()> {
+    let (out_r, out_w) = std::io::pipe().map_err(other)?;
+    let (err_r, err_w) = std::io::pipe().map_err(other)?;
+    let file = tokio::fs::OpenOptions::new().create(true).append(true).open(log).await.map_err(other)?;
+    let file = Arc::new(tokio::sync::Mutex::new(file));
+    tokio::spawn(copy_log(out_r, "stdout", file.clone()));
+    tokio::spawn(copy_log(err_r, "stderr", file));
+    let pid_file = dir.join("pid");
+    let runc_log = dir.join("runc.log");
+    let st = Command::new(runc)
+        .arg("--root")
+        .arg(root)
+        .arg("--log")
+        .arg(&runc_log)
+        .args(["--log-format", "json", "create", "--bundle"])
+        .arg(dir)
+        .arg("--pid-file")
+        .arg(&pid_file)
+        .arg(id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(out_w))
+        .stderr(Stdio::from(err_w))
+        .status()
+        .await
+        .map_err(|e| other(format!("running runc: {e}")))?;
+    if !st.success() {
+        // runc writes why to its log, one JSON object per line.
+        let why = std::fs::read_to_string(&runc_log).unwrap_or_default().lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v["level"] == "error").and_then(|v| v["msg"].as_str().map(str::to_string))).unwrap_or_else(|| format!("runc create exited with {st}"));
+        return Err(RuntimeError::Other(format!("failed to create containerd task: failed to create shim task: OCI runtime create failed: {why}")));
+    }
+    let pid: i32 = std::fs::read_to_string(&pid_file).map_err(other)?.trim().parse().map_err(other)?;
+    if let Some(c) = ctrs.lock().get_mut(id) {
+        c.pid = Some(pid);
+    }
+    let out = Command::new(runc).arg("--root").arg(root).args(["start", id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().await.map_err(|e| other(format!("running runc: {e}")))?;
+    if !out.status.success() {
+        return Err(other(format!("runc start: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    if let Some(c) = ctrs.lock().get(id) {
+        c.state.send_if_modified(|s| {
+            if *s == ContainerState::Created {
+                *s = ContainerState::Running { started_at: now() };
+                true
+            } else {
+                false
+            }
+        });
+    }
+    Ok(())
+}
 
 impl Runc {
     /// Sets up the runtime: makes the agent the subreaper of its containers and clears
@@ -363,6 +417,11 @@ impl Runtime for Runc {
         (r#gen, list.into_iter().map(|i| (i.repo_digests.iter().chain(i.repo_tags.iter()).cloned().collect(), i.size)).collect())
     }
 
+    fn set_peers(&self, peers: Vec<(String, String, String)>, full: bool) {
+        let net = self.net.clone();
+        tokio::spawn(async move { net.set_peers(peers, full).await });
+    }
+
     fn set_pod_cidr(&self, cidr: &str) {
         *self.s.pod_cidr.lock() = Some(cidr.to_string());
     }
@@ -473,68 +532,30 @@ impl Runtime for Runc {
         let restarts = std::fs::read_dir(&log_dir).map(|r| r.count()).unwrap_or(0);
         let log = log_dir.join(format!("{restarts}.log"));
         let (state, _) = watch::channel(ContainerState::Created);
-        self.ctrs.lock().insert(id.clone(), Ctr { dir, log, pid: None, state, cgroup, cpu_sample: None });
+        self.ctrs.lock().insert(id.clone(), Ctr { dir, log, pid: None, state, cgroup, cpu_sample: None, op: Default::default() });
         Ok(id)
     }
 
     async fn start_container(&self, id: &str) -> Result<()> {
-        let (dir, log) = {
+        let (dir, log, op) = {
             let g = self.ctrs.lock();
             let c = g.get(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
-            (c.dir.clone(), c.log.clone())
+            (c.dir.clone(), c.log.clone(), c.op.clone())
         };
-        let (out_r, out_w) = std::io::pipe().map_err(other)?;
-        let (err_r, err_w) = std::io::pipe().map_err(other)?;
-        let file = tokio::fs::OpenOptions::new().create(true).append(true).open(&log).await.map_err(other)?;
-        let file = Arc::new(tokio::sync::Mutex::new(file));
-        tokio::spawn(copy_log(out_r, "stdout", file.clone()));
-        tokio::spawn(copy_log(err_r, "stderr", file));
-        let pid_file = dir.join("pid");
-        let runc_log = dir.join("runc.log");
-        let st = Command::new(&self.s.runc)
-            .arg("--root")
-            .arg(self.s.root.join("state"))
-            .arg("--log")
-            .arg(&runc_log)
-            .args(["--log-format", "json", "create", "--bundle"])
-            .arg(&dir)
-            .arg("--pid-file")
-            .arg(&pid_file)
-            .arg(id)
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out_w))
-            .stderr(Stdio::from(err_w))
-            .status()
-            .await
-            .map_err(|e| other(format!("running runc: {e}")))?;
-        if !st.success() {
-            // runc writes why to its log, one JSON object per line.
-            let why = std::fs::read_to_string(&runc_log).unwrap_or_default().lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v["level"] == "error").and_then(|v| v["msg"].as_str().map(str::to_string))).unwrap_or_else(|| format!("runc create exited with {st}"));
-            return Err(RuntimeError::Other(format!("failed to create containerd task: failed to create shim task: OCI runtime create failed: {why}")));
-        }
-        let pid: i32 = std::fs::read_to_string(&pid_file).map_err(other)?.trim().parse().map_err(other)?;
-        {
-            let mut g = self.ctrs.lock();
-            if let Some(c) = g.get_mut(id) {
-                c.pid = Some(pid);
-            }
-        }
-        self.runc(&["start", id]).await?;
-        let g = self.ctrs.lock();
-        if let Some(c) = g.get(id) {
-            c.state.send_if_modified(|s| {
-                if *s == ContainerState::Created {
-                    *s = ContainerState::Running { started_at: now() };
-                    true
-                } else {
-                    false
-                }
-            });
-        }
-        Ok(())
+        // In a task of its own: a caller that gives up (the pod was deleted) must not leave
+        // a half-created container behind; stop and remove wait for it through `op`.
+        let guard = op.lock_owned().await;
+        let (runc, root, ctrs, id) = (self.s.runc.clone(), self.s.root.join("state"), self.ctrs.clone(), id.to_string());
+        let task = tokio::spawn(async move {
+            let _guard = guard;
+            start(&runc, &root, &id, &dir, &log, &ctrs).await
+        });
+        task.await.map_err(|e| other(format!("start task failed: {e}")))?
     }
 
     async fn stop_container(&self, id: &str, grace: Duration) -> Result<()> {
+        let op = self.ctrs.lock().get(id).map(|c| c.op.clone()).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+        let _op = op.lock().await;
         let mut rx = {
             let g = self.ctrs.lock();
             let c = g.get(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
@@ -556,6 +577,11 @@ impl Runtime for Runc {
     }
 
     async fn remove_container(&self, id: &str) -> Result<()> {
+        let op = self.ctrs.lock().get(id).map(|c| c.op.clone());
+        let _op = match &op {
+            Some(op) => Some(op.lock().await),
+            None => None,
+        };
         let dir = self.ctrs.lock().remove(id).map(|c| c.dir);
         let _ = self.runc(&["delete", "--force", id]).await;
         if let Some(dir) = dir {
