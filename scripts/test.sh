@@ -26,7 +26,7 @@ acc="../shared/acceptance/etcdctl-acceptance.sh"
 if [ -f "$acc" ]; then
   echo "== etcdctl acceptance suite (../shared/acceptance)" >&2
   bash scripts/acceptance-etcdctl.sh
-  echo "== kubectl acceptance suite (../shared/acceptance), with two hollow nodes" >&2
+  echo "== kubectl acceptance suite (../shared/acceptance), with a real runc node" >&2
   bash scripts/acceptance-kubectl.sh
 else
   echo "== acceptance suites skipped: $acc not found beside the project" >&2

@@ -419,3 +419,52 @@ fn pods_on_two_nodes_reach_each_other_and_the_outside() {
     assert_eq!(seen.join().unwrap(), "192.168.77.11", "traffic leaving the cluster is masqueraded as its node");
     k.ok(&["delete", "pod", "server-b", "client-a", "egress-a", "--wait=true", "--timeout=60s"]);
 }
+
+/// Images pulled from a registry (Debian's `docker-registry`, loaded with skopeo from the
+/// test image): by tag and by digest, the digest reported as imageID and in node status,
+/// and a missing tag reported as ImagePullBackOff with the registry's answer.
+#[test]
+fn images_are_pulled_from_a_registry() {
+    let kubectl = kubectl_bin();
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let cfg = dir.path().join("registry.yml");
+    std::fs::write(&cfg, format!("version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:5000\n", dir.path().join("registry").display())).unwrap();
+    struct Kill(Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _registry = Kill(Command::new("docker-registry").arg("serve").arg(&cfg).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("docker-registry (Debian package docker-registry)"));
+    let t = Instant::now();
+    while std::net::TcpStream::connect("127.0.0.1:5000").is_err() {
+        assert!(t.elapsed() < Duration::from_secs(20), "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let o = Command::new("skopeo").args(["copy", "--dest-tls-verify=false"]).arg(format!("docker-archive:{}", image.display())).arg("docker://127.0.0.1:5000/tools/busybox:1").output().unwrap();
+    assert!(o.status.success(), "skopeo copy: {}", String::from_utf8_lossy(&o.stderr));
+    let server = Server::start_api(dir.path(), "s1", &[]);
+    server.wait_api();
+    let node = format!("reg-{}", std::process::id());
+    let agent = AgentProc::start(&server, dir.path(), &node);
+    let k = K { bin: kubectl, cfg: server.kubeconfig() };
+    k.eventually(&["get", "node", &node], "node Ready", |o| o.contains(" Ready "));
+    let pod = |name: &str, image: &str| format!(r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "{name}"}}, "spec": {{"terminationGracePeriodSeconds": 1, "containers": [{{"name": "c", "image": "{image}", "command": ["sh", "-c", "echo pulled; sleep 600"]}}]}}}}"#);
+    k.apply(&pod("by-tag", "127.0.0.1:5000/tools/busybox:1"));
+    let p = wait_pod(&k, &agent, "by-tag", 60, "pulled by tag", |p| p["status"]["phase"] == "Running");
+    let image_id = p["status"]["containerStatuses"][0]["imageID"].as_str().unwrap().to_string();
+    assert!(image_id.starts_with("127.0.0.1:5000/tools/busybox@sha256:"), "{image_id}");
+    let digest = image_id.split('@').nth(1).unwrap();
+    k.apply(&pod("by-digest", &format!("127.0.0.1:5000/tools/busybox@{digest}")));
+    wait_pod(&k, &agent, "by-digest", 60, "pulled by digest", |p| p["status"]["phase"] == "Running");
+    k.eventually(&["logs", "by-digest"], "logs", |o| o == "pulled\n");
+    k.eventually(&["get", "node", &node, "-o", "jsonpath={.status.images[*].names}"], "pulled image in node status", |o| o.contains(&image_id));
+    k.apply(&pod("no-tag", "127.0.0.1:5000/tools/busybox:nope"));
+    let p = wait_pod(&k, &agent, "no-tag", 30, "missing tag", |p| p["status"]["containerStatuses"][0]["state"]["waiting"]["reason"] == "ImagePullBackOff");
+    let msg = p["status"]["containerStatuses"][0]["state"]["waiting"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("failed to resolve reference \"127.0.0.1:5000/tools/busybox:nope\"") && msg.contains("not found"), "{msg}");
+    k.ok(&["delete", "pod", "by-tag", "by-digest", "no-tag", "--wait=true", "--timeout=60s"]);
+}

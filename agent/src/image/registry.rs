@@ -31,7 +31,8 @@ pub struct Credentials {
 /// Why a registry call failed, in the words kubelet shows.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("{0}: not found")]
+    /// A manifest (tag or digest) the registry does not have.
+    #[error("failed to resolve reference \"{0}\": {0}: not found")]
     NotFound(String),
     #[error("pull access denied, repository does not exist or may require authorization: {0}")]
     Unauthorized(String),
@@ -456,7 +457,7 @@ impl Registry {
                 .map(|b| b.to_bytes())
                 .unwrap_or_default();
             return Err(match status {
-                404 => RegistryError::NotFound(format!("{}@{digest}", r.name())),
+                404 => RegistryError::Status { method: "GET", url, status: 404, detail: ": blob unknown to registry".into() },
                 401 | 403 => RegistryError::Unauthorized(r.to_string()),
                 s => RegistryError::Status {
                     method: "GET",
