@@ -31,6 +31,7 @@ pub mod pods;
 pub mod probe;
 pub mod runtime;
 pub mod session;
+pub mod shim;
 pub mod spec;
 
 pub use session::{Agent, AgentConfig, AgentStats};

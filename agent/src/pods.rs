@@ -234,6 +234,8 @@ pub struct Ipam {
     inner: Mutex<(Option<(u32, u32)>, Used)>,
     /// True once a range is set (pods wait for it, as sandboxes wait for the network).
     ready: watch::Sender<bool>,
+    /// Reservations made before the range was known.
+    early: Mutex<Vec<Ipv4Addr>>,
 }
 
 impl Default for Ipam {
@@ -241,6 +243,7 @@ impl Default for Ipam {
         Ipam {
             inner: Mutex::new((None, Used::new())),
             ready: watch::channel(false).0,
+            early: Mutex::new(Vec::new()),
         }
     }
 }
@@ -260,9 +263,17 @@ impl Ipam {
             return;
         }
         let base = u32::from(ip) & (!0u32 << (32 - len));
+        let size = 1u32 << (32 - len);
         let mut g = self.inner.lock();
         if g.0.map(|r| r.0) != Some(base) {
-            *g = (Some((base, 1 << (32 - len))), Default::default());
+            *g = (Some((base, size)), Default::default());
+        }
+        // Addresses of adopted pods, reserved before any pod is given one.
+        for a in self.early.lock().drain(..) {
+            let i = u32::from(a).wrapping_sub(base);
+            if i < size {
+                g.1.insert(i);
+            }
         }
         drop(g);
         self.ready.send_replace(true);
@@ -284,6 +295,21 @@ impl Ipam {
         g.1.insert(i);
         Some(Ipv4Addr::from(base + i))
     }
+    /// Marks an address in use (a pod adopted after an agent restart keeps its address);
+    /// before the node has a range it is held until the range is set.
+    pub fn reserve(&self, ip: Ipv4Addr) {
+        let mut g = self.inner.lock();
+        match g.0 {
+            Some((base, size)) => {
+                let i = u32::from(ip).wrapping_sub(base);
+                if i < size {
+                    g.1.insert(i);
+                }
+            }
+            None => self.early.lock().push(ip),
+        }
+    }
+
     pub fn release(&self, ip: Ipv4Addr) {
         let mut g = self.inner.lock();
         if let Some((base, _)) = g.0 {
@@ -504,6 +530,8 @@ struct Run<'a> {
     created: Mutex<Vec<String>>,
     ids: Arc<Mutex<HashMap<String, Ids>>>,
     volumes: HashMap<String, std::path::PathBuf>,
+    /// Containers an earlier agent left for this pod, by container name.
+    adopted: Mutex<HashMap<String, crate::runtime::runc::AdoptedCtr>>,
     /// When the pod reached the agent, and whether its start was measured.
     since: std::time::Instant,
     start_measured: std::sync::atomic::AtomicBool,
@@ -631,7 +659,20 @@ impl<R: Runtime> PodManager<R> {
             None
         };
         let ids = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).map(|h| h.containers.clone()).unwrap_or_default();
-        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes, since, start_measured: Default::default() });
+        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes, since, start_measured: Default::default(), adopted: Default::default() });
+        if let Some(run) = &run {
+            // Of a container's generations left behind, the newest is adopted; the one
+            // before stays for `logs --previous`; all go when the pod does.
+            let mut found = self.rt.adopted_containers(&pod.uid);
+            found.sort_by_key(|a| a.restarts);
+            let mut adopted = run.adopted.lock();
+            for a in found {
+                run.created.lock().push(a.id.clone());
+                if let Some(older) = adopted.insert(a.container.clone(), a) {
+                    run.ids.lock().entry(older.container.clone()).or_default().previous = Some(older.id);
+                }
+            }
+        }
         if let (Some(m), Some(_)) = (&self.metrics, &run) {
             m.running_pods.inc();
         }
@@ -671,10 +712,10 @@ impl<R: Runtime> PodManager<R> {
         if let (Some(m), Some(_)) = (&self.metrics, &run) {
             m.running_pods.dec();
         }
-        if let Some(sb) = sandbox {
-            let _ = self.rt.stop_sandbox(&sb).await;
-            let _ = self.rt.remove_sandbox(&sb).await;
-        }
+        // A sandbox whose setup was abandoned (the pod went first) is the pod's uid.
+        let sb = sandbox.unwrap_or_else(|| pod.uid.to_string());
+        let _ = self.rt.stop_sandbox(&sb).await;
+        let _ = self.rt.remove_sandbox(&sb).await;
         if let Some(ip) = r.ip {
             self.node.ipam.release(ip);
         }
@@ -700,7 +741,13 @@ impl<R: Runtime> PodManager<R> {
 
     /// Address, volumes and sandbox, retried until they work; returns the volumes.
     async fn sandbox(&self, pod: &Pod, r: &mut Report, sandbox: &mut Option<String>) -> Option<HashMap<String, std::path::PathBuf>> {
-        if !pod.host_network {
+        let adopted = self.rt.adopted_sandbox(&pod.uid);
+        if let Some((_, Some(ip))) = &adopted {
+            // The address stays the pod's: hold it before any other pod is given one.
+            self.node.ipam.reserve(*ip);
+            r.ip = Some(*ip);
+        }
+        if !pod.host_network && r.ip.is_none() {
             r.ip = self.node.ipam.allocate_when_ready().await;
             if r.ip.is_none() {
                 r.reason = Some(("OutOfpods", "no pod address free in the node's podCIDR".into()));
@@ -716,6 +763,7 @@ impl<R: Runtime> PodManager<R> {
                 _ => Ok(HashMap::new()),
             };
             let res = match volumes {
+                Ok(v) if adopted.is_some() => Ok((adopted.clone().map(|a| a.0).unwrap_or_default(), v)),
                 Ok(v) => {
                     let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec(), hostname: pod.hostname() };
                     let res = self.rt.run_sandbox(&cfg).await;
@@ -750,7 +798,18 @@ impl<R: Runtime> PodManager<R> {
     /// Init containers in order, then the app containers together; returns when the pod
     /// is done (every container ended for good).
     async fn containers(&self, run: &Run<'_>) {
-        for (i, c) in run.pod.init_containers.iter().enumerate() {
+        // App containers an earlier agent started mean the init containers are done.
+        let apps_adopted = run.pod.containers.iter().any(|c| run.adopted.lock().contains_key(&c.name));
+        if apps_adopted {
+            for (i, c) in run.pod.init_containers.iter().enumerate() {
+                if let Some(a) = run.adopted.lock().remove(&c.name) {
+                    let _ = self.adopt(run, c, Which::Init(i), a);
+                } else {
+                    run.slot(Which::Init(i), |s| s.state = Some(ContainerState::Exited { exit_code: 0, reason: "Completed".into(), started_at: now(), finished_at: now() }));
+                }
+            }
+        }
+        for (i, c) in run.pod.init_containers.iter().enumerate().filter(|_| !apps_adopted) {
             let code = self.supervise(run, c, Which::Init(i)).await;
             if code != 0 {
                 // Only with restartPolicy Never does a failed init container end the pod.
@@ -777,9 +836,19 @@ impl<R: Runtime> PodManager<R> {
     async fn supervise(&self, run: &Run<'_>, c: &Ctr, which: Which) -> i32 {
         let mut backoff = Backoff::new(self.backoff_base);
         let init = matches!(which, Which::Init(_));
+        let mut adopted = run.adopted.lock().remove(&c.name);
         loop {
             let started = std::time::Instant::now();
-            let code = match self.launch(run, c, which).await {
+            let launched = match adopted.take() {
+                Some(a) => self.adopt(run, c, which, a),
+                None => self.launch(run, c, which).await,
+            };
+            let code = match launched {
+                // Found exited (while no agent ran): as if it had just exited.
+                Ok((id, _)) if id.is_empty() => match run.slot(which, |s| s.state.clone()) {
+                    Some(ContainerState::Exited { exit_code, .. }) => exit_code,
+                    _ => 255,
+                },
                 Ok((id, probes)) => {
                     run.slot(which, |s| {
                         s.probe_ready = probes.readiness.as_ref().map(|_| false);
@@ -938,6 +1007,31 @@ impl<R: Runtime> PodManager<R> {
         }
     }
 
+    /// Takes over a container an earlier agent started: its report slot and ids as if
+    /// just launched. Returns its id and probes, or an empty id when it had exited.
+    fn adopt(&self, run: &Run<'_>, c: &Ctr, which: Which, a: crate::runtime::runc::AdoptedCtr) -> Result<(String, crate::spec::Probes), (&'static str, String)> {
+        let probes = match (&run.pod.raw, which) {
+            (Some(raw), Which::App(_)) => {
+                let cj = raw["spec"]["containers"].as_array().and_then(|l| l.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
+                crate::spec::probes(&cj).unwrap_or_default()
+            }
+            _ => Default::default(),
+        };
+        run.ids.lock().entry(c.name.clone()).or_default().current = a.id.clone();
+        let scheme = self.rt.version();
+        let scheme = scheme.split("//").next().unwrap_or("runc:");
+        let running = matches!(a.state, ContainerState::Running { .. });
+        run.slot(which, |s| {
+            s.image_id = a.image_id.clone();
+            s.id = format!("{scheme}//{}", a.id);
+            s.restarts = a.restarts;
+            s.waiting = None;
+            s.state = Some(a.state.clone());
+        });
+        tracing::info!(pod = %run.pod.key(), container = %c.name, id = %a.id, running, "container adopted");
+        Ok((if running { a.id } else { String::new() }, probes))
+    }
+
     /// Pulls, creates and starts one container; the error is (waiting reason, message).
     async fn launch(&self, run: &Run<'_>, c: &Ctr, which: Which) -> Result<(String, crate::spec::Probes), (&'static str, String)> {
         let pod = run.pod;
@@ -969,7 +1063,7 @@ impl<R: Runtime> PodManager<R> {
             None => Default::default(),
         };
         let kind = if matches!(which, Which::Init(_)) { ContainerKind::Init } else { ContainerKind::App };
-        let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec }).await;
+        let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec, restart_count: run.slot(which, |s| s.restarts) }).await;
         self.op("create_container", &created);
         let id = created.map_err(|e| ("CreateContainerError", e.to_string()))?;
         // Recorded before any other await: a pod deleted from here on still removes it.
@@ -1053,6 +1147,13 @@ impl<R: Runtime> PodManager<R> {
             out.push((ns.to_string(), name.to_string(), cs));
         }
         out
+    }
+
+    /// After the first sync: removes what an earlier agent left for pods this node no
+    /// longer has.
+    pub async fn gc_adopted(&self) {
+        let keep: std::collections::HashSet<String> = self.pods.lock().values().map(|h| h.uid.to_string()).collect();
+        self.rt.gc_adopted(&keep).await;
     }
 
     /// The node's metrics (None on hollow nodes).
@@ -1202,6 +1303,18 @@ mod tests {
         assert_eq!(&*b.gone[0].1, "u1");
         // Address returned to the pool.
         assert_eq!(m.node.ipam.allocate(), Some("10.244.3.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn reserved_addresses_are_never_handed_out() {
+        let ipam = Ipam::default();
+        ipam.reserve("10.0.3.2".parse().unwrap());
+        ipam.set_cidr("10.0.3.0/24");
+        assert_eq!(ipam.allocate(), Some("10.0.3.3".parse().unwrap()), "an address reserved before the range came stays taken");
+        ipam.reserve("10.0.3.4".parse().unwrap());
+        assert_eq!(ipam.allocate(), Some("10.0.3.5".parse().unwrap()));
+        ipam.release("10.0.3.2".parse().unwrap());
+        assert_eq!(ipam.allocate(), Some("10.0.3.2".parse().unwrap()));
     }
 
     #[test]

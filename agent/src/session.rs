@@ -122,6 +122,9 @@ impl<R: Runtime> Agent<R> {
         stats: Arc<AgentStats>,
     ) -> Arc<Agent<R>> {
         let node = Arc::new(NodeCtx::new(&cfg.node_name, &cfg.host_ip, cfg.pods_dir.clone()));
+        for ip in rt.adopted_ips() {
+            node.ipam.reserve(ip);
+        }
         let outbox = Arc::new(Outbox::default());
         let pods = PodManager::with_metrics(rt.clone(), node.clone(), outbox.clone(), cfg.metrics.clone());
         Arc::new(Agent {
@@ -423,6 +426,10 @@ impl<R: Runtime> Agent<R> {
             }
             server_message::Msg::Synced(_) => {
                 self.synced.store(true, Ordering::Relaxed);
+                if self.pods.keeps_specs() {
+                    let pods = self.pods.clone();
+                    tokio::spawn(async move { pods.gc_adopted().await });
+                }
                 None
             }
             server_message::Msg::Ack(a) => {

@@ -39,6 +39,30 @@ enum Command {
     Agent(AgentArgs),
     /// Manage the node's image store.
     Image(ImageArgs),
+    /// (Internal) one container's shim, started by the agent: runs `runc create`, keeps
+    /// the container's output in its log and records its exit, so the container outlives
+    /// an agent restart.
+    #[command(hide = true)]
+    Shim(ShimArgs),
+}
+
+#[derive(Parser, Debug)]
+struct ShimArgs {
+    /// The container's id.
+    #[arg(long)]
+    id: String,
+    /// The OCI bundle directory.
+    #[arg(long)]
+    bundle: PathBuf,
+    /// runc's state root.
+    #[arg(long)]
+    root: PathBuf,
+    /// The runc binary.
+    #[arg(long, default_value = "runc")]
+    runc: PathBuf,
+    /// The container's log file (CRI format).
+    #[arg(long)]
+    log_file: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -309,6 +333,7 @@ fn main() {
         Command::Server(a) => server(a),
         Command::Agent(a) => agent(a),
         Command::Image(a) => image(a),
+        Command::Shim(a) => std::process::exit(shoal_agent::shim::run(shoal_agent::shim::ShimArgs { id: a.id, bundle: a.bundle, root: a.root, runc: a.runc, log: a.log_file })),
         Command::Admin(a) => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,

@@ -38,6 +38,8 @@ struct AgentProc {
     data: PathBuf,
     log: PathBuf,
     node: String,
+    /// The command line, to start it again on the same data.
+    argv: Vec<std::ffi::OsString>,
 }
 
 impl AgentProc {
@@ -52,29 +54,29 @@ impl AgentProc {
         let data = dir.join(node);
         let log = dir.join(format!("{node}.log"));
         let token = std::fs::read_to_string(server_dir.join("pki/bootstrap-token")).unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{ns}")).arg(env!("CARGO_BIN_EXE_shoal"));
-                c
-            }
-            None => Command::new(env!("CARGO_BIN_EXE_shoal")),
-        };
-        let child = cmd
-            .arg("agent")
-            .args(["--server", url])
-            .args(["--token", token.trim()])
-            .arg("--ca-file")
-            .arg(server_dir.join("pki/ca.crt"))
-            .args(["--node-name", node, "--node-ip", node_ip])
-            .arg("--data-dir")
-            .arg(&data)
-            .args(["--log", "info,shoal_agent=debug"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap();
-        AgentProc { child, data, log, node: node.to_string() }
+        let mut argv: Vec<std::ffi::OsString> = vec![];
+        if let Some(ns) = netns {
+            argv.extend(["nsenter".into(), format!("--net=/run/netns/{ns}").into()]);
+        }
+        argv.push(env!("CARGO_BIN_EXE_shoal").into());
+        for a in ["agent", "--server", url, "--token", token.trim(), "--node-name", node, "--node-ip", node_ip, "--log", "info,shoal_agent=debug"] {
+            argv.push(a.into());
+        }
+        argv.extend(["--ca-file".into(), server_dir.join("pki/ca.crt").into(), "--data-dir".into(), data.clone().into()]);
+        let child = AgentProc::spawn(&argv, &log);
+        AgentProc { child, data, log, node: node.to_string(), argv }
+    }
+
+    fn spawn(argv: &[std::ffi::OsString], log: &Path) -> Child {
+        let f = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+        Command::new(&argv[0]).args(&argv[1..]).stdout(Stdio::null()).stderr(f).spawn().unwrap()
+    }
+
+    /// SIGKILL (no shutdown code runs) and the same command again on the same data.
+    fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.child = AgentProc::spawn(&self.argv, &self.log);
     }
 
     fn import(data: &Path, image: &Path) {
@@ -185,7 +187,7 @@ fn runc_pods_run_network_restart_and_log() {
     // Unique per run: cgroups are the machine's, shared with any other run.
     let node = format!("node-{}", std::process::id());
     AgentProc::import(&dir.path().join(&node), &image);
-    let agent = AgentProc::start(&server, dir.path(), &node);
+    let mut agent = AgentProc::start(&server, dir.path(), &node);
     let k = K { bin: kubectl, cfg: server.kubeconfig() };
     k.eventually(&["get", "node", &node], "node Ready", |o| o.contains(" Ready "));
     let n: Value = serde_json::from_str(&k.ok(&["get", "node", &node, "-o", "json"])).unwrap();
@@ -294,6 +296,23 @@ fn runc_pods_run_network_restart_and_log() {
     k.ok(&["patch", "configmap", "app-config", "-p", r#"{"data":{"greeting":"updated-config"}}"#]);
     k.eventually(&["logs", "watcher", "--tail", "2"], "the new value in the volume", |o| o.contains("updated-config"));
 
+    // An agent restart (kill -9) adopts the running containers: same container IDs, no
+    // restarts, logs and exec still work; a pod deleted meanwhile is cleaned up.
+    let ids = |k: &K| -> Vec<String> {
+        let v: Value = serde_json::from_str(&k.ok(&["get", "pods", "-l", "app=web", "-o", "json"])).unwrap();
+        v["items"].as_array().unwrap().iter().map(|p| format!("{} {}", p["status"]["containerStatuses"][0]["containerID"].as_str().unwrap_or(""), p["status"]["containerStatuses"][0]["restartCount"])).collect()
+    };
+    let before = ids(&k);
+    agent.restart();
+    k.eventually(&["get", "node", &node], "node Ready after the agent restart", |o| o.contains(" Ready "));
+    std::thread::sleep(Duration::from_secs(2));
+    k.eventually(&["get", "pods", "-l", "app=web"], "web pods Ready after the restart", |o| o.matches("1/1").count() == 2);
+    assert_eq!(ids(&k), before, "containers adopted, not restarted");
+    assert!(agent.log_text().contains("adopted the containers an earlier agent left"), "{}", tail(&agent.log_text(), 20));
+    assert_eq!(k.ok(&["exec", a_name, "--", "echo", "still-here"]), "still-here\n");
+    assert!(k.ok(&["logs", a_name]).contains("greeting=hello-config"));
+    k.eventually(&["logs", "watcher", "--tail", "1"], "the watcher keeps logging through its shim", |o| o.contains("updated-config"));
+
     // Deleting pods stops their containers and removes them.
     let before = agent.runc_ids().len();
     assert!(before >= 4, "runc runs {before} containers");
@@ -305,8 +324,17 @@ fn runc_pods_run_network_restart_and_log() {
         assert!(t.elapsed() < Duration::from_secs(20), "containers left: {:?}", agent.runc_ids());
         std::thread::sleep(Duration::from_millis(200));
     }
-    let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&links.stdout).matches("veth").count(), 0, "pod links removed");
+    // A namespace (and its link) lives until its last process has gone.
+    let t = Instant::now();
+    loop {
+        let links = Command::new("ip").args(["-o", "link"]).output().unwrap();
+        let links = String::from_utf8_lossy(&links.stdout).to_string();
+        if links.matches("veth").count() == 0 {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(15), "pod links left: {links}\n{}", tail(&agent.log_text(), 40));
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let cgroups = std::fs::read_dir(format!("/sys/fs/cgroup/memory/shoal/{node}")).map(|d| d.flatten().filter(|e| e.path().is_dir()).count()).unwrap_or(0);
     assert_eq!(cgroups, 0, "pod cgroups removed");
 }

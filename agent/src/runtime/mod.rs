@@ -38,6 +38,8 @@ pub struct ContainerConfig {
     pub kind: ContainerKind,
     /// What to run and how; empty for runtimes that run nothing (the simulated one).
     pub run: std::sync::Arc<RunSpec>,
+    /// Restarts of this container so far (kept with it, for an agent that adopts it).
+    pub restart_count: u32,
 }
 
 /// What a container runs and with which limits (from the pod's container spec).
@@ -150,6 +152,22 @@ pub trait Runtime: Send + Sync + 'static {
     }
     /// The node's pod range became known (or changed).
     fn set_pod_cidr(&self, _cidr: &str) {}
+    /// The sandbox an earlier agent left for this pod, claimed: (id, address).
+    fn adopted_sandbox(&self, _pod_uid: &str) -> Option<(String, Option<std::net::Ipv4Addr>)> {
+        None
+    }
+    /// Addresses of the sandboxes an earlier agent left (not to be given to other pods).
+    fn adopted_ips(&self) -> Vec<std::net::Ipv4Addr> {
+        Vec::new()
+    }
+    /// The containers an earlier agent left for this pod, claimed.
+    fn adopted_containers(&self, _pod_uid: &str) -> Vec<runc::AdoptedCtr> {
+        Vec::new()
+    }
+    /// Removes what an earlier agent left for pods not in `keep` (after the first sync).
+    fn gc_adopted(&self, _keep: &std::collections::HashSet<String>) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Other nodes' (name, podCIDR, InternalIP): routes to their pods. `full` replaces all
     /// known; an empty podCIDR removes a node.
     fn set_peers(&self, _peers: Vec<(String, String, String)>, _full: bool) {}

@@ -3,10 +3,10 @@
 //! (config.json + an overlayfs root stacked from the image's layers) run by the `runc`
 //! binary in detached mode.
 //!
-//! The agent is the containers' subreaper: when `runc create` exits, the container's
-//! process is re-parented to the agent, which reaps it and so learns its exit code. The
-//! container's stdout and stderr are pipes the agent reads and writes to the pod's log
-//! files in the CRI log format.
+//! Each container has a shim (`shoal shim`, [`crate::shim`]) that runs `runc create`, holds
+//! its stdout/stderr and writes them to the log in the CRI format, reaps it and writes its
+//! exit status; so containers and their logs outlive an agent restart, and the agent that
+//! starts next adopts them (bundles carry `meta.json`, sandboxes theirs).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncBufReadExt;
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -36,6 +36,28 @@ pub struct RuncSettings {
     pub cgroup_parent: String,
     /// The node's pod range, for the gateway of pod networks (set when known).
     pub pod_cidr: Arc<Mutex<Option<String>>>,
+    /// The `shoal` binary (its `shim` command runs each container).
+    pub shim: PathBuf,
+}
+
+/// What a bundle records for the agent that adopts it after a restart.
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
+struct Meta {
+    pod_uid: String,
+    container: String,
+    sandbox: String,
+    log: PathBuf,
+    cgroup: String,
+    image_id: String,
+    restarts: u32,
+}
+
+/// What a sandbox records (`sandboxes/UID/meta.json`).
+#[derive(serde::Serialize, serde::Deserialize, Clone, Debug, Default)]
+struct SandboxMeta {
+    ip: Option<std::net::Ipv4Addr>,
+    hostname: String,
+    netns: Option<PathBuf>,
 }
 
 struct Sandbox {
@@ -57,6 +79,16 @@ struct Ctr {
     op: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// A container found at start-up, not yet claimed by its pod.
+#[derive(Clone, Debug)]
+pub struct AdoptedCtr {
+    pub id: String,
+    pub container: String,
+    pub state: ContainerState,
+    pub image_id: String,
+    pub restarts: u32,
+}
+
 /// The runtime.
 pub struct Runc {
     s: RuncSettings,
@@ -68,6 +100,13 @@ pub struct Runc {
     cgroup_v2: bool,
     /// The pod range the bridge was set up for.
     bridge: tokio::sync::Mutex<Option<String>>,
+    /// Route updates, applied in order by one task.
+    peers: tokio::sync::mpsc::UnboundedSender<(Vec<(String, String, String)>, bool)>,
+    /// Per pod: held while its network is set up or torn down.
+    sandbox_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Containers and sandboxes found at start-up, by pod uid, until their pod claims them.
+    adopted: Mutex<HashMap<String, Vec<AdoptedCtr>>>,
+    adopted_sandboxes: Mutex<HashMap<String, Option<std::net::Ipv4Addr>>>,
 }
 
 fn other(e: impl std::fmt::Display) -> RuntimeError {
@@ -111,86 +150,53 @@ pub fn capabilities(privileged: bool, add: &[String], drop: &[String]) -> Vec<St
     caps
 }
 
-/// One CRI log line: `TIME STREAM TAG MESSAGE` (`F` full line, `P` partial).
-fn cri_line(stream: &str, partial: bool, msg: &[u8]) -> Vec<u8> {
-    let ts = shoal_client::time::now_nanos();
-    let mut out = Vec::with_capacity(msg.len() + 48);
-    out.extend_from_slice(ts.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(stream.as_bytes());
-    out.extend_from_slice(if partial { b" P " } else { b" F " });
-    out.extend_from_slice(msg);
-    out.push(b'\n');
-    out
-}
 
-/// Copies one stream of a container into its log file, line by line.
-async fn copy_log(pipe: std::io::PipeReader, stream: &'static str, log: Arc<tokio::sync::Mutex<tokio::fs::File>>) {
-    let Ok(fd) = tokio::net::unix::pipe::Receiver::from_owned_fd(std::os::fd::OwnedFd::from(pipe)) else { return };
-    let mut r = tokio::io::BufReader::with_capacity(16 << 10, fd);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        // Long lines are split into 16 KiB partial records, as the CRI runtimes do.
-        let n = match (&mut r).take(16 << 10).read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let full = line.last() == Some(&b'\n');
-        let msg = if full { &line[..n - 1] } else { &line[..] };
-        let rec = cri_line(stream, !full, msg);
-        let mut f = log.lock().await;
-        if f.write_all(&rec).await.is_err() {
-            return;
-        }
-    }
-}
-
-use tokio::io::AsyncReadExt as _;
-
-/// `runc create` (stdio to the log pipes, the pid recorded) then `runc start`.
-async fn start(runc: &Path, root: &Path, id: &str, dir: &Path, log: &Path, ctrs: &Mutex<HashMap<String, Ctr>>) -> Result<()> {
-    let (out_r, out_w) = std::io::pipe().map_err(other)?;
-    let (err_r, err_w) = std::io::pipe().map_err(other)?;
-    let file = tokio::fs::OpenOptions::new().create(true).append(true).open(log).await.map_err(other)?;
-    let file = Arc::new(tokio::sync::Mutex::new(file));
-    tokio::spawn(copy_log(out_r, "stdout", file.clone()));
-    tokio::spawn(copy_log(err_r, "stderr", file));
-    let pid_file = dir.join("pid");
-    let runc_log = dir.join("runc.log");
-    let st = Command::new(runc)
-        .arg("--root")
-        .arg(root)
-        .arg("--log")
-        .arg(&runc_log)
-        .args(["--log-format", "json", "create", "--bundle"])
+/// The container's shim runs `runc create`; then `runc start`. The shim's exit (or, for an
+/// adopted container, its exit file) ends the container.
+async fn start(s: &RuncSettings, id: &str, dir: &Path, log: &Path, ctrs: &Arc<Mutex<HashMap<String, Ctr>>>, v2: bool) -> Result<()> {
+    let root = s.root.join("state");
+    let mut child = Command::new(&s.shim)
+        .arg("shim")
+        .args(["--id", id])
+        .arg("--bundle")
         .arg(dir)
-        .arg("--pid-file")
-        .arg(&pid_file)
-        .arg(id)
+        .arg("--root")
+        .arg(&root)
+        .arg("--runc")
+        .arg(&s.runc)
+        .arg("--log-file")
+        .arg(log)
         .stdin(Stdio::null())
-        .stdout(Stdio::from(out_w))
-        .stderr(Stdio::from(err_w))
-        .status()
-        .await
-        .map_err(|e| other(format!("running runc: {e}")))?;
-    if !st.success() {
-        // runc writes why to its log, one JSON object per line.
-        let why = std::fs::read_to_string(&runc_log).unwrap_or_default().lines().rev().find_map(|l| serde_json::from_str::<Value>(l).ok().filter(|v| v["level"] == "error").and_then(|v| v["msg"].as_str().map(str::to_string))).unwrap_or_else(|| format!("runc create exited with {st}"));
-        return Err(RuntimeError::Other(format!("failed to create containerd task: failed to create shim task: OCI runtime create failed: {why}")));
-    }
-    let pid: i32 = std::fs::read_to_string(&pid_file).map_err(other)?.trim().parse().map_err(other)?;
-    if let Some(c) = ctrs.lock().get_mut(id) {
-        c.pid = Some(pid);
-    }
-    let out = Command::new(runc).arg("--root").arg(root).args(["start", id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().await.map_err(|e| other(format!("running runc: {e}")))?;
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| other(format!("starting the shim {}: {e}", s.shim.display())))?;
+    let mut out = tokio::io::BufReader::new(child.stdout.take().ok_or_else(|| other("the shim has no stdout"))?);
+    let mut line = String::new();
+    let _ = tokio::time::timeout(Duration::from_secs(60), out.read_line(&mut line)).await;
+    let pid: i32 = match line.trim().split_once(' ') {
+        Some(("ok", pid)) => pid.parse().map_err(other)?,
+        Some(("err", why)) => return Err(RuntimeError::Other(format!("failed to create containerd task: failed to create shim task: OCI runtime create failed: {why}"))),
+        _ => return Err(other(format!("the shim answered {:?}", line.trim()))),
+    };
+    let cgroup = match ctrs.lock().get_mut(id) {
+        Some(c) => {
+            c.pid = Some(pid);
+            c.cgroup.clone()
+        }
+        None => String::new(),
+    };
+    watch_exit(ctrs.clone(), id.to_string(), dir.to_path_buf(), cgroup, v2, Some(child));
+    let out = Command::new(&s.runc).arg("--root").arg(&root).args(["start", id]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).output().await.map_err(|e| other(format!("running runc: {e}")))?;
     if !out.status.success() {
         return Err(other(format!("runc start: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
+    let started = now();
+    let _ = std::fs::write(dir.join("started"), started.to_string());
     if let Some(c) = ctrs.lock().get(id) {
         c.state.send_if_modified(|s| {
             if *s == ContainerState::Created {
-                *s = ContainerState::Running { started_at: now() };
+                *s = ContainerState::Running { started_at: started };
                 true
             } else {
                 false
@@ -200,18 +206,55 @@ async fn start(runc: &Path, root: &Path, id: &str, dir: &Path, log: &Path, ctrs:
     Ok(())
 }
 
+/// Waits for a container's end: its shim's exit when the agent started it, else (adopted)
+/// its exit file, polled. Then records the exit.
+fn watch_exit(ctrs: Arc<Mutex<HashMap<String, Ctr>>>, id: String, dir: PathBuf, cgroup: String, v2: bool, shim: Option<tokio::process::Child>) {
+    tokio::spawn(async move {
+        match shim {
+            Some(mut child) => {
+                let _ = child.wait().await;
+            }
+            None => {
+                while crate::shim::read_exit(&dir).is_none() {
+                    if !ctrs.lock().contains_key(&id) {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+        let (code, signal) = crate::shim::read_exit(&dir).unwrap_or((255, 0));
+        let finished_at = now();
+        let mut g = ctrs.lock();
+        let Some(c) = g.get_mut(&id) else { return };
+        let started_at = match *c.state.borrow() {
+            ContainerState::Running { started_at } => started_at,
+            _ => finished_at,
+        };
+        let oom = signal == 9 && oom_killed(&cgroup, v2);
+        let reason = if oom { "OOMKilled" } else if code == 0 { "Completed" } else { "Error" };
+        c.pid = None;
+        c.state.send_replace(ContainerState::Exited { exit_code: code, reason: reason.into(), started_at, finished_at });
+    });
+}
+
 impl Runc {
-    /// Sets up the runtime: makes the agent the subreaper of its containers and clears
-    /// containers left by an earlier agent (they are started again from the pods).
+    /// Sets up the runtime and adopts the containers and sandboxes an earlier agent left
+    /// (running ones keep running; their pods claim them when the server sends the pods).
     pub async fn new(s: RuncSettings, images: Arc<ImageStore>, net: Arc<PodNetwork>) -> anyhow::Result<Arc<Runc>> {
-        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
         std::fs::create_dir_all(s.root.join("state"))?;
         std::fs::create_dir_all(s.root.join("containers"))?;
         std::fs::create_dir_all(s.root.join("sandboxes"))?;
         let cgroup_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-        let rt = Arc::new(Runc { s, images, net, sandboxes: Mutex::new(HashMap::new()), ctrs: Arc::new(Mutex::new(HashMap::new())), seq: Default::default(), cgroup_v2, bridge: Default::default() });
-        rt.clean_leftovers().await;
-        rt.clone().reap();
+        let (peers, mut peer_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<(String, String, String)>, bool)>();
+        let routing = net.clone();
+        tokio::spawn(async move {
+            while let Some((p, full)) = peer_rx.recv().await {
+                routing.set_peers(p, full).await;
+            }
+        });
+        let rt = Arc::new(Runc { peers, s, images, net, sandboxes: Mutex::new(HashMap::new()), ctrs: Arc::new(Mutex::new(HashMap::new())), seq: Default::default(), cgroup_v2, bridge: Default::default(), adopted: Default::default(), adopted_sandboxes: Default::default(), sandbox_locks: Default::default() });
+        rt.adopt().await;
         Ok(rt)
     }
 
@@ -223,52 +266,62 @@ impl Runc {
         Ok(())
     }
 
-    async fn clean_leftovers(&self) {
-        let Ok(rd) = std::fs::read_dir(self.s.root.join("containers")) else { return };
-        for e in rd.flatten() {
-            let id = e.file_name().to_string_lossy().to_string();
-            let _ = self.runc(&["delete", "--force", &id]).await;
-            let _ = rustix::mount::unmount(e.path().join("rootfs"), rustix::mount::UnmountFlags::DETACH);
-            let _ = std::fs::remove_dir_all(e.path());
-        }
-        if let Ok(rd) = std::fs::read_dir(self.s.root.join("sandboxes")) {
-            for e in rd.flatten() {
-                let uid = e.file_name().to_string_lossy().to_string();
-                let _ = self.net.teardown(&uid).await;
-                let _ = std::fs::remove_dir_all(e.path());
-            }
-        }
+    fn sandbox_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.sandbox_locks.lock().entry(uid.to_string()).or_default().clone()
     }
 
-    /// Reaps exited containers (the agent is their subreaper) and records exit codes.
-    fn reap(self: Arc<Self>) {
-        let ctrs = self.ctrs.clone();
-        tokio::spawn(async move {
-            let Ok(mut sig) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()) else {
-                tracing::error!("cannot watch SIGCHLD: container exits will not be seen");
-                return;
+    /// Takes over what an earlier agent left: running containers (their shims still run)
+    /// and exited ones are kept for their pods; anything half-made is removed.
+    async fn adopt(&self) {
+        let mut kept = 0;
+        for e in std::fs::read_dir(self.s.root.join("containers")).into_iter().flatten().flatten() {
+            let id = e.file_name().to_string_lossy().to_string();
+            let dir = e.path();
+            let meta: Option<Meta> = std::fs::read(dir.join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            let started_at: Option<i64> = std::fs::read_to_string(dir.join("started")).ok().and_then(|s| s.trim().parse().ok());
+            let pid: Option<i32> = std::fs::read_to_string(dir.join("pid")).ok().and_then(|s| s.trim().parse().ok());
+            let exit = crate::shim::read_exit(&dir);
+            let state = match (&meta, started_at, exit, pid) {
+                (Some(_), Some(st), Some((code, signal)), _) => {
+                    let finished_at = std::fs::metadata(dir.join("exit")).ok().and_then(|m| m.modified().ok()).and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(st, |d| d.as_secs() as i64);
+                    let reason = if signal == 9 && meta.as_ref().is_some_and(|m| oom_killed(&m.cgroup, self.cgroup_v2)) { "OOMKilled" } else if code == 0 { "Completed" } else { "Error" };
+                    Some(ContainerState::Exited { exit_code: code, reason: reason.into(), started_at: st, finished_at })
+                }
+                (Some(_), Some(st), None, Some(pid)) if Path::new(&format!("/proc/{pid}")).exists() => Some(ContainerState::Running { started_at: st }),
+                _ => None,
             };
-            loop {
-                // SIGCHLD may coalesce: poll every second as well.
-                let _ = tokio::time::timeout(Duration::from_secs(1), sig.recv()).await;
-                let mut g = ctrs.lock();
-                for c in g.values_mut() {
-                    let Some(pid) = c.pid else { continue };
-                    let Some(p) = rustix::process::Pid::from_raw(pid) else { continue };
-                    if let Ok(Some((_, st))) = rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
-                        let code = st.exit_status().or_else(|| st.terminating_signal().map(|s| 128 + s)).unwrap_or(255);
-                        let started_at = match *c.state.borrow() {
-                            ContainerState::Running { started_at } => started_at,
-                            _ => now(),
-                        };
-                        let oom = st.terminating_signal() == Some(9) && oom_killed(&c.cgroup, self.cgroup_v2);
-                        let reason = if oom { "OOMKilled" } else if code == 0 { "Completed" } else { "Error" };
-                        c.pid = None;
-                        c.state.send_replace(ContainerState::Exited { exit_code: code, reason: reason.into(), started_at, finished_at: now() });
-                    }
+            let (Some(meta), Some(state)) = (meta, state) else {
+                let _ = self.runc(&["delete", "--force", &id]).await;
+                let _ = rustix::mount::unmount(dir.join("rootfs"), rustix::mount::UnmountFlags::DETACH);
+                let _ = std::fs::remove_dir_all(&dir);
+                continue;
+            };
+            let running = matches!(state, ContainerState::Running { .. });
+            let (tx, _) = watch::channel(state.clone());
+            self.ctrs.lock().insert(id.clone(), Ctr { dir: dir.clone(), log: meta.log.clone(), pid: if running { pid } else { None }, state: tx, cgroup: meta.cgroup.clone(), cpu_sample: None, op: Default::default() });
+            if running {
+                watch_exit(self.ctrs.clone(), id.clone(), dir.clone(), meta.cgroup.clone(), self.cgroup_v2, None);
+            }
+            self.adopted.lock().entry(meta.pod_uid.clone()).or_default().push(AdoptedCtr { id, container: meta.container, state, image_id: meta.image_id, restarts: meta.restarts });
+            kept += 1;
+        }
+        for e in std::fs::read_dir(self.s.root.join("sandboxes")).into_iter().flatten().flatten() {
+            let uid = e.file_name().to_string_lossy().to_string();
+            let meta: Option<SandboxMeta> = std::fs::read(e.path().join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
+            match meta {
+                Some(m) if m.netns.as_ref().is_none_or(|n| n.exists()) => {
+                    self.sandboxes.lock().insert(uid.clone(), Sandbox { uid: uid.clone(), dir: e.path(), netns: m.netns, hostname: m.hostname });
+                    self.adopted_sandboxes.lock().insert(uid, m.ip);
+                }
+                _ => {
+                    let _ = self.net.teardown(&uid).await;
+                    let _ = std::fs::remove_dir_all(e.path());
                 }
             }
-        });
+        }
+        if kept > 0 {
+            tracing::info!(containers = kept, "adopted the containers an earlier agent left");
+        }
     }
 
     /// Removes the pod's (empty, its containers gone) cgroup in every hierarchy.
@@ -417,9 +470,47 @@ impl Runtime for Runc {
         (r#gen, list.into_iter().map(|i| (i.repo_digests.iter().chain(i.repo_tags.iter()).cloned().collect(), i.size)).collect())
     }
 
+    fn adopted_sandbox(&self, pod_uid: &str) -> Option<(String, Option<std::net::Ipv4Addr>)> {
+        let ip = self.adopted_sandboxes.lock().remove(pod_uid)?;
+        Some((pod_uid.to_string(), ip))
+    }
+
+    fn adopted_ips(&self) -> Vec<std::net::Ipv4Addr> {
+        self.adopted_sandboxes.lock().values().flatten().copied().collect()
+    }
+
+    fn adopted_containers(&self, pod_uid: &str) -> Vec<AdoptedCtr> {
+        self.adopted.lock().remove(pod_uid).unwrap_or_default()
+    }
+
+    async fn gc_adopted(&self, keep: &std::collections::HashSet<String>) {
+        let ctrs: Vec<AdoptedCtr> = {
+            let mut g = self.adopted.lock();
+            let gone: Vec<String> = g.keys().filter(|u| !keep.contains(*u)).cloned().collect();
+            gone.iter().filter_map(|u| g.remove(u)).flatten().collect()
+        };
+        for c in &ctrs {
+            let _ = self.stop_container(&c.id, Duration::ZERO).await;
+            let _ = self.remove_container(&c.id).await;
+        }
+        let sandboxes: Vec<String> = {
+            let mut g = self.adopted_sandboxes.lock();
+            let gone: Vec<String> = g.keys().filter(|u| !keep.contains(*u)).cloned().collect();
+            gone.into_iter().filter(|u| g.remove(u).is_some()).collect()
+        };
+        for uid in &sandboxes {
+            let _ = self.stop_sandbox(uid).await;
+            let _ = self.remove_sandbox(uid).await;
+        }
+        if !ctrs.is_empty() || !sandboxes.is_empty() {
+            tracing::info!(containers = ctrs.len(), sandboxes = sandboxes.len(), "removed what an earlier agent left for pods no longer here");
+        }
+    }
+
     fn set_peers(&self, peers: Vec<(String, String, String)>, full: bool) {
-        let net = self.net.clone();
-        tokio::spawn(async move { net.set_peers(peers, full).await });
+        // One worker applies updates in arrival order (a full list must not overtake a
+        // later change).
+        let _ = self.peers.send((peers, full));
     }
 
     fn set_pod_cidr(&self, cidr: &str) {
@@ -446,27 +537,40 @@ impl Runtime for Runc {
                         *b = Some(cidr.clone());
                     }
                 }
-                Some(self.net.setup(&cfg.uid, ip, &cidr).await.map_err(other)?)
+                // In a task of its own under the pod's lock: a caller that gives up must not
+                // leave a namespace half made, and a stop waits for it.
+                let lock = self.sandbox_lock(&cfg.uid).lock_owned().await;
+                let (net, uid) = (self.net.clone(), cfg.uid.clone());
+                let task = tokio::spawn(async move {
+                    let _lock = lock;
+                    net.setup(&uid, ip, &cidr).await
+                });
+                Some(task.await.map_err(other)?.map_err(other)?)
             }
             _ => None,
         };
+        let meta = SandboxMeta { ip: cfg.ip, hostname: cfg.hostname.clone(), netns: netns.clone() };
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).map_err(other)?).map_err(other)?;
         let id = cfg.uid.clone();
         self.sandboxes.lock().insert(id.clone(), Sandbox { uid: cfg.uid.clone(), dir, netns, hostname: cfg.hostname.clone() });
         Ok(id)
     }
 
     async fn stop_sandbox(&self, id: &str) -> Result<()> {
-        let uid = self.sandboxes.lock().get(id).map(|s| s.uid.clone());
-        if let Some(uid) = uid {
-            self.net.teardown(&uid).await.map_err(other)?;
-        }
+        // The sandbox id is the pod's uid: a sandbox whose setup was abandoned is found too.
+        let uid = self.sandboxes.lock().get(id).map(|s| s.uid.clone()).unwrap_or_else(|| id.to_string());
+        let _lock = self.sandbox_lock(&uid).lock_owned().await;
+        self.net.teardown(&uid).await.map_err(other)?;
         Ok(())
     }
 
     async fn remove_sandbox(&self, id: &str) -> Result<()> {
+        self.sandbox_locks.lock().remove(id);
         if let Some(sb) = self.sandboxes.lock().remove(id) {
             let _ = std::fs::remove_dir_all(&sb.dir);
             self.remove_pod_cgroups(&sb.uid);
+        } else {
+            let _ = std::fs::remove_dir_all(self.s.root.join("sandboxes").join(id));
         }
         Ok(())
     }
@@ -529,8 +633,10 @@ impl Runtime for Runc {
         };
         std::fs::write(dir.join("config.json"), serde_json::to_vec(&spec).map_err(other)?).map_err(other)?;
         // One log file per start, numbered as the kubelet numbers restarts.
-        let restarts = std::fs::read_dir(&log_dir).map(|r| r.count()).unwrap_or(0);
-        let log = log_dir.join(format!("{restarts}.log"));
+        let n = std::fs::read_dir(&log_dir).map(|r| r.count()).unwrap_or(0);
+        let log = log_dir.join(format!("{n}.log"));
+        let meta = Meta { pod_uid: sb_uid.clone(), container: c.name.clone(), sandbox: sandbox.to_string(), log: log.clone(), cgroup: cgroup.clone(), image_id: img.repo_digests.first().cloned().unwrap_or(img.id.clone()), restarts: c.restart_count };
+        std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).map_err(other)?).map_err(other)?;
         let (state, _) = watch::channel(ContainerState::Created);
         self.ctrs.lock().insert(id.clone(), Ctr { dir, log, pid: None, state, cgroup, cpu_sample: None, op: Default::default() });
         Ok(id)
@@ -545,10 +651,10 @@ impl Runtime for Runc {
         // In a task of its own: a caller that gives up (the pod was deleted) must not leave
         // a half-created container behind; stop and remove wait for it through `op`.
         let guard = op.lock_owned().await;
-        let (runc, root, ctrs, id) = (self.s.runc.clone(), self.s.root.join("state"), self.ctrs.clone(), id.to_string());
+        let (settings, ctrs, id, v2) = (self.s.clone(), self.ctrs.clone(), id.to_string(), self.cgroup_v2);
         let task = tokio::spawn(async move {
             let _guard = guard;
-            start(&runc, &root, &id, &dir, &log, &ctrs).await
+            start(&settings, &id, &dir, &log, &ctrs, v2).await
         });
         task.await.map_err(|e| other(format!("start task failed: {e}")))?
     }
@@ -675,6 +781,7 @@ mod tests {
 
     #[test]
     fn cri_log_lines() {
+        use crate::shim::cri_line;
         let l = String::from_utf8(cri_line("stdout", false, b"hello")).unwrap();
         let parts: Vec<&str> = l.splitn(4, ' ').collect();
         assert!(parts[0].ends_with('Z') && parts[0].contains('.'), "{l}");

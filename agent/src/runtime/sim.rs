@@ -288,6 +288,7 @@ mod tests {
                     image: "busybox".into(),
                     kind: ContainerKind::Init,
                     run: Default::default(),
+                    restart_count: 0,
                 },
             )
             .await
@@ -305,6 +306,7 @@ mod tests {
                     image: "busybox".into(),
                     kind: ContainerKind::App,
                     run: Default::default(),
+                    restart_count: 0,
                 },
             )
             .await
