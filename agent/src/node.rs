@@ -40,6 +40,9 @@ pub struct NodeOptions {
     pub max_pods: u32,
     /// Where `/metrics` is served (None: not served).
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Container log rotation: size (0: never) and files kept.
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
 }
 
 impl NodeOptions {
@@ -75,7 +78,7 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     std::fs::create_dir_all(&o.data_dir).with_context(|| format!("while creating {}", o.data_dir.display()))?;
     let images = Arc::new(ImageStore::open(&o.data_dir.join("images"), o.insecure_registries.clone()).context("while opening the image store")?);
     let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default() });
-    let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: std::env::current_exe().context("while finding the shoal binary (its shim command runs containers)")? };
+    let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: std::env::current_exe().context("while finding the shoal binary (its shim command runs containers)")?, log_max_bytes: o.log_max_bytes, log_max_files: o.log_max_files };
     let rt = Runc::new(settings, images, net).await.context("while starting the runc runtime")?;
     let mut cfg = AgentConfig::new(&o.node_name, &o.token);
     cfg.host_ip = o.node_ip.clone();

@@ -530,6 +530,8 @@ struct Run<'a> {
     created: Mutex<Vec<String>>,
     ids: Arc<Mutex<HashMap<String, Ids>>>,
     volumes: HashMap<String, std::path::PathBuf>,
+    /// preStop hooks of the containers created, by runtime id.
+    pre_stop: Mutex<HashMap<String, crate::spec::Hook>>,
     /// Containers an earlier agent left for this pod, by container name.
     adopted: Mutex<HashMap<String, crate::runtime::runc::AdoptedCtr>>,
     /// When the pod reached the agent, and whether its start was measured.
@@ -659,7 +661,7 @@ impl<R: Runtime> PodManager<R> {
             None
         };
         let ids = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).map(|h| h.containers.clone()).unwrap_or_default();
-        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes, since, start_measured: Default::default(), adopted: Default::default() });
+        let run = run.map(|volumes| Run { pod: &pod, sandbox: sandbox.clone().unwrap_or_default(), report: Mutex::new(r.clone()), created: Mutex::new(vec![]), ids, volumes, since, start_measured: Default::default(), adopted: Default::default(), pre_stop: Default::default() });
         if let Some(run) = &run {
             // Of a container's generations left behind, the newest is adopted; the one
             // before stays for `logs --previous`; all go when the pod does.
@@ -693,7 +695,7 @@ impl<R: Runtime> PodManager<R> {
         };
         if let Some(run) = &run {
             let created = run.created.lock().clone();
-            let stops = created.iter().map(|id| self.rt.stop_container(id, Duration::from_secs(grace as u64)));
+            let stops = created.iter().map(|id| self.kill(run, id, Duration::from_secs(grace as u64)));
             futures::future::join_all(stops).await;
             let mut rep = run.report.lock().clone();
             for slot in rep.init.iter_mut().chain(rep.apps.iter_mut()) {
@@ -872,7 +874,7 @@ impl<R: Runtime> PodManager<R> {
                         why = self.probe(run, which, &id, &probes) => {
                             // A failed liveness or startup probe: stop it; the restart policy decides what follows.
                             tracing::info!(pod = %run.pod.key(), container = %c.name, %why, "container will be restarted");
-                            let _ = self.rt.stop_container(&id, Duration::from_secs(run.pod.grace as u64)).await;
+                            self.kill(run, &id, Duration::from_secs(run.pod.grace as u64)).await;
                             wait.await
                         }
                     };
@@ -929,6 +931,31 @@ impl<R: Runtime> PodManager<R> {
             }
             tokio::time::sleep(d).await;
             run.slot(which, |s| s.restarts += 1);
+        }
+    }
+
+    /// Stops a container as the kubelet does: its preStop hook first (within the grace
+    /// period), then SIGTERM, then SIGKILL when the rest of the grace is spent.
+    async fn kill(&self, run: &Run<'_>, id: &str, grace: Duration) {
+        let hook = run.pre_stop.lock().remove(id);
+        let t0 = std::time::Instant::now();
+        if let (Some(h), Ok(ContainerState::Running { .. })) = (hook, self.rt.container_state(id)) {
+            let ip = run.report.lock().ip;
+            if let Err(e) = tokio::time::timeout(grace, self.run_hook(id, ip, &h)).await.unwrap_or_else(|_| Err("timed out".into())) {
+                tracing::info!(pod = %run.pod.key(), %id, error = %e, "preStop hook failed");
+            }
+        }
+        let _ = self.rt.stop_container(id, grace.saturating_sub(t0.elapsed())).await;
+    }
+
+    async fn run_hook(&self, id: &str, ip: Option<Ipv4Addr>, h: &crate::spec::Hook) -> Result<(), String> {
+        match h {
+            crate::spec::Hook::Sleep(d) => {
+                tokio::time::sleep(*d).await;
+                Ok(())
+            }
+            // Hooks have no timeout of their own; the caller bounds them.
+            crate::spec::Hook::Action(a) => crate::probe::check(&*self.rt, id, ip, a, Duration::from_secs(3600)).await,
         }
     }
 
@@ -1028,6 +1055,12 @@ impl<R: Runtime> PodManager<R> {
             s.waiting = None;
             s.state = Some(a.state.clone());
         });
+        if let (Some(raw), Which::App(_)) = (&run.pod.raw, which) {
+            let cj = raw["spec"]["containers"].as_array().and_then(|l| l.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
+            if let Ok(crate::spec::Hooks { pre_stop: Some(h), .. }) = crate::spec::hooks(&cj) {
+                run.pre_stop.lock().insert(a.id.clone(), h);
+            }
+        }
         tracing::info!(pod = %run.pod.key(), container = %c.name, id = %a.id, running, "container adopted");
         Ok((if running { a.id } else { String::new() }, probes))
     }
@@ -1056,12 +1089,13 @@ impl<R: Runtime> PodManager<R> {
                 let cj = raw["spec"][list].as_array().and_then(|a| a.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
                 let ip = run.report.lock().ip;
                 let spec = crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes).map_err(|e| ("CreateContainerConfigError", e))?;
-                // Init containers are not probed.
-                let probes = if matches!(which, Which::Init(_)) { Default::default() } else { crate::spec::probes(&cj).map_err(|e| ("CreateContainerConfigError", e))? };
-                (Arc::new(spec), probes)
+                // Init containers are not probed and have no hooks.
+                let (probes, hooks) = if matches!(which, Which::Init(_)) { Default::default() } else { (crate::spec::probes(&cj).map_err(|e| ("CreateContainerConfigError", e))?, crate::spec::hooks(&cj).map_err(|e| ("CreateContainerConfigError", e))?) };
+                (Arc::new(spec), (probes, hooks))
             }
             None => Default::default(),
         };
+        let (probes, hooks) = probes;
         let kind = if matches!(which, Which::Init(_)) { ContainerKind::Init } else { ContainerKind::App };
         let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec, restart_count: run.slot(which, |s| s.restarts) }).await;
         self.op("create_container", &created);
@@ -1095,6 +1129,19 @@ impl<R: Runtime> PodManager<R> {
             let _ = self.rt.remove_container(&id).await;
             run.created.lock().retain(|x| *x != id);
             return Err(("RunContainerError", e.to_string()));
+        }
+        if let Some(h) = hooks.pre_stop {
+            run.pre_stop.lock().insert(id.clone(), h);
+        }
+        if let Some(h) = &hooks.post_start {
+            // The container is not running for the pod until its postStart hook is done; a
+            // failed hook kills it and the restart policy decides.
+            let ip = run.report.lock().ip;
+            if let Err(e) = tokio::time::timeout(Duration::from_secs(120), self.run_hook(&id, ip, h)).await.unwrap_or_else(|_| Err("timed out".into())) {
+                tracing::info!(pod = %pod.key(), container = %c.name, error = %e, "postStart hook failed");
+                self.kill(run, &id, Duration::from_secs(pod.grace as u64)).await;
+                return Err(("PostStartHookError", format!("PostStartHookError: {e}")));
+            }
         }
         let st = self.rt.container_state(&id).ok();
         run.slot(which, |s| {
@@ -1213,6 +1260,14 @@ impl<R: Runtime> PodManager<R> {
                 if out.send(Bytes::from(crate::logs::render(&chunk[..whole], &later))).await.is_err() {
                     return Ok(());
                 }
+                continue;
+            }
+            // Rotated (the file was renamed and a new one started): follow the new one.
+            use std::os::unix::fs::MetadataExt;
+            let (now_ino, our_ino) = (tokio::fs::metadata(&path).await.map(|m| m.ino()).ok(), f.metadata().await.map(|m| m.ino()).ok());
+            if now_ino.is_some() && now_ino != our_ino {
+                f = tokio::fs::File::open(&path).await.map_err(|e| e.to_string())?;
+                pos = 0;
                 continue;
             }
             if exited || out.is_closed() {

@@ -23,6 +23,10 @@ pub struct ShimArgs {
     pub runc: PathBuf,
     /// The container's log file (CRI format), appended to.
     pub log: PathBuf,
+    /// Rotate the log past this size (0: never).
+    pub log_max_bytes: u64,
+    /// Log files kept in all (the current one included).
+    pub log_max_files: u32,
 }
 
 /// One CRI log record: `TIME STREAM TAG MESSAGE`.
@@ -38,8 +42,54 @@ pub fn cri_line(stream: &str, partial: bool, msg: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The container's log file, rotated by size as the kubelet's containerLogMaxSize and
+/// containerLogMaxFiles do: `N.log` is current, `N.log.1` … `N.log.K` older.
+pub struct Log {
+    path: PathBuf,
+    file: std::fs::File,
+    size: u64,
+    max_bytes: u64,
+    max_files: u32,
+}
+
+impl Log {
+    pub fn open(path: &Path, max_bytes: u64, max_files: u32) -> std::io::Result<Log> {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let size = file.metadata()?.len();
+        Ok(Log { path: path.to_path_buf(), file, size, max_bytes, max_files: max_files.max(1) })
+    }
+
+    fn write(&mut self, rec: &[u8]) -> std::io::Result<()> {
+        if self.max_bytes > 0 && self.size > 0 && self.size + rec.len() as u64 > self.max_bytes {
+            self.rotate()?;
+        }
+        self.file.write_all(rec)?;
+        self.size += rec.len() as u64;
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        // Keep max_files files in all: the current one and max_files - 1 rotated ones.
+        let keep = self.max_files - 1;
+        if keep == 0 {
+            self.file.set_len(0)?;
+            self.size = 0;
+            return Ok(());
+        }
+        let _ = std::fs::remove_file(name(keep));
+        for i in (1..keep).rev() {
+            let _ = std::fs::rename(name(i), name(i + 1));
+        }
+        std::fs::rename(&self.path, name(1))?;
+        self.file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+        self.size = 0;
+        Ok(())
+    }
+}
+
 /// Copies one stream into the log, line by line (16 KiB partial records for long lines).
-fn copy(pipe: std::io::PipeReader, stream: &'static str, log: Arc<Mutex<std::fs::File>>) {
+fn copy(pipe: std::io::PipeReader, stream: &'static str, log: Arc<Mutex<Log>>) {
     let mut r = std::io::BufReader::with_capacity(16 << 10, pipe);
     let mut line = Vec::new();
     loop {
@@ -52,7 +102,7 @@ fn copy(pipe: std::io::PipeReader, stream: &'static str, log: Arc<Mutex<std::fs:
         let msg = if full { &line[..n - 1] } else { &line[..] };
         let rec = cri_line(stream, !full, msg);
         let mut f = log.lock().unwrap_or_else(|e| e.into_inner());
-        if f.write_all(&rec).is_err() {
+        if f.write(&rec).is_err() {
             return;
         }
     }
@@ -75,7 +125,7 @@ pub fn run(a: ShimArgs) -> i32 {
         println!("err creating pipes");
         return 1;
     };
-    let log = match std::fs::OpenOptions::new().create(true).append(true).open(&a.log) {
+    let log = match Log::open(&a.log, a.log_max_bytes, a.log_max_files) {
         Ok(f) => Arc::new(Mutex::new(f)),
         Err(e) => {
             println!("err opening the log {}: {e}", a.log.display());
@@ -170,6 +220,21 @@ pub fn read_exit(bundle: &Path) -> Option<(i32, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_rotate_by_size_and_keep_max_files() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("0.log");
+        let mut l = Log::open(&p, 100, 3).unwrap();
+        for i in 0..10 {
+            l.write(format!("{i:02}{}\n", "x".repeat(37)).as_bytes()).unwrap();
+        }
+        // 40-byte records, 100-byte files: 2 per file; 10 records → current + .1 + .2.
+        assert_eq!(std::fs::read_to_string(&p).unwrap().lines().next().unwrap()[..2].to_string(), "08");
+        assert!(d.path().join("0.log.1").exists() && d.path().join("0.log.2").exists());
+        assert!(!d.path().join("0.log.3").exists(), "older files are dropped");
+        assert!(std::fs::read_to_string(d.path().join("0.log.1")).unwrap().starts_with("06"));
+    }
 
     #[test]
     fn exit_files_parse() {

@@ -470,6 +470,37 @@ fn probe(p: &Value, c: &Value) -> Result<Option<Probe>, String> {
     }))
 }
 
+/// A lifecycle hook's handler.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Hook {
+    Action(ProbeAction),
+    Sleep(std::time::Duration),
+}
+
+/// A container's postStart and preStop hooks.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Hooks {
+    pub post_start: Option<Hook>,
+    pub pre_stop: Option<Hook>,
+}
+
+fn hook(h: &Value, c: &Value) -> Result<Option<Hook>, String> {
+    if !h.is_object() {
+        return Ok(None);
+    }
+    if let Some(s) = h.get("sleep") {
+        return Ok(Some(Hook::Sleep(std::time::Duration::from_secs(s["seconds"].as_u64().unwrap_or(0)))));
+    }
+    // A hook's handler is a probe's action (exec, httpGet, tcpSocket).
+    Ok(probe(h, c)?.map(|p| Hook::Action(p.action)))
+}
+
+/// The lifecycle hooks of a container spec.
+pub fn hooks(c: &Value) -> Result<Hooks, String> {
+    let l = &c["lifecycle"];
+    Ok(Hooks { post_start: hook(&l["postStart"], c)?, pre_stop: hook(&l["preStop"], c)? })
+}
+
 /// The probes of a container spec.
 pub fn probes(c: &Value) -> Result<Probes, String> {
     Ok(Probes { startup: probe(&c["startupProbe"], c)?, liveness: probe(&c["livenessProbe"], c)?, readiness: probe(&c["readinessProbe"], c)? })

@@ -63,6 +63,12 @@ struct ShimArgs {
     /// The container's log file (CRI format).
     #[arg(long)]
     log_file: PathBuf,
+    /// Rotate the log past this many bytes (0: never).
+    #[arg(long, default_value_t = 10 << 20)]
+    log_max_bytes: u64,
+    /// Log files kept in all, the current one included.
+    #[arg(long, default_value_t = 5)]
+    log_max_files: u32,
 }
 
 #[derive(Parser, Debug)]
@@ -107,6 +113,12 @@ struct AgentArgs {
     /// Pods the node runs at most.
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Rotate a container's log past this size, as the kubelet's containerLogMaxSize.
+    #[arg(long, default_value = "10Mi")]
+    container_log_max_size: String,
+    /// Log files kept per container, the current one included (containerLogMaxFiles).
+    #[arg(long, default_value_t = 5)]
+    container_log_max_files: u32,
     /// Where the agent serves Prometheus `/metrics` and `/healthz` (empty: not served).
     #[arg(long, default_value = "127.0.0.1:10255")]
     metrics_addr: String,
@@ -333,7 +345,7 @@ fn main() {
         Command::Server(a) => server(a),
         Command::Agent(a) => agent(a),
         Command::Image(a) => image(a),
-        Command::Shim(a) => std::process::exit(shoal_agent::shim::run(shoal_agent::shim::ShimArgs { id: a.id, bundle: a.bundle, root: a.root, runc: a.runc, log: a.log_file })),
+        Command::Shim(a) => std::process::exit(shoal_agent::shim::run(shoal_agent::shim::ShimArgs { id: a.id, bundle: a.bundle, root: a.root, runc: a.runc, log: a.log_file, log_max_bytes: a.log_max_bytes, log_max_files: a.log_max_files })),
         Command::Admin(a) => {
             let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt,
@@ -371,7 +383,8 @@ fn agent(a: AgentArgs) -> anyhow::Result<()> {
         "" => None,
         m => Some(m.parse().with_context(|| format!("--metrics-addr {m:?} is not host:port"))?),
     };
-    let opts = shoal_agent::node::NodeOptions { metrics_addr, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
+    let log_max_bytes = shoal_client::quantity::parse(&a.container_log_max_size).filter(|m| *m >= 0).map(|m| (m / 1000) as u64).with_context(|| format!("--container-log-max-size {:?} is not a quantity like 10Mi", a.container_log_max_size))?;
+    let opts = shoal_agent::node::NodeOptions { metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
     rt.block_on(async move {

@@ -290,6 +290,19 @@ fn runc_pods_run_network_restart_and_log() {
     assert!(cs["lastState"]["terminated"]["exitCode"].as_i64().is_some_and(|c| c == 137 || c == 143), "{cs}");
     assert!(p["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "False"));
 
+    // Lifecycle hooks: postStart runs before the pod counts the container as started,
+    // preStop runs before the container is signalled.
+    let hooks_dir = dir.path().join("hooks");
+    k.apply(&format!(r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "hooks"}}, "spec": {{"terminationGracePeriodSeconds": 5,
+        "volumes": [{{"name": "out", "hostPath": {{"path": "{}", "type": "DirectoryOrCreate"}}}}],
+        "containers": [{{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "while [ ! -f /tmp/started ]; do sleep 0.1; done; echo post-start-ran; sleep 600"],
+            "volumeMounts": [{{"name": "out", "mountPath": "/out"}}],
+            "lifecycle": {{"postStart": {{"exec": {{"command": ["touch", "/tmp/started"]}}}}, "preStop": {{"exec": {{"command": ["sh", "-c", "echo bye > /out/prestop"]}}}}}}}}]}}}}"#, hooks_dir.display()));
+    wait_pod(&k, &agent, "hooks", 30, "hooks pod runs", |p| p["status"]["phase"] == "Running");
+    k.eventually(&["logs", "hooks"], "postStart ran", |o| o.contains("post-start-ran"));
+    k.ok(&["delete", "pod", "hooks", "--wait=true", "--timeout=60s"]);
+    assert_eq!(std::fs::read_to_string(hooks_dir.join("prestop")).unwrap_or_default(), "bye\n", "preStop ran before the container stopped");
+
     // A ConfigMap update appears in the volume of a running pod.
     k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "watcher"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "while true; do cat /cfg/greeting; echo; sleep 0.5; done"], "volumeMounts": [{"name": "cfg", "mountPath": "/cfg"}]}], "volumes": [{"name": "cfg", "configMap": {"name": "app-config"}}]}}"#);
     wait_pod(&k, &agent, "watcher", 30, "watcher runs", |p| p["status"]["phase"] == "Running");

@@ -38,6 +38,9 @@ pub struct RuncSettings {
     pub pod_cidr: Arc<Mutex<Option<String>>>,
     /// The `shoal` binary (its `shim` command runs each container).
     pub shim: PathBuf,
+    /// Container log rotation: size (0: never) and files kept.
+    pub log_max_bytes: u64,
+    pub log_max_files: u32,
 }
 
 /// What a bundle records for the agent that adopts it after a restart.
@@ -166,6 +169,7 @@ async fn start(s: &RuncSettings, id: &str, dir: &Path, log: &Path, ctrs: &Arc<Mu
         .arg(&s.runc)
         .arg("--log-file")
         .arg(log)
+        .args(["--log-max-bytes", &s.log_max_bytes.to_string(), "--log-max-files", &s.log_max_files.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
