@@ -55,7 +55,8 @@ if [ "$real" = 1 ]; then
   python3 scripts/busybox-image.py "$dir/busybox.tar" --name busybox:acc
   "$bin" image --data-dir "$dir/node" import "$dir/busybox.tar" >&2
   "$bin" agent --server "https://127.0.0.1:$p3" --token "$(cat "$dir/d/pki/bootstrap-token")" \
-    --ca-file "$dir/d/pki/ca.crt" --node-name "acc-node-$$" --data-dir "$dir/node" >"$dir/agent.log" 2>&1 &
+    --ca-file "$dir/d/pki/ca.crt" --node-name "acc-node-$$" --data-dir "$dir/node" \
+    --eviction-hard "memory.available<100Mi" >"$dir/agent.log" 2>&1 &
   apid=$!
   export ACC_IMAGE=busybox:acc
 else

@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod connect;
+pub mod eviction;
 pub mod image;
 pub mod logs;
 pub mod metrics;

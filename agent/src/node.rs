@@ -43,6 +43,10 @@ pub struct NodeOptions {
     /// Container log rotation: size (0: never) and files kept.
     pub log_max_bytes: u64,
     pub log_max_files: u32,
+    /// Hard eviction thresholds (`--eviction-hard`).
+    pub eviction_hard: crate::eviction::Thresholds,
+    /// How often node pressure is checked.
+    pub housekeeping: std::time::Duration,
 }
 
 impl NodeOptions {
@@ -98,6 +102,7 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     let channel = crate::connect::channel(&o.server, &ca)?;
     let agent = Agent::new(cfg, channel, rt, stats);
     tracing::info!(node = %o.node_name, server = %o.server, data_dir = %o.data_dir.display(), "node agent starting");
+    tokio::spawn(agent.clone().housekeeping(o.eviction_hard.clone(), o.data_dir.clone(), o.housekeeping, stop.clone()));
     agent.run(stop).await;
     Ok(())
 }

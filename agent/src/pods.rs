@@ -134,6 +134,12 @@ impl Pod {
     pub fn key(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
     }
+    /// Memory requested by the app containers (bytes), for the eviction ranking.
+    fn memory_request(&self) -> u64 {
+        let Some(raw) = &self.raw else { return 0 };
+        raw["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["resources"]["requests"]["memory"].as_str().and_then(shoal_client::quantity::parse)).map(|m| (m.max(0) / 1000) as u64).sum()
+    }
+
     fn hostname(&self) -> String {
         self.raw.as_ref().and_then(|r| r["spec"]["hostname"].as_str().map(str::to_string)).unwrap_or_else(|| self.name.to_string())
     }
@@ -343,6 +349,9 @@ enum Ctl {
     Delete(i64),
     /// The server no longer has the pod: stop at once, report nothing.
     Forget,
+    /// Evicted by the node (pressure): stop at once, report Failed/Evicted, wait for the
+    /// delete.
+    Evict,
 }
 
 /// Runtime ids of a container: the current one and the one before it (`logs --previous`).
@@ -360,6 +369,11 @@ struct Handle {
     /// The pod and its address once its volumes are set up (to refresh them when a
     /// ConfigMap or Secret they show changes).
     volumes: Arc<Mutex<Option<(Arc<Value>, Option<Ipv4Addr>)>>>,
+    /// For the eviction ranking: QoS class and memory requested (bytes).
+    qos: Arc<str>,
+    memory_request: u64,
+    /// Why the node evicted it.
+    evicted: Arc<Mutex<Option<String>>>,
 }
 
 /// The pods of one node.
@@ -609,7 +623,8 @@ impl<R: Runtime> PodManager<R> {
         if let Some(h) = g.get(&key) {
             if h.uid == pod.uid {
                 let cur = *h.ctl.borrow();
-                if cur != want && cur == Ctl::Run {
+                // An evicted pod still goes when the server deletes it.
+                if cur != want && (cur == Ctl::Run || (cur == Ctl::Evict && matches!(want, Ctl::Delete(_)))) {
                     let _ = h.ctl.send(want);
                 }
                 return;
@@ -622,7 +637,7 @@ impl<R: Runtime> PodManager<R> {
             return;
         }
         let (tx, rx) = watch::channel(want);
-        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default(), volumes: Default::default() });
+        g.insert(key.clone(), Handle { uid: pod.uid.clone(), ctl: tx, containers: Default::default(), volumes: Default::default(), qos: pod.qos_class.clone(), memory_request: pod.memory_request(), evicted: Default::default() });
         drop(g);
         let me = self.clone();
         tokio::spawn(async move {
@@ -688,7 +703,7 @@ impl<R: Runtime> PodManager<R> {
             told_to_stop(&mut ctl).await;
         }
         // Stopping.
-        let final_ctl = *ctl.borrow();
+        let mut final_ctl = *ctl.borrow();
         let grace = match final_ctl {
             Ctl::Delete(g) => g.min(pod.grace),
             _ => 0,
@@ -729,6 +744,14 @@ impl<R: Runtime> PodManager<R> {
                 }
             }
             let _ = std::fs::remove_dir_all(dir.join(&*pod.uid));
+        }
+        if final_ctl == Ctl::Evict {
+            let why = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).and_then(|h| h.evicted.lock().clone()).unwrap_or_default();
+            r.done = Some("Failed");
+            r.reason = Some(("Evicted", why));
+            self.publish(&pod, &r);
+            let _ = ctl.wait_for(|c| *c != Ctl::Evict).await;
+            final_ctl = *ctl.borrow();
         }
         if matches!(final_ctl, Ctl::Delete(_)) {
             r.done.get_or_insert("Running");
@@ -1201,6 +1224,24 @@ impl<R: Runtime> PodManager<R> {
     pub async fn gc_adopted(&self) {
         let keep: std::collections::HashSet<String> = self.pods.lock().values().map(|h| h.uid.to_string()).collect();
         self.rt.gc_adopted(&keep).await;
+    }
+
+    /// Evicts a running pod (node pressure): its containers stop at once and it is
+    /// reported Failed with reason Evicted and `message`.
+    pub fn evict(&self, key: &str, message: String) -> bool {
+        let g = self.pods.lock();
+        let Some(h) = g.get(key) else { return false };
+        if *h.ctl.borrow() != Ctl::Run {
+            return false;
+        }
+        *h.evicted.lock() = Some(message);
+        h.ctl.send(Ctl::Evict).is_ok()
+    }
+
+    /// Running pods with their QoS class, memory use and request (eviction ranking).
+    pub fn eviction_candidates(&self) -> Vec<crate::eviction::Candidate> {
+        let usage: HashMap<String, u64> = self.usage().into_iter().map(|(ns, n, cs)| (format!("{ns}/{n}"), cs.iter().map(|(_, u)| u.memory_bytes).sum())).collect();
+        self.pods.lock().iter().filter(|(_, h)| *h.ctl.borrow() == Ctl::Run).map(|(k, h)| crate::eviction::Candidate { key: k.clone(), qos: h.qos.to_string(), memory_usage: usage.get(k).copied().unwrap_or(0), memory_request: h.memory_request }).collect()
     }
 
     /// The node's metrics (None on hollow nodes).

@@ -96,6 +96,8 @@ pub struct Agent<R: Runtime> {
     ready_since: i64,
     /// The image list's generation last reported in node status.
     images_gen: AtomicU64,
+    /// The node's resource pressure (real nodes' housekeeping sets it).
+    pressure: Mutex<crate::eviction::Pressure>,
     /// The current session's outbound messages (exec output goes there).
     replies: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
     /// Running execs: request id → their input.
@@ -143,6 +145,7 @@ impl<R: Runtime> Agent<R> {
             ready_since: now(),
             replies: Mutex::new(None),
             images_gen: AtomicU64::new(0),
+            pressure: Mutex::new(Default::default()),
             execs: Mutex::new(HashMap::new()),
         })
     }
@@ -193,13 +196,14 @@ impl<R: Runtime> Agent<R> {
         imgs.truncate(50);
         let images: Vec<Value> = imgs.into_iter().map(|(names, size)| json!({"names": names, "sizeBytes": size})).collect();
         let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let pressure = *self.pressure.lock();
         json!({
             "capacity": self.cfg.capacity,
             "allocatable": self.cfg.capacity,
             "conditions": [
-                cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available"),
-                cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure"),
-                cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available"),
+                if pressure.memory { cond("MemoryPressure", "True", "KubeletHasInsufficientMemory", "kubelet has insufficient memory available") } else { cond("MemoryPressure", "False", "KubeletHasSufficientMemory", "kubelet has sufficient memory available") },
+                if pressure.disk { cond("DiskPressure", "True", "KubeletHasDiskPressure", "kubelet has disk pressure") } else { cond("DiskPressure", "False", "KubeletHasNoDiskPressure", "kubelet has no disk pressure") },
+                if pressure.pid { cond("PIDPressure", "True", "KubeletHasInsufficientPID", "kubelet has insufficient PID available") } else { cond("PIDPressure", "False", "KubeletHasSufficientPID", "kubelet has sufficient PID available") },
                 if self.node.ipam.has_range() {
                     cond("Ready", "True", "KubeletReady", "kubelet is posting ready status")
                 } else {
@@ -564,6 +568,45 @@ impl<R: Runtime> Agent<R> {
                 }
             }
             _ => {}
+        }
+    }
+
+    /// The kubelet's housekeeping, every `every` until `stop`: node pressure against the
+    /// hard eviction thresholds, reported as node conditions at once when it changes;
+    /// under disk pressure unused images go; under memory pressure one pod at a time is
+    /// evicted (BestEffort first).
+    pub async fn housekeeping(self: Arc<Self>, t: crate::eviction::Thresholds, data_dir: std::path::PathBuf, every: Duration, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stopped(&mut stop) => return,
+            }
+            let o = crate::eviction::Observed::read(&data_dir);
+            let p = crate::eviction::pressure(&t, &o);
+            let before = std::mem::replace(&mut *self.pressure.lock(), p);
+            if before != p {
+                tracing::info!(node = %self.cfg.node_name, memory = p.memory, disk = p.disk, pid = p.pid, available_memory = o.memory_available, available_disk = o.nodefs_available, "node pressure changed");
+                self.status_due.store(true, Ordering::Relaxed);
+                self.status_now.notify_one();
+            }
+            if p.disk {
+                self.rt.gc_images().await;
+            }
+            if p.memory {
+                let pods = self.pods.eviction_candidates();
+                if let Some(v) = crate::eviction::victim(&pods) {
+                    let th = match t.memory_available {
+                        Some(crate::eviction::Amount::Bytes(b)) => format!("{}Ki", b / 1024),
+                        Some(crate::eviction::Amount::Percent(x)) => format!("{x}%"),
+                        None => String::new(),
+                    };
+                    let msg = format!("The node was low on resource: memory. Threshold quantity: {th}, available: {}Ki. Pod was using {}Ki, request is {}Ki.", o.memory_available / 1024, v.memory_usage / 1024, v.memory_request / 1024);
+                    tracing::warn!(node = %self.cfg.node_name, pod = %v.key, %msg, "evicting a pod");
+                    self.pods.evict(&v.key, msg);
+                }
+            }
         }
     }
 

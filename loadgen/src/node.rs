@@ -112,7 +112,7 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
     let token = std::fs::read_to_string(dir.join("pki/bootstrap-token"))?;
     let child = Command::new(&bin)
         .arg("agent")
-        .args(["--server", &cfg.server, "--token", token.trim(), "--node-name", &node_name, "--metrics-addr", "", "--log", "warn"])
+        .args(["--server", &cfg.server, "--token", token.trim(), "--node-name", &node_name, "--metrics-addr", "", "--log", "warn", "--eviction-hard", "memory.available<100Mi"])
         .arg("--ca-file")
         .arg(dir.join("pki/ca.crt"))
         .arg("--data-dir")

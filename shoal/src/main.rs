@@ -113,6 +113,13 @@ struct AgentArgs {
     /// Pods the node runs at most.
     #[arg(long, default_value_t = 110)]
     max_pods: u32,
+    /// Hard eviction thresholds: the node reports MemoryPressure/DiskPressure/PIDPressure
+    /// below them and evicts pods under memory pressure (empty: none).
+    #[arg(long, default_value = "memory.available<100Mi,nodefs.available<10%")]
+    eviction_hard: String,
+    /// How often node pressure is checked (`10s`, `1m`).
+    #[arg(long, default_value = "10s")]
+    housekeeping_interval: String,
     /// Rotate a container's log past this size, as the kubelet's containerLogMaxSize.
     #[arg(long, default_value = "10Mi")]
     container_log_max_size: String,
@@ -384,7 +391,12 @@ fn agent(a: AgentArgs) -> anyhow::Result<()> {
         m => Some(m.parse().with_context(|| format!("--metrics-addr {m:?} is not host:port"))?),
     };
     let log_max_bytes = shoal_client::quantity::parse(&a.container_log_max_size).filter(|m| *m >= 0).map(|m| (m / 1000) as u64).with_context(|| format!("--container-log-max-size {:?} is not a quantity like 10Mi", a.container_log_max_size))?;
-    let opts = shoal_agent::node::NodeOptions { metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
+    let eviction_hard = shoal_agent::eviction::Thresholds::parse(&a.eviction_hard).map_err(|e| anyhow::anyhow!("--eviction-hard: {e}"))?;
+    let housekeeping = parse_duration(&a.housekeeping_interval).context("--housekeeping-interval")?;
+    if housekeeping.is_zero() {
+        bail!("--housekeeping-interval must be at least 1s");
+    }
+    let opts = shoal_agent::node::NodeOptions { eviction_hard, housekeeping, metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
     rt.block_on(async move {

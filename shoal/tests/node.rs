@@ -47,6 +47,22 @@ impl AgentProc {
         AgentProc::start_in(&format!("https://{}", server.api), &server.data_dir, dir, node, None, "127.0.0.1")
     }
 
+    /// As [`AgentProc::start`], with more flags.
+    fn start_with(server: &Server, dir: &Path, node: &str, extra: &[&str]) -> AgentProc {
+        let mut a = AgentProc::start(server, dir, node);
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+        // A flag given again replaces the default one (clap takes each once).
+        for f in extra.iter().filter(|f| f.starts_with("--")) {
+            if let Some(i) = a.argv.iter().position(|x| x == f) {
+                a.argv.drain(i..i + 2);
+            }
+        }
+        a.argv.extend(extra.iter().map(Into::into));
+        a.child = AgentProc::spawn(&a.argv, &a.log);
+        a
+    }
+
     /// Starts an agent joined to `url` (server data in `server_dir`), inside the named
     /// network namespace when given (nsenter: unlike `ip netns exec` it keeps /sys, whose
     /// cgroup mounts runc needs).
@@ -59,7 +75,9 @@ impl AgentProc {
             argv.extend(["nsenter".into(), format!("--net=/run/netns/{ns}").into()]);
         }
         argv.push(env!("CARGO_BIN_EXE_shoal").into());
-        for a in ["agent", "--server", url, "--token", token.trim(), "--node-name", node, "--node-ip", node_ip, "--log", "info,shoal_agent=debug"] {
+        // No disk threshold: the test machines' shared disk is often nearly full, and tests
+        // must not depend on it (eviction is tested on memory, thresholds in unit tests).
+        for a in ["agent", "--server", url, "--token", token.trim(), "--node-name", node, "--node-ip", node_ip, "--log", "info,shoal_agent=debug", "--eviction-hard", "memory.available<100Mi"] {
             argv.push(a.into());
         }
         argv.extend(["--ca-file".into(), server_dir.join("pki/ca.crt").into(), "--data-dir".into(), data.clone().into()]);
@@ -508,4 +526,36 @@ fn images_are_pulled_from_a_registry() {
     let msg = p["status"]["containerStatuses"][0]["state"]["waiting"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("failed to resolve reference \"127.0.0.1:5000/tools/busybox:nope\"") && msg.contains("not found"), "{msg}");
     k.ok(&["delete", "pod", "by-tag", "by-digest", "no-tag", "--wait=true", "--timeout=60s"]);
+}
+
+/// Node pressure: below a hard eviction threshold the node reports MemoryPressure and
+/// evicts a running pod (Failed, reason Evicted, upstream's message). The threshold is set
+/// absurdly high so the machine's real memory is "short".
+#[test]
+fn memory_pressure_evicts_pods() {
+    let kubectl = kubectl_bin();
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let image = busybox_image(dir.path());
+    let server = Server::start_api(dir.path(), "s1", &[]);
+    server.wait_api();
+    let node = format!("ev-{}", std::process::id());
+    AgentProc::import(&dir.path().join(&node), &image);
+    let agent = AgentProc::start_with(&server, dir.path(), &node, &["--eviction-hard", "memory.available<1000Ti", "--housekeeping-interval", "1s"]);
+    let k = K { bin: kubectl, cfg: server.kubeconfig() };
+    k.eventually(&["get", "node", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"MemoryPressure\")].status}"], "MemoryPressure reported", |o| o == "True");
+    let out = k.ok(&["describe", "node", &node]);
+    assert!(out.contains("KubeletHasInsufficientMemory"), "{out}");
+    k.apply(&format!(r#"{{"apiVersion": "v1", "kind": "Pod", "metadata": {{"name": "victim"}}, "spec": {{"nodeName": "{node}", "terminationGracePeriodSeconds": 1, "containers": [{{"name": "c", "image": "busybox:test", "command": ["sleep", "600"]}}]}}}}"#));
+    let p = wait_pod(&k, &agent, "victim", 40, "evicted", |p| p["status"]["reason"] == "Evicted");
+    assert_eq!(p["status"]["phase"], "Failed");
+    let msg = p["status"]["message"].as_str().unwrap_or_default();
+    assert!(msg.starts_with("The node was low on resource: memory."), "{msg}");
+    assert!(p["status"]["containerStatuses"][0]["state"]["terminated"].is_object(), "{}", p["status"]);
+    k.ok(&["delete", "pod", "victim", "--wait=true", "--timeout=60s"]);
+    let t = Instant::now();
+    while !agent.runc_ids().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(20), "containers left: {:?}", agent.runc_ids());
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

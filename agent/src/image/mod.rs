@@ -51,6 +51,9 @@ pub struct Image {
     /// Bytes of the layers as shipped.
     pub size: u64,
     pub config: ImageConfig,
+    /// When it came to the node (Unix seconds; 0 for images recorded before this field).
+    #[serde(default)]
+    pub added: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -329,6 +332,7 @@ impl ImageStore {
             }
             img = old.clone();
         } else {
+            img.added = shoal_client::time::now_secs();
             idx.images.push(img.clone());
         }
         self.save(&idx)?;
@@ -409,6 +413,7 @@ impl ImageStore {
             layers: diff_ids,
             size: m.layers.iter().map(|l| l.1).sum::<u64>() + cfg.len() as u64,
             config,
+            added: 0,
         };
         self.record(img)
     }
@@ -518,6 +523,7 @@ impl ImageStore {
                 layers: diff_ids,
                 size: m.layers.iter().map(|l| l.1).sum::<u64>() + cfg.len() as u64,
                 config,
+                added: 0,
             };
             out.push(self.record(img)?);
         }
@@ -590,6 +596,7 @@ impl ImageStore {
                 layers: diff_ids,
                 size,
                 config,
+                added: 0,
             })?);
         }
         if out.is_empty() {

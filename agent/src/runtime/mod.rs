@@ -156,6 +156,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn adopted_sandbox(&self, _pod_uid: &str) -> Option<(String, Option<std::net::Ipv4Addr>)> {
         None
     }
+    /// Removes images no container uses (disk pressure).
+    fn gc_images(&self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
     /// Addresses of the sandboxes an earlier agent left (not to be given to other pods).
     fn adopted_ips(&self) -> Vec<std::net::Ipv4Addr> {
         Vec::new()

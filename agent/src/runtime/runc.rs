@@ -80,6 +80,8 @@ struct Ctr {
     cpu_sample: Option<(Instant, u64)>,
     /// Held while runc creates and starts it: stop and remove wait for a start in flight.
     op: Arc<tokio::sync::Mutex<()>>,
+    /// The image it runs (a repo digest or the image ID), which image GC keeps.
+    image_id: String,
 }
 
 /// A container found at start-up, not yet claimed by its pod.
@@ -103,6 +105,8 @@ pub struct Runc {
     cgroup_v2: bool,
     /// The pod range the bridge was set up for.
     bridge: tokio::sync::Mutex<Option<String>>,
+    /// When each image (by the id containers record) was last used to create a container.
+    image_last_used: Mutex<HashMap<String, i64>>,
     /// Route updates, applied in order by one task.
     peers: tokio::sync::mpsc::UnboundedSender<(Vec<(String, String, String)>, bool)>,
     /// Per pod: held while its network is set up or torn down.
@@ -257,7 +261,7 @@ impl Runc {
                 routing.set_peers(p, full).await;
             }
         });
-        let rt = Arc::new(Runc { peers, s, images, net, sandboxes: Mutex::new(HashMap::new()), ctrs: Arc::new(Mutex::new(HashMap::new())), seq: Default::default(), cgroup_v2, bridge: Default::default(), adopted: Default::default(), adopted_sandboxes: Default::default(), sandbox_locks: Default::default() });
+        let rt = Arc::new(Runc { image_last_used: Default::default(), peers, s, images, net, sandboxes: Mutex::new(HashMap::new()), ctrs: Arc::new(Mutex::new(HashMap::new())), seq: Default::default(), cgroup_v2, bridge: Default::default(), adopted: Default::default(), adopted_sandboxes: Default::default(), sandbox_locks: Default::default() });
         rt.adopt().await;
         Ok(rt)
     }
@@ -302,7 +306,7 @@ impl Runc {
             };
             let running = matches!(state, ContainerState::Running { .. });
             let (tx, _) = watch::channel(state.clone());
-            self.ctrs.lock().insert(id.clone(), Ctr { dir: dir.clone(), log: meta.log.clone(), pid: if running { pid } else { None }, state: tx, cgroup: meta.cgroup.clone(), cpu_sample: None, op: Default::default() });
+            self.ctrs.lock().insert(id.clone(), Ctr { dir: dir.clone(), log: meta.log.clone(), pid: if running { pid } else { None }, state: tx, cgroup: meta.cgroup.clone(), cpu_sample: None, op: Default::default(), image_id: meta.image_id.clone() });
             if running {
                 watch_exit(self.ctrs.clone(), id.clone(), dir.clone(), meta.cgroup.clone(), self.cgroup_v2, None);
             }
@@ -479,6 +483,27 @@ impl Runtime for Runc {
         Some((pod_uid.to_string(), ip))
     }
 
+    async fn gc_images(&self) {
+        let used: std::collections::HashSet<String> = self.ctrs.lock().values().map(|c| c.image_id.clone()).collect();
+        let now = now();
+        for img in self.images.list() {
+            let names: Vec<&String> = img.repo_digests.iter().chain(std::iter::once(&img.id)).collect();
+            if names.iter().any(|n| used.contains(*n)) {
+                continue;
+            }
+            // imageMinimumGCAge: an image pulled, imported or last used less than two minutes
+            // ago stays (a pod is likely about to use it).
+            let last = names.iter().filter_map(|n| self.image_last_used.lock().get(*n).copied()).max().unwrap_or(0).max(img.added);
+            if now - last < 120 {
+                continue;
+            }
+            match self.images.remove(&img.id) {
+                Ok(()) => tracing::info!(image = %img.repo_tags.first().or(img.repo_digests.first()).unwrap_or(&img.id), bytes = img.size, "unused image removed (disk pressure)"),
+                Err(e) => tracing::warn!(image = %img.id, error = %e, "image garbage collection"),
+            }
+        }
+    }
+
     fn adopted_ips(&self) -> Vec<std::net::Ipv4Addr> {
         self.adopted_sandboxes.lock().values().flatten().copied().collect()
     }
@@ -639,10 +664,11 @@ impl Runtime for Runc {
         // One log file per start, numbered as the kubelet numbers restarts.
         let n = std::fs::read_dir(&log_dir).map(|r| r.count()).unwrap_or(0);
         let log = log_dir.join(format!("{n}.log"));
+        self.image_last_used.lock().insert(img.repo_digests.first().cloned().unwrap_or(img.id.clone()), now());
         let meta = Meta { pod_uid: sb_uid.clone(), container: c.name.clone(), sandbox: sandbox.to_string(), log: log.clone(), cgroup: cgroup.clone(), image_id: img.repo_digests.first().cloned().unwrap_or(img.id.clone()), restarts: c.restart_count };
         std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).map_err(other)?).map_err(other)?;
         let (state, _) = watch::channel(ContainerState::Created);
-        self.ctrs.lock().insert(id.clone(), Ctr { dir, log, pid: None, state, cgroup, cpu_sample: None, op: Default::default() });
+        self.ctrs.lock().insert(id.clone(), Ctr { dir, log, pid: None, state, cgroup, cpu_sample: None, op: Default::default(), image_id: meta.image_id.clone() });
         Ok(id)
     }
 
