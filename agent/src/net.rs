@@ -40,6 +40,19 @@ async fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Runs `nft -f -` with `rules`.
+async fn nft(rules: &str) -> Result<(), String> {
+    let mut child = Command::new("nft").args(["-f", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().map_err(|e| format!("running nft: {e}"))?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(rules.as_bytes()).await.map_err(|e| e.to_string())?;
+    }
+    let o = child.wait_with_output().await.map_err(|e| e.to_string())?;
+    if !o.status.success() {
+        return Err(String::from_utf8_lossy(&o.stderr).trim().to_string());
+    }
+    Ok(())
+}
+
 /// The netns name of a pod (a file under /run/netns).
 pub fn netns_name(uid: &str) -> String {
     format!("shoal-{}", uid.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(40).collect::<String>())
@@ -89,6 +102,27 @@ impl PodNetwork {
             Ok(o) if o.status.success() => {}
             Ok(o) => tracing::warn!(error = %String::from_utf8_lossy(&o.stderr).trim(), "masquerade rule not installed"),
             Err(e) => tracing::warn!(error = %e, "masquerade rule not installed"),
+        }
+    }
+
+    /// Forwards the node's `host_port`s to the pod (hostPort): an nftables map from
+    /// (protocol, port) to (pod address, container port) consulted for traffic to any of
+    /// the node's own addresses, arriving or sent locally.
+    pub async fn add_host_ports(&self, ip: Ipv4Addr, ports: &[(String, u16, u16)]) -> Result<(), String> {
+        if ports.is_empty() {
+            return Ok(());
+        }
+        let mut rules = String::from("table ip shoal-hostport {\n map hostports { type inet_proto . inet_service : ipv4_addr . inet_service; }\n chain prerouting { type nat hook prerouting priority dstnat; policy accept; fib daddr type local dnat ip to meta l4proto . th dport map @hostports; }\n chain output { type nat hook output priority -100; policy accept; fib daddr type local dnat ip to meta l4proto . th dport map @hostports; }\n}\n");
+        for (proto, hp, cp) in ports {
+            rules.push_str(&format!("add element ip shoal-hostport hostports {{ {proto} . {hp} : {ip} . {cp} }}\n"));
+        }
+        nft(&rules).await.map_err(|e| format!("hostPort: {e}"))
+    }
+
+    /// Stops forwarding a pod's hostPorts.
+    pub async fn remove_host_ports(&self, ports: &[(String, u16, u16)]) {
+        for (proto, hp, _) in ports {
+            let _ = nft(&format!("delete element ip shoal-hostport hostports {{ {proto} . {hp} }}\n")).await;
         }
     }
 

@@ -140,6 +140,22 @@ impl Pod {
         raw["spec"]["containers"].as_array().into_iter().flatten().filter_map(|c| c["resources"]["requests"]["memory"].as_str().and_then(shoal_client::quantity::parse)).map(|m| (m.max(0) / 1000) as u64).sum()
     }
 
+    /// The pod's hostPorts: (protocol, host port, container port).
+    fn host_ports(&self) -> Vec<(String, u16, u16)> {
+        let Some(raw) = &self.raw else { return vec![] };
+        if self.host_network {
+            return vec![];
+        }
+        let mut out = vec![];
+        for c in raw["spec"]["containers"].as_array().into_iter().flatten() {
+            for p in c["ports"].as_array().into_iter().flatten() {
+                let (Some(hp), Some(cp)) = (p["hostPort"].as_u64().and_then(|x| u16::try_from(x).ok()).filter(|x| *x > 0), p["containerPort"].as_u64().and_then(|x| u16::try_from(x).ok())) else { continue };
+                out.push((p["protocol"].as_str().unwrap_or("TCP").to_ascii_lowercase(), hp, cp));
+            }
+        }
+        out
+    }
+
     fn hostname(&self) -> String {
         self.raw.as_ref().and_then(|r| r["spec"]["hostname"].as_str().map(str::to_string)).unwrap_or_else(|| self.name.to_string())
     }
@@ -790,7 +806,7 @@ impl<R: Runtime> PodManager<R> {
             let res = match volumes {
                 Ok(v) if adopted.is_some() => Ok((adopted.clone().map(|a| a.0).unwrap_or_default(), v)),
                 Ok(v) => {
-                    let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec(), hostname: pod.hostname() };
+                    let cfg = SandboxConfig { namespace: pod.namespace.to_string(), name: pod.name.to_string(), uid: pod.uid.to_string(), host_network: pod.host_network, ip: r.ip, annotations: pod.annotations.to_vec(), hostname: pod.hostname(), host_ports: pod.host_ports() };
                     let res = self.rt.run_sandbox(&cfg).await;
                     self.op("run_podsandbox", &res);
                     res.map(|sb| (sb, v)).map_err(|e| format!("Failed to create pod sandbox: {e}"))
@@ -1247,6 +1263,20 @@ impl<R: Runtime> PodManager<R> {
     /// The node's metrics (None on hollow nodes).
     pub fn metrics(&self) -> Option<&Arc<crate::metrics::NodeMetrics>> {
         self.metrics.as_ref()
+    }
+
+    /// Starts `cmd` on a terminal in a container of a pod (`kubectl exec -t`).
+    pub async fn exec_tty(&self, ns: &str, pod: &str, container: &str, cmd: &[String]) -> Result<(i32, std::os::fd::OwnedFd), String> {
+        let id = self.exec_target(ns, pod, container)?;
+        self.rt.exec_tty(&id, cmd).await.map_err(|e| format!("unable to upgrade connection: {e}"))
+    }
+
+    fn exec_target(&self, ns: &str, pod: &str, container: &str) -> Result<String, String> {
+        let key = format!("{ns}/{pod}");
+        let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
+        let ids = ids.lock();
+        let name = if container.is_empty() { ids.keys().next().cloned().unwrap_or_default() } else { container.to_string() };
+        ids.get(&name).map(|i| i.current.clone()).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))
     }
 
     /// Starts `cmd` in a container of a pod (`kubectl exec`).

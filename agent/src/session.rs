@@ -100,8 +100,15 @@ pub struct Agent<R: Runtime> {
     pressure: Mutex<crate::eviction::Pressure>,
     /// The current session's outbound messages (exec output goes there).
     replies: Mutex<Option<mpsc::Sender<pb::AgentMessage>>>,
-    /// Running execs: request id → their input.
-    execs: Mutex<HashMap<u64, mpsc::Sender<Option<Bytes>>>>,
+    /// Running execs (and log follows): request id → their input.
+    execs: Mutex<HashMap<u64, mpsc::Sender<Input>>>,
+}
+
+/// What the server sends a running exec.
+enum Input {
+    Data(Bytes),
+    Close,
+    Resize(u16, u16),
 }
 
 /// Resolves once `stop` is true (the guard `wait_for` returns is not `Send`).
@@ -493,9 +500,14 @@ impl<R: Runtime> Agent<R> {
             server_message::Msg::Input(i) => {
                 let tx = self.execs.lock().get(&i.id).cloned();
                 if let Some(tx) = tx {
-                    if i.close {
-                        let _ = tx.try_send(None);
-                    } else if tx.try_send(Some(i.data)).is_err() {
+                    let m = if i.close {
+                        Input::Close
+                    } else if i.width > 0 && i.height > 0 {
+                        Input::Resize(i.width.min(u16::MAX as u32) as u16, i.height.min(u16::MAX as u32) as u16)
+                    } else {
+                        Input::Data(i.data)
+                    };
+                    if tx.try_send(m).is_err() {
                         tracing::debug!(id = i.id, "exec input dropped (the process is not reading)");
                     }
                 }
@@ -615,48 +627,97 @@ impl<R: Runtime> Agent<R> {
     fn exec(self: &Arc<Self>, id: u64, e: pb::ExecRequest) {
         let Some(out) = self.replies.lock().clone() else { return };
         let reply = move |data: Bytes, stream: u32, done: bool, error: String, exit_code: i32| pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id, data, done, error, stream, exit_code })) };
-        let mut child = match self.pods.exec(&e.namespace, &e.pod, &e.container, &e.command, e.stdin) {
-            Ok(c) => c,
-            Err(msg) => {
-                let _ = out.try_send(reply(Bytes::new(), 0, true, msg, 0));
-                return;
-            }
-        };
         if let Some(m) = self.pods.metrics() {
             m.execs.inc();
         }
-        let (in_tx, mut in_rx) = mpsc::channel::<Option<Bytes>>(16);
+        let (in_tx, mut in_rx) = mpsc::channel::<Input>(16);
         self.execs.lock().insert(id, in_tx);
         let me = self.clone();
         tokio::spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let mut stdin = child.stdin.take();
-            let (Some(mut so), Some(mut se)) = (child.stdout.take(), child.stderr.take()) else { return };
-            let (mut bo, mut be) = (vec![0u8; 32 << 10], vec![0u8; 32 << 10]);
-            let (mut o_open, mut e_open) = (true, true);
-            let mut in_open = true;
-            while o_open || e_open {
-                tokio::select! {
-                    n = so.read(&mut bo), if o_open => match n {
-                        Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&bo[..n]), 1, false, String::new(), 0)).await.is_err() { break } }
-                        _ => o_open = false,
-                    },
-                    n = se.read(&mut be), if e_open => match n {
-                        Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&be[..n]), 2, false, String::new(), 0)).await.is_err() { break } }
-                        _ => e_open = false,
-                    },
-                    i = in_rx.recv(), if in_open => match i {
-                        Some(Some(d)) => { if let Some(w) = stdin.as_mut() { let _ = w.write_all(&d).await; } }
-                        // End of input, or the server cancelled: close stdin.
-                        Some(None) => { stdin = None; in_open = false; }
-                        None => { let _ = child.start_kill(); in_open = false; stdin = None; }
-                    },
+            let code = if e.tty {
+                // One terminal: its output is stdout; input, resizes and the exit as usual.
+                let (pid, master) = match me.pods.exec_tty(&e.namespace, &e.pod, &e.container, &e.command).await {
+                    Ok(x) => x,
+                    Err(msg) => {
+                        me.execs.lock().remove(&id);
+                        let _ = out.send(reply(Bytes::new(), 0, true, msg, 0)).await;
+                        return;
+                    }
+                };
+                let file = std::fs::File::from(master);
+                let resize = file.try_clone().ok();
+                let (mut rd, mut wr) = match file.try_clone() {
+                    Ok(w) => (tokio::fs::File::from_std(file), tokio::fs::File::from_std(w)),
+                    Err(_) => return,
+                };
+                let mut buf = vec![0u8; 32 << 10];
+                let mut in_open = true;
+                loop {
+                    tokio::select! {
+                        // EIO once the last process on the terminal has gone.
+                        n = rd.read(&mut buf) => match n {
+                            Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&buf[..n]), 1, false, String::new(), 0)).await.is_err() { break } }
+                            _ => break,
+                        },
+                        i = in_rx.recv(), if in_open => match i {
+                            Some(Input::Data(d)) => { let _ = wr.write_all(&d).await; let _ = wr.flush().await; }
+                            Some(Input::Resize(w, h)) => {
+                                if let Some(f) = &resize {
+                                    let _ = rustix::termios::tcsetwinsize(f, rustix::termios::Winsize { ws_row: h, ws_col: w, ws_xpixel: 0, ws_ypixel: 0 });
+                                }
+                            }
+                            // End of input on a terminal is its EOF character.
+                            Some(Input::Close) => { let _ = wr.write_all(&[4]).await; in_open = false; }
+                            None => {
+                                if let Some(p) = rustix::process::Pid::from_raw(pid) {
+                                    let _ = rustix::process::kill_process(p, rustix::process::Signal::KILL);
+                                }
+                                in_open = false;
+                            }
+                        },
+                    }
                 }
-            }
-            drop(stdin);
-            let code = match child.wait().await {
-                Ok(st) => st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(9)),
-                Err(_) => 255,
+                crate::runtime::runc::wait_exit(pid).await
+            } else {
+                let mut child = match me.pods.exec(&e.namespace, &e.pod, &e.container, &e.command, e.stdin) {
+                    Ok(c) => c,
+                    Err(msg) => {
+                        me.execs.lock().remove(&id);
+                        let _ = out.send(reply(Bytes::new(), 0, true, msg, 0)).await;
+                        return;
+                    }
+                };
+                let mut stdin = child.stdin.take();
+                let (Some(mut so), Some(mut se)) = (child.stdout.take(), child.stderr.take()) else { return };
+                let (mut bo, mut be) = (vec![0u8; 32 << 10], vec![0u8; 32 << 10]);
+                let (mut o_open, mut e_open) = (true, true);
+                let mut in_open = true;
+                while o_open || e_open {
+                    tokio::select! {
+                        n = so.read(&mut bo), if o_open => match n {
+                            Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&bo[..n]), 1, false, String::new(), 0)).await.is_err() { break } }
+                            _ => o_open = false,
+                        },
+                        n = se.read(&mut be), if e_open => match n {
+                            Ok(n) if n > 0 => { if out.send(reply(Bytes::copy_from_slice(&be[..n]), 2, false, String::new(), 0)).await.is_err() { break } }
+                            _ => e_open = false,
+                        },
+                        i = in_rx.recv(), if in_open => match i {
+                            Some(Input::Data(d)) => { if let Some(w) = stdin.as_mut() { let _ = w.write_all(&d).await; } }
+                            Some(Input::Resize(..)) => {}
+                            // End of input: close stdin.
+                            Some(Input::Close) => { stdin = None; in_open = false; }
+                            // The server cancelled.
+                            None => { let _ = child.start_kill(); in_open = false; stdin = None; }
+                        },
+                    }
+                }
+                drop(stdin);
+                match child.wait().await {
+                    Ok(st) => st.code().unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(9)),
+                    Err(_) => 255,
+                }
             };
             me.execs.lock().remove(&id);
             let _ = out.send(reply(Bytes::new(), 0, true, String::new(), code)).await;
@@ -666,7 +727,7 @@ impl<R: Runtime> Agent<R> {
     /// `logs -f`: streams the log as it grows; a cancel from the server stops it.
     fn follow(self: &Arc<Self>, id: u64, l: pb::LogsRequest) {
         let Some(out) = self.replies.lock().clone() else { return };
-        let (cancel_tx, mut cancel_rx) = mpsc::channel::<Option<Bytes>>(1);
+        let (cancel_tx, mut cancel_rx) = mpsc::channel::<Input>(1);
         self.execs.lock().insert(id, cancel_tx);
         let me = self.clone();
         tokio::spawn(async move {

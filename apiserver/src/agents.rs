@@ -216,11 +216,11 @@ impl AgentService {
         self.request_with_id(node, req).map(|(_, rx)| rx)
     }
 
-    /// Sends standard input to a running exec request (`close` ends it); false when the
-    /// node's session is gone.
-    pub async fn input(&self, node: &str, id: u64, data: bytes::Bytes, close: bool) -> bool {
+    /// Sends standard input (or a terminal resize) to a running exec request (`close`
+    /// ends the input); false when the node's session is gone.
+    pub async fn input(&self, node: &str, input: pb::StreamInput) -> bool {
         let Some(out) = self.hub.session_out(node) else { return false };
-        out.send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Input(pb::StreamInput { id, data, close })) })).await.is_ok()
+        out.send(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Input(input)) })).await.is_ok()
     }
 
     /// As [`Self::request`], also returning the request's id (for [`Self::input`]).

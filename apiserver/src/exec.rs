@@ -58,9 +58,6 @@ impl ExecParams {
         if !(p.stdin || p.stdout || p.stderr) {
             return Err(ApiError::bad_request("you must specify at least 1 of stdin, stdout, stderr"));
         }
-        if p.tty {
-            return Err(ApiError::bad_request("exec with a TTY is not supported by this server yet; run without -t"));
-        }
         Ok(p)
     }
 }
@@ -179,7 +176,7 @@ pub fn exit_status(exit_code: i32, error: &str, command: &[String]) -> Value {
 pub async fn relay<IO, F, Fut>(io: IO, p: ExecParams, mut replies: mpsc::Receiver<shoal_proto::agent::ReverseReply>, input: F)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
-    F: Fn(Bytes, bool) -> Fut + Send + Sync + 'static,
+    F: Fn(shoal_proto::agent::StreamInput) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,
 {
     let (mut rd, mut wr) = tokio::io::split(io);
@@ -205,13 +202,21 @@ where
                 }
                 0x1 | 0x2 => match data.first() {
                     Some(0) if data.len() > 1 => {
-                        if !input(Bytes::copy_from_slice(&data[1..]), false).await {
+                        if !input(shoal_proto::agent::StreamInput { data: Bytes::copy_from_slice(&data[1..]), ..Default::default() }).await {
                             return;
                         }
                     }
                     // v5: the client closed its stdin.
                     Some(255) if data.get(1) == Some(&0) => {
-                        let _ = input(Bytes::new(), true).await;
+                        let _ = input(shoal_proto::agent::StreamInput { close: true, ..Default::default() }).await;
+                    }
+                    // A terminal's new size: {"Width": 80, "Height": 24}.
+                    Some(4) => {
+                        let v: serde_json::Value = serde_json::from_slice(&data[1..]).unwrap_or_default();
+                        let (w, h) = (v["Width"].as_u64().unwrap_or(0), v["Height"].as_u64().unwrap_or(0));
+                        if w > 0 && h > 0 {
+                            let _ = input(shoal_proto::agent::StreamInput { width: w.min(10_000) as u32, height: h.min(10_000) as u32, ..Default::default() }).await;
+                        }
                     }
                     _ => {}
                 },
@@ -275,6 +280,7 @@ mod tests {
 
     #[test]
     fn params_parse_repeated_commands() {
+        assert!(ExecParams::parse(Some("command=sh&stdin=true&stdout=true&tty=true")).unwrap().tty);
         let p = ExecParams::parse(Some("command=sh&command=-c&command=echo%20hi&container=main&stdout=true&stderr=true")).unwrap();
         assert_eq!(p.command, vec!["sh", "-c", "echo hi"]);
         assert_eq!((p.container.as_str(), p.stdin, p.stdout, p.stderr, p.tty), ("main", false, true, true, false));

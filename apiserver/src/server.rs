@@ -778,9 +778,10 @@ impl Api {
                 }
             };
             let node2 = node.clone();
-            crate::exec::relay(io, p, replies, move |data, close| {
+            crate::exec::relay(io, p, replies, move |mut input| {
                 let (agents, node) = (agents.clone(), node2.clone());
-                async move { agents.input(&node, id, data, close).await }
+                input.id = id;
+                async move { agents.input(&node, input).await }
             })
             .await;
         });

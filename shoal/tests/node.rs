@@ -243,8 +243,30 @@ fn runc_pods_run_network_restart_and_log() {
     assert_eq!(st.code(), Some(3), "kubectl exits with the command's code");
     let (ok, out) = k.run(&["exec", "-i", a_name, "--", "sh", "-c", "tr a-z A-Z"], Some("shout\n"));
     assert!(ok && out == "SHOUT\n", "stdin: {out}");
+    // With a TTY (util-linux's script gives kubectl a terminal of its own).
+    let cmd = format!("{} --kubeconfig {} exec -it {a_name} -- sh -c 'tty; echo tty-ok'", k.bin.display(), k.cfg.display());
+    let o = Command::new("timeout").args(["30", "script", "-qec", &cmd, "/dev/null"]).stdin(Stdio::null()).output().unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("/dev/pts/") && out.contains("tty-ok"), "exec -it: {out} {}", String::from_utf8_lossy(&o.stderr));
     let (ok, out) = k.run(&["exec", a_name, "-c", "nope", "--", "true"], None);
     assert!(!ok && out.contains("container nope is not valid for pod"), "{out}");
+
+    // hostPort: the node's own addresses forward the port to the pod.
+    k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "hostport"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "echo via-hostport > /tmp/index.html; exec httpd -f -p 8080 -h /tmp"], "ports": [{"containerPort": 8080, "hostPort": 18080}]}]}}"#);
+    wait_pod(&k, &agent, "hostport", 30, "hostport pod runs", |p| p["status"]["phase"] == "Running");
+    let gw = format!("{}.1", a_ip.rsplitn(2, '.').nth(1).unwrap());
+    let t = Instant::now();
+    loop {
+        let body = Command::new("curl").args(["-s", "--max-time", "2"]).arg(format!("http://{gw}:18080/index.html")).output().unwrap();
+        if String::from_utf8_lossy(&body.stdout) == "via-hostport\n" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "hostPort 18080 on {gw}: {:?}", String::from_utf8_lossy(&body.stdout));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    k.ok(&["delete", "pod", "hostport", "--wait=true", "--timeout=60s"]);
+    let body = Command::new("curl").args(["-s", "--max-time", "2"]).arg(format!("http://{gw}:18080/index.html")).output().unwrap();
+    assert!(!body.status.success(), "the hostPort is gone with its pod");
 
     // logs -f follows a running container until the client stops.
     k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "ticker"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.2; done"]}]}}"#);

@@ -22,6 +22,8 @@ pub struct SandboxConfig {
     pub annotations: Vec<(String, String)>,
     /// The pod's hostname (`spec.hostname` or its name).
     pub hostname: String,
+    /// `hostPort`s: (protocol `tcp`/`udp`, host port, container port).
+    pub host_ports: Vec<(String, u16, u16)>,
 }
 
 /// An init container runs to completion before the next one; app containers run together.
@@ -209,6 +211,11 @@ pub trait Runtime: Send + Sync + 'static {
     /// asked); the child's exit status is the command's.
     fn exec(&self, _id: &str, _cmd: &[String], _stdin: bool) -> Result<tokio::process::Child> {
         Err(RuntimeError::Other(format!("exec is not supported by the {} runtime", self.version())))
+    }
+    /// Runs `cmd` in a running container on a new terminal; returns its pid (the agent
+    /// reaps it: [`runc::wait_exit`]) and the terminal's master side.
+    fn exec_tty(&self, _id: &str, _cmd: &[String]) -> impl Future<Output = Result<(i32, std::os::fd::OwnedFd)>> + Send {
+        async { Err(RuntimeError::Other("exec with a TTY is not supported by this runtime".into())) }
     }
     /// CPU and memory of one running container (None when it is not running).
     fn container_usage(&self, id: &str) -> Option<Usage>;

@@ -61,6 +61,8 @@ struct SandboxMeta {
     ip: Option<std::net::Ipv4Addr>,
     hostname: String,
     netns: Option<PathBuf>,
+    #[serde(default)]
+    host_ports: Vec<(String, u16, u16)>,
 }
 
 struct Sandbox {
@@ -68,6 +70,7 @@ struct Sandbox {
     dir: PathBuf,
     netns: Option<PathBuf>,
     hostname: String,
+    host_ports: Vec<(String, u16, u16)>,
 }
 
 struct Ctr {
@@ -254,6 +257,8 @@ impl Runc {
         std::fs::create_dir_all(s.root.join("containers"))?;
         std::fs::create_dir_all(s.root.join("sandboxes"))?;
         let cgroup_v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+        // Detached execs (with a terminal) are re-parented to the agent, which reaps them.
+        rustix::process::set_child_subreaper(Some(rustix::process::getpid()))?;
         let (peers, mut peer_rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<(String, String, String)>, bool)>();
         let routing = net.clone();
         tokio::spawn(async move {
@@ -318,7 +323,7 @@ impl Runc {
             let meta: Option<SandboxMeta> = std::fs::read(e.path().join("meta.json")).ok().and_then(|b| serde_json::from_slice(&b).ok());
             match meta {
                 Some(m) if m.netns.as_ref().is_none_or(|n| n.exists()) => {
-                    self.sandboxes.lock().insert(uid.clone(), Sandbox { uid: uid.clone(), dir: e.path(), netns: m.netns, hostname: m.hostname });
+                    self.sandboxes.lock().insert(uid.clone(), Sandbox { uid: uid.clone(), dir: e.path(), netns: m.netns, hostname: m.hostname, host_ports: m.host_ports });
                     self.adopted_sandboxes.lock().insert(uid, m.ip);
                 }
                 _ => {
@@ -451,6 +456,40 @@ impl Runc {
     }
 }
 
+/// Waits for a process re-parented to the agent (a detached exec) and reaps it: its exit
+/// code (128 + signal when killed).
+pub async fn wait_exit(pid: i32) -> i32 {
+    let Some(p) = rustix::process::Pid::from_raw(pid) else { return 255 };
+    loop {
+        match rustix::process::waitpid(Some(p), rustix::process::WaitOptions::NOHANG) {
+            Ok(Some((_, st))) => return st.exit_status().or_else(|| st.terminating_signal().map(|s| 128 + s)).unwrap_or(255),
+            Ok(None) => {}
+            // Not (yet) ours: runc's exit re-parents it; gone without a status otherwise.
+            Err(_) if !Path::new(&format!("/proc/{pid}")).exists() => return 255,
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Receives one file descriptor sent with SCM_RIGHTS.
+fn recv_fd(sock: &std::os::unix::net::UnixStream) -> Result<std::os::fd::OwnedFd> {
+    use rustix::net::{RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags};
+    let mut buf = [0u8; 4096];
+    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
+    let mut anc = RecvAncillaryBuffer::new(&mut space);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    rustix::net::recvmsg(sock, &mut iov, &mut anc, RecvFlags::empty()).map_err(other)?;
+    for m in anc.drain() {
+        if let RecvAncillaryMessage::ScmRights(mut fds) = m {
+            if let Some(fd) = fds.next() {
+                return Ok(fd);
+            }
+        }
+    }
+    Err(other("runc sent no terminal"))
+}
+
 /// `1000`, `1000:1000`; names (which need the image's /etc/passwd) count as root.
 fn parse_user(u: &str) -> (u32, u32) {
     let (a, b) = u.split_once(':').unwrap_or((u, ""));
@@ -574,21 +613,24 @@ impl Runtime for Runc {
                     let _lock = lock;
                     net.setup(&uid, ip, &cidr).await
                 });
-                Some(task.await.map_err(other)?.map_err(other)?)
+                let ns = task.await.map_err(other)?.map_err(other)?;
+                self.net.add_host_ports(ip, &cfg.host_ports).await.map_err(other)?;
+                Some(ns)
             }
             _ => None,
         };
-        let meta = SandboxMeta { ip: cfg.ip, hostname: cfg.hostname.clone(), netns: netns.clone() };
+        let meta = SandboxMeta { ip: cfg.ip, hostname: cfg.hostname.clone(), netns: netns.clone(), host_ports: cfg.host_ports.clone() };
         std::fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).map_err(other)?).map_err(other)?;
         let id = cfg.uid.clone();
-        self.sandboxes.lock().insert(id.clone(), Sandbox { uid: cfg.uid.clone(), dir, netns, hostname: cfg.hostname.clone() });
+        self.sandboxes.lock().insert(id.clone(), Sandbox { uid: cfg.uid.clone(), dir, netns, hostname: cfg.hostname.clone(), host_ports: cfg.host_ports.clone() });
         Ok(id)
     }
 
     async fn stop_sandbox(&self, id: &str) -> Result<()> {
         // The sandbox id is the pod's uid: a sandbox whose setup was abandoned is found too.
-        let uid = self.sandboxes.lock().get(id).map(|s| s.uid.clone()).unwrap_or_else(|| id.to_string());
+        let (uid, ports) = self.sandboxes.lock().get(id).map(|s| (s.uid.clone(), s.host_ports.clone())).unwrap_or_else(|| (id.to_string(), vec![]));
         let _lock = self.sandbox_lock(&uid).lock_owned().await;
+        self.net.remove_host_ports(&ports).await;
         self.net.teardown(&uid).await.map_err(other)?;
         Ok(())
     }
@@ -769,6 +811,67 @@ impl Runtime for Runc {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| other(format!("running runc exec: {e}")))
+    }
+
+    async fn exec_tty(&self, id: &str, cmd: &[String]) -> Result<(i32, std::os::fd::OwnedFd)> {
+        let dir = {
+            let g = self.ctrs.lock();
+            let c = g.get(id).ok_or_else(|| RuntimeError::NotFound(id.into()))?;
+            if !matches!(*c.state.borrow(), ContainerState::Running { .. }) {
+                return Err(other("container not running"));
+            }
+            c.dir.clone()
+        };
+        if cmd.is_empty() {
+            return Err(other("a command is required"));
+        }
+        // runc hands the terminal's master over a unix socket (SCM_RIGHTS).
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let sock = dir.join(format!("console-{n}.sock"));
+        let _ = std::fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock).map_err(other)?;
+        // runc passes a terminal only when it detaches; the process is then re-parented
+        // to the agent (its subreaper), which reaps it for the exit code.
+        let pid_file = dir.join(format!("exec-{n}.pid"));
+        let child = Command::new(&self.s.runc)
+            .arg("--root")
+            .arg(self.s.root.join("state"))
+            .args(["exec", "--detach", "--tty", "--pid-file"])
+            .arg(&pid_file)
+            .arg("--console-socket")
+            .arg(&sock)
+            .arg(id)
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| other(format!("running runc exec: {e}")))?;
+        let mut child = child;
+        let accepted = tokio::select! {
+            a = listener.accept() => a.map_err(other),
+            st = child.wait() => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = tokio::io::AsyncReadExt::read_to_string(&mut e, &mut err).await;
+                }
+                Err(other(format!("runc exec exited ({}) before handing over the terminal: {}", st.map(|s| s.to_string()).unwrap_or_default(), err.trim())))
+            }
+            _ = tokio::time::sleep(Duration::from_secs(10)) => Err(other("runc did not hand over the terminal")),
+        };
+        let _ = std::fs::remove_file(&sock);
+        let (stream, _) = accepted?;
+        let stream = stream.into_std().map_err(other)?;
+        stream.set_nonblocking(false).map_err(other)?;
+        let master = tokio::task::spawn_blocking(move || recv_fd(&stream)).await.map_err(other)??;
+        let st = child.wait().await.map_err(other)?;
+        if !st.success() {
+            return Err(other(format!("runc exec exited with {st}")));
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file).map_err(other)?.trim().parse().map_err(other)?;
+        let _ = std::fs::remove_file(&pid_file);
+        Ok((pid, master))
     }
 
     fn container_usage(&self, id: &str) -> Option<Usage> {

@@ -273,6 +273,7 @@ mod tests {
                 host_network: false,
                 ip: None,
                 hostname: "p".into(),
+                host_ports: vec![],
                 annotations: vec![
                     ("shoal.io/sim-cpu".into(), "250m".into()),
                     ("shoal.io/sim-memory".into(), "64Mi".into()),
