@@ -75,7 +75,27 @@ pub async fn check<R: Runtime>(rt: &R, container: &str, pod_ip: Option<Ipv4Addr>
                 Ok(r) => r,
             }
         }
-        ProbeAction::Grpc { port, .. } => Err(format!("gRPC probes (port {port}) are not supported by this node yet")),
+        ProbeAction::Grpc { port, service } => {
+            use shoal_proto::health::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+            let target = format!("{ip}:{port}");
+            let deadline = || format!("timeout: failed to connect service {target:?} within {}s: context deadline exceeded", timeout.as_secs());
+            let ep = tonic::transport::Endpoint::from_shared(format!("http://{target}")).map_err(|e| e.to_string())?.connect_timeout(timeout).timeout(timeout);
+            let ch = match tokio::time::timeout(timeout, ep.connect()).await {
+                Ok(Ok(ch)) => ch,
+                Ok(Err(e)) => return Err(format!("failed to connect service {target:?}: {e}")),
+                Err(_) => return Err(deadline()),
+            };
+            let resp = match tokio::time::timeout(timeout, HealthClient::new(ch).check(HealthCheckRequest { service: service.clone() })).await {
+                Ok(Ok(r)) => r.into_inner(),
+                Ok(Err(s)) => return Err(format!("rpc error: code = {:?} desc = {}", s.code(), s.message())),
+                Err(_) => return Err(deadline()),
+            };
+            match ServingStatus::try_from(resp.status) {
+                Ok(ServingStatus::Serving) => Ok(()),
+                Ok(st) => Err(format!("service unhealthy (responded with {:?})", st.as_str_name())),
+                Err(_) => Err(format!("service unhealthy (responded with status {})", resp.status)),
+            }
+        }
     }
 }
 
@@ -111,5 +131,29 @@ mod tests {
         let e = check(&rt, "c", lo, &ProbeAction::Tcp { port: closed, host: None }, t).await.unwrap_err();
         assert_eq!(e, format!("dial tcp 127.0.0.1:{closed}: connect: connection refused"));
         assert!(check(&rt, "c", lo, &ProbeAction::Exec(vec!["true".into()]), t).await.unwrap_err().contains("not supported"), "the simulated runtime has no exec");
+    }
+
+    struct Healthy;
+
+    #[tonic::async_trait]
+    impl shoal_proto::health::health_server::Health for Healthy {
+        async fn check(&self, r: tonic::Request<shoal_proto::health::HealthCheckRequest>) -> Result<tonic::Response<shoal_proto::health::HealthCheckResponse>, tonic::Status> {
+            let status = if r.into_inner().service == "sick" { 2 } else { 1 };
+            Ok(tonic::Response::new(shoal_proto::health::HealthCheckResponse { status }))
+        }
+    }
+
+    #[tokio::test]
+    async fn grpc_probes_ask_the_health_service() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(tonic::transport::Server::builder().add_service(shoal_proto::health::health_server::HealthServer::new(Healthy)).serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l)));
+        let rt = Sim::new(SimSettings::default());
+        let lo = Some(Ipv4Addr::LOCALHOST);
+        let t = Duration::from_secs(2);
+        check(&rt, "c", lo, &ProbeAction::Grpc { port, service: String::new() }, t).await.unwrap();
+        assert_eq!(check(&rt, "c", lo, &ProbeAction::Grpc { port, service: "sick".into() }, t).await.unwrap_err(), "service unhealthy (responded with \"NOT_SERVING\")");
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        assert!(check(&rt, "c", lo, &ProbeAction::Grpc { port: closed, service: String::new() }, t).await.is_err());
     }
 }

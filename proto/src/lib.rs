@@ -36,6 +36,11 @@ pub mod admin {
 }
 
 /// The agent protocol (`shoal agent` and hollow nodes ↔ API server).
+pub mod health {
+    //! `grpc.health.v1`: the agent probes pods' gRPC health services with it.
+    tonic::include_proto!("grpc.health.v1");
+}
+
 pub mod agent {
     tonic::include_proto!("shoal.agent.v1");
 }
