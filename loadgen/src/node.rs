@@ -81,6 +81,18 @@ impl Drop for AgentProc {
     }
 }
 
+/// Marks this run's shims (their command lines name the node's data directory).
+fn data_marker() -> &'static [u8] {
+    b"/node/run/"
+}
+
+/// Private (not shared) memory of a process, KiB (/proc/PID/smaps_rollup).
+fn private_kib(pid: u32) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let field = |k: &str| s.lines().find_map(|l| l.strip_prefix(k)).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok()).unwrap_or(0.0);
+    Some(field("Private_Clean:") + field("Private_Dirty:"))
+}
+
 pub async fn node(a: NodeArgs) -> Result<Value> {
     if a.pods == 0 || a.qps <= 0.0 {
         bail!("--pods and --qps must be positive");
@@ -172,6 +184,9 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
     let all_running_s = start.elapsed().as_secs_f64();
     let cpu = crate::procs::cpu_seconds(agent_pid).unwrap_or(0.0) - cpu0;
     let rss = crate::procs::rss_mib(agent_pid).unwrap_or(0.0);
+    // The per-container shims (their private memory: the binary's pages are shared).
+    let shims: Vec<u32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"shim".as_slice()) && c.windows(data_marker().len()).any(|w| w == data_marker()))).collect();
+    let shim_private_kib: f64 = shims.iter().filter_map(|pid| private_kib(*pid)).sum();
     let mut lat: Vec<f64> = seen.lock().iter().filter(|(n, _)| n.starts_with("p-")).filter_map(|(_, s)| Some(s.running?.duration_since(s.created?).as_secs_f64())).collect();
     let (p50, p90, p99, max) = (pct(&mut lat, 0.5), pct(&mut lat, 0.9), pct(&mut lat, 0.99), pct(&mut lat, 1.0));
     // Delete them all and wait until the node has stopped every container.
@@ -188,8 +203,9 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let delete_all_s = del.elapsed().as_secs_f64();
-    println!("{:<6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>12} {:>14} {:>14}", "node", "pods", "p50 s", "p90 s", "p99 s", "max s", "all running s", "agent RSS", "CPU ms/pod", "delete all s");
-    println!("{:<6} {:>6} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>14.1} {:>12.1} {:>14.1} {:>14.1}", "", a.pods, p50, p90, p99, max, all_running_s, rss, cpu * 1000.0 / a.pods as f64, delete_all_s);
+    let shim_kib = if shims.is_empty() { 0.0 } else { shim_private_kib / shims.len() as f64 };
+    println!("{:<6} {:>6} {:>8} {:>8} {:>8} {:>8} {:>14} {:>12} {:>14} {:>14} {:>12}", "node", "pods", "p50 s", "p90 s", "p99 s", "max s", "all running s", "agent RSS", "CPU ms/pod", "delete all s", "shim KiB");
+    println!("{:<6} {:>6} {:>8.3} {:>8.3} {:>8.3} {:>8.3} {:>14.1} {:>12.1} {:>14.1} {:>14.1} {:>12.0}", "", a.pods, p50, p90, p99, max, all_running_s, rss, cpu * 1000.0 / a.pods as f64, delete_all_s, shim_kib);
     drop(agent);
     drop(server);
     Ok(json!({
@@ -197,5 +213,6 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
         "startup_p50_s": p50, "startup_p90_s": p90, "startup_p99_s": p99, "startup_max_s": max,
         "all_running_s": all_running_s, "agent_rss_mib": rss, "agent_rss_idle_mib": rss_idle,
         "agent_cpu_ms_per_pod": cpu * 1000.0 / a.pods as f64, "delete_all_s": delete_all_s,
+        "shims": shims.len(), "shim_private_kib": shim_kib,
     }))
 }
