@@ -20,6 +20,10 @@ pub struct PodNetwork {
     /// Routes installed to other nodes' pod ranges: node → (podCIDR, its address). Updates
     /// apply in arrival order under this lock.
     pub routes: tokio::sync::Mutex<std::collections::HashMap<String, (String, String)>>,
+    /// This node's address (the VXLAN tunnel's local end).
+    pub node_ip: String,
+    /// This node's pod range, once known.
+    pub own_cidr: tokio::sync::Mutex<Option<String>>,
 }
 
 /// Runs `ip [-n NS] -batch -` with `lines`; the error carries what `ip` said.
@@ -38,6 +42,23 @@ async fn ip_batch(netns: Option<&str>, lines: &str) -> Result<(), String> {
         return Err(format!("ip {}: {}", lines.lines().next().unwrap_or(""), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())
+}
+
+/// The VXLAN device carrying pod traffic to nodes off this node's links.
+const VXLAN: &str = "shoal.vx";
+
+/// A node's VTEP MAC, derived from its address (locally administered).
+fn vtep_mac(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("0a:58:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
+}
+
+/// Whether `peer` is on one of this node's links (its route has no gateway).
+async fn on_link(peer: Ipv4Addr) -> bool {
+    match Command::new("ip").args(["route", "get", &peer.to_string()]).output().await {
+        Ok(o) if o.status.success() => !String::from_utf8_lossy(&o.stdout).contains(" via "),
+        _ => false,
+    }
 }
 
 /// Runs `nft -f -` with `rules`.
@@ -126,8 +147,11 @@ impl PodNetwork {
         }
     }
 
-    /// Routes to other nodes' pod ranges through their addresses (nodes on one link reach
-    /// each other directly). `full` replaces every route installed before.
+    /// Routes to other nodes' pod ranges: straight through the peer's address when it is
+    /// on one of this node's links, else through a VXLAN device (`shoal.vx`, VNI 4242, UDP
+    /// 8472) whose forwarding entries point at the peer. VTEP MAC addresses are derived from
+    /// node addresses, so nothing but (podCIDR, address) needs exchanging. `full` replaces
+    /// every route installed before.
     pub async fn set_peers(&self, peers: Vec<(String, String, String)>, full: bool) {
         let mut routes = self.routes.lock().await;
         let mut want: std::collections::HashMap<String, (String, String)> = if full { Default::default() } else { routes.clone() };
@@ -138,35 +162,76 @@ impl PodNetwork {
                 want.insert(name, (cidr, ip));
             }
         }
-        let mut batch = String::new();
-        for (name, (cidr, _)) in routes.iter() {
-            if !want.values().any(|(c, _)| c == cidr) {
+        let mut ip_cmds = String::new();
+        let mut fdb_cmds = String::new();
+        for (name, (cidr, ip)) in routes.iter() {
+            if want.get(name) != Some(&(cidr.clone(), ip.clone())) {
                 tracing::debug!(node = %name, %cidr, "route removed");
-                batch.push_str(&format!("route del {cidr}\n"));
+                ip_cmds.push_str(&format!("route del {cidr}\n"));
+                if let (Some((net, _)), Ok(peer)) = (parse_cidr(cidr), ip.parse::<Ipv4Addr>()) {
+                    ip_cmds.push_str(&format!("neigh del {net} dev {VXLAN}\n"));
+                    fdb_cmds.push_str(&format!("fdb del {} dev {VXLAN} dst {peer}\n", vtep_mac(peer)));
+                }
             }
         }
+        let mut vxlan_needed = false;
         for (name, (cidr, ip)) in &want {
-            if routes.get(name) != Some(&(cidr.clone(), ip.clone())) {
-                batch.push_str(&format!("route replace {cidr} via {ip}\n"));
+            if routes.get(name) == Some(&(cidr.clone(), ip.clone())) {
+                continue;
+            }
+            let (Some((net, _)), Ok(peer)) = (parse_cidr(cidr), ip.parse::<Ipv4Addr>()) else { continue };
+            if on_link(peer).await {
+                ip_cmds.push_str(&format!("route replace {cidr} via {peer}\n"));
+            } else {
+                vxlan_needed = true;
+                ip_cmds.push_str(&format!("neigh replace {net} lladdr {} dev {VXLAN} nud permanent\n", vtep_mac(peer)));
+                ip_cmds.push_str(&format!("route replace {cidr} via {net} dev {VXLAN} onlink\n"));
+                fdb_cmds.push_str(&format!("fdb replace {} dev {VXLAN} dst {peer}\n", vtep_mac(peer)));
             }
         }
-        if !batch.is_empty() {
-            // -force: one unreachable peer must not keep the others from being routed.
-            let mut cmd = Command::new("ip");
+        if vxlan_needed {
+            if let Err(e) = self.ensure_vxlan().await {
+                tracing::warn!(error = %e, "the VXLAN device could not be set up: pods on nodes off this node's links are unreachable");
+            }
+        }
+        for (tool, cmds) in [("ip", ip_cmds), ("bridge", fdb_cmds)] {
+            if cmds.is_empty() {
+                continue;
+            }
+            // -force: one bad peer must not keep the others from being routed.
+            let mut cmd = Command::new(tool);
             cmd.args(["-force", "-batch", "-"]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped());
             if let Ok(mut child) = cmd.spawn() {
                 if let Some(mut stdin) = child.stdin.take() {
-                    let _ = stdin.write_all(batch.as_bytes()).await;
+                    let _ = stdin.write_all(cmds.as_bytes()).await;
                 }
                 if let Ok(o) = child.wait_with_output().await {
                     let err = String::from_utf8_lossy(&o.stderr);
-                    if !err.trim().is_empty() {
-                        tracing::warn!(error = %err.trim(), "some routes to other nodes' pods were not installed (peers not on this node's link need VXLAN, which is not built yet)");
+                    // Deleting what is not there is not worth a warning.
+                    let err: Vec<&str> = err.lines().filter(|l| !l.contains("No such") && !l.contains("Cannot find") && !l.starts_with("Command failed")).collect();
+                    if !err.is_empty() {
+                        tracing::warn!(error = %err.join("; "), "some routes to other nodes' pods were not installed");
                     }
                 }
             }
         }
         *routes = want;
+    }
+
+    /// The VXLAN device, with this node's derived VTEP MAC and (when known) `.0` of its pod
+    /// range as its address.
+    async fn ensure_vxlan(&self) -> Result<(), String> {
+        let me: Ipv4Addr = self.node_ip.parse().map_err(|_| format!("node address {:?} is not IPv4", self.node_ip))?;
+        let exists = Command::new("ip").args(["link", "show", "dev", VXLAN]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).status().await.is_ok_and(|s| s.success());
+        let mut batch = String::new();
+        if !exists {
+            batch.push_str(&format!("link add {VXLAN} type vxlan id 4242 dstport 8472 local {me} nolearning\n"));
+        }
+        batch.push_str(&format!("link set {VXLAN} address {} up\n", vtep_mac(me)));
+        if let Some((net, _)) = self.own_cidr.lock().await.as_deref().and_then(parse_cidr) {
+            batch.push_str(&format!("addr replace {net}/32 dev {VXLAN}\n"));
+        }
+        ip_batch(None, &batch).await
     }
 
     /// Creates the pod's namespace and link; returns the namespace's path.
@@ -217,5 +282,6 @@ mod tests {
         assert_eq!(netns_name("a/../b"), "shoal-ab");
         assert_eq!(parse_cidr("10.0.3.7/24"), Some(("10.0.3.0".parse().unwrap(), 24)));
         assert_eq!(parse_cidr("10.0.3.7/33"), None);
+        assert_eq!(vtep_mac("192.168.77.11".parse().unwrap()), "0a:58:c0:a8:4d:0b");
     }
 }

@@ -81,7 +81,7 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     let ca = std::fs::read_to_string(&o.ca_file).with_context(|| format!("while reading the cluster CA {}", o.ca_file.display()))?;
     std::fs::create_dir_all(&o.data_dir).with_context(|| format!("while creating {}", o.data_dir.display()))?;
     let images = Arc::new(ImageStore::open(&o.data_dir.join("images"), o.insecure_registries.clone()).context("while opening the image store")?);
-    let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default() });
+    let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default(), node_ip: o.node_ip.clone(), own_cidr: Default::default() });
     let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: std::env::current_exe().context("while finding the shoal binary (its shim command runs containers)")?, log_max_bytes: o.log_max_bytes, log_max_files: o.log_max_files };
     let rt = Runc::new(settings, images, net).await.context("while starting the runc runtime")?;
     let mut cfg = AgentConfig::new(&o.node_name, &o.token);

@@ -398,19 +398,22 @@ struct Host {
 }
 
 impl Host {
-    /// Creates it with `eth0` at `ip`/24 plugged into the LAN bridge `lan0` of the test's
-    /// own namespace.
-    fn new(netns: &str, ip: &str, veth: &str) -> Host {
+    /// Creates it with `eth0` at `ip`/24 plugged into the LAN bridge `lan` of the test's
+    /// own namespace, with a default route through `gateway` when given.
+    fn new(netns: &str, ip: &str, veth: &str, lan: &str, gateway: Option<&str>) -> Host {
         let run = |args: &[&str]| {
             let o = Command::new("ip").args(args).output().unwrap();
             assert!(o.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&o.stderr));
         };
         run(&["netns", "add", netns]);
         run(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns]);
-        run(&["link", "set", veth, "master", "lan0", "up"]);
+        run(&["link", "set", veth, "master", lan, "up"]);
         run(&["-n", netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         run(&["-n", netns, "link", "set", "eth0", "up"]);
         run(&["-n", netns, "link", "set", "lo", "up"]);
+        if let Some(gw) = gateway {
+            run(&["-n", netns, "route", "add", "default", "via", gw]);
+        }
         Host { netns: netns.to_string() }
     }
 }
@@ -426,13 +429,29 @@ impl Drop for Host {
 /// server), and a pod reaches an address outside the cluster (masqueraded as its node).
 #[test]
 fn pods_on_two_nodes_reach_each_other_and_the_outside() {
+    two_nodes(false);
+}
+
+/// As above with the nodes in two subnets routed through the test's namespace: pod traffic
+/// between them goes through the VXLAN device.
+#[test]
+fn pods_on_nodes_in_two_subnets_reach_each_other_over_vxlan() {
+    two_nodes(true);
+}
+
+fn two_nodes(routed: bool) {
     let kubectl = kubectl_bin();
     own_netns();
     let run = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {args:?}");
-    run(&["link", "add", "lan0", "type", "bridge"]);
-    run(&["addr", "add", "192.168.77.1/24", "dev", "lan0"]);
-    run(&["link", "set", "lan0", "up"]);
-    let id = std::process::id();
+    for (lan, addr) in [("lan0", "192.168.77.1/24"), ("lan1", "192.168.78.1/24")] {
+        run(&["link", "add", lan, "type", "bridge"]);
+        run(&["addr", "add", addr, "dev", lan]);
+        run(&["link", "set", lan, "up"]);
+    }
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+    let (b_ip, b_lan, gw_a, gw_b) = if routed { ("192.168.78.12", "lan1", Some("192.168.77.1"), Some("192.168.78.1")) } else { ("192.168.77.12", "lan0", None, None) };
+    // Names unique per process and variant (both variants may run at once).
+    let id = format!("{}{}", std::process::id(), if routed { "r" } else { "d" });
     let dir = tempfile::tempdir().unwrap();
     let image = busybox_image(dir.path());
     // The server listens on the LAN address (this namespace is fresh: fixed ports are free).
@@ -465,13 +484,13 @@ fn pods_on_two_nodes_reach_each_other_and_the_outside() {
     }
     let k = K { bin: kubectl, cfg: data.join("kubeconfig") };
     let (na, nb) = (format!("na-{id}"), format!("nb-{id}"));
-    let _ha = Host::new(&format!("shoal-t{id}-a"), "192.168.77.11", &format!("va{id}"));
-    let _hb = Host::new(&format!("shoal-t{id}-b"), "192.168.77.12", &format!("vb{id}"));
+    let _ha = Host::new(&format!("shoal-t{id}-a"), "192.168.77.11", &format!("va{id}"), "lan0", gw_a);
+    let _hb = Host::new(&format!("shoal-t{id}-b"), b_ip, &format!("vb{id}"), b_lan, gw_b);
     AgentProc::import(&dir.path().join(&na), &image);
     AgentProc::import(&dir.path().join(&nb), &image);
     let url = "https://192.168.77.1:6443";
     let a = AgentProc::start_in(url, &data, dir.path(), &na, Some(&format!("shoal-t{id}-a")), "192.168.77.11");
-    let _b = AgentProc::start_in(url, &data, dir.path(), &nb, Some(&format!("shoal-t{id}-b")), "192.168.77.12");
+    let _b = AgentProc::start_in(url, &data, dir.path(), &nb, Some(&format!("shoal-t{id}-b")), b_ip);
     k.eventually(&["get", "nodes"], "two nodes Ready", |o| o.matches(" Ready ").count() == 2);
 
     let pod = |name: &str, node: &str, cmd: &str, restart: &str| {
@@ -484,7 +503,9 @@ fn pods_on_two_nodes_reach_each_other_and_the_outside() {
     k.apply(&pod("client-a", &na, &format!("printf 'GET /index.html HTTP/1.0\\\\r\\\\n\\\\r\\\\n' | nc -w 5 {b_ip} 8080"), "Never"));
     wait_pod(&k, &a, "client-a", 40, "cross-node client completes", |p| p["status"]["phase"] == "Succeeded" || p["status"]["phase"] == "Failed");
     let got = k.ok(&["logs", "client-a"]);
-    assert!(got.ends_with("from-b\n"), "pod on A to pod on B: {got:?}");
+    assert!(got.ends_with("from-b\n"), "pod on A to pod on B: {got:?}\n{}", tail(&a.log_text(), 20));
+    let vx = Command::new("ip").args(["-n", &format!("shoal-t{id}-a"), "-d", "link", "show", "shoal.vx"]).output().unwrap();
+    assert_eq!(vx.status.success(), routed, "a VXLAN device exactly when the nodes do not share a link: {}", String::from_utf8_lossy(&vx.stdout));
 
     // Pod to outside the cluster: a listener on the LAN sees the node's address (masquerade).
     let l = std::net::TcpListener::bind("192.168.77.1:8099").unwrap();

@@ -583,6 +583,8 @@ impl Runtime for Runc {
 
     fn set_pod_cidr(&self, cidr: &str) {
         *self.s.pod_cidr.lock() = Some(cidr.to_string());
+        let (net, cidr) = (self.net.clone(), cidr.to_string());
+        tokio::spawn(async move { *net.own_cidr.lock().await = Some(cidr) });
     }
 
     async fn run_sandbox(&self, cfg: &SandboxConfig) -> Result<String> {
