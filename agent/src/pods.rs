@@ -349,11 +349,14 @@ pub struct NodeCtx {
     pub objects: Objects,
     /// Where pods' volumes live (`DATA/pods`); None on hollow nodes.
     pub pods_dir: Option<std::path::PathBuf>,
+    /// Events about pods, waiting to be sent (bounded: events are best effort).
+    pub events: Mutex<Vec<shoal_proto::agent::PodEvent>>,
+    pub events_ready: Notify,
 }
 
 impl NodeCtx {
     pub fn new(node_name: &str, host_ip: &str, pods_dir: Option<std::path::PathBuf>) -> NodeCtx {
-        NodeCtx { node_name: node_name.into(), host_ip: Mutex::new(host_ip.into()), ipam: Ipam::default(), objects: Objects::default(), pods_dir }
+        NodeCtx { node_name: node_name.into(), host_ip: Mutex::new(host_ip.into()), ipam: Ipam::default(), objects: Objects::default(), pods_dir, events: Mutex::new(Vec::new()), events_ready: Notify::new() }
     }
 }
 
@@ -613,6 +616,25 @@ impl<R: Runtime> PodManager<R> {
         Arc::new(PodManager { rt, node, outbox, pods: Mutex::new(HashMap::new()), backoff_base: Duration::from_secs(10), metrics })
     }
 
+    /// Records an event about a pod (a container when `container` is given), as the
+    /// kubelet would; hollow nodes record none.
+    fn event(&self, pod: &Pod, container: Option<&str>, warning: bool, reason: &str, message: String) {
+        if !self.rt.keeps_specs() {
+            return;
+        }
+        let mut g = self.node.events.lock();
+        if g.len() >= 1000 {
+            return;
+        }
+        let field_path = container.map(|c| {
+            let init = pod.init_containers.iter().any(|x| x.name == c);
+            format!("spec.{}{{{c}}}", if init { "initContainers" } else { "containers" })
+        });
+        g.push(shoal_proto::agent::PodEvent { namespace: pod.namespace.to_string(), pod: pod.name.to_string(), uid: pod.uid.to_string(), r#type: if warning { "Warning" } else { "Normal" }.into(), reason: reason.into(), message, field_path: field_path.unwrap_or_default() });
+        drop(g);
+        self.node.events_ready.notify_one();
+    }
+
     fn op<T, E>(&self, op: &str, r: &Result<T, E>) {
         if let Some(m) = &self.metrics {
             m.op(op, r);
@@ -763,6 +785,7 @@ impl<R: Runtime> PodManager<R> {
         }
         if final_ctl == Ctl::Evict {
             let why = self.pods.lock().get(&pod.key()).filter(|h| h.uid == pod.uid).and_then(|h| h.evicted.lock().clone()).unwrap_or_default();
+            self.event(&pod, None, true, "Evicted", why.clone());
             r.done = Some("Failed");
             r.reason = Some(("Evicted", why));
             self.publish(&pod, &r);
@@ -811,7 +834,10 @@ impl<R: Runtime> PodManager<R> {
                     self.op("run_podsandbox", &res);
                     res.map(|sb| (sb, v)).map_err(|e| format!("Failed to create pod sandbox: {e}"))
                 }
-                Err(e) => Err(format!("MountVolume.SetUp failed: {e}")),
+                Err(e) => {
+                    self.event(pod, None, true, "FailedMount", format!("MountVolume.SetUp failed: {e}"));
+                    Err(format!("MountVolume.SetUp failed: {e}"))
+                }
             };
             match res {
                 Ok((sb, v)) => {
@@ -939,6 +965,7 @@ impl<R: Runtime> PodManager<R> {
                     let d = backoff.delay(Duration::ZERO);
                     tokio::time::sleep(d.min(Duration::from_secs(2)).max(Duration::from_millis(100))).await;
                     if reason == "ErrImagePull" {
+                        self.event(run.pod, Some(&c.name), false, "BackOff", format!("Back-off pulling image \"{}\"", c.image));
                         run.slot(which, |s| s.waiting = Some(("ImagePullBackOff", format!("Back-off pulling image \"{}\": {msg}", c.image))));
                         {
                             let r = run.report.lock();
@@ -960,6 +987,7 @@ impl<R: Runtime> PodManager<R> {
                 return code;
             }
             let d = backoff.delay(started.elapsed());
+            self.event(run.pod, Some(&c.name), true, "BackOff", format!("Back-off restarting failed container {} in pod {}_{}({})", c.name, run.pod.name, run.pod.namespace, run.pod.uid));
             run.slot(which, |s| {
                 s.last = s.state.take();
                 s.waiting = Some(("CrashLoopBackOff", format!("back-off {}s restarting failed container={} pod={}_{}({})", d.as_secs(), c.name, run.pod.name, run.pod.namespace, run.pod.uid)));
@@ -973,9 +1001,20 @@ impl<R: Runtime> PodManager<R> {
         }
     }
 
+    /// The name of the container whose current runtime id is `id`.
+    fn container_of(&self, run: &Run<'_>, id: &str) -> Option<String> {
+        run.ids.lock().iter().find(|(_, i)| i.current == id).map(|(n, _)| n.clone())
+    }
+
     /// Stops a container as the kubelet does: its preStop hook first (within the grace
     /// period), then SIGTERM, then SIGKILL when the rest of the grace is spent.
     async fn kill(&self, run: &Run<'_>, id: &str, grace: Duration) {
+        if let Ok(ContainerState::Running { .. }) = self.rt.container_state(id) {
+            let name = run.ids.lock().iter().find(|(_, i)| i.current == id).map(|(n, _)| n.clone());
+            if let Some(n) = name {
+                self.event(run.pod, Some(&n), false, "Killing", format!("Stopping container {n}"));
+            }
+        }
         let hook = run.pre_stop.lock().remove(id);
         let t0 = std::time::Instant::now();
         if let (Some(h), Ok(ContainerState::Running { .. })) = (hook, self.rt.container_state(id)) {
@@ -1017,6 +1056,7 @@ impl<R: Runtime> PodManager<R> {
                     Ok(()) => break,
                     Err(e) => {
                         fails += 1;
+                        self.event(run.pod, self.container_of(run, id).as_deref(), true, "Unhealthy", format!("Startup probe failed: {e}"));
                         if fails >= p.failure_threshold {
                             return format!("Startup probe failed: {e}");
                         }
@@ -1035,6 +1075,7 @@ impl<R: Runtime> PodManager<R> {
                     Ok(()) => fails = 0,
                     Err(e) => {
                         fails += 1;
+                        self.event(run.pod, self.container_of(run, id).as_deref(), true, "Unhealthy", format!("Liveness probe failed: {e}"));
                         tracing::debug!(pod = %run.pod.key(), error = %e, fails, "liveness probe failed");
                         if fails >= p.failure_threshold {
                             return format!("Liveness probe failed: {e}");
@@ -1058,6 +1099,7 @@ impl<R: Runtime> PodManager<R> {
                     }
                     Err(e) => {
                         (ok, bad) = (0, bad + 1);
+                        self.event(run.pod, self.container_of(run, id).as_deref(), true, "Unhealthy", format!("Readiness probe failed: {e}"));
                         tracing::debug!(pod = %run.pod.key(), error = %e, "readiness probe failed");
                         if bad >= p.failure_threshold {
                             set(&|s| s.probe_ready.replace(false) != Some(false));
@@ -1112,8 +1154,25 @@ impl<R: Runtime> PodManager<R> {
             None => vec![],
         };
         let t0 = std::time::Instant::now();
+        let present = self.rt.has_image(&c.image);
+        let cached = present && c.pull != PullPolicy::Always;
+        if !cached && c.pull != PullPolicy::Never {
+            self.event(pod, Some(&c.name), false, "Pulling", format!("Pulling image \"{}\"", c.image));
+        }
         let pulled = self.rt.pull_image(&c.image, c.pull, &creds).await;
         self.op("pull_image", &pulled);
+        match &pulled {
+            Ok(_) if cached => self.event(pod, Some(&c.name), false, "Pulled", format!("Container image \"{}\" already present on machine", c.image)),
+            Ok(_) => {
+                let d = t0.elapsed().as_secs_f64();
+                self.event(pod, Some(&c.name), false, "Pulled", format!("Successfully pulled image \"{}\" in {d:.3}s ({d:.3}s including waiting)", c.image));
+            }
+            Err(e) => {
+                self.event(pod, Some(&c.name), true, "Failed", format!("Failed to pull image \"{}\": {e}", c.image));
+                let code = if matches!(e, RuntimeError::ImageNeverPull(_)) { "ErrImageNeverPull" } else { "ErrImagePull" };
+                self.event(pod, Some(&c.name), true, "Failed", format!("Error: {code}"));
+            }
+        }
         if let (Some(m), Ok(_)) = (&self.metrics, &pulled) {
             m.image_pull.observe(t0.elapsed().as_secs_f64());
         }
@@ -1127,7 +1186,13 @@ impl<R: Runtime> PodManager<R> {
                 let list = if matches!(which, Which::Init(_)) { "initContainers" } else { "containers" };
                 let cj = raw["spec"][list].as_array().and_then(|a| a.iter().find(|x| x["name"] == c.name.as_str())).cloned().unwrap_or_default();
                 let ip = run.report.lock().ip;
-                let spec = crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes).map_err(|e| ("CreateContainerConfigError", e))?;
+                let spec = match crate::spec::run_spec(&cj, &self.facts(raw, ip), &self.node.objects, &run.volumes) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        self.event(pod, Some(&c.name), true, "Failed", format!("Error: {e}"));
+                        return Err(("CreateContainerConfigError", e));
+                    }
+                };
                 // Init containers are not probed and have no hooks.
                 let (probes, hooks) = if matches!(which, Which::Init(_)) { Default::default() } else { (crate::spec::probes(&cj).map_err(|e| ("CreateContainerConfigError", e))?, crate::spec::hooks(&cj).map_err(|e| ("CreateContainerConfigError", e))?) };
                 (Arc::new(spec), (probes, hooks))
@@ -1138,7 +1203,11 @@ impl<R: Runtime> PodManager<R> {
         let kind = if matches!(which, Which::Init(_)) { ContainerKind::Init } else { ContainerKind::App };
         let created = self.rt.create_container(&run.sandbox, &ContainerConfig { name: c.name.clone(), image: c.image.clone(), kind, run: spec, restart_count: run.slot(which, |s| s.restarts) }).await;
         self.op("create_container", &created);
+        if let Err(e) = &created {
+            self.event(pod, Some(&c.name), true, "Failed", format!("Error: {e}"));
+        }
         let id = created.map_err(|e| ("CreateContainerError", e.to_string()))?;
+        self.event(pod, Some(&c.name), false, "Created", format!("Created container {}", c.name));
         // Recorded before any other await: a pod deleted from here on still removes it.
         run.created.lock().push(id.clone());
         // Keep this and the previous container (for `logs --previous`); older ones go.
@@ -1164,11 +1233,13 @@ impl<R: Runtime> PodManager<R> {
         let started = self.rt.start_container(&id).await;
         self.op("start_container", &started);
         if let Err(e) = started {
+            self.event(pod, Some(&c.name), true, "Failed", format!("Error: {e}"));
             // Nothing ran: the next attempt makes a new one, this one goes now.
             let _ = self.rt.remove_container(&id).await;
             run.created.lock().retain(|x| *x != id);
             return Err(("RunContainerError", e.to_string()));
         }
+        self.event(pod, Some(&c.name), false, "Started", format!("Started container {}", c.name));
         if let Some(h) = hooks.pre_stop {
             run.pre_stop.lock().insert(id.clone(), h);
         }

@@ -403,6 +403,10 @@ impl<R: Runtime> Agent<R> {
                     inflight = Some((seq, b));
                     if tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Status(msg)) }).await.is_err() { break End::Retry("session closed".into()) }
                 }
+                _ = self.node.events_ready.notified() => {
+                    let events: Vec<pb::PodEvent> = std::mem::take(&mut *self.node.events.lock());
+                    if !events.is_empty() && tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Events(pb::Events { events })) }).await.is_err() { break End::Retry("session closed".into()) }
+                }
                 _ = async { tokio::select! { _ = hb.tick() => {}, _ = self.status_now.notified() => {} } } => {
                     let images_gen = self.rt.images().0;
                     let images_changed = images_gen != self.images_gen.swap(images_gen, Ordering::Relaxed);

@@ -113,6 +113,8 @@ pub struct AgentService {
     next_request: AtomicU64,
     /// Reverse requests waiting for replies: id → where the replies go.
     pending: Arc<Mutex<HashMap<u64, mpsc::Sender<pb::ReverseReply>>>>,
+    /// Correlates the events agents report (repeats become counts).
+    events: shoal_client::events::Correlator,
     /// The latest usage of each node (the resource metrics API).
     pub usage: crate::resource_metrics::UsageTable,
 }
@@ -195,7 +197,7 @@ pub async fn ensure_bootstrap_token(backend: &Backend, dir: &std::path::Path) ->
 impl AgentService {
     pub fn new(backend: Backend, cache: Arc<Cache>, signer: Arc<Signer>, admin_token: String, metrics: Arc<AgentMetrics>) -> AgentService {
         let hub = Hub::start(cache.clone(), metrics.clone());
-        AgentService { backend, cache, signer, admin_token, hub, metrics, next_session: AtomicU64::new(1), next_request: AtomicU64::new(1), pending: Default::default(), usage: Default::default() }
+        AgentService { backend, cache, signer, admin_token, hub, metrics, next_session: AtomicU64::new(1), next_request: AtomicU64::new(1), pending: Default::default(), usage: Default::default(), events: Default::default() }
     }
 
     /// The node a session's credential names.
@@ -243,6 +245,55 @@ impl AgentService {
             }
         });
         Some((id, rx))
+    }
+
+    /// Records an event an agent reports about one of its pods, correlated as client-go's
+    /// recorder does (repeats bump `count`); best effort, as events are.
+    async fn record_event(&self, node: &str, e: &pb::PodEvent) {
+        let key = format!("/registry/pods/{}/{}", e.namespace, e.pod);
+        if self.check_owner(node, &key, &e.pod).is_err() || !matches!(e.r#type.as_str(), "Normal" | "Warning") || e.reason.is_empty() || e.reason.len() > 128 || e.message.len() > 4096 {
+            return;
+        }
+        let object = format!("Pod/v1/{}/{}/{}/{}", e.namespace, e.pod, e.uid, e.field_path);
+        let component = "kubelet";
+        let now = shoal_client::time::format(meta::now_secs());
+        let t = |name: &'static str| Target { def: def("events", "", "v1"), ns: &e.namespace, name, sub: "" };
+        match self.events.decide(&object, &e.r#type, &e.reason, &e.message, component, std::time::Instant::now()) {
+            shoal_client::events::Action::Bump { name, count, message } => {
+                let tt = Target { def: def("events", "", "v1"), ns: &e.namespace, name: &name, sub: "" };
+                if let Ok(mut cur) = rest::get(&self.backend, &tt).await {
+                    cur["count"] = json!(count);
+                    cur["lastTimestamp"] = json!(now);
+                    cur["message"] = json!(message);
+                    if rest::update(&self.backend, &tt, cur, &Query::default()).await.is_ok() {
+                        return;
+                    }
+                }
+                self.events.forget(&object, &e.r#type, &e.reason, &message, component);
+            }
+            shoal_client::events::Action::Create(message) => {
+                let mut involved = json!({"apiVersion": "v1", "kind": "Pod", "name": e.pod, "namespace": e.namespace, "uid": e.uid});
+                if !e.field_path.is_empty() {
+                    involved["fieldPath"] = json!(e.field_path);
+                }
+                let ev = json!({
+                    "apiVersion": "v1", "kind": "Event",
+                    "metadata": {"generateName": format!("{}.", e.pod), "namespace": e.namespace},
+                    "involvedObject": involved,
+                    "reason": e.reason, "message": message, "type": e.r#type,
+                    "source": {"component": component, "host": node},
+                    "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+                    "reportingComponent": component, "reportingInstance": node,
+                });
+                match rest::create(&self.backend, &t(""), ev, &Query::default()).await {
+                    Ok((_, v)) => self.events.created(&object, &e.r#type, &e.reason, &message, component, v.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("")),
+                    Err(err) => {
+                        self.events.forget(&object, &e.r#type, &e.reason, &message, component);
+                        tracing::debug!(%node, error = %err.message, "agent event not recorded");
+                    }
+                }
+            }
+        }
     }
 
     async fn write_status(&self, node: &str, s: &pb::PodStatus) -> Result<(), ApiError> {
@@ -461,6 +512,11 @@ impl NodeAgent for AgentGrpc {
                             tracing::warn!(%node, error = %e.message, "heartbeat not recorded");
                         }
                         svc.metrics.heartbeat_seconds.observe(t.elapsed().as_secs_f64());
+                    }
+                    Some(agent_message::Msg::Events(ev)) => {
+                        for e in ev.events.iter().take(256) {
+                            svc.record_event(&node, e).await;
+                        }
                     }
                     Some(agent_message::Msg::Reply(r)) => {
                         let done = r.done;

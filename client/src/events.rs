@@ -89,14 +89,15 @@ impl Correlator {
     }
 
     /// Remembers the name the server gave the event created for this key.
-    fn created(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str, name: &str) {
+    pub fn created(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str, name: &str) {
         let key = Self::key(object, ty, reason, message, component);
         if let Some(e) = self.seen.lock().identical.get_mut(&key) {
             e.0 = name.to_string();
         }
     }
 
-    fn forget(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str) {
+    /// Forgets an event (its write failed, or it is gone).
+    pub fn forget(&self, object: &str, ty: &str, reason: &str, message: &str, component: &str) {
         let key = Self::key(object, ty, reason, message, component);
         self.seen.lock().identical.remove(&key);
     }

@@ -227,6 +227,12 @@ fn runc_pods_run_network_restart_and_log() {
     let ts = k.ok(&["logs", a_name, "--timestamps"]);
     assert!(ts.starts_with("20") && ts.contains("Z greeting="), "{ts}");
 
+    // The kubelet's events about the pod: image, created, started.
+    let events = |name: &str| k.ok(&["get", "events", "--field-selector", &format!("involvedObject.name={name}"), "-o", "custom-columns=REASON:.reason,MESSAGE:.message,SOURCE:.source.component,COUNT:.count,FIELD:.involvedObject.fieldPath", "--no-headers"]);
+    k.eventually(&["get", "events", "--field-selector", &format!("involvedObject.name={a_name}"), "-o", "custom-columns=REASON:.reason", "--no-headers"], "kubelet events", |o| o.contains("Started"));
+    let ev = events(a_name);
+    assert!(ev.contains("Pulled") && ev.contains("Container image \"busybox:test\" already present on machine") && ev.contains("Created") && ev.contains("Started container web") && ev.contains("kubelet") && ev.contains("spec.containers{web}"), "{ev}");
+
     // The agent's metrics, and its images in the node's status (for ImageLocality).
     let m = Command::new("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:10255/metrics"]).output().unwrap();
     let m = String::from_utf8_lossy(&m.stdout);
@@ -310,6 +316,7 @@ fn runc_pods_run_network_restart_and_log() {
     assert!(msg.contains("127.0.0.1:1/nope:1") && msg.contains("connection refused"), "{msg}");
     let out = k.ok(&["get", "pod", "bad-image"]);
     assert!(out.contains("ErrImagePull") || out.contains("ImagePullBackOff"), "{out}");
+    k.eventually(&["describe", "pod", "bad-image"], "pull failure events", |o| o.contains("Failed to pull image \"127.0.0.1:1/nope:1\"") && o.contains("Back-off pulling image"));
 
     // A container that keeps failing is restarted with a back-off; the previous run's
     // logs stay readable.
@@ -329,6 +336,7 @@ fn runc_pods_run_network_restart_and_log() {
     assert_eq!(cs["ready"], false, "readiness probe fails: {cs}");
     assert!(cs["lastState"]["terminated"]["exitCode"].as_i64().is_some_and(|c| c == 137 || c == 143), "{cs}");
     assert!(p["status"]["conditions"].as_array().unwrap().iter().any(|c| c["type"] == "Ready" && c["status"] == "False"));
+    k.eventually(&["get", "events", "--field-selector", "involvedObject.name=unhealthy", "-o", "custom-columns=REASON:.reason,MESSAGE:.message", "--no-headers"], "probe events", |o| o.contains("Liveness probe failed") && o.contains("Readiness probe failed: dial tcp") && o.contains("Killing"));
 
     // Lifecycle hooks: postStart runs before the pod counts the container as started,
     // preStop runs before the container is signalled.

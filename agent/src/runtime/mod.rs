@@ -158,6 +158,10 @@ pub trait Runtime: Send + Sync + 'static {
     fn adopted_sandbox(&self, _pod_uid: &str) -> Option<(String, Option<std::net::Ipv4Addr>)> {
         None
     }
+    /// Whether the image is on the node already.
+    fn has_image(&self, _image: &str) -> bool {
+        true
+    }
     /// Removes images no container uses (disk pressure).
     fn gc_images(&self) -> impl Future<Output = ()> + Send {
         async {}

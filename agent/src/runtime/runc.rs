@@ -522,6 +522,10 @@ impl Runtime for Runc {
         Some((pod_uid.to_string(), ip))
     }
 
+    fn has_image(&self, image: &str) -> bool {
+        self.images.get(image).is_some()
+    }
+
     async fn gc_images(&self) {
         let used: std::collections::HashSet<String> = self.ctrs.lock().values().map(|c| c.image_id.clone()).collect();
         let now = now();
