@@ -18,6 +18,56 @@ fn dial_error(e: &std::io::Error) -> String {
     }
 }
 
+/// Sends `req` and reads the status code of the answer.
+async fn status_of<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut s: S, req: &str) -> Result<u16, String> {
+    s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut buf = vec![0u8; 1024];
+    let mut n = 0;
+    while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
+        let m = s.read(&mut buf[n..]).await.map_err(|e| e.to_string())?;
+        if m == 0 {
+            break;
+        }
+        n += m;
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| "malformed HTTP response".to_string())
+}
+
+/// Accepts any server certificate (handshake signatures are still checked).
+#[derive(Debug)]
+struct SkipVerify(std::sync::Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for SkipVerify {
+    fn verify_server_cert(&self, _: &rustls::pki_types::CertificateDer<'_>, _: &[rustls::pki_types::CertificateDer<'_>], _: &rustls::pki_types::ServerName<'_>, _: &[u8], _: rustls::pki_types::UnixTime) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(&self, m: &[u8], c: &rustls::pki_types::CertificateDer<'_>, d: &rustls::DigitallySignedStruct) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn insecure_tls() -> tokio_rustls::TlsConnector {
+    static C: std::sync::OnceLock<tokio_rustls::TlsConnector> = std::sync::OnceLock::new();
+    C.get_or_init(|| {
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let cfg = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions")
+            .dangerous()
+            .with_custom_certificate_verifier(std::sync::Arc::new(SkipVerify(provider)))
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    })
+    .clone()
+}
+
 /// Runs one attempt; Err carries the failure message.
 pub async fn check<R: Runtime>(rt: &R, container: &str, pod_ip: Option<Ipv4Addr>, action: &ProbeAction, timeout: Duration) -> Result<(), String> {
     let ip = pod_ip.map(|i| i.to_string()).unwrap_or_else(|| "127.0.0.1".into());
@@ -42,28 +92,25 @@ pub async fn check<R: Runtime>(rt: &R, container: &str, pod_ip: Option<Ipv4Addr>
                 Ok(Ok(_)) => Ok(()),
             }
         }
-        ProbeAction::Http { port, path, host, headers } => {
+        ProbeAction::Http { port, path, host, headers, https } => {
             let h = host.clone().unwrap_or(ip);
-            let url = format!("http://{h}:{port}{path}");
+            let url = format!("{}://{h}:{port}{path}", if *https { "https" } else { "http" });
             let attempt = async {
-                let mut s = tokio::net::TcpStream::connect((h.as_str(), *port)).await.map_err(|e| format!("Get {url:?}: dial tcp {h}:{port}: {}", dial_error(&e)))?;
+                let s = tokio::net::TcpStream::connect((h.as_str(), *port)).await.map_err(|e| format!("Get {url:?}: dial tcp {h}:{port}: {}", dial_error(&e)))?;
                 let mut req = format!("GET {path} HTTP/1.1\r\nHost: {h}:{port}\r\nUser-Agent: kube-probe/1.35\r\nAccept: */*\r\nConnection: close\r\n");
                 for (k, v) in headers {
                     req.push_str(&format!("{k}: {v}\r\n"));
                 }
                 req.push_str("\r\n");
-                s.write_all(req.as_bytes()).await.map_err(|e| format!("Get {url:?}: {e}"))?;
-                let mut buf = vec![0u8; 1024];
-                let mut n = 0;
-                while n < buf.len() && !buf[..n].windows(2).any(|w| w == b"\r\n") {
-                    let m = s.read(&mut buf[n..]).await.map_err(|e| format!("Get {url:?}: {e}"))?;
-                    if m == 0 {
-                        break;
-                    }
-                    n += m;
+                let code = if *https {
+                    // As the kubelet: the certificate is not verified (InsecureSkipVerify).
+                    let name = rustls::pki_types::ServerName::try_from(h.clone()).map_err(|e| format!("Get {url:?}: {e}"))?;
+                    let tls = insecure_tls().connect(name, s).await.map_err(|e| format!("Get {url:?}: {e}"))?;
+                    status_of(tls, &req).await
+                } else {
+                    status_of(s, &req).await
                 }
-                let line = String::from_utf8_lossy(&buf[..n]);
-                let code: u16 = line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("Get {url:?}: malformed HTTP response"))?;
+                .map_err(|e| format!("Get {url:?}: {e}"))?;
                 if (200..400).contains(&code) {
                     Ok(())
                 } else {
@@ -121,7 +168,7 @@ mod tests {
         });
         let rt = Sim::new(SimSettings::default());
         let lo = Some(Ipv4Addr::LOCALHOST);
-        let http = ProbeAction::Http { port, path: "/healthz".into(), host: None, headers: vec![] };
+        let http = ProbeAction::Http { port, path: "/healthz".into(), host: None, headers: vec![], https: false };
         let t = Duration::from_secs(1);
         assert!(check(&rt, "c", lo, &http, t).await.is_ok());
         assert!(check(&rt, "c", lo, &http, t).await.is_ok(), "3xx is success");
@@ -131,6 +178,32 @@ mod tests {
         let e = check(&rt, "c", lo, &ProbeAction::Tcp { port: closed, host: None }, t).await.unwrap_err();
         assert_eq!(e, format!("dial tcp 127.0.0.1:{closed}: connect: connection refused"));
         assert!(check(&rt, "c", lo, &ProbeAction::Exec(vec!["true".into()]), t).await.unwrap_err().contains("not supported"), "the simulated runtime has no exec");
+    }
+
+    #[tokio::test]
+    async fn https_probes_do_not_verify_the_certificate() {
+        let cert = rcgen::generate_simple_self_signed(vec!["example.invalid".into()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let cfg = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider())).with_safe_default_protocol_versions().unwrap().with_no_client_auth().with_single_cert(vec![cert.cert.der().clone()], key).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(cfg));
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            loop {
+                let (s, _) = l.accept().await.unwrap();
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut t) = acceptor.accept(s).await else { return };
+                    let mut b = [0u8; 512];
+                    let _ = t.read(&mut b).await;
+                    let _ = t.write_all(b"HTTP/1.1 204 No Content\r\n\r\n").await;
+                    let _ = t.shutdown().await;
+                });
+            }
+        });
+        let rt = Sim::new(SimSettings::default());
+        let probe = ProbeAction::Http { port, path: "/".into(), host: None, headers: vec![], https: true };
+        check(&rt, "c", Some(Ipv4Addr::LOCALHOST), &probe, Duration::from_secs(2)).await.unwrap();
     }
 
     struct Healthy;

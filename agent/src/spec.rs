@@ -404,7 +404,7 @@ pub fn run_spec(c: &Value, facts: &PodFacts, objects: &Objects, volumes: &HashMa
 #[derive(Clone, Debug, PartialEq)]
 pub enum ProbeAction {
     Exec(Vec<String>),
-    Http { port: u16, path: String, host: Option<String>, headers: Vec<(String, String)> },
+    Http { port: u16, path: String, host: Option<String>, headers: Vec<(String, String)>, https: bool },
     Tcp { port: u16, host: Option<String> },
     Grpc { port: u16, service: String },
 }
@@ -448,11 +448,9 @@ fn probe(p: &Value, c: &Value) -> Result<Option<Probe>, String> {
     let action = if let Some(e) = p.get("exec") {
         ProbeAction::Exec(strs(&e["command"]))
     } else if let Some(h) = p.get("httpGet") {
-        if h["scheme"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS")) {
-            return Err("httpGet probes with scheme HTTPS are not supported by this node yet".into());
-        }
+        let https = h["scheme"].as_str().is_some_and(|s| s.eq_ignore_ascii_case("HTTPS"));
         let headers = h["httpHeaders"].as_array().into_iter().flatten().map(|x| (x["name"].as_str().unwrap_or_default().to_string(), x["value"].as_str().unwrap_or_default().to_string())).collect();
-        ProbeAction::Http { port: probe_port(&h["port"], c)?, path: h["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/").to_string(), host: h["host"].as_str().filter(|h| !h.is_empty()).map(str::to_string), headers }
+        ProbeAction::Http { port: probe_port(&h["port"], c)?, path: h["path"].as_str().filter(|p| !p.is_empty()).unwrap_or("/").to_string(), host: h["host"].as_str().filter(|h| !h.is_empty()).map(str::to_string), headers, https }
     } else if let Some(t) = p.get("tcpSocket") {
         ProbeAction::Tcp { port: probe_port(&t["port"], c)?, host: t["host"].as_str().filter(|h| !h.is_empty()).map(str::to_string) }
     } else if let Some(g) = p.get("grpc") {
@@ -519,7 +517,7 @@ mod tests {
             "startupProbe": {"exec": {"command": ["cat", "/ready"]}, "initialDelaySeconds": 1}});
         let p = probes(&c).unwrap();
         let l = p.liveness.unwrap();
-        assert_eq!(l.action, ProbeAction::Http { port: 8080, path: "/healthz".into(), host: None, headers: vec![] });
+        assert_eq!(l.action, ProbeAction::Http { port: 8080, path: "/healthz".into(), host: None, headers: vec![], https: false });
         assert_eq!((l.period.as_secs(), l.timeout.as_secs(), l.failure_threshold, l.success_threshold), (2, 1, 3, 1));
         assert_eq!(p.readiness.unwrap().failure_threshold, 1);
         assert_eq!(p.startup.unwrap().action, ProbeAction::Exec(vec!["cat".into(), "/ready".into()]));
