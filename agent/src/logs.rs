@@ -14,6 +14,18 @@ pub struct LogOptions {
     pub limit_bytes: Option<usize>,
 }
 
+/// The records of a CRI log: (stream, partial, message).
+pub fn records(raw: &[u8]) -> Vec<(&str, bool, &[u8])> {
+    let mut out = vec![];
+    for rec in raw.split(|b| *b == b'\n').filter(|r| !r.is_empty()) {
+        let mut parts = rec.splitn(4, |b| *b == b' ');
+        let (Some(_ts), Some(stream), Some(tag)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let stream = if stream == b"stderr" { "stderr" } else { "stdout" };
+        out.push((stream, tag == b"P", parts.next().unwrap_or_default()));
+    }
+    out
+}
+
 /// Renders CRI log records as kubectl's output.
 pub fn render(raw: &[u8], o: &LogOptions) -> Vec<u8> {
     let mut lines: Vec<(String, Vec<u8>)> = vec![];
@@ -59,6 +71,12 @@ pub fn render(raw: &[u8], o: &LogOptions) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_keep_their_stream() {
+        let raw = b"2026-11-25T10:00:00Z stdout F one\n2026-11-25T10:00:01Z stderr P tw\n";
+        assert_eq!(records(raw), vec![("stdout", false, &b"one"[..]), ("stderr", true, &b"tw"[..])]);
+    }
 
     #[test]
     fn cri_records_render_as_kubectl_shows_them() {

@@ -1372,13 +1372,25 @@ impl<R: Runtime> PodManager<R> {
     /// Follows a container's log (`logs -f`): what is there, rendered as `o` says, then each
     /// new record as it is written, until the container has exited and its log is drained
     /// or `out` is closed. Returns when done.
-    pub async fn follow_logs(&self, ns: &str, pod: &str, container: &str, o: &crate::logs::LogOptions, out: tokio::sync::mpsc::Sender<Bytes>) -> Result<(), String> {
+    pub async fn follow_logs(&self, ns: &str, pod: &str, container: &str, o: &crate::logs::LogOptions, out: tokio::sync::mpsc::Sender<(u32, Bytes)>) -> Result<(), String> {
+        self.follow(ns, pod, container, Some(o), out).await
+    }
+
+    /// Attaches to a container's output (`kubectl attach`): what it writes from now on, as
+    /// (stream, bytes) with stream 1 stdout and 2 stderr, until it exits.
+    pub async fn attach(&self, ns: &str, pod: &str, container: &str, out: tokio::sync::mpsc::Sender<(u32, Bytes)>) -> Result<(), String> {
+        self.follow(ns, pod, container, None, out).await
+    }
+
+    /// Follows a container's log file: rendered for `logs -f` (`o`), or raw records by
+    /// stream from the end for attach (`None`).
+    async fn follow(&self, ns: &str, pod: &str, container: &str, o: Option<&crate::logs::LogOptions>, out: tokio::sync::mpsc::Sender<(u32, Bytes)>) -> Result<(), String> {
         use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let id = self.log_target(ns, pod, container, false)?;
         let Some(path) = self.rt.log_path(&id) else {
             // A runtime without log files: what there is, once.
             let raw = self.rt.logs(&id).map_err(|e| e.to_string())?;
-            let _ = out.send(Bytes::from(crate::logs::render(&raw, o))).await;
+            let _ = out.send((1, Bytes::from(crate::logs::render(&raw, o.unwrap_or(&Default::default()))))).await;
             return Ok(());
         };
         let mut f = tokio::fs::File::open(&path).await.map_err(|e| e.to_string())?;
@@ -1387,10 +1399,23 @@ impl<R: Runtime> PodManager<R> {
         // Only whole records; a partial last line waits for its end.
         let cut = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
         let mut pos = cut as u64;
-        if out.send(Bytes::from(crate::logs::render(&buf[..cut], o))).await.is_err() {
-            return Ok(());
+        let emit = |chunk: &[u8]| -> Vec<(u32, Bytes)> {
+            match o {
+                Some(o) => vec![(1, Bytes::from(crate::logs::render(chunk, &crate::logs::LogOptions { timestamps: o.timestamps, ..Default::default() })))],
+                None => crate::logs::records(chunk).into_iter().map(|(stream, partial, msg)| {
+                    let mut m = msg.to_vec();
+                    if !partial {
+                        m.push(b'\n');
+                    }
+                    (if stream == "stderr" { 2 } else { 1 }, Bytes::from(m))
+                }).collect(),
+            }
+        };
+        if let Some(o) = o {
+            if out.send((1, Bytes::from(crate::logs::render(&buf[..cut], o)))).await.is_err() {
+                return Ok(());
+            }
         }
-        let later = crate::logs::LogOptions { timestamps: o.timestamps, ..Default::default() };
         let mut chunk = vec![0u8; 64 << 10];
         loop {
             let exited = !matches!(self.rt.container_state(&id), Ok(ContainerState::Running { .. } | ContainerState::Created));
@@ -1399,8 +1424,10 @@ impl<R: Runtime> PodManager<R> {
             let whole = chunk[..n].iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
             if whole > 0 {
                 pos += whole as u64;
-                if out.send(Bytes::from(crate::logs::render(&chunk[..whole], &later))).await.is_err() {
-                    return Ok(());
+                for item in emit(&chunk[..whole]) {
+                    if out.send(item).await.is_err() {
+                        return Ok(());
+                    }
                 }
                 continue;
             }

@@ -741,15 +741,22 @@ impl<R: Runtime> Agent<R> {
                 since_unix: (l.since_seconds > 0).then(|| now() - l.since_seconds),
                 limit_bytes: None,
             };
-            let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+            let (tx, mut rx) = mpsc::channel::<(u32, Bytes)>(16);
             let pods = me.pods.clone();
-            let follow = async move { pods.follow_logs(&l.namespace, &l.pod, &l.container, &o, tx).await };
-            let reply = |data: Bytes, done: bool, error: String| pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id, data, done, error, ..Default::default() })) };
+            let attach = l.attach;
+            let follow = async move {
+                if attach {
+                    pods.attach(&l.namespace, &l.pod, &l.container, tx).await
+                } else {
+                    pods.follow_logs(&l.namespace, &l.pod, &l.container, &o, tx).await
+                }
+            };
+            let reply = |data: Bytes, stream: u32, done: bool, error: String| pb::AgentMessage { msg: Some(agent_message::Msg::Reply(pb::ReverseReply { id, data, done, error, stream, ..Default::default() })) };
             let relay = async {
                 // The first reply goes even when empty: it tells the server the log exists.
-                let mut first = true;
-                while let Some(d) = rx.recv().await {
-                    if (first || !d.is_empty()) && out.send(reply(d, false, String::new())).await.is_err() {
+                let mut first = !attach;
+                while let Some((stream, d)) = rx.recv().await {
+                    if (first || !d.is_empty()) && out.send(reply(d, stream, false, String::new())).await.is_err() {
                         return;
                     }
                     first = false;
@@ -761,7 +768,7 @@ impl<R: Runtime> Agent<R> {
                 _ = async { while cancel_rx.recv().await.is_some() {} } => Ok(()),
             };
             me.execs.lock().remove(&id);
-            let _ = out.send(reply(Bytes::new(), true, res.err().unwrap_or_default())).await;
+            let _ = out.send(reply(Bytes::new(), 0, true, res.err().unwrap_or_default())).await;
         });
     }
 

@@ -36,7 +36,8 @@ pub struct ExecParams {
 }
 
 impl ExecParams {
-    pub fn parse(query: Option<&str>) -> Result<ExecParams, ApiError> {
+    /// Parses the query of `pods/exec` (a command is required) or `pods/attach` (`attach`).
+    pub fn parse(query: Option<&str>, attach: bool) -> Result<ExecParams, ApiError> {
         let mut p = ExecParams::default();
         for pair in query.unwrap_or("").split('&').filter(|x| !x.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
@@ -52,7 +53,7 @@ impl ExecParams {
                 _ => {}
             }
         }
-        if p.command.is_empty() {
+        if p.command.is_empty() && !attach {
             return Err(ApiError::bad_request("you must specify at least 1 command"));
         }
         if !(p.stdin || p.stdout || p.stderr) {
@@ -280,12 +281,13 @@ mod tests {
 
     #[test]
     fn params_parse_repeated_commands() {
-        assert!(ExecParams::parse(Some("command=sh&stdin=true&stdout=true&tty=true")).unwrap().tty);
-        let p = ExecParams::parse(Some("command=sh&command=-c&command=echo%20hi&container=main&stdout=true&stderr=true")).unwrap();
+        assert!(ExecParams::parse(Some("command=sh&stdin=true&stdout=true&tty=true"), false).unwrap().tty);
+        let p = ExecParams::parse(Some("command=sh&command=-c&command=echo%20hi&container=main&stdout=true&stderr=true"), false).unwrap();
         assert_eq!(p.command, vec!["sh", "-c", "echo hi"]);
         assert_eq!((p.container.as_str(), p.stdin, p.stdout, p.stderr, p.tty), ("main", false, true, true, false));
-        assert_eq!(ExecParams::parse(Some("stdout=true")).unwrap_err().message, "you must specify at least 1 command");
-        assert!(ExecParams::parse(Some("command=ls")).is_err(), "no stream");
+        assert_eq!(ExecParams::parse(Some("stdout=true"), false).unwrap_err().message, "you must specify at least 1 command");
+        assert!(ExecParams::parse(Some("command=ls"), false).is_err(), "no stream");
+        assert!(ExecParams::parse(Some("stdout=true&stderr=true"), true).is_ok(), "attach needs no command");
     }
 
     #[tokio::test]

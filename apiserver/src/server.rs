@@ -437,10 +437,10 @@ impl Api {
             Err(e) => return (error_response(&e), None),
         };
         let method = req.method().clone();
-        if let ["api", "v1", "namespaces", ns, "pods", name, "exec"] = segs.as_slice() {
-            let labels = Some(("connect", "", "pods", "exec".to_string()));
-            let (ns, name) = (ns.to_string(), name.to_string());
-            return match self.exec(&user, &ns, &name, req).await {
+        if let ["api", "v1", "namespaces", ns, "pods", name, sub @ ("exec" | "attach")] = segs.as_slice() {
+            let labels = Some(("connect", "", "pods", sub.to_string()));
+            let (ns, name, attach) = (ns.to_string(), name.to_string(), *sub == "attach");
+            return match self.exec(&user, &ns, &name, req, attach).await {
                 Ok(r) => (r, labels),
                 Err(e) => (error_response(&e), labels),
             };
@@ -731,8 +731,8 @@ impl Api {
                 Ok(json_response(200, &rest::delete_collection(b, def, &r.ns, body, q).await?))
             }
             (&Method::GET, false, "log") if def.kind == "Pod" => self.pod_log(b, &t, q).await,
-            (_, _, "exec" | "attach" | "portforward" | "proxy" | "ephemeralcontainers") => {
-                Err(ApiError::new(501, "NotImplemented", format!("{}/{} is not served yet (needs the agent's exec streams)", def.plural, r.sub)))
+            (_, _, "portforward" | "proxy" | "ephemeralcontainers") => {
+                Err(ApiError::new(501, "NotImplemented", format!("{}/{} is not served yet", def.plural, r.sub)))
             }
             _ => Err(ApiError::method_not_allowed(&method.as_str().to_lowercase(), gr)),
         }
@@ -742,9 +742,10 @@ impl Api {
 impl Api {
     /// `pods/exec`: authorized as `create pods/exec`, checked against the pod, then the
     /// WebSocket is accepted and relayed to the pod's agent (`exec.rs`).
-    async fn exec(&self, user: &auth::User, ns: &str, name: &str, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-        let p = crate::exec::ExecParams::parse(req.uri().query())?;
-        let a = Attributes { verb: "create".into(), group: String::new(), resource: "pods".into(), subresource: "exec".into(), namespace: ns.into(), name: name.into(), path: String::new() };
+    async fn exec(&self, user: &auth::User, ns: &str, name: &str, req: Request<Incoming>, attach: bool) -> Result<Response<Body>, ApiError> {
+        let p = crate::exec::ExecParams::parse(req.uri().query(), attach)?;
+        let sub = if attach { "attach" } else { "exec" };
+        let a = Attributes { verb: "create".into(), group: String::new(), resource: "pods".into(), subresource: sub.into(), namespace: ns.into(), name: name.into(), path: String::new() };
         if let Err(why) = auth::authorize(user, &a) {
             return Err(ApiError::forbidden(Gr { group: "", resource: "pods" }, name, &why));
         }
@@ -766,8 +767,14 @@ impl Api {
             return Err(ApiError::bad_request(format!("pod {name} does not have a host assigned")));
         }
         let (proto, accept) = crate::exec::negotiate(&req)?;
-        let er = shoal_proto::agent::ExecRequest { namespace: ns.into(), pod: name.into(), container, command: p.command.clone(), stdin: p.stdin, tty: p.tty };
-        let (id, replies) = self.agents.request_with_id(&node, shoal_proto::agent::reverse_request::Request::Exec(er)).ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} is not connected")))?;
+        let request = if attach {
+            // The container's output from now on (its stdin is not kept open: input is not
+            // forwarded).
+            shoal_proto::agent::reverse_request::Request::Logs(shoal_proto::agent::LogsRequest { namespace: ns.into(), pod: name.into(), container, follow: true, attach: true, tail_lines: -1, ..Default::default() })
+        } else {
+            shoal_proto::agent::reverse_request::Request::Exec(shoal_proto::agent::ExecRequest { namespace: ns.into(), pod: name.into(), container, command: p.command.clone(), stdin: p.stdin, tty: p.tty })
+        };
+        let (id, replies) = self.agents.request_with_id(&node, request).ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} is not connected")))?;
         let agents = self.agents.0.clone();
         tokio::spawn(async move {
             let io = match hyper::upgrade::on(req).await {
@@ -827,6 +834,7 @@ impl Api {
             tail_lines: tail.unwrap_or(-1),
             since_seconds: since.unwrap_or(0),
             limit_bytes: limit.unwrap_or(0),
+            attach: false,
         };
         let mut rx = self.agents.request(node, shoal_proto::agent::reverse_request::Request::Logs(req)).ok_or_else(|| ApiError::unavailable(format!("the agent of node {node:?} is not connected")))?;
         // The first reply decides the status code; the rest is streamed.

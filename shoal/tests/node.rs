@@ -280,6 +280,10 @@ fn runc_pods_run_network_restart_and_log() {
     let o = Command::new("timeout").arg("3").arg(&k.bin).arg("--kubeconfig").arg(&k.cfg).args(["logs", "-f", "ticker"]).output().unwrap();
     let followed = String::from_utf8_lossy(&o.stdout);
     assert!(followed.lines().count() >= 8 && followed.lines().all(|l| l.starts_with("tick-")), "logs -f: {followed}");
+    // attach: the container's output from now on, live.
+    let o = Command::new("timeout").arg("3").arg(&k.bin).arg("--kubeconfig").arg(&k.cfg).args(["attach", "ticker"]).output().unwrap();
+    let attached = String::from_utf8_lossy(&o.stdout);
+    assert!(attached.lines().filter(|l| l.starts_with("tick-")).count() >= 5, "attach: {attached} {}", String::from_utf8_lossy(&o.stderr));
     // A follow of a container that exits ends by itself.
     k.apply(r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "short"}, "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:test", "command": ["sh", "-c", "sleep 1; echo one; sleep 1; echo two"]}]}}"#);
     wait_pod(&k, &agent, "short", 30, "short runs", |p| p["status"]["phase"] == "Running" || p["status"]["phase"] == "Succeeded");
