@@ -71,6 +71,14 @@ impl NodeOptions {
     }
 }
 
+/// The shim to run containers with: `shoal-shim` beside this binary (small, so each
+/// container's shim costs little memory), else this binary's own `shim` command.
+fn shim_binary() -> anyhow::Result<std::path::PathBuf> {
+    let me = std::env::current_exe().context("while finding the shoal binary (its shim runs containers)")?;
+    let small = me.with_file_name("shoal-shim");
+    Ok(if small.exists() { small } else { me })
+}
+
 fn detect_memory() -> u64 {
     std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())).map(|k| k * 1024).unwrap_or(0)
 }
@@ -82,7 +90,7 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     std::fs::create_dir_all(&o.data_dir).with_context(|| format!("while creating {}", o.data_dir.display()))?;
     let images = Arc::new(ImageStore::open(&o.data_dir.join("images"), o.insecure_registries.clone()).context("while opening the image store")?);
     let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default(), node_ip: o.node_ip.clone(), own_cidr: Default::default() });
-    let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: std::env::current_exe().context("while finding the shoal binary (its shim command runs containers)")?, log_max_bytes: o.log_max_bytes, log_max_files: o.log_max_files };
+    let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: shim_binary()?, log_max_bytes: o.log_max_bytes, log_max_files: o.log_max_files };
     let rt = Runc::new(settings, images, net).await.context("while starting the runc runtime")?;
     let mut cfg = AgentConfig::new(&o.node_name, &o.token);
     cfg.host_ip = o.node_ip.clone();

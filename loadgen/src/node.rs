@@ -185,7 +185,7 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
     let cpu = crate::procs::cpu_seconds(agent_pid).unwrap_or(0.0) - cpu0;
     let rss = crate::procs::rss_mib(agent_pid).unwrap_or(0.0);
     // The per-container shims (their private memory: the binary's pages are shared).
-    let shims: Vec<u32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"shim".as_slice()) && c.windows(data_marker().len()).any(|w| w == data_marker()))).collect();
+    let shims: Vec<u32> = std::fs::read_dir("/proc").into_iter().flatten().flatten().filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok()).filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| (c.split(|b| *b == 0).nth(1) == Some(b"shim".as_slice()) || c.split(|b| *b == 0).next().is_some_and(|a| a.ends_with(b"shoal-shim"))) && c.windows(data_marker().len()).any(|w| w == data_marker()))).collect();
     let shim_private_kib: f64 = shims.iter().filter_map(|pid| private_kib(*pid)).sum();
     let mut lat: Vec<f64> = seen.lock().iter().filter(|(n, _)| n.starts_with("p-")).filter_map(|(_, s)| Some(s.running?.duration_since(s.created?).as_secs_f64())).collect();
     let (p50, p90, p99, max) = (pct(&mut lat, 0.5), pct(&mut lat, 0.9), pct(&mut lat, 0.99), pct(&mut lat, 1.0));
