@@ -1328,7 +1328,8 @@ impl<R: Runtime> PodManager<R> {
     /// Running pods with their QoS class, memory use and request (eviction ranking).
     pub fn eviction_candidates(&self) -> Vec<crate::eviction::Candidate> {
         let usage: HashMap<String, u64> = self.usage().into_iter().map(|(ns, n, cs)| (format!("{ns}/{n}"), cs.iter().map(|(_, u)| u.memory_bytes).sum())).collect();
-        self.pods.lock().iter().filter(|(_, h)| *h.ctl.borrow() == Ctl::Run).map(|(k, h)| crate::eviction::Candidate { key: k.clone(), qos: h.qos.to_string(), memory_usage: usage.get(k).copied().unwrap_or(0), memory_request: h.memory_request }).collect()
+        // Only pods with running containers: one still starting frees nothing.
+        self.pods.lock().iter().filter(|(k, h)| *h.ctl.borrow() == Ctl::Run && usage.contains_key(*k)).map(|(k, h)| crate::eviction::Candidate { key: k.clone(), qos: h.qos.to_string(), memory_usage: usage[k], memory_request: h.memory_request }).collect()
     }
 
     /// The node's metrics (None on hollow nodes).

@@ -50,6 +50,9 @@ impl AgentProc {
     /// As [`AgentProc::start`], with more flags.
     fn start_with(server: &Server, dir: &Path, node: &str, extra: &[&str]) -> AgentProc {
         let mut a = AgentProc::start(server, dir, node);
+        if extra.is_empty() {
+            return a;
+        }
         let _ = a.child.kill();
         let _ = a.child.wait();
         // A flag given again replaces the default one (clap takes each once).
@@ -193,21 +196,40 @@ spec:
       volumes: [{name: config, configMap: {name: app-config}}]
 "#;
 
+/// A server and one agent, in this test's own network namespace; the busybox test image
+/// imported into the node unless `import` is false.
+struct OneNode {
+    dir: tempfile::TempDir,
+    server: Server,
+    agent: AgentProc,
+    k: K,
+    node: String,
+}
+
+impl OneNode {
+    fn start(prefix: &str, extra: &[&str], import: bool) -> OneNode {
+        // Fetched (when not cached) before leaving the machine's namespace.
+        let kubectl = kubectl_bin();
+        own_netns();
+        let dir = tempfile::tempdir().unwrap();
+        let server = Server::start_api(dir.path(), "s1", &[]);
+        server.wait_api();
+        // Unique per run: cgroups are the machine's, shared with any other run.
+        let node = format!("{prefix}-{}", std::process::id());
+        if import {
+            let image = busybox_image(dir.path());
+            AgentProc::import(&dir.path().join(&node), &image);
+        }
+        let agent = AgentProc::start_with(&server, dir.path(), &node, extra);
+        let k = K { bin: kubectl, cfg: server.kubeconfig() };
+        k.eventually(&["get", "node", &node], "node Ready", |o| o.contains(" Ready "));
+        OneNode { dir, server, agent, k, node }
+    }
+}
+
 #[test]
 fn runc_pods_run_network_restart_and_log() {
-    // Fetched (when not cached) before leaving the machine's namespace.
-    let kubectl = kubectl_bin();
-    own_netns();
-    let dir = tempfile::tempdir().unwrap();
-    let image = busybox_image(dir.path());
-    let server = Server::start_api(dir.path(), "s1", &[]);
-    server.wait_api();
-    // Unique per run: cgroups are the machine's, shared with any other run.
-    let node = format!("node-{}", std::process::id());
-    AgentProc::import(&dir.path().join(&node), &image);
-    let mut agent = AgentProc::start(&server, dir.path(), &node);
-    let k = K { bin: kubectl, cfg: server.kubeconfig() };
-    k.eventually(&["get", "node", &node], "node Ready", |o| o.contains(" Ready "));
+    let OneNode { dir, server: _server, mut agent, k, node } = OneNode::start("node", &[], true);
     let n: Value = serde_json::from_str(&k.ok(&["get", "node", &node, "-o", "json"])).unwrap();
     assert_eq!(n["status"]["nodeInfo"]["containerRuntimeVersion"], "runc://1.1");
 
@@ -588,16 +610,7 @@ fn images_are_pulled_from_a_registry() {
 /// absurdly high so the machine's real memory is "short".
 #[test]
 fn memory_pressure_evicts_pods() {
-    let kubectl = kubectl_bin();
-    own_netns();
-    let dir = tempfile::tempdir().unwrap();
-    let image = busybox_image(dir.path());
-    let server = Server::start_api(dir.path(), "s1", &[]);
-    server.wait_api();
-    let node = format!("ev-{}", std::process::id());
-    AgentProc::import(&dir.path().join(&node), &image);
-    let agent = AgentProc::start_with(&server, dir.path(), &node, &["--eviction-hard", "memory.available<1000Ti", "--housekeeping-interval", "1s"]);
-    let k = K { bin: kubectl, cfg: server.kubeconfig() };
+    let OneNode { dir: _dir, server: _server, agent, k, node } = OneNode::start("ev", &["--eviction-hard", "memory.available<1000Ti", "--housekeeping-interval", "1s"], true);
     k.eventually(&["get", "node", &node, "-o", "jsonpath={.status.conditions[?(@.type==\"MemoryPressure\")].status}"], "MemoryPressure reported", |o| o == "True");
     let out = k.ok(&["describe", "node", &node]);
     assert!(out.contains("KubeletHasInsufficientMemory"), "{out}");

@@ -286,6 +286,17 @@ impl ImageStore {
         Ok(())
     }
 
+    /// Stores a manifest's image config and reads it, checking that it lists as many
+    /// layers as the manifest.
+    fn config_of(&self, m: &Manifest, cfg: &[u8]) -> Result<(ImageConfig, Vec<String>), ImageError> {
+        self.put_blob(&m.config, cfg)?;
+        let (config, diff_ids) = image_config(cfg)?;
+        if diff_ids.len() != m.layers.len() {
+            return Err(invalid(format!("manifest has {} layers but the config {}", m.layers.len(), diff_ids.len())));
+        }
+        Ok((config, diff_ids))
+    }
+
     /// Unpacks a layer blob (already digest-checked) unless its diff ID is present.
     fn add_layer(&self, blob: &Path, want_diff_id: &str) -> Result<(), ImageError> {
         let dest = self.layer_dir(want_diff_id);
@@ -376,15 +387,7 @@ impl ImageStore {
             .await?;
         let cfg = fs::read(&cfg_path)?;
         let _ = fs::remove_file(&cfg_path);
-        self.put_blob(&m.config, &cfg)?;
-        let (config, diff_ids) = image_config(&cfg)?;
-        if diff_ids.len() != m.layers.len() {
-            return Err(invalid(format!(
-                "manifest has {} layers but the config {}",
-                m.layers.len(),
-                diff_ids.len()
-            )));
-        }
+        let (config, diff_ids) = self.config_of(&m, &cfg)?;
         for ((blob, _), diff) in m.layers.iter().zip(&diff_ids) {
             if self.layer_dir(diff).exists() {
                 continue;
@@ -491,15 +494,7 @@ impl ImageStore {
             self.put_blob(&digest, &body)?;
             let m = parse_manifest(&body)?;
             let cfg = fs::read(blob(&m.config)?)?;
-            self.put_blob(&m.config, &cfg)?;
-            let (config, diff_ids) = image_config(&cfg)?;
-            if diff_ids.len() != m.layers.len() {
-                return Err(invalid(format!(
-                    "manifest has {} layers but the config {}",
-                    m.layers.len(),
-                    diff_ids.len()
-                )));
-            }
+            let (config, diff_ids) = self.config_of(&m, &cfg)?;
             for ((l, _), diff) in m.layers.iter().zip(&diff_ids) {
                 let p = blob(l)?;
                 let got = sha256_file(&p)?;

@@ -145,6 +145,11 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// A whole response body (small ones: manifests, tokens, error documents).
+async fn body(resp: http::Response<Incoming>, url: &str) -> Result<bytes::Bytes, RegistryError> {
+    Ok(resp.into_body().collect().await.map_err(|e| RegistryError::Transport { method: "GET", url: url.to_string(), err: e.to_string() })?.to_bytes())
+}
+
 /// The message in a registry's error body (`{"errors":[{"message":…}]}`), if any.
 fn registry_message(body: &[u8]) -> String {
     let v: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
@@ -357,16 +362,7 @@ impl Registry {
                     .get_once(&url, "application/json", basic.as_deref())
                     .await?;
                 let status = resp.status().as_u16();
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| RegistryError::Transport {
-                        method: "GET",
-                        url: url.clone(),
-                        err: e.to_string(),
-                    })?
-                    .to_bytes();
+                let body = body(resp, &url).await?;
                 if status != 200 {
                     return Err(RegistryError::Unauthorized(r.to_string()));
                 }
@@ -404,16 +400,7 @@ impl Registry {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| RegistryError::Transport {
-                method: "GET",
-                url: url.clone(),
-                err: e.to_string(),
-            })?
-            .to_bytes();
+        let body = body(resp, &url).await?;
         match status {
             200 => {}
             404 => return Err(RegistryError::NotFound(r.to_string())),
