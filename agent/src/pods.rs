@@ -1353,13 +1353,7 @@ impl<R: Runtime> PodManager<R> {
 
     /// Starts `cmd` in a container of a pod (`kubectl exec`).
     pub fn exec(&self, ns: &str, pod: &str, container: &str, cmd: &[String], stdin: bool) -> Result<tokio::process::Child, String> {
-        let key = format!("{ns}/{pod}");
-        let ids = self.pods.lock().get(&key).map(|h| h.containers.clone()).ok_or_else(|| format!("pod {key} is not running on this node"))?;
-        let id = {
-            let ids = ids.lock();
-            let name = if container.is_empty() { ids.keys().next().cloned().unwrap_or_default() } else { container.to_string() };
-            ids.get(&name).map(|i| i.current.clone()).ok_or_else(|| format!("container {name} is not valid for pod {pod}"))?
-        };
+        let id = self.exec_target(ns, pod, container)?;
         self.rt.exec(&id, cmd, stdin).map_err(|e| format!("unable to upgrade connection: {e}"))
     }
 

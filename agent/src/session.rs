@@ -104,6 +104,16 @@ pub struct Agent<R: Runtime> {
     execs: Mutex<HashMap<u64, mpsc::Sender<Input>>>,
 }
 
+/// (machine ID, boot ID, kernel release) of this machine, read once: the thousands of
+/// hollow nodes of one process share them.
+fn machine_facts() -> &'static (String, String, String) {
+    static F: std::sync::OnceLock<(String, String, String)> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        (read("/etc/machine-id"), read("/proc/sys/kernel/random/boot_id"), read("/proc/sys/kernel/osrelease"))
+    })
+}
+
 /// What the server sends a running exec.
 enum Input {
     Data(Bytes),
@@ -198,11 +208,11 @@ impl<R: Runtime> Agent<R> {
         let ts = |s: i64| crate::pods::rfc3339(s);
         let cond = |ty: &str, st: &str, reason: &str, msg: &str| json!({"type": ty, "status": st, "reason": reason, "message": msg, "lastHeartbeatTime": ts(t), "lastTransitionTime": ts(self.ready_since)});
         // Largest first, at most 50, as the kubelet reports them (ImageLocality reads them).
-        let (_, mut imgs) = self.rt.images();
+        let mut imgs = self.rt.images();
         imgs.sort_by(|a, b| b.1.cmp(&a.1));
         imgs.truncate(50);
         let images: Vec<Value> = imgs.into_iter().map(|(names, size)| json!({"names": names, "sizeBytes": size})).collect();
-        let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_default();
+        let (machine_id, boot_id, kernel) = machine_facts();
         let pressure = *self.pressure.lock();
         json!({
             "capacity": self.cfg.capacity,
@@ -220,7 +230,7 @@ impl<R: Runtime> Agent<R> {
             "addresses": [{"type": "InternalIP", "address": self.node.host_ip.lock().clone()}, {"type": "Hostname", "address": self.cfg.node_name}],
             "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
             "images": images,
-            "nodeInfo": {"machineID": read("/etc/machine-id"), "systemUUID": "", "bootID": read("/proc/sys/kernel/random/boot_id"), "kernelVersion": read("/proc/sys/kernel/osrelease"), "osImage": "Shoal", "containerRuntimeVersion": self.rt.version(), "kubeletVersion": "v1.35.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
+            "nodeInfo": {"machineID": machine_id, "systemUUID": "", "bootID": boot_id, "kernelVersion": kernel, "osImage": "Shoal", "containerRuntimeVersion": self.rt.version(), "kubeletVersion": "v1.35.0", "kubeProxyVersion": "", "operatingSystem": "linux", "architecture": "amd64"},
         })
     }
 
@@ -408,7 +418,7 @@ impl<R: Runtime> Agent<R> {
                     if !events.is_empty() && tx.send(pb::AgentMessage { msg: Some(agent_message::Msg::Events(pb::Events { events })) }).await.is_err() { break End::Retry("session closed".into()) }
                 }
                 _ = async { tokio::select! { _ = hb.tick() => {}, _ = self.status_now.notified() => {} } } => {
-                    let images_gen = self.rt.images().0;
+                    let images_gen = self.rt.images_generation();
                     let images_changed = images_gen != self.images_gen.swap(images_gen, Ordering::Relaxed);
                     let due = self.status_due.swap(false, Ordering::Relaxed) || images_changed || last_status.elapsed() >= self.cfg.status_report;
                     let node_status_json = if due { last_status = tokio::time::Instant::now(); Bytes::from(self.node_status().to_string()) } else { Bytes::new() };

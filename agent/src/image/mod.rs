@@ -261,9 +261,7 @@ impl ImageStore {
     }
 
     fn tmp_path(&self, what: &str) -> PathBuf {
-        let mut b = [0u8; 8];
-        let _ = getrandom_fill(&mut b);
-        self.root.join("tmp").join(format!("{what}-{}", hex(&b)))
+        self.root.join("tmp").join(format!("{what}-{}", random_hex(8)))
     }
 
     /// Stores a small blob under its digest after checking it.
@@ -639,9 +637,12 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     }
 }
 
-fn getrandom_fill(b: &mut [u8]) -> io::Result<()> {
+/// `n` random bytes as hex (names of temporary files and containers; not secrets).
+pub fn random_hex(n: usize) -> String {
     use std::io::Read;
-    fs::File::open("/dev/urandom")?.read_exact(b)
+    let mut b = vec![0u8; n];
+    let _ = fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    hex(&b)
 }
 
 #[cfg(test)]

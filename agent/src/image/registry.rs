@@ -145,6 +145,16 @@ fn percent_encode(s: &str) -> String {
         .collect()
 }
 
+/// One HTTP/1.1 request on a fresh connection.
+async fn send_http1<IO>(io: IO, req: http::Request<http_body_util::Empty<bytes::Bytes>>) -> Result<http::Response<Incoming>, String>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    send.send_request(req).await.map_err(|e| e.to_string())
+}
+
 /// A whole response body (small ones: manifests, tokens, error documents).
 async fn body(resp: http::Response<Incoming>, url: &str) -> Result<bytes::Bytes, RegistryError> {
     Ok(resp.into_body().collect().await.map_err(|e| RegistryError::Transport { method: "GET", url: url.to_string(), err: e.to_string() })?.to_bytes())
@@ -247,21 +257,9 @@ impl Registry {
                     .connect(name, tcp)
                     .await
                     .map_err(|e| transport(format!("tls: {e}")))?;
-                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                    .await
-                    .map_err(|e| transport(e.to_string()))?;
-                tokio::spawn(conn);
-                send.send_request(req)
-                    .await
-                    .map_err(|e| transport(e.to_string()))
+                send_http1(tls, req).await.map_err(transport)
             } else {
-                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                    .await
-                    .map_err(|e| transport(e.to_string()))?;
-                tokio::spawn(conn);
-                send.send_request(req)
-                    .await
-                    .map_err(|e| transport(e.to_string()))
+                send_http1(tcp, req).await.map_err(transport)
             }
         };
         tokio::time::timeout(self.timeout, fut)

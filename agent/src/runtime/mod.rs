@@ -181,10 +181,13 @@ pub trait Runtime: Send + Sync + 'static {
     /// Other nodes' (name, podCIDR, InternalIP): routes to their pods. `full` replaces all
     /// known; an empty podCIDR removes a node.
     fn set_peers(&self, _peers: Vec<(String, String, String)>, _full: bool) {}
-    /// Images on the node for its status (names, size), and a number that changes when
-    /// the list does.
-    fn images(&self) -> (u64, Vec<(Vec<String>, u64)>) {
-        (0, Vec::new())
+    /// Images on the node for its status: (names, size).
+    fn images(&self) -> Vec<(Vec<String>, u64)> {
+        Vec::new()
+    }
+    /// A number that changes whenever the image list does (the heartbeat compares it).
+    fn images_generation(&self) -> u64 {
+        0
     }
     fn run_sandbox(&self, cfg: &SandboxConfig) -> impl Future<Output = Result<String>> + Send;
     fn stop_sandbox(&self, id: &str) -> impl Future<Output = Result<()>> + Send;

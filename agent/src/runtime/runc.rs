@@ -511,10 +511,12 @@ impl Runtime for Runc {
         true
     }
 
-    fn images(&self) -> (u64, Vec<(Vec<String>, u64)>) {
-        let list = self.images.list();
-        let r#gen = self.images.generation();
-        (r#gen, list.into_iter().map(|i| (i.repo_digests.iter().chain(i.repo_tags.iter()).cloned().collect(), i.size)).collect())
+    fn images_generation(&self) -> u64 {
+        self.images.generation()
+    }
+
+    fn images(&self) -> Vec<(Vec<String>, u64)> {
+        self.images.list().into_iter().map(|i| (i.repo_digests.iter().chain(i.repo_tags.iter()).cloned().collect(), i.size)).collect()
     }
 
     fn adopted_sandbox(&self, pod_uid: &str) -> Option<(String, Option<std::net::Ipv4Addr>)> {
@@ -685,9 +687,7 @@ impl Runtime for Runc {
     async fn create_container(&self, sandbox: &str, c: &ContainerConfig) -> Result<String> {
         let img = self.images.get(&c.image).ok_or_else(|| RuntimeError::ImagePull(format!("image {} is not present", c.image)))?;
         let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let mut rnd = [0u8; 6];
-        let _ = std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom").map_err(other)?, &mut rnd);
-        let id = format!("{}{n:04x}", crate::image::unpack::hex(&rnd));
+        let id = format!("{}{n:04x}", crate::image::random_hex(6));
         let (sb_uid, log_dir) = {
             let g = self.sandboxes.lock();
             let sb = g.get(sandbox).ok_or_else(|| RuntimeError::NotFound(sandbox.into()))?;
