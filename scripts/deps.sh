@@ -16,6 +16,14 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nft >/dev/null 2>&1 || need+=(nftables)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+# The service proxy's BPF programs are built with clang against libbpf's headers; its
+# benchmark compares with iptables and nftables and measures with iperf3.
+command -v clang >/dev/null 2>&1 || need+=(clang)
+[ -f /usr/include/bpf/bpf_helpers.h ] || need+=(libbpf-dev)
+[ -f /usr/include/linux/bpf.h ] || need+=(linux-libc-dev)
+command -v bpftool >/dev/null 2>&1 || need+=(bpftool)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v iperf3 >/dev/null 2>&1 || need+=(iperf3)
 
 if [ ${#need[@]} -gt 0 ]; then
   echo "deps: installing ${need[*]}" >&2

@@ -1,0 +1,94 @@
+/* Structs and constants shared by the BPF programs and `dataplane/` (Rust).
+ *
+ * Every struct here is mirrored by a #[repr(C)] type in dataplane/src/abi.rs; the test
+ * `abi_matches_the_programs_btf` compares sizes and member offsets with this file's BTF,
+ * so a change on one side that is not made on the other fails the build's tests.
+ * Addresses and ports are in network byte order everywhere. */
+#ifndef SHOAL_COMMON_H
+#define SHOAL_COMMON_H
+
+#include <linux/types.h>
+
+/* One frontend of a service: an address (ClusterIP, ExternalIP, LoadBalancer IP or a
+ * node address for a NodePort), a port and a protocol. Slot 0 is the service's master
+ * entry (how many backends, flags); slots 1..=count name its backends. */
+struct svc_key {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 pad;
+	__u16 slot;
+	__u16 pad2;
+};
+
+#define SVC_F_NODEPORT 0x1 /* the frontend is a node address (NodePort) */
+#define SVC_F_EXTERNAL 0x2 /* ExternalIP or LoadBalancer address */
+
+struct svc_value {
+	__u32 backend_id;       /* slot > 0: the backend in this slot */
+	__u32 svc_id;           /* the service port this frontend belongs to */
+	__u16 count;            /* slot 0: number of backend slots; 0 = reject */
+	__u16 flags;            /* SVC_F_* */
+	__u32 affinity_timeout; /* seconds of ClientIP affinity; 0 = none */
+};
+
+#define BACKEND_F_TERMINATING 0x1 /* serving but terminating: kept for its flows */
+
+struct backend {
+	__be32 addr;
+	__be16 port;
+	__u8 proto;
+	__u8 flags; /* BACKEND_F_* */
+};
+
+#define CT_FORWARD 0 /* key is the client's tuple towards the service address */
+#define CT_REVERSE 1 /* key is the backend's reply tuple */
+
+struct ct_key {
+	__be32 saddr;
+	__be32 daddr;
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 dir;
+	__u16 pad;
+};
+
+#define CT_F_ESTABLISHED 0x1
+#define CT_F_CLOSING 0x2 /* FIN or RST seen */
+#define CT_F_HAIRPIN 0x4 /* the client is its own backend: the source is rewritten too */
+
+struct ct_entry {
+	__u64 expires;    /* bpf_ktime_get_ns() after which the entry is dead */
+	__be32 nat_addr;  /* forward: backend address; reverse: service address */
+	__be16 nat_port;  /* forward: backend port; reverse: service port */
+	__u16 flags;      /* CT_F_* */
+	__be32 orig_addr; /* forward: hairpin source (0: none); reverse: the client's address */
+	__be16 orig_port; /* reverse: the client's port */
+	__u16 pad;
+	__u32 backend_id;
+	__u32 svc_id;
+};
+
+struct affinity_key {
+	__u32 svc_id;
+	__be32 client;
+};
+
+struct affinity_value {
+	__u32 backend_id;
+	__u32 last_used; /* seconds (bpf_ktime_get_ns() / 1e9) */
+};
+
+/* Counters, one per CPU, summed by user space. */
+enum stat {
+	STAT_TRANSLATED = 0, /* packets of service flows rewritten towards a backend */
+	STAT_REVERSED,       /* replies rewritten back to the service address */
+	STAT_CT_CREATED,     /* new service flows */
+	STAT_REJECTED,       /* packets to a service without endpoints, answered with ICMP */
+	STAT_NO_SLOT,        /* a slot or backend vanished under a concurrent update: dropped */
+	STAT_CT_UPDATE_FAILED,
+	STAT_MAX,
+};
+
+#endif

@@ -1,0 +1,241 @@
+/* Service translation on pod interfaces (tc, on the host side of each pod's veth).
+ *
+ * from_pod (ingress: packets the pod sends): a packet to a service frontend gets a backend
+ * (ClientIP affinity, else random among the slots), a conntrack entry pair, and its
+ * destination rewritten; later packets of the flow follow the forward entry. A frontend
+ * without backends is answered with ICMP port unreachable. A pod that reaches itself
+ * through its service (hairpin) gets its source rewritten to HAIRPIN_ADDR so that its
+ * reply leaves the pod too; both directions are bounced straight back into the pod.
+ *
+ * to_pod (egress: packets delivered to the pod): a reply from a backend gets its source
+ * rewritten back to the service address by the reverse entry, whichever node the backend
+ * is on. */
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "lib/common.h"
+#include "lib/maps.h"
+#include "lib/packet.h"
+#include "lib/conntrack.h"
+#include "lib/reject.h"
+
+/* The source address of hairpin flows (0: hairpin is not translated). */
+volatile const __be32 HAIRPIN_ADDR = 0;
+
+static __always_inline int backend_matches(const struct backend *b, const struct ct_entry *e)
+{
+	return b && b->addr == e->nat_addr && b->port == e->nat_port;
+}
+
+/* Rewrites a client's packet towards its backend (and, for hairpin, its source). */
+static __always_inline int to_backend(struct __sk_buff *skb, const struct tuple *t,
+				      const struct ct_entry *e)
+{
+	__be32 addr = e->nat_addr;
+	__be16 port = e->nat_port;
+	__be32 hairpin = e->orig_addr;
+	stat_inc(STAT_TRANSLATED);
+	if (set_addr(skb, t->proto, DADDR_OFF, t->daddr, addr) ||
+	    set_port(skb, t->proto, DPORT_OFF, t->dport, port))
+		return TC_ACT_SHOT;
+	if (!hairpin)
+		return TC_ACT_OK;
+	if (set_addr(skb, t->proto, SADDR_OFF, t->saddr, hairpin))
+		return TC_ACT_SHOT;
+	return bounce(skb);
+}
+
+/* Rewrites a backend's reply so that it comes from the service address. */
+static __always_inline int from_backend(struct __sk_buff *skb, const struct tuple *t,
+					struct ct_entry *e, __u64 now)
+{
+	__be32 svc_addr = e->nat_addr;
+	__be16 svc_port = e->nat_port;
+	__be32 client = e->orig_addr;
+	int hairpin = e->flags & CT_F_HAIRPIN;
+	ct_touch(e, t->proto, t->tcp_flags, now);
+	if (t->tcp_flags & (TCP_FIN | TCP_RST)) {
+		/* a closing flow: a new SYN from the same client port must choose afresh */
+		struct ct_key fk = ct_forward_key(e, t->proto);
+		struct ct_entry *fwd = bpf_map_lookup_elem(&shoal_ct, &fk);
+		if (fwd)
+			ct_touch(fwd, t->proto, t->tcp_flags, now);
+	}
+	stat_inc(STAT_REVERSED);
+	if (set_addr(skb, t->proto, SADDR_OFF, t->saddr, svc_addr) ||
+	    set_port(skb, t->proto, SPORT_OFF, t->sport, svc_port))
+		return TC_ACT_SHOT;
+	if (!hairpin)
+		return TC_ACT_OK;
+	if (set_addr(skb, t->proto, DADDR_OFF, t->daddr, client))
+		return TC_ACT_SHOT;
+	return bounce(skb);
+}
+
+/* The reverse entry of a reply, or NULL. An expired one is revived while its forward
+ * entry lives (a UDP stream whose replies are rare). */
+static __always_inline struct ct_entry *reverse_entry(const struct tuple *t, __u64 now)
+{
+	struct ct_key k = {
+		.saddr = t->saddr,
+		.daddr = t->daddr,
+		.sport = t->sport,
+		.dport = t->dport,
+		.proto = t->proto,
+		.dir = CT_REVERSE,
+	};
+	struct ct_entry *e = bpf_map_lookup_elem(&shoal_ct, &k);
+	if (!e || e->expires > now)
+		return e;
+	struct ct_key fk = ct_forward_key(e, t->proto);
+	struct ct_entry *fwd = bpf_map_lookup_elem(&shoal_ct, &fk);
+	if (!fwd || fwd->expires <= now)
+		return NULL;
+	return e;
+}
+
+/* Chooses a backend for a new flow of the service whose master entry is `svc`. */
+static __always_inline struct backend *choose(struct svc_key *sk, const struct svc_value *svc,
+					      __be32 client, __u64 now, __u32 *backend_id)
+{
+	__u32 now_s = now / NSEC;
+	struct affinity_key ak = { .svc_id = svc->svc_id, .client = client };
+	if (svc->affinity_timeout) {
+		struct affinity_value *a = bpf_map_lookup_elem(&shoal_affinity, &ak);
+		if (a && now_s - a->last_used <= svc->affinity_timeout) {
+			__u32 id = a->backend_id;
+			struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
+			if (b && !(b->flags & BACKEND_F_TERMINATING)) {
+				a->last_used = now_s;
+				*backend_id = id;
+				return b;
+			}
+		}
+	}
+	sk->slot = (bpf_get_prandom_u32() % svc->count) + 1;
+	struct svc_value *slot = bpf_map_lookup_elem(&shoal_services, sk);
+	if (!slot)
+		return NULL;
+	__u32 id = slot->backend_id;
+	struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
+	if (!b)
+		return NULL;
+	if (svc->affinity_timeout) {
+		struct affinity_value av = { .backend_id = id, .last_used = now_s };
+		bpf_map_update_elem(&shoal_affinity, &ak, &av, BPF_ANY);
+	}
+	*backend_id = id;
+	return b;
+}
+
+static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t, __u64 now)
+{
+	struct svc_key sk = { .addr = t->daddr, .port = t->dport, .proto = t->proto };
+	struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
+	if (!svc)
+		return TC_ACT_OK;
+	if (svc->count == 0) {
+		stat_inc(STAT_REJECTED);
+		return reject(skb, t);
+	}
+	__u32 backend_id = 0;
+	struct backend *b = choose(&sk, svc, t->saddr, now, &backend_id);
+	if (!b) {
+		stat_inc(STAT_NO_SLOT);
+		return TC_ACT_SHOT;
+	}
+	__be32 hairpin = (b->addr == t->saddr) ? HAIRPIN_ADDR : 0;
+	__u16 flags = hairpin ? CT_F_HAIRPIN : 0;
+	struct ct_entry fwd = {
+		.nat_addr = b->addr,
+		.nat_port = b->port,
+		.flags = flags,
+		.orig_addr = hairpin,
+		.backend_id = backend_id,
+		.svc_id = svc->svc_id,
+	};
+	ct_touch(&fwd, t->proto, t->tcp_flags, now);
+	struct ct_entry rev = {
+		.expires = fwd.expires,
+		.nat_addr = t->daddr,
+		.nat_port = t->dport,
+		.flags = fwd.flags,
+		.orig_addr = t->saddr,
+		.orig_port = t->sport,
+		.backend_id = backend_id,
+		.svc_id = svc->svc_id,
+	};
+	struct ct_key fk = {
+		.saddr = t->saddr,
+		.daddr = t->daddr,
+		.sport = t->sport,
+		.dport = t->dport,
+		.proto = t->proto,
+		.dir = CT_FORWARD,
+	};
+	struct ct_key rk = {
+		.saddr = b->addr,
+		.daddr = hairpin ? hairpin : t->saddr,
+		.sport = b->port,
+		.dport = t->sport,
+		.proto = t->proto,
+		.dir = CT_REVERSE,
+	};
+	if (bpf_map_update_elem(&shoal_ct, &rk, &rev, BPF_ANY) ||
+	    bpf_map_update_elem(&shoal_ct, &fk, &fwd, BPF_ANY))
+		stat_inc(STAT_CT_UPDATE_FAILED);
+	stat_inc(STAT_CT_CREATED);
+	return to_backend(skb, t, &fwd);
+}
+
+SEC("classifier")
+int from_pod(struct __sk_buff *skb)
+{
+	struct tuple t;
+	if (parse_tuple(skb, &t))
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_key k = {
+		.saddr = t.saddr,
+		.daddr = t.daddr,
+		.sport = t.sport,
+		.dport = t.dport,
+		.proto = t.proto,
+		.dir = CT_FORWARD,
+	};
+	struct ct_entry *e = bpf_map_lookup_elem(&shoal_ct, &k);
+	if (e) {
+		/* a live flow keeps its backend while that backend exists; a new SYN on a
+		 * closed flow's port, or a vanished backend, chooses afresh */
+		if (e->expires > now && !(is_syn_only(&t) && (e->flags & CT_F_CLOSING))) {
+			__u32 id = e->backend_id;
+			struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
+			if (backend_matches(b, e)) {
+				ct_touch(e, t.proto, t.tcp_flags, now);
+				return to_backend(skb, &t, e);
+			}
+		}
+	} else if (HAIRPIN_ADDR && t.daddr == HAIRPIN_ADDR) {
+		struct ct_entry *rev = reverse_entry(&t, now);
+		if (rev)
+			return from_backend(skb, &t, rev, now);
+	}
+	return new_flow(skb, &t, now);
+}
+
+SEC("classifier")
+int to_pod(struct __sk_buff *skb)
+{
+	struct tuple t;
+	if (parse_tuple(skb, &t))
+		return TC_ACT_OK;
+	__u64 now = bpf_ktime_get_ns();
+	struct ct_entry *rev = reverse_entry(&t, now);
+	if (!rev)
+		return TC_ACT_OK;
+	return from_backend(skb, &t, rev, now);
+}
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -1,0 +1,188 @@
+//! The structs the BPF programs share with user space, mirrored from `bpf/lib/common.h`.
+//!
+//! Addresses and ports are stored in network byte order, as the programs read them from
+//! packets; the constructors here take host values. `tests::abi_matches_the_programs_btf`
+//! compares every size and member offset with the BTF that clang wrote into the object.
+use std::net::Ipv4Addr;
+
+/// IP protocol numbers the programs translate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp = 6,
+    Udp = 17,
+}
+
+impl Proto {
+    pub fn parse(name: &str) -> Option<Proto> {
+        match name {
+            "TCP" | "tcp" => Some(Proto::Tcp),
+            "UDP" | "udp" => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "TCP",
+            Proto::Udp => "UDP",
+        }
+    }
+
+    fn from_u8(p: u8) -> Option<Proto> {
+        match p {
+            6 => Some(Proto::Tcp),
+            17 => Some(Proto::Udp),
+            _ => None,
+        }
+    }
+}
+
+pub fn be_addr(a: Ipv4Addr) -> u32 {
+    u32::from_ne_bytes(a.octets())
+}
+
+pub fn addr_of(be: u32) -> Ipv4Addr {
+    Ipv4Addr::from(be.to_ne_bytes())
+}
+
+pub const SVC_F_NODEPORT: u16 = 0x1;
+pub const SVC_F_EXTERNAL: u16 = 0x2;
+pub const BACKEND_F_TERMINATING: u8 = 0x1;
+pub const CT_FORWARD: u8 = 0;
+pub const CT_REVERSE: u8 = 1;
+pub const CT_F_ESTABLISHED: u16 = 0x1;
+pub const CT_F_CLOSING: u16 = 0x2;
+pub const CT_F_HAIRPIN: u16 = 0x4;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SvcKey {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub pad: u8,
+    pub slot: u16,
+    pub pad2: u16,
+}
+
+impl SvcKey {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: Proto, slot: u16) -> SvcKey {
+        SvcKey { addr: be_addr(addr), port: port.to_be(), proto: proto as u8, pad: 0, slot, pad2: 0 }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        addr_of(self.addr)
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+    pub fn protocol(&self) -> Option<Proto> {
+        Proto::from_u8(self.proto)
+    }
+    /// The same frontend's entry for another slot.
+    pub fn with_slot(self, slot: u16) -> SvcKey {
+        SvcKey { slot, ..self }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SvcValue {
+    pub backend_id: u32,
+    pub svc_id: u32,
+    pub count: u16,
+    pub flags: u16,
+    pub affinity_timeout: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    pub addr: u32,
+    pub port: u16,
+    pub proto: u8,
+    pub flags: u8,
+}
+
+impl Backend {
+    pub fn new(addr: Ipv4Addr, port: u16, proto: Proto, flags: u8) -> Backend {
+        Backend { addr: be_addr(addr), port: port.to_be(), proto: proto as u8, flags }
+    }
+    pub fn ip(&self) -> Ipv4Addr {
+        addr_of(self.addr)
+    }
+    pub fn host_port(&self) -> u16 {
+        u16::from_be(self.port)
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+    pub dir: u8,
+    pub pad: u16,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEntry {
+    pub expires: u64,
+    pub nat_addr: u32,
+    pub nat_port: u16,
+    pub flags: u16,
+    pub orig_addr: u32,
+    pub orig_port: u16,
+    pub pad: u16,
+    pub backend_id: u32,
+    pub svc_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct AffinityKey {
+    pub svc_id: u32,
+    pub client: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: u32,
+    pub last_used: u32,
+}
+
+// SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields, so every
+// bit pattern is valid and there are no uninitialised bytes.
+unsafe impl aya::Pod for SvcKey {}
+unsafe impl aya::Pod for SvcValue {}
+unsafe impl aya::Pod for Backend {}
+unsafe impl aya::Pod for CtKey {}
+unsafe impl aya::Pod for CtEntry {}
+unsafe impl aya::Pod for AffinityKey {}
+unsafe impl aya::Pod for AffinityValue {}
+
+/// The programs' counters (`enum stat` in common.h), in order.
+pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed"];
+
+/// Struct layouts as (C name, size, [(member, offset)]), for the BTF comparison.
+pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
+    use std::mem::{offset_of, size_of};
+    macro_rules! layout {
+        ($c:literal, $t:ty, $($m:ident),*) => {
+            ($c, size_of::<$t>(), vec![$((stringify!($m), offset_of!($t, $m))),*])
+        };
+    }
+    vec![
+        layout!("svc_key", SvcKey, addr, port, proto, pad, slot, pad2),
+        layout!("svc_value", SvcValue, backend_id, svc_id, count, flags, affinity_timeout),
+        layout!("backend", Backend, addr, port, proto, flags),
+        layout!("ct_key", CtKey, saddr, daddr, sport, dport, proto, dir, pad),
+        layout!("ct_entry", CtEntry, expires, nat_addr, nat_port, flags, orig_addr, orig_port, pad, backend_id, svc_id),
+        layout!("affinity_key", AffinityKey, svc_id, client),
+        layout!("affinity_value", AffinityValue, backend_id, last_used),
+    ]
+}

@@ -1,0 +1,8 @@
+//! Shoal's service proxy, user space: the programs of `bpf/` are loaded and attached by
+//! `loader`, and `table` turns services and their endpoints into the fewest map writes.
+pub mod abi;
+pub mod loader;
+pub mod table;
+
+pub use loader::{Config, Dataplane, Error};
+pub use table::{Endpoint, Frontend, ServicePort, Table};

@@ -1,0 +1,316 @@
+//! Loading the service programs with aya, pinning their maps, attaching them to pod
+//! interfaces, and the maps' user-space side.
+//!
+//! Maps are pinned by name in one bpffs directory (`/sys/fs/bpf/shoal` by default), so a
+//! restarted agent finds its services, backends and conntrack entries where it left them
+//! and established flows go on. Programs are attached with tc's netlink interface at a fixed
+//! priority and handle: the filters outlive the agent, and attaching again replaces them in
+//! one step (cls_bpf swaps the program under the same handle), which is how an upgrade
+//! swaps programs without a gap.
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
+use aya::programs::{Link, SchedClassifier};
+use aya::{Ebpf, EbpfLoader};
+
+use crate::abi::{be_addr, Backend, CtEntry, CtKey, SvcKey, SvcValue, STATS};
+use crate::table;
+
+/// The tc program object built from `bpf/tc_service.bpf.c`.
+pub static TC_SERVICE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc_service.o"));
+
+/// tc filter priority and handle of Shoal's programs on every pod interface.
+const TC_PRIORITY: u16 = 1;
+const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+
+const BPF_FS_MAGIC: i64 = 0xcafe4a11;
+
+/// How the programs are loaded.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// bpffs directory the maps are pinned in.
+    pub pin_dir: PathBuf,
+    /// Source address of hairpin flows (a pod reaching itself through a service); None
+    /// leaves hairpin flows untranslated (they then fail, as with kube-proxy without
+    /// hairpin mode).
+    pub hairpin_addr: Option<Ipv4Addr>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { pin_dir: PathBuf::from("/sys/fs/bpf/shoal"), hairpin_addr: Some(Ipv4Addr::new(169, 254, 42, 1)) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("loading the BPF programs: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("BPF program {0}: {1}")]
+    Program(&'static str, aya::programs::ProgramError),
+    #[error("BPF map {0}: {1}")]
+    Map(&'static str, MapError),
+    #[error("BPF map {0} is full ({1} entries): raise its size or remove services")]
+    Full(&'static str, u32),
+    #[error("attaching the service programs to {0}: {1}")]
+    Attach(String, String),
+    #[error("bpffs at {0}: {1}")]
+    BpfFs(PathBuf, io::Error),
+}
+
+/// The loaded programs and their maps.
+pub struct Dataplane {
+    ebpf: Ebpf,
+    services: BpfHashMap<MapData, SvcKey, SvcValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+    ct: BpfHashMap<MapData, CtKey, CtEntry>,
+    stats: PerCpuArray<MapData, u64>,
+    pin_dir: PathBuf,
+}
+
+/// Every map of the programs with its key and value sizes, to find pins of an older layout.
+const MAPS: &[(&str, usize, usize)] = &[
+    ("shoal_services", size_of::<SvcKey>(), size_of::<SvcValue>()),
+    ("shoal_backends", size_of::<u32>(), size_of::<Backend>()),
+    ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>()),
+    ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>()),
+    ("shoal_stats", size_of::<u32>(), size_of::<u64>()),
+];
+
+impl Dataplane {
+    /// Loads the programs, reusing maps pinned under `config.pin_dir` by an earlier run when
+    /// their layout matches (a pin of another layout is replaced, with a warning).
+    pub fn load(config: &Config) -> Result<Dataplane, Error> {
+        ensure_bpffs(&config.pin_dir)?;
+        for (name, key_size, value_size) in MAPS {
+            let pin = config.pin_dir.join(name);
+            if !pin.exists() {
+                continue;
+            }
+            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size);
+            if matches != Some(true) {
+                tracing::warn!(map = name, pin = %pin.display(), "pinned map has another layout (an older Shoal?); replacing it, its flows are lost");
+                std::fs::remove_file(&pin).map_err(|e| Error::BpfFs(pin.clone(), e))?;
+            }
+        }
+        let hairpin = config.hairpin_addr.map(be_addr).unwrap_or(0);
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&config.pin_dir).override_global("HAIRPIN_ADDR", &hairpin, true).load(TC_SERVICE)?;
+        for name in ["from_pod", "to_pod"] {
+            let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program in object").try_into().map_err(|e| Error::Program(name, e))?;
+            prog.load().map_err(|e| Error::Program(name, e))?;
+        }
+        let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).unwrap_or_else(|| panic!("map {name} in object"));
+        let services = BpfHashMap::try_from(take(&mut ebpf, "shoal_services")).map_err(|e| Error::Map("shoal_services", e))?;
+        let backends = BpfHashMap::try_from(take(&mut ebpf, "shoal_backends")).map_err(|e| Error::Map("shoal_backends", e))?;
+        let ct = BpfHashMap::try_from(take(&mut ebpf, "shoal_ct")).map_err(|e| Error::Map("shoal_ct", e))?;
+        let stats = PerCpuArray::try_from(take(&mut ebpf, "shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
+        Ok(Dataplane { ebpf, services, backends, ct, stats, pin_dir: config.pin_dir.clone() })
+    }
+
+    /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
+    /// interface, replacing Shoal's filters if they are there already.
+    pub fn attach(&mut self, ifname: &str) -> Result<(), Error> {
+        let attach_err = |e: &dyn std::fmt::Display| Error::Attach(ifname.to_string(), e.to_string());
+        if let Err(e) = tc::qdisc_add_clsact(ifname) {
+            if !is_errno(&e, libc::EEXIST) {
+                return Err(attach_err(&e));
+            }
+        }
+        for (name, kind) in [("from_pod", TcAttachType::Ingress), ("to_pod", TcAttachType::Egress)] {
+            let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("program in object").try_into().map_err(|e| Error::Program(name, e))?;
+            let options = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() });
+            let id = match prog.attach_with_options(ifname, kind, options) {
+                Ok(id) => id,
+                Err(first) => {
+                    // a filter from an earlier run (or an older program): replace it
+                    let link = SchedClassifierLink::attached(ifname, kind, TC_PRIORITY, TC_HANDLE, None).map_err(|e| attach_err(&e))?;
+                    prog.attach_to_link(link).map_err(|e| attach_err(&format!("{first}; replacing: {e}")))?
+                }
+            };
+            // the filter stays when the agent exits: traffic keeps flowing across restarts
+            std::mem::forget(prog.take_link(id).map_err(|e| Error::Program(name, e))?);
+        }
+        Ok(())
+    }
+
+    /// Removes Shoal's filters from an interface (a deleted interface loses them anyway).
+    pub fn detach(&mut self, ifname: &str) -> Result<(), Error> {
+        for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+            let link = SchedClassifierLink::attached(ifname, kind, TC_PRIORITY, TC_HANDLE, None).map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
+            link.detach().map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// The writer `table::Table::sync` uses.
+    pub fn maps(&mut self) -> Maps<'_> {
+        Maps { services: &mut self.services, backends: &mut self.backends }
+    }
+
+    /// Every service map entry (for restoring a table and for listings).
+    pub fn services(&self) -> Vec<(SvcKey, SvcValue)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn backends(&self) -> Vec<(u32, Backend)> {
+        self.backends.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.ct.iter().filter_map(Result::ok).collect()
+    }
+
+    /// A table rebuilt from the pinned maps, with stale backend entries deleted.
+    pub fn restore_table(&mut self) -> Result<table::Table, Error> {
+        let backends = self.backends();
+        let table = table::Table::restore(self.services(), backends.iter().copied());
+        for id in table.stale_backends(backends.iter().map(|(id, _)| *id)) {
+            let _ = self.backends.remove(&id);
+        }
+        Ok(table)
+    }
+
+    /// The programs' counters summed over CPUs, by name.
+    pub fn stats(&self) -> Vec<(&'static str, u64)> {
+        STATS.iter().enumerate().map(|(i, name)| (*name, self.stats.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Runs a program once on a packet with BPF_PROG_TEST_RUN: the program's return code
+    /// and the packet as it left. For tests of the programs on crafted packets.
+    pub fn test_run(&self, program: &str, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+        let prog: &SchedClassifier = self.ebpf.program(program).and_then(|p| p.try_into().ok()).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, program.to_string()))?;
+        let fd = prog.fd().map_err(io::Error::other)?.as_fd().as_raw_fd();
+        test_run(fd, packet)
+    }
+
+    /// Removes every pinned map (the programs stay attached until their interfaces go).
+    pub fn unpin(self) -> io::Result<()> {
+        for (name, _, _) in MAPS {
+            match std::fs::remove_file(self.pin_dir.join(name)) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+        }
+        match std::fs::remove_dir(&self.pin_dir) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The services and backends maps, written by `table::Table::sync`.
+pub struct Maps<'a> {
+    services: &'a mut BpfHashMap<MapData, SvcKey, SvcValue>,
+    backends: &'a mut BpfHashMap<MapData, u32, Backend>,
+}
+
+fn map_err(name: &'static str, max: u32, e: MapError) -> Error {
+    if is_errno(&e, libc::E2BIG) || is_errno(&e, libc::ENOMEM) {
+        Error::Full(name, max)
+    } else {
+        Error::Map(name, e)
+    }
+}
+
+fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), Error> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        Err(e) if is_errno(&e, libc::ENOENT) => Ok(()),
+        other => other.map_err(|e| Error::Map(name, e)),
+    }
+}
+
+impl table::Maps for Maps<'_> {
+    type Error = Error;
+    fn put_service(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), Error> {
+        self.services.insert(key, value, 0).map_err(|e| map_err("shoal_services", 262144, e))
+    }
+    fn del_service(&mut self, key: &SvcKey) -> Result<(), Error> {
+        removed("shoal_services", self.services.remove(key))
+    }
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
+        self.backends.insert(id, backend, 0).map_err(|e| map_err("shoal_backends", 262144, e))
+    }
+    fn del_backend(&mut self, id: u32) -> Result<(), Error> {
+        removed("shoal_backends", self.backends.remove(&id))
+    }
+}
+
+/// Whether an error (or one of its sources) is the OS error `errno`.
+fn is_errno(e: &(dyn std::error::Error + 'static), errno: i32) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if io.raw_os_error() == Some(errno) {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// Mounts bpffs on /sys/fs/bpf when nothing is mounted there, and creates `dir`.
+fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
+    let root = Path::new("/sys/fs/bpf");
+    let fs_err = |e: io::Error| Error::BpfFs(root.to_path_buf(), e);
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let path = std::ffi::CString::new("/sys/fs/bpf").unwrap();
+    // SAFETY: a valid C string and a zeroed statfs to fill
+    let rc = unsafe { libc::statfs(path.as_ptr(), &mut st) };
+    if rc != 0 {
+        return Err(fs_err(io::Error::last_os_error()));
+    }
+    if st.f_type as i64 != BPF_FS_MAGIC {
+        let fstype = std::ffi::CString::new("bpf").unwrap();
+        // SAFETY: valid C strings; no data argument
+        let rc = unsafe { libc::mount(fstype.as_ptr(), path.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+        if rc != 0 {
+            return Err(fs_err(io::Error::last_os_error()));
+        }
+        tracing::info!("mounted bpffs on /sys/fs/bpf");
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::BpfFs(dir.to_path_buf(), e))
+}
+
+/// BPF_PROG_TEST_RUN on a program fd.
+fn test_run(fd: i32, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct TestAttr {
+        prog_fd: u32,
+        retval: u32,
+        data_size_in: u32,
+        data_size_out: u32,
+        data_in: u64,
+        data_out: u64,
+        repeat: u32,
+        duration: u32,
+        ctx_size_in: u32,
+        ctx_size_out: u32,
+        ctx_in: u64,
+        ctx_out: u64,
+        flags: u32,
+        cpu: u32,
+        batch_size: u32,
+        pad: u32,
+    }
+    const BPF_PROG_TEST_RUN: libc::c_long = 10;
+    let mut out = vec![0u8; packet.len() + 256];
+    let mut attr = TestAttr { prog_fd: fd as u32, data_size_in: packet.len() as u32, data_size_out: out.len() as u32, data_in: packet.as_ptr() as u64, data_out: out.as_mut_ptr() as u64, repeat: 1, ..Default::default() };
+    // SAFETY: attr points at a bpf_attr-compatible struct whose buffers outlive the call
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, size_of::<TestAttr>()) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    out.truncate(attr.data_size_out as usize);
+    Ok((attr.retval, out))
+}

@@ -1,0 +1,591 @@
+//! What the BPF maps should hold for each service port, and the smallest set of map writes
+//! that gets them there.
+//!
+//! A service port (one `ports[]` entry of a Service: `ns/name:port`) has frontends (its
+//! ClusterIP, ExternalIPs, LoadBalancer IPs and NodePorts, all with one protocol) and
+//! endpoints (from its EndpointSlices). In the maps it is, per frontend, a master entry
+//! (slot 0: how many backends) and one slot per backend, and in `shoal_backends` one entry
+//! per endpoint with an id of its own. `Table::sync` compares what it wrote last with what is
+//! wanted and writes only the difference: a backend that stays keeps its id and its slot, so
+//! one endpoint added to a service of ten is three or four map writes, whatever the number
+//! of services.
+//!
+//! Which endpoints get slots: the ready ones; if none is ready, the serving terminating
+//! ones (as kube-proxy). Every endpoint listed keeps its `shoal_backends` entry, so flows
+//! already on a not-ready or terminating endpoint keep going; an endpoint that disappears
+//! loses its entry and its flows choose again (the programs check the backend on each
+//! packet), so no packet goes to a removed backend.
+use std::collections::{BTreeMap, HashMap};
+use std::net::Ipv4Addr;
+
+use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING};
+
+/// One address and port a service port answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Frontend {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    /// `SVC_F_*`: what kind of address this is.
+    pub flags: u16,
+}
+
+/// One endpoint of a service port, with its EndpointSlice conditions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub addr: Ipv4Addr,
+    pub port: u16,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// Everything the maps hold for one service port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub proto: Proto,
+    pub frontends: Vec<Frontend>,
+    pub endpoints: Vec<Endpoint>,
+    /// Seconds of ClientIP session affinity; 0 for none.
+    pub affinity_timeout: u32,
+}
+
+/// Writes to the maps; the real implementation is `loader::Maps`, tests use a model.
+pub trait Maps {
+    type Error: std::fmt::Display;
+    fn put_service(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), Self::Error>;
+    fn del_service(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
+    fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Self::Error>;
+    fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+}
+
+/// Map writes one sync made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Writes {
+    pub puts: usize,
+    pub deletes: usize,
+}
+
+impl Writes {
+    pub fn total(&self) -> usize {
+        self.puts + self.deletes
+    }
+}
+
+/// Small integer ids, reused after release (ids index nothing, but small ones keep the
+/// admin listing readable and never run out).
+#[derive(Debug, Default)]
+struct Ids {
+    next: u32,
+    free: Vec<u32>,
+}
+
+impl Ids {
+    fn take(&mut self) -> u32 {
+        self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next
+        })
+    }
+    fn release(&mut self, id: u32) {
+        self.free.push(id);
+    }
+    /// Marks ids found in pinned maps as used.
+    fn restore(&mut self, used: impl IntoIterator<Item = u32>) {
+        let used: std::collections::HashSet<u32> = used.into_iter().collect();
+        self.next = used.iter().copied().max().unwrap_or(0);
+        self.free = (1..=self.next).filter(|id| !used.contains(id)).rev().collect();
+    }
+}
+
+/// What one service port holds in the maps now.
+#[derive(Clone, Debug, Default)]
+struct Installed {
+    svc_id: u32,
+    proto: Option<Proto>,
+    frontends: Vec<Frontend>,
+    affinity_timeout: u32,
+    /// Backend ids by slot (slot i + 1).
+    slots: Vec<u32>,
+    /// Every endpoint's backend id and entry.
+    backends: HashMap<(Ipv4Addr, u16), (u32, Backend)>,
+    /// A write failed part-way: the next sync rewrites everything of this port.
+    dirty: bool,
+}
+
+/// The service ports installed in the maps, by name.
+#[derive(Debug, Default)]
+pub struct Table {
+    ports: BTreeMap<String, Installed>,
+    /// Ports found in pinned maps after a restart, not yet claimed by a name.
+    orphans: Vec<Installed>,
+    svc_ids: Ids,
+    backend_ids: Ids,
+}
+
+impl Table {
+    pub fn new() -> Table {
+        Table::default()
+    }
+
+    /// Rebuilds the table from maps pinned by an earlier run, so that a restarted agent
+    /// keeps every service id and backend id (and with them every established flow). The
+    /// ports have no names yet: the first `sync` of a port whose frontends overlap one of
+    /// them claims it; `forget_orphans` removes what no one claimed.
+    pub fn restore(services: impl IntoIterator<Item = (SvcKey, SvcValue)>, backends: impl IntoIterator<Item = (u32, Backend)>) -> Table {
+        let backends: HashMap<u32, Backend> = backends.into_iter().collect();
+        let mut by_svc: BTreeMap<u32, Installed> = BTreeMap::new();
+        let mut slots: BTreeMap<(u32, SvcKey), Vec<(u16, u32)>> = BTreeMap::new();
+        for (key, value) in services {
+            let port = by_svc.entry(value.svc_id).or_default();
+            port.svc_id = value.svc_id;
+            let master = key.with_slot(0);
+            if key.slot == 0 {
+                port.proto = key.protocol();
+                port.affinity_timeout = value.affinity_timeout;
+                port.frontends.push(Frontend { addr: key.ip(), port: key.host_port(), flags: value.flags });
+            } else {
+                slots.entry((value.svc_id, master)).or_default().push((key.slot, value.backend_id));
+            }
+        }
+        for ((svc_id, _), mut list) in slots {
+            // every frontend of a port has the same slots; the first one seen is enough
+            let port = by_svc.get_mut(&svc_id).unwrap();
+            if port.slots.is_empty() {
+                list.sort();
+                port.slots = list.into_iter().map(|(_, id)| id).collect();
+            }
+        }
+        let mut table = Table::new();
+        let mut used_backends = Vec::new();
+        for (_, mut port) in by_svc {
+            port.frontends.sort();
+            // a port's backends are the ones its slots name; endpoints that held no slot
+            // (not ready) are not recoverable from the maps: the first sync re-adds them
+            for id in &port.slots {
+                if let Some(b) = backends.get(id) {
+                    port.backends.insert((b.ip(), b.host_port()), (*id, *b));
+                    used_backends.push(*id);
+                }
+            }
+            table.orphans.push(port);
+        }
+        table.svc_ids.restore(table.orphans.iter().map(|p| p.svc_id));
+        // backend ids that no restored port names are released (their entries are stale)
+        table.backend_ids.restore(used_backends);
+        table
+    }
+
+    /// Ids of backends in pinned maps that no restored port names: the caller deletes
+    /// them after `restore`.
+    pub fn stale_backends(&self, pinned: impl IntoIterator<Item = u32>) -> Vec<u32> {
+        let named: std::collections::HashSet<u32> = self.orphans.iter().chain(self.ports.values()).flat_map(|p| p.backends.values().map(|(id, _)| *id)).collect();
+        pinned.into_iter().filter(|id| !named.contains(id)).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.ports.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ports.is_empty()
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.ports.keys().map(String::as_str)
+    }
+
+    /// The service id of a port, for listings.
+    pub fn svc_id(&self, name: &str) -> Option<u32> {
+        self.ports.get(name).map(|p| p.svc_id)
+    }
+
+    /// Makes the maps hold `want` for the port `name` (None: remove it), writing only what
+    /// differs from the last sync. On a write error the port is marked so that the next
+    /// sync rewrites it whole; the error is returned for the caller to count and retry.
+    pub fn sync<M: Maps>(&mut self, name: &str, want: Option<&ServicePort>, maps: &mut M) -> Result<Writes, M::Error> {
+        let mut writes = Writes::default();
+        let Some(want) = want else {
+            if let Some(cur) = self.ports.remove(name) {
+                self.remove(cur, maps, &mut writes)?;
+            }
+            return Ok(writes);
+        };
+        let mut cur = match self.ports.remove(name) {
+            Some(cur) => cur,
+            None => self.claim_orphan(want).unwrap_or_else(|| Installed { svc_id: self.svc_ids.take(), ..Installed::default() }),
+        };
+        let result = self.update(&mut cur, want, maps, &mut writes);
+        if result.is_err() {
+            cur.dirty = true;
+        }
+        self.ports.insert(name.to_string(), cur);
+        result.map(|()| writes)
+    }
+
+    /// Removes restored ports that no sync claimed (their services are gone).
+    pub fn forget_orphans<M: Maps>(&mut self, maps: &mut M) -> Result<Writes, M::Error> {
+        let mut writes = Writes::default();
+        while let Some(port) = self.orphans.pop() {
+            self.remove(port, maps, &mut writes)?;
+        }
+        Ok(writes)
+    }
+
+    fn claim_orphan(&mut self, want: &ServicePort) -> Option<Installed> {
+        let i = self.orphans.iter().position(|o| o.proto == Some(want.proto) && o.frontends.iter().any(|f| want.frontends.iter().any(|w| w.addr == f.addr && w.port == f.port)))?;
+        Some(self.orphans.swap_remove(i))
+    }
+
+    fn remove<M: Maps>(&mut self, cur: Installed, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
+        if let Some(proto) = cur.proto {
+            for f in &cur.frontends {
+                let key = SvcKey::new(f.addr, f.port, proto, 0);
+                maps.del_service(&key)?;
+                writes.deletes += 1;
+                for slot in 1..=cur.slots.len() {
+                    maps.del_service(&key.with_slot(slot as u16))?;
+                    writes.deletes += 1;
+                }
+            }
+        }
+        for (id, _) in cur.backends.values() {
+            maps.del_backend(*id)?;
+            writes.deletes += 1;
+            self.backend_ids.release(*id);
+        }
+        self.svc_ids.release(cur.svc_id);
+        Ok(())
+    }
+
+    fn update<M: Maps>(&mut self, cur: &mut Installed, want: &ServicePort, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
+        let proto = want.proto;
+        let dirty = cur.dirty;
+        // 1. backends: every listed endpoint has an entry; new ones get ids
+        let mut wanted: HashMap<(Ipv4Addr, u16), Backend> = HashMap::new();
+        for ep in &want.endpoints {
+            let flags = if ep.terminating { BACKEND_F_TERMINATING } else { 0 };
+            wanted.entry((ep.addr, ep.port)).or_insert(Backend::new(ep.addr, ep.port, proto, flags));
+        }
+        let mut added = Vec::new();
+        for (at, backend) in &wanted {
+            match cur.backends.get_mut(at) {
+                Some((id, have)) if have == backend && !dirty => {
+                    let _ = id;
+                }
+                Some((id, have)) => {
+                    maps.put_backend(*id, backend)?;
+                    writes.puts += 1;
+                    *have = *backend;
+                }
+                None => {
+                    let id = self.backend_ids.take();
+                    cur.backends.insert(*at, (id, *backend));
+                    added.push(id);
+                    maps.put_backend(id, backend)?;
+                    writes.puts += 1;
+                }
+            }
+        }
+        // 2. slots: the ready endpoints, else the serving terminating ones; a backend that
+        // keeps its slot is not rewritten, a freed slot takes a new backend
+        let mut chosen: Vec<u32> = want.endpoints.iter().filter(|e| e.ready).map(|e| cur.backends[&(e.addr, e.port)].0).collect();
+        if chosen.is_empty() {
+            chosen = want.endpoints.iter().filter(|e| e.serving && e.terminating).map(|e| cur.backends[&(e.addr, e.port)].0).collect();
+        }
+        chosen.sort_unstable();
+        chosen.dedup();
+        let new_slots = place(&cur.slots, &chosen);
+        // 3. frontends: removed ones lose their master and slots, new and kept ones get
+        // what changed (everything, for a new frontend or a protocol change)
+        let proto_changed = cur.proto != Some(proto);
+        let mut frontends = want.frontends.clone();
+        frontends.sort();
+        frontends.dedup();
+        if let Some(old_proto) = cur.proto {
+            for f in &cur.frontends {
+                if proto_changed || !frontends.iter().any(|w| w.addr == f.addr && w.port == f.port) {
+                    let key = SvcKey::new(f.addr, f.port, old_proto, 0);
+                    maps.del_service(&key)?;
+                    writes.deletes += 1;
+                    for slot in 1..=cur.slots.len() {
+                        maps.del_service(&key.with_slot(slot as u16))?;
+                        writes.deletes += 1;
+                    }
+                }
+            }
+        }
+        let master = SvcValue { backend_id: 0, svc_id: cur.svc_id, count: new_slots.len() as u16, flags: 0, affinity_timeout: want.affinity_timeout };
+        for f in &frontends {
+            let existed = !proto_changed && cur.frontends.iter().any(|c| c.addr == f.addr && c.port == f.port);
+            let key = SvcKey::new(f.addr, f.port, proto, 0);
+            let rewrite_all = dirty || !existed;
+            // slots first, then the master's count, then the slots beyond it: a packet
+            // never reads a count that names a slot not yet written
+            for (i, id) in new_slots.iter().enumerate() {
+                if rewrite_all || cur.slots.get(i) != Some(id) {
+                    maps.put_service(&key.with_slot(i as u16 + 1), &SvcValue { backend_id: *id, svc_id: cur.svc_id, ..SvcValue::default() })?;
+                    writes.puts += 1;
+                }
+            }
+            let old_flags = cur.frontends.iter().find(|c| c.addr == f.addr && c.port == f.port).map(|c| c.flags);
+            if rewrite_all || new_slots.len() != cur.slots.len() || want.affinity_timeout != cur.affinity_timeout || old_flags != Some(f.flags) {
+                maps.put_service(&key, &SvcValue { flags: f.flags, ..master })?;
+                writes.puts += 1;
+            }
+            if existed {
+                for slot in new_slots.len() + 1..=cur.slots.len() {
+                    maps.del_service(&key.with_slot(slot as u16))?;
+                    writes.deletes += 1;
+                }
+            }
+        }
+        // 4. endpoints no longer listed lose their entries, after no slot names them
+        let gone: Vec<(Ipv4Addr, u16)> = cur.backends.keys().filter(|at| !wanted.contains_key(at)).copied().collect();
+        for at in gone {
+            let (id, _) = cur.backends.remove(&at).unwrap();
+            maps.del_backend(id)?;
+            writes.deletes += 1;
+            self.backend_ids.release(id);
+        }
+        cur.proto = Some(proto);
+        cur.frontends = frontends;
+        cur.slots = new_slots;
+        cur.affinity_timeout = want.affinity_timeout;
+        cur.dirty = false;
+        Ok(())
+    }
+}
+
+/// New slot order: ids that stay keep their positions, new ids fill freed positions, and
+/// the tail moves into holes when the list shrinks.
+fn place(old: &[u32], chosen: &[u32]) -> Vec<u32> {
+    let keep = |id: &u32| chosen.binary_search(id).is_ok();
+    let mut slots: Vec<Option<u32>> = old.iter().map(|id| keep(id).then_some(*id)).collect();
+    let mut fresh = chosen.iter().filter(|id| !old.contains(id)).copied();
+    for slot in slots.iter_mut().filter(|s| s.is_none()) {
+        *slot = fresh.next();
+    }
+    slots.extend(fresh.map(Some));
+    // fill holes from the end
+    let mut out: Vec<u32> = Vec::with_capacity(chosen.len());
+    let mut tail: Vec<u32> = Vec::new();
+    let len = chosen.len();
+    for (i, s) in slots.iter().enumerate() {
+        if let Some(id) = s {
+            if i < len {
+                out.push(*id);
+            } else {
+                tail.push(*id);
+            }
+        } else if i < len {
+            out.push(u32::MAX);
+        }
+    }
+    for hole in out.iter_mut().filter(|id| **id == u32::MAX) {
+        *hole = tail.pop().expect("as many tail entries as holes");
+    }
+    debug_assert_eq!(out.len(), len);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::abi::SVC_F_NODEPORT;
+
+    /// The maps as plain hash maps, counting writes.
+    #[derive(Default)]
+    struct Model {
+        services: HashMap<SvcKey, SvcValue>,
+        backends: HashMap<u32, Backend>,
+        fail_after: Option<usize>,
+        writes: usize,
+    }
+
+    impl Model {
+        fn step(&mut self) -> Result<(), String> {
+            self.writes += 1;
+            match self.fail_after {
+                Some(n) if self.writes > n => Err("map full".into()),
+                _ => Ok(()),
+            }
+        }
+        /// What a packet to `addr:port` can reach: the backends of its slots.
+        fn reachable(&self, addr: Ipv4Addr, port: u16, proto: Proto) -> Option<Vec<(Ipv4Addr, u16)>> {
+            let key = SvcKey::new(addr, port, proto, 0);
+            let master = self.services.get(&key)?;
+            let mut out: Vec<(Ipv4Addr, u16)> = (1..=master.count)
+                .map(|slot| {
+                    let v = self.services[&key.with_slot(slot)];
+                    assert_eq!(v.svc_id, master.svc_id);
+                    let b = self.backends[&v.backend_id];
+                    (b.ip(), b.host_port())
+                })
+                .collect();
+            out.sort();
+            Some(out)
+        }
+    }
+
+    impl Maps for Model {
+        type Error = String;
+        fn put_service(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), String> {
+            self.step()?;
+            self.services.insert(*key, *value);
+            Ok(())
+        }
+        fn del_service(&mut self, key: &SvcKey) -> Result<(), String> {
+            self.step()?;
+            self.services.remove(key);
+            Ok(())
+        }
+        fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), String> {
+            self.step()?;
+            self.backends.insert(id, *backend);
+            Ok(())
+        }
+        fn del_backend(&mut self, id: u32) -> Result<(), String> {
+            self.step()?;
+            self.backends.remove(&id);
+            Ok(())
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn ep(addr: &str, ready: bool, terminating: bool) -> Endpoint {
+        Endpoint { addr: ip(addr), port: 8080, ready, serving: ready || terminating, terminating }
+    }
+
+    fn port(endpoints: Vec<Endpoint>) -> ServicePort {
+        ServicePort { proto: Proto::Tcp, frontends: vec![Frontend { addr: ip("10.96.0.10"), port: 80, flags: 0 }], endpoints, affinity_timeout: 0 }
+    }
+
+    fn pods(n: usize) -> Vec<Endpoint> {
+        (0..n).map(|i| ep(&format!("10.0.1.{}", i + 2), true, false)).collect()
+    }
+
+    #[test]
+    fn a_new_port_gets_a_master_slots_and_backends() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        let w = table.sync("default/web:http", Some(&port(pods(3))), &mut maps).unwrap();
+        assert_eq!(w, Writes { puts: 3 + 3 + 1, deletes: 0 });
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp).unwrap().len(), 3);
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Udp), None);
+    }
+
+    #[test]
+    fn one_endpoint_more_or_less_is_a_few_writes_and_others_keep_their_slots() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        table.sync("s", Some(&port(pods(10))), &mut maps).unwrap();
+        let before = maps.services.clone();
+        let w = table.sync("s", Some(&port(pods(11))), &mut maps).unwrap();
+        // the backend, its slot, the master's count
+        assert_eq!(w, Writes { puts: 3, deletes: 0 });
+        for slot in 1..=10 {
+            let k = SvcKey::new(ip("10.96.0.10"), 80, Proto::Tcp, slot);
+            assert_eq!(before[&k], maps.services[&k], "slot {slot} moved");
+        }
+        // remove one in the middle: the last slot moves into its hole
+        let mut eps = pods(11);
+        eps.remove(4);
+        let w = table.sync("s", Some(&port(eps.clone())), &mut maps).unwrap();
+        assert_eq!(w, Writes { puts: 2, deletes: 2 });
+        let want: Vec<_> = eps.iter().map(|e| (e.addr, e.port)).collect();
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp).unwrap(), want);
+        // nothing changed: nothing written
+        assert_eq!(table.sync("s", Some(&port(eps)), &mut maps).unwrap().total(), 0);
+    }
+
+    #[test]
+    fn terminating_endpoints_get_slots_only_when_none_is_ready() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        let vip = ip("10.96.0.10");
+        table.sync("s", Some(&port(vec![ep("10.0.1.2", true, false), ep("10.0.1.3", false, true), ep("10.0.1.4", false, false)])), &mut maps).unwrap();
+        assert_eq!(maps.reachable(vip, 80, Proto::Tcp).unwrap(), vec![(ip("10.0.1.2"), 8080)]);
+        // all three keep backend entries: their flows continue
+        assert_eq!(maps.backends.len(), 3);
+        assert_eq!(maps.backends.values().filter(|b| b.flags & BACKEND_F_TERMINATING != 0).count(), 1);
+        table.sync("s", Some(&port(vec![ep("10.0.1.2", false, true), ep("10.0.1.3", false, true), ep("10.0.1.4", false, false)])), &mut maps).unwrap();
+        assert_eq!(maps.reachable(vip, 80, Proto::Tcp).unwrap(), vec![(ip("10.0.1.2"), 8080), (ip("10.0.1.3"), 8080)]);
+        // none serving: the master stays with count 0, which the program rejects
+        table.sync("s", Some(&port(vec![ep("10.0.1.4", false, false)])), &mut maps).unwrap();
+        assert_eq!(maps.reachable(vip, 80, Proto::Tcp).unwrap(), vec![]);
+        assert_eq!(maps.backends.len(), 1);
+        assert_eq!(maps.services.len(), 1);
+    }
+
+    #[test]
+    fn frontends_come_and_go_and_removal_leaves_nothing() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        let mut p = port(pods(2));
+        table.sync("s", Some(&p), &mut maps).unwrap();
+        p.frontends.push(Frontend { addr: ip("192.168.1.10"), port: 30080, flags: SVC_F_NODEPORT });
+        let w = table.sync("s", Some(&p), &mut maps).unwrap();
+        assert_eq!(w, Writes { puts: 3, deletes: 0 });
+        assert_eq!(maps.services[&SvcKey::new(ip("192.168.1.10"), 30080, Proto::Tcp, 0)].flags, SVC_F_NODEPORT);
+        p.frontends.remove(0);
+        let w = table.sync("s", Some(&p), &mut maps).unwrap();
+        assert_eq!(w, Writes { puts: 0, deletes: 3 });
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp), None);
+        p.proto = Proto::Udp;
+        table.sync("s", Some(&p), &mut maps).unwrap();
+        assert_eq!(maps.reachable(ip("192.168.1.10"), 30080, Proto::Tcp), None);
+        assert_eq!(maps.reachable(ip("192.168.1.10"), 30080, Proto::Udp).unwrap().len(), 2);
+        table.sync("s", None, &mut maps).unwrap();
+        assert!(maps.services.is_empty() && maps.backends.is_empty());
+        assert!(table.is_empty());
+        // ids are reused
+        table.sync("t", Some(&port(pods(1))), &mut maps).unwrap();
+        assert_eq!(table.svc_id("t"), Some(1));
+    }
+
+    #[test]
+    fn a_failed_write_is_repaired_by_the_next_sync() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        table.sync("s", Some(&port(pods(3))), &mut maps).unwrap();
+        maps.fail_after = Some(maps.writes + 2);
+        assert!(table.sync("s", Some(&port(pods(6))), &mut maps).is_err());
+        maps.fail_after = None;
+        table.sync("s", Some(&port(pods(6))), &mut maps).unwrap();
+        let want: Vec<_> = pods(6).iter().map(|e| (e.addr, e.port)).collect();
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp).unwrap(), want);
+    }
+
+    #[test]
+    fn a_restored_table_keeps_ids_and_writes_nothing_for_what_did_not_change() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        let mut other = port(pods(2));
+        other.frontends[0].addr = ip("10.96.0.11");
+        table.sync("a", Some(&port(pods(4))), &mut maps).unwrap();
+        table.sync("b", Some(&other), &mut maps).unwrap();
+        table.sync("gone", Some(&ServicePort { frontends: vec![Frontend { addr: ip("10.96.0.12"), port: 53, flags: 0 }], proto: Proto::Udp, ..port(vec![ep("10.0.2.2", true, false)]) }), &mut maps).unwrap();
+        let backends_before = maps.backends.clone();
+        let mut restored = Table::restore(maps.services.clone(), maps.backends.clone());
+        assert!(restored.stale_backends(maps.backends.keys().copied()).is_empty());
+        assert_eq!(restored.sync("b", Some(&other), &mut maps).unwrap().total(), 0);
+        assert_eq!(restored.sync("a", Some(&port(pods(5))), &mut maps).unwrap(), Writes { puts: 3, deletes: 0 });
+        assert_eq!(restored.forget_orphans(&mut maps).unwrap(), Writes { puts: 0, deletes: 3 });
+        assert_eq!(maps.reachable(ip("10.96.0.12"), 53, Proto::Udp), None);
+        for (id, b) in &backends_before {
+            if b.ip() != ip("10.0.2.2") {
+                assert_eq!(maps.backends.get(id), Some(b), "backend {id} kept its id");
+            }
+        }
+        // a new id does not collide with a restored one
+        restored.sync("c", Some(&ServicePort { frontends: vec![Frontend { addr: ip("10.96.0.13"), port: 80, flags: 0 }], ..port(pods(1)) }), &mut maps).unwrap();
+        let ids: std::collections::HashSet<u32> = ["a", "b", "c"].iter().map(|n| restored.svc_id(n).unwrap()).collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn placement_keeps_positions() {
+        assert_eq!(place(&[], &[3, 5]), vec![3, 5]);
+        assert_eq!(place(&[1, 2, 3], &[1, 3, 4]), vec![1, 4, 3]);
+        assert_eq!(place(&[1, 2, 3, 4], &[1, 4]), vec![1, 4]);
+        assert_eq!(place(&[1, 2, 3, 4], &[2, 3]), vec![3, 2]);
+        assert_eq!(place(&[1, 2], &[]), Vec::<u32>::new());
+    }
+}
