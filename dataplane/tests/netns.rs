@@ -1,0 +1,310 @@
+//! Real traffic through the service programs: a client pod and backend pods, each a network
+//! namespace with a veth into a node namespace (the test thread's own), the programs on the
+//! node side of every veth, TCP and UDP servers in the backends. Needs root.
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use shoal_dataplane::abi::Proto;
+use shoal_dataplane::{Config, Dataplane, Endpoint, Frontend, ServicePort, Table};
+
+const VIP: &str = "10.96.0.10";
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Enters the network namespace named `ns` (this thread only).
+fn enter(ns: &str) {
+    let f = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    // SAFETY: setns on a namespace fd changes only this thread's network namespace
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {ns}: {}", std::io::Error::last_os_error());
+}
+
+/// The node (this thread's new namespace) and its pods.
+struct Node {
+    prefix: String,
+    pods: Vec<String>,
+    stop: Arc<AtomicBool>,
+    servers: Vec<JoinHandle<()>>,
+    pin_dir: PathBuf,
+    dp: Option<Dataplane>,
+    table: Table,
+}
+
+impl Node {
+    fn new() -> Node {
+        static N: AtomicU32 = AtomicU32::new(0);
+        // SAFETY: unshare(CLONE_NEWNET) changes only the calling thread's namespace
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "unshare(CLONE_NEWNET): {}", std::io::Error::last_os_error());
+        sh(&["ip", "link", "set", "lo", "up"]);
+        std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
+        let prefix = format!("shoal-dp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
+        let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
+        let dp = Dataplane::load(&Config { pin_dir: pin_dir.clone(), ..Config::default() }).expect("load (needs root)");
+        Node { prefix, pods: Vec::new(), stop: Arc::new(AtomicBool::new(false)), servers: Vec::new(), pin_dir, dp: Some(dp), table: Table::new() }
+    }
+
+    /// Pod number `i` (1..): namespace, veth `pod<i>` on the node, address 10.0.<i>.2/24,
+    /// the programs attached. Returns its address.
+    fn pod(&mut self, i: u8) -> Ipv4Addr {
+        let ns = format!("{}-{i}", self.prefix);
+        sh(&["ip", "netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        let host = format!("pod{i}");
+        sh(&["ip", "link", "add", &host, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        sh(&["ip", "addr", "add", &format!("10.0.{i}.1/24"), "dev", &host]);
+        sh(&["ip", "link", "set", &host, "up"]);
+        for cmd in [vec!["link", "set", "lo", "up"], vec!["addr", "add", &format!("10.0.{i}.2/24"), "dev", "eth0"], vec!["link", "set", "eth0", "up"], vec!["route", "add", "default", "via", &format!("10.0.{i}.1")]] {
+            let mut args = vec!["ip", "-n", &ns];
+            args.extend(cmd.iter().map(|s| &**s));
+            sh(&args);
+        }
+        self.dp.as_mut().unwrap().attach(&host).unwrap();
+        Ipv4Addr::new(10, 0, i, 2)
+    }
+
+    /// TCP and UDP servers in pod `i` that answer every line or datagram with `name`.
+    fn serve(&mut self, i: u8, name: &str) {
+        let ns = format!("{}-{i}", self.prefix);
+        let (stop, name) = (self.stop.clone(), name.to_string());
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.servers.push(std::thread::spawn(move || {
+            enter(&ns);
+            let tcp = TcpListener::bind("0.0.0.0:8080").unwrap();
+            tcp.set_nonblocking(true).unwrap();
+            let udp = UdpSocket::bind("0.0.0.0:5353").unwrap();
+            udp.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+            tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                match tcp.accept() {
+                    Ok((conn, _)) => {
+                        let name = name.clone();
+                        std::thread::spawn(move || answer_lines(conn, &name));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                    Err(e) => panic!("accept: {e}"),
+                }
+                if let Ok((_, from)) = udp.recv_from(&mut buf) {
+                    let _ = udp.send_to(name.as_bytes(), from);
+                }
+            }
+        }));
+        rx.recv().unwrap();
+    }
+
+    fn service(&mut self, name: &str, proto: Proto, port: u16, backends: &[(Ipv4Addr, bool)], affinity: u32) {
+        let target = if proto == Proto::Tcp { 8080 } else { 5353 };
+        let want = ServicePort {
+            proto,
+            frontends: vec![Frontend { addr: VIP.parse().unwrap(), port, flags: 0 }],
+            endpoints: backends.iter().map(|(addr, ready)| Endpoint { addr: *addr, port: target, ready: *ready, serving: *ready, terminating: false }).collect(),
+            affinity_timeout: affinity,
+        };
+        let dp = self.dp.as_mut().unwrap();
+        self.table.sync(name, Some(&want), &mut dp.maps()).unwrap();
+    }
+
+    /// Runs `f` in pod `i`'s namespace, on a thread of its own.
+    fn in_pod<T: Send + 'static>(&self, i: u8, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = format!("{}-{i}", self.prefix);
+        std::thread::spawn(move || {
+            enter(&ns);
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// Simulates an agent restart: the programs and maps are dropped (the pins and the tc
+    /// filters stay) and loaded again; the table is rebuilt from the pinned maps.
+    fn restart(&mut self) {
+        drop(self.dp.take());
+        let mut dp = Dataplane::load(&Config { pin_dir: self.pin_dir.clone(), ..Config::default() }).unwrap();
+        for i in 1..=self.pods.len() {
+            dp.attach(&format!("pod{i}")).unwrap();
+        }
+        self.table = dp.restore_table().unwrap();
+        self.dp = Some(dp);
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for s in self.servers.drain(..) {
+            let _ = s.join();
+        }
+        if let Some(dp) = self.dp.take() {
+            let _ = dp.unpin();
+        }
+        for ns in &self.pods {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}
+
+fn answer_lines(conn: TcpStream, name: &str) {
+    conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut w = conn.try_clone().unwrap();
+    for line in BufReader::new(conn).lines() {
+        if line.is_err() || w.write_all(format!("{name}\n").as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// One request on a new connection to the service: who answered.
+fn ask_tcp(port: u16) -> std::io::Result<String> {
+    let addr: SocketAddr = format!("{VIP}:{port}").parse().unwrap();
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(3)))?;
+    c.write_all(b"who\n")?;
+    let mut s = String::new();
+    BufReader::new(&mut c).read_line(&mut s)?;
+    Ok(s.trim().to_string())
+}
+
+fn ask_udp(port: u16) -> std::io::Result<String> {
+    let s = UdpSocket::bind("0.0.0.0:0")?;
+    s.connect(format!("{VIP}:{port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.send(b"who")?;
+    let mut buf = [0u8; 64];
+    let n = s.recv(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+fn tally(answers: Vec<String>) -> std::collections::BTreeMap<String, usize> {
+    let mut m = std::collections::BTreeMap::new();
+    for a in answers {
+        *m.entry(a).or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn tcp_and_udp_reach_every_backend_and_a_removed_backend_gets_no_new_flow() {
+    let mut node = Node::new();
+    node.pod(1);
+    let backends: Vec<Ipv4Addr> = (2..=4).map(|i| node.pod(i)).collect();
+    for (i, name) in [(2, "b2"), (3, "b3"), (4, "b4")] {
+        node.serve(i, name);
+    }
+    let all: Vec<(Ipv4Addr, bool)> = backends.iter().map(|b| (*b, true)).collect();
+    node.service("default/web:http", Proto::Tcp, 80, &all, 0);
+    node.service("default/web:dns", Proto::Udp, 53, &all, 0);
+    let (tcp, udp) = node.in_pod(1, || ((0..60).map(|_| ask_tcp(80).unwrap()).collect::<Vec<_>>(), (0..60).map(|_| ask_udp(53).unwrap()).collect::<Vec<_>>()));
+    for (what, t) in [("tcp", tally(tcp)), ("udp", tally(udp))] {
+        assert_eq!(t.len(), 3, "{what}: {t:?}");
+        assert!(t.values().all(|n| *n >= 8), "{what}: 60 flows over 3 backends: {t:?}");
+    }
+    // b3 stops being ready: new flows go to the two others only
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true), (backends[1], false), (backends[2], true)], 0);
+    let t = tally(node.in_pod(1, || (0..40).map(|_| ask_tcp(80).unwrap()).collect()));
+    assert_eq!(t.keys().cloned().collect::<Vec<_>>(), vec!["b2", "b4"], "{t:?}");
+}
+
+#[test]
+fn a_flow_keeps_its_backend_while_backends_change_and_across_a_restart() {
+    let mut node = Node::new();
+    node.pod(1);
+    let backends: Vec<Ipv4Addr> = (2..=5).map(|i| node.pod(i)).collect();
+    for (i, name) in [(2, "b2"), (3, "b3"), (4, "b4"), (5, "b5")] {
+        node.serve(i, name);
+    }
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true), (backends[1], true)], 0);
+    // an open connection from the client pod, driven from here through a channel
+    let (to_client, from_test) = std::sync::mpsc::channel::<()>();
+    let (to_test, answers) = std::sync::mpsc::channel::<String>();
+    let ns = format!("{}-1", node.prefix);
+    let client = std::thread::spawn(move || {
+        enter(&ns);
+        let mut c = TcpStream::connect(format!("{VIP}:80")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        while from_test.recv().is_ok() {
+            c.write_all(b"again\n").unwrap();
+            let mut s = String::new();
+            r.read_line(&mut s).unwrap();
+            to_test.send(s.trim().to_string()).unwrap();
+        }
+    });
+    let ask = || {
+        to_client.send(()).unwrap();
+        answers.recv_timeout(Duration::from_secs(10)).expect("the open connection answers")
+    };
+    let first = ask();
+    // backends added: the flow stays
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true), (backends[1], true), (backends[2], true), (backends[3], true)], 0);
+    assert_eq!(ask(), first);
+    // the agent restarts: pinned maps and filters carry the flow, the table comes back
+    node.restart();
+    assert_eq!(ask(), first);
+    let writes = {
+        let want_all: Vec<(Ipv4Addr, bool)> = backends.iter().map(|b| (*b, true)).collect();
+        let dp = node.dp.as_mut().unwrap();
+        let want = ServicePort {
+            proto: Proto::Tcp,
+            frontends: vec![Frontend { addr: VIP.parse().unwrap(), port: 80, flags: 0 }],
+            endpoints: want_all.iter().map(|(a, r)| Endpoint { addr: *a, port: 8080, ready: *r, serving: *r, terminating: false }).collect(),
+            affinity_timeout: 0,
+        };
+        node.table.sync("default/web:http", Some(&want), &mut dp.maps()).unwrap()
+    };
+    assert_eq!(writes.total(), 0, "the restored table matches the maps");
+    assert_eq!(ask(), first);
+    drop(to_client);
+    client.join().unwrap();
+    // and new connections still spread
+    let t = tally(node.in_pod(1, || (0..40).map(|_| ask_tcp(80).unwrap()).collect()));
+    assert!(t.len() >= 3, "{t:?}");
+}
+
+#[test]
+fn no_endpoints_is_refused_affinity_sticks_and_a_pod_reaches_itself() {
+    let mut node = Node::new();
+    node.pod(1);
+    let b2 = node.pod(2);
+    let b3 = node.pod(3);
+    node.serve(2, "b2");
+    node.serve(3, "b3");
+    node.service("default/none:http", Proto::Tcp, 81, &[], 0);
+    node.service("default/none:dns", Proto::Udp, 54, &[], 0);
+    let (tcp, udp) = node.in_pod(1, || (ask_tcp(81).unwrap_err().kind(), ask_udp(54).unwrap_err().kind()));
+    assert_eq!(tcp, ErrorKind::ConnectionRefused);
+    assert_eq!(udp, ErrorKind::ConnectionRefused);
+    // ClientIP affinity: every connection of the client goes to one backend
+    node.service("default/sticky:http", Proto::Tcp, 82, &[(b2, true), (b3, true)], 10800);
+    let t = tally(node.in_pod(1, || (0..30).map(|_| ask_tcp(82).unwrap()).collect()));
+    assert_eq!(t.len(), 1, "{t:?}");
+    // hairpin: b2 reaches itself through a service whose only backend it is
+    node.service("default/self:http", Proto::Tcp, 83, &[(b2, true)], 0);
+    let answers: Vec<String> = node.in_pod(2, || (0..5).map(|_| ask_tcp(83).unwrap()).collect());
+    assert_eq!(answers, vec!["b2"; 5]);
+    // bytes move both ways on a larger transfer too (checksums stay right)
+    node.service("default/web:http", Proto::Tcp, 80, &[(b3, true)], 0);
+    let n = node.in_pod(1, || {
+        let mut c = TcpStream::connect(format!("{VIP}:80")).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let lines = "x".repeat(1000) + "\n";
+        for _ in 0..200 {
+            c.write_all(lines.as_bytes()).unwrap();
+        }
+        c.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut s = String::new();
+        c.read_to_string(&mut s).unwrap();
+        s.lines().filter(|l| *l == "b3").count()
+    });
+    assert_eq!(n, 200);
+}
