@@ -59,6 +59,11 @@ impl Default for NodeMetrics {
 }
 
 impl NodeMetrics {
+    /// Adds metrics of another part of the agent (the service proxy).
+    pub fn register_with(&self, f: impl FnOnce(&mut Registry)) {
+        f(&mut self.registry.lock());
+    }
+
     /// Counts one runtime operation and its failure.
     pub fn op<T, E>(&self, op: &str, r: &Result<T, E>) {
         let l = OpLabels { operation_type: op.into() };

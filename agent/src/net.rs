@@ -24,6 +24,8 @@ pub struct PodNetwork {
     pub node_ip: String,
     /// This node's pod range, once known.
     pub own_cidr: tokio::sync::Mutex<Option<String>>,
+    /// The service proxy, whose programs go onto every pod's host-side veth.
+    pub proxy: Option<shoal_dataplane::ProxyHandle>,
 }
 
 /// Runs `ip [-n NS] -batch -` with `lines`; the error carries what `ip` said.
@@ -244,6 +246,12 @@ impl PodNetwork {
         let _ = self.teardown(uid).await;
         ip_batch(None, &format!("netns add {ns}\nlink add {veth} type veth peer name eth0 netns {ns}\nlink set {veth} master {} up\n", self.bridge)).await?;
         ip_batch(Some(&ns), &format!("link set lo up\naddr add {ip}/{len} dev eth0\nlink set eth0 up\nroute add default via {gw} dev eth0\n")).await?;
+        if let Some(proxy) = &self.proxy {
+            // before the pod runs: its first packet to a service must be translated
+            let proxy = proxy.clone();
+            let name = veth.clone();
+            tokio::task::spawn_blocking(move || proxy.attach(&name)).await.map_err(|e| e.to_string())?.map_err(|e| format!("attaching the service proxy to {veth}: {e}"))?;
+        }
         Ok(PathBuf::from("/run/netns").join(ns))
     }
 

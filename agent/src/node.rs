@@ -47,6 +47,54 @@ pub struct NodeOptions {
     pub eviction_hard: crate::eviction::Thresholds,
     /// How often node pressure is checked.
     pub housekeeping: std::time::Duration,
+    /// How Services are proxied on this node.
+    pub proxy_mode: ProxyMode,
+    /// bpffs directory of the service proxy's pinned maps.
+    pub bpf_dir: PathBuf,
+}
+
+/// `--proxy-mode`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// tc BPF programs on every pod interface (the default).
+    Ebpf,
+    /// No service proxy on this node.
+    None,
+}
+
+impl std::str::FromStr for ProxyMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ProxyMode, String> {
+        match s {
+            "ebpf" => Ok(ProxyMode::Ebpf),
+            "none" => Ok(ProxyMode::None),
+            "nftables" | "iptables" | "ipvs" => Err(format!("--proxy-mode {s} is not implemented (ebpf or none); IPVS is not in this kernel")),
+            _ => Err(format!("unknown --proxy-mode {s:?} (ebpf or none)")),
+        }
+    }
+}
+
+/// Loads the eBPF service proxy; a failure leaves the node without one, loudly.
+fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option<shoal_dataplane::ProxyHandle> {
+    if o.proxy_mode == ProxyMode::None {
+        tracing::info!("service proxy disabled (--proxy-mode none)");
+        return None;
+    }
+    let cfg = shoal_dataplane::Config { pin_dir: o.bpf_dir.clone(), ..Default::default() };
+    let node = shoal_dataplane::NodeView { name: o.node_name.clone(), addresses: o.node_ip.parse().into_iter().collect() };
+    let pm = Arc::new(shoal_dataplane::ProxyMetrics::new());
+    let proxy = shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node, pm.clone()));
+    match proxy {
+        Ok(p) => {
+            metrics.register_with(|r| pm.register(r));
+            tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
+            Some(shoal_dataplane::ProxyHandle::start(p, "shoal0"))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "THE eBPF SERVICE PROXY COULD NOT BE LOADED: Services are NOT reachable from pods on this node (no nftables fallback yet)");
+            None
+        }
+    }
 }
 
 impl NodeOptions {
@@ -89,7 +137,9 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     let ca = std::fs::read_to_string(&o.ca_file).with_context(|| format!("while reading the cluster CA {}", o.ca_file.display()))?;
     std::fs::create_dir_all(&o.data_dir).with_context(|| format!("while creating {}", o.data_dir.display()))?;
     let images = Arc::new(ImageStore::open(&o.data_dir.join("images"), o.insecure_registries.clone()).context("while opening the image store")?);
-    let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default(), node_ip: o.node_ip.clone(), own_cidr: Default::default() });
+    let metrics = Arc::new(crate::metrics::NodeMetrics::default());
+    let proxy = start_proxy(&o, &metrics);
+    let net = Arc::new(PodNetwork { bridge: "shoal0".into(), cluster_cidr: o.cluster_cidr.clone(), routes: Default::default(), node_ip: o.node_ip.clone(), own_cidr: Default::default(), proxy: proxy.clone() });
     let settings = RuncSettings { root: o.data_dir.join("run"), runc: o.runc.clone(), cgroup_parent: format!("/shoal/{}", o.node_name), pod_cidr: Arc::new(Mutex::new(None)), shim: shim_binary()?, log_max_bytes: o.log_max_bytes, log_max_files: o.log_max_files };
     let rt = Runc::new(settings, images, net).await.context("while starting the runc runtime")?;
     let mut cfg = AgentConfig::new(&o.node_name, &o.token);
@@ -101,8 +151,8 @@ pub async fn run(o: NodeOptions, stop: watch::Receiver<bool>) -> anyhow::Result<
     for (k, v) in &o.labels {
         cfg.labels.insert(k.clone(), serde_json::Value::from(v.as_str()));
     }
-    let metrics = Arc::new(crate::metrics::NodeMetrics::default());
     cfg.metrics = Some(metrics.clone());
+    cfg.proxy = proxy;
     let stats = Arc::new(AgentStats::default());
     if let Some(addr) = o.metrics_addr {
         crate::metrics::serve(addr, metrics, stats.clone()).await.with_context(|| format!("while listening for metrics on {addr}"))?;

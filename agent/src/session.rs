@@ -43,6 +43,9 @@ pub struct AgentConfig {
     pub pods_dir: Option<std::path::PathBuf>,
     /// Metrics of a real node; None on hollow nodes.
     pub metrics: Option<Arc<crate::metrics::NodeMetrics>>,
+    /// The node's service proxy: the agent asks for Services and EndpointSlices and hands
+    /// them to it. None: services are not proxied here (hollow nodes, `--proxy-mode none`).
+    pub proxy: Option<shoal_dataplane::ProxyHandle>,
 }
 
 impl AgentConfig {
@@ -59,6 +62,7 @@ impl AgentConfig {
             max_batch: 200,
             pods_dir: None,
             metrics: None,
+            proxy: None,
         }
     }
 }
@@ -334,7 +338,7 @@ impl<R: Runtime> Agent<R> {
                 revision: *r,
             })
             .collect();
-        pb::Hello { known, want_peers: self.rt.keeps_specs() }
+        pb::Hello { known, want_peers: self.rt.keeps_specs(), want_services: self.cfg.proxy.is_some() }
     }
 
     async fn session(self: &Arc<Self>, stop: &mut watch::Receiver<bool>) -> End {
@@ -505,6 +509,14 @@ impl<R: Runtime> Agent<R> {
             server_message::Msg::Cancel(c) => {
                 // Dropping the input channel kills the exec'd process.
                 self.execs.lock().remove(&c.id);
+                None
+            }
+            server_message::Msg::Services(s) => {
+                self.stats.objects.fetch_add(s.items.len() as u64, Ordering::Relaxed);
+                if let Some(proxy) = &self.cfg.proxy {
+                    let objects = s.items.into_iter().map(|o| shoal_dataplane::Object { kind: o.kind, namespace: o.namespace, name: o.name, json: o.json.to_vec() }).collect();
+                    proxy.objects(objects, s.reset, s.synced);
+                }
                 None
             }
             server_message::Msg::Peers(p) => {

@@ -481,7 +481,7 @@ impl NodeAgent for AgentGrpc {
             };
             known.insert(key, k.revision);
         }
-        self.hub.send(HubMsg::Attach { node: node.clone(), id, known, out: tx.clone(), kill: kill_tx, peers: hello.want_peers });
+        self.hub.send(HubMsg::Attach { node: node.clone(), id, known, out: tx.clone(), kill: kill_tx, peers: hello.want_peers, services: hello.want_services });
         self.metrics.sessions.inc();
         tracing::debug!(%node, id, "agent session opened");
         let svc = self.0.clone();
@@ -557,8 +557,17 @@ fn store_key(kind: &str, ns: &str, name: &str) -> Option<String> {
     Some(d.key(ns, name))
 }
 
+const SERVICES_PREFIX: &str = "/registry/services/specs/";
+const SLICES_PREFIX: &str = "/registry/endpointslices/";
+/// Objects per message of a services snapshot (well under the 4 MiB gRPC message limit).
+const SERVICES_CHUNK: usize = 500;
+
 fn kind_of_key(key: &str) -> &'static str {
-    if key.starts_with("/registry/minions/") {
+    if key.starts_with(SERVICES_PREFIX) {
+        "Service"
+    } else if key.starts_with(SLICES_PREFIX) {
+        "EndpointSlice"
+    } else if key.starts_with("/registry/minions/") {
         "Node"
     } else if key.starts_with("/registry/pods/") {
         "Pod"
@@ -627,7 +636,7 @@ fn volume_of_claim(e: &Entry) -> Option<String> {
 }
 
 enum HubMsg {
-    Attach { node: String, id: u64, known: HashMap<String, i64>, out: Out, kill: oneshot::Sender<()>, peers: bool },
+    Attach { node: String, id: u64, known: HashMap<String, i64>, out: Out, kill: oneshot::Sender<()>, peers: bool, services: bool },
     Detach { node: String, id: u64 },
 }
 
@@ -680,13 +689,18 @@ struct HubState {
     peer_info: HashMap<String, (String, String)>,
     /// Connected nodes that asked for peers (hollow nodes do not: O(routing nodes) per change).
     routing: HashSet<String>,
+    /// Connected nodes that proxy services: every Service and EndpointSlice change goes to
+    /// each of them (as upstream, where every kube-proxy watches them all).
+    proxying: HashSet<String>,
+    /// Service and EndpointSlice changes of the current burst, for `proxying` nodes.
+    pending_services: Vec<pb::Object>,
 }
 
 impl Hub {
     fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
-        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false, peer_info: HashMap::new(), routing: HashSet::new() };
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false, peer_info: HashMap::new(), routing: HashSet::new(), proxying: HashSet::new(), pending_services: Vec::new() };
         std::thread::Builder::new()
             .name("api-agents".into())
             .spawn(move || {
@@ -715,7 +729,10 @@ fn peer_of(e: &Entry) -> Option<(String, String)> {
 }
 
 fn object(key: &str, e: Option<&Entry>, rev: i64) -> pb::Object {
-    let rest = key.splitn(4, '/').nth(3).unwrap_or("");
+    let rest = match key.strip_prefix(SERVICES_PREFIX) {
+        Some(rest) => rest,
+        None => key.splitn(4, '/').nth(3).unwrap_or(""),
+    };
     let (ns, name) = if matches!(kind_of_key(key), "Node" | "PersistentVolume") { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
     pb::Object { kind: kind_of_key(key).into(), namespace: ns.into(), name: name.into(), revision: e.map_or(rev, |e| e.mod_rev), json: e.map(Entry::json).unwrap_or_default() }
 }
@@ -733,9 +750,11 @@ impl HubState {
                 let (n, nodes, _, _) = self.cache.subscribe("/registry/minions/", &filter(def("nodes", "", "v1")), None)?;
                 let (pvc, _, _, _) = self.cache.subscribe("/registry/persistentvolumeclaims/", &filter(def("persistentvolumeclaims", "", "v1")), Some(self.cache.revision()))?;
                 let (pv, _, _, _) = self.cache.subscribe("/registry/persistentvolumes/", &filter(def("persistentvolumes", "", "v1")), Some(self.cache.revision()))?;
-                Some((p, c, s, n, pvc, pv, initial, nodes))
+                let (svc, _, _, _) = self.cache.subscribe(SERVICES_PREFIX, &filter(def("services", "", "v1")), Some(self.cache.revision()))?;
+                let (eps, _, _, _) = self.cache.subscribe(SLICES_PREFIX, &filter(def("endpointslices", "discovery.k8s.io", "v1")), Some(self.cache.revision()))?;
+                Some((p, c, s, n, pvc, pv, svc, eps, initial, nodes))
             })();
-            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, initial, nodes)) = subs else {
+            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, mut svcsub, mut epssub, initial, nodes)) = subs else {
                 // Not ready yet; agents may still attach (they are answered once it is).
                 tokio::select! {
                     m = rx.recv() => match m { Some(m) => self.control(m, false), None => return },
@@ -762,6 +781,7 @@ impl HubState {
             for node in connected {
                 self.resync(&node);
                 self.send_peers_full(&node);
+                self.send_services_full(&node);
             }
             tracing::info!(pods = self.pods.len(), "agent hub following the watch cache");
             loop {
@@ -774,6 +794,8 @@ impl HubState {
                     d = nsub.rx.recv() => if !self.delivery(d, &mut nsub.rx) { break },
                     d = pvcsub.rx.recv() => if !self.delivery(d, &mut pvcsub.rx) { break },
                     d = pvsub.rx.recv() => if !self.delivery(d, &mut pvsub.rx) { break },
+                    d = svcsub.rx.recv() => if !self.delivery(d, &mut svcsub.rx) { break },
+                    d = epssub.rx.recv() => if !self.delivery(d, &mut epssub.rx) { break },
                 }
                 self.flush();
             }
@@ -793,6 +815,10 @@ impl HubState {
                     let cur = (!ev.deleted).then_some(&*ev.obj);
                     if ev.key.starts_with("/registry/pods/") {
                         self.pod_changed(&ev.key, cur, ev.rev);
+                    } else if ev.key.starts_with(SERVICES_PREFIX) || ev.key.starts_with(SLICES_PREFIX) {
+                        if !self.proxying.is_empty() {
+                            self.pending_services.push(object(&ev.key, cur, ev.rev));
+                        }
                     } else if let Some(node) = ev.key.strip_prefix("/registry/minions/") {
                         let node = node.to_string();
                         self.queue(&node, &ev.key, cur, ev.rev);
@@ -948,7 +974,7 @@ impl HubState {
 
     fn control(&mut self, m: HubMsg, ready: bool) {
         match m {
-            HubMsg::Attach { node, id, known, out, kill, peers } => {
+            HubMsg::Attach { node, id, known, out, kill, peers, services } => {
                 let rec = self.nodes.entry(node.clone()).or_default();
                 if let Some(mut old) = rec.conn.take() {
                     if let Some(k) = old.kill.take() {
@@ -961,6 +987,11 @@ impl HubState {
                 } else {
                     self.routing.remove(&node);
                 }
+                if services {
+                    self.proxying.insert(node.clone());
+                } else {
+                    self.proxying.remove(&node);
+                }
                 self.outs.lock().insert(node.clone(), out);
                 if ready {
                     self.resync(&node);
@@ -968,6 +999,7 @@ impl HubState {
                     if peers {
                         self.send_peers_full(&node);
                     }
+                    self.send_services_full(&node);
                 }
             }
             HubMsg::Detach { node, id } => {
@@ -976,6 +1008,7 @@ impl HubState {
                         rec.conn = None;
                         self.outs.lock().remove(&node);
                         self.routing.remove(&node);
+                        self.proxying.remove(&node);
                     }
                     if rec.conn.is_none() && rec.pods.is_empty() {
                         self.nodes.remove(&node);
@@ -1047,6 +1080,7 @@ impl HubState {
         rec.conn = None;
         self.outs.lock().remove(node);
         self.routing.remove(node);
+        self.proxying.remove(node);
     }
 
     fn send_peers_full(&mut self, node: &str) {
@@ -1057,10 +1091,56 @@ impl HubState {
         }
     }
 
+    /// Every Service and EndpointSlice, as a snapshot, to a node that proxies services.
+    fn send_services_full(&mut self, node: &str) {
+        if !self.proxying.contains(node) {
+            return;
+        }
+        let Some(c) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else { return };
+        let mut items: Vec<pb::Object> = Vec::new();
+        for (prefix, d) in [(SERVICES_PREFIX, def("services", "", "v1")), (SLICES_PREFIX, def("endpointslices", "discovery.k8s.io", "v1"))] {
+            let all = Filter::from_query(d, &Query::default()).expect("an empty selector is valid");
+            let (entries, _, _) = self.cache.snapshot(prefix, "", &all, 0);
+            items.extend(entries.iter().map(|e| object(&e.key, Some(e), e.mod_rev)));
+        }
+        let mut chunks: Vec<Vec<pb::Object>> = Vec::new();
+        while items.len() > SERVICES_CHUNK {
+            let rest = items.split_off(SERVICES_CHUNK);
+            chunks.push(std::mem::replace(&mut items, rest));
+        }
+        chunks.push(items);
+        let last = chunks.len() - 1;
+        self.metrics.objects_sent.inc_by(chunks.iter().map(|c| c.len() as u64).sum());
+        for (i, items) in chunks.into_iter().enumerate() {
+            let msg = pb::ServerMessage { msg: Some(server_message::Msg::Services(pb::ServiceObjects { items, reset: i == 0, synced: i == last })) };
+            if c.out.try_send(Ok(msg)).is_err() {
+                self.disconnect_slow(node);
+                return;
+            }
+        }
+    }
+
     fn flush(&mut self) {
         let nodes: Vec<String> = self.pending.keys().cloned().collect();
         for n in nodes {
             self.flush_node(&n);
+        }
+        if !self.pending_services.is_empty() {
+            let items = std::mem::take(&mut self.pending_services);
+            let mut slow = vec![];
+            for node in &self.proxying {
+                let Some(c) = self.nodes.get(node).and_then(|r| r.conn.as_ref()) else { continue };
+                self.metrics.objects_sent.inc_by(items.len() as u64);
+                let msg = pb::ServerMessage { msg: Some(server_message::Msg::Services(pb::ServiceObjects { items: items.clone(), reset: false, synced: false })) };
+                if c.out.try_send(Ok(msg)).is_err() {
+                    slow.push(node.clone());
+                }
+            }
+            // a lost change would leave a stale service: such an agent reconnects and
+            // gets a snapshot
+            for node in slow {
+                self.disconnect_slow(&node);
+            }
         }
     }
 
@@ -1112,5 +1192,9 @@ mod tests {
         assert_eq!(object("/registry/persistentvolumeclaims/ns/c", None, 3).kind, "PersistentVolumeClaim");
         let n = object("/registry/minions/n1", None, 7);
         assert_eq!((n.kind.as_str(), n.namespace.as_str(), n.name.as_str()), ("Node", "", "n1"));
+        let svc = object("/registry/services/specs/ns1/web", None, 8);
+        assert_eq!((svc.kind.as_str(), svc.namespace.as_str(), svc.name.as_str()), ("Service", "ns1", "web"));
+        let eps = object("/registry/endpointslices/ns1/web-x1", None, 9);
+        assert_eq!((eps.kind.as_str(), eps.namespace.as_str(), eps.name.as_str()), ("EndpointSlice", "ns1", "web-x1"));
     }
 }

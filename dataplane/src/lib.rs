@@ -2,7 +2,9 @@
 //! `loader`, and `table` turns services and their endpoints into the fewest map writes.
 pub mod abi;
 pub mod loader;
+pub mod proxy;
 pub mod table;
 
 pub use loader::{Config, Dataplane, Error};
+pub use proxy::{NodeView, Object, Proxy, ProxyHandle, ProxyMetrics};
 pub use table::{Endpoint, Frontend, ServicePort, Table};

@@ -78,7 +78,17 @@ impl Drop for AgentProc {
             }
             let _ = std::fs::remove_dir(d);
         }
+        let pins = bpf_dir(&self.node);
+        for e in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(pins);
     }
+}
+
+/// Where this run's agent pins its service maps (bpffs is the machine's).
+fn bpf_dir(node: &str) -> std::path::PathBuf {
+    std::path::PathBuf::from(format!("/sys/fs/bpf/shoal-loadgen-{node}"))
 }
 
 /// Marks this run's shims (their command lines name the node's data directory).
@@ -129,6 +139,8 @@ pub async fn node(a: NodeArgs) -> Result<Value> {
         .arg(dir.join("pki/ca.crt"))
         .arg("--data-dir")
         .arg(&data)
+        .arg("--bpf-dir")
+        .arg(bpf_dir(&node_name))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

@@ -129,6 +129,14 @@ struct AgentArgs {
     /// Where the agent serves Prometheus `/metrics` and `/healthz` (empty: not served).
     #[arg(long, default_value = "127.0.0.1:10255")]
     metrics_addr: String,
+    /// How pods reach Services: `ebpf` (tc programs on every pod interface translate
+    /// service addresses, with their own connection tracking) or `none`.
+    #[arg(long, default_value = "ebpf")]
+    proxy_mode: shoal_agent::node::ProxyMode,
+    /// bpffs directory where the service proxy pins its maps (kept across agent restarts,
+    /// so established connections survive them).
+    #[arg(long, default_value = "/sys/fs/bpf/shoal")]
+    bpf_dir: PathBuf,
 }
 
 #[derive(Parser, Debug)]
@@ -396,7 +404,7 @@ fn agent(a: AgentArgs) -> anyhow::Result<()> {
     if housekeeping.is_zero() {
         bail!("--housekeeping-interval must be at least 1s");
     }
-    let opts = shoal_agent::node::NodeOptions { eviction_hard, housekeeping, metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods };
+    let opts = shoal_agent::node::NodeOptions { eviction_hard, housekeeping, metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods, proxy_mode: a.proxy_mode, bpf_dir: a.bpf_dir };
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
     rt.block_on(async move {

@@ -84,6 +84,8 @@ impl AgentProc {
             argv.push(a.into());
         }
         argv.extend(["--ca-file".into(), server_dir.join("pki/ca.crt").into(), "--data-dir".into(), data.clone().into()]);
+        // bpffs is the machine's: each agent pins its service maps in a directory of its own
+        argv.extend(["--bpf-dir".into(), bpf_dir(node).into()]);
         let child = AgentProc::spawn(&argv, &log);
         AgentProc { child, data, log, node: node.to_string(), argv }
     }
@@ -134,7 +136,16 @@ impl Drop for AgentProc {
         for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
             let _ = std::fs::remove_dir(e.path().join("shoal").join(&self.node));
         }
+        let pins = bpf_dir(&self.node);
+        for e in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+        let _ = std::fs::remove_dir(pins);
     }
+}
+
+fn bpf_dir(node: &str) -> PathBuf {
+    PathBuf::from(format!("/sys/fs/bpf/shoal-test-{node}"))
 }
 
 fn pod(k: &K, name: &str) -> Value {
@@ -626,4 +637,75 @@ fn memory_pressure_evicts_pods() {
         assert!(t.elapsed() < Duration::from_secs(20), "containers left: {:?}", agent.runc_ids());
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+const SERVED: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: busybox:test
+        command: [sh, -c, 'echo $POD_NAME > /tmp/index.html; exec httpd -f -p 8080 -h /tmp']
+        env: [{name: POD_NAME, valueFrom: {fieldRef: {fieldPath: metadata.name}}}]
+        ports: [{name: http, containerPort: 8080}]
+        readinessProbe: {tcpSocket: {port: 8080}, periodSeconds: 1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers: [{name: c, image: busybox:test, command: [sleep, "600"]}]
+"#;
+
+#[test]
+fn pods_reach_services_through_the_ebpf_proxy() {
+    let OneNode { dir: _dir, server: _server, agent, k, node: _node } = OneNode::start("svc", &[], true);
+    k.apply(SERVED);
+    k.ok(&["expose", "deployment", "web", "--port", "80", "--target-port", "http"]);
+    k.ok(&["create", "service", "clusterip", "nothing", "--tcp", "80:8080"]);
+    wait_pod(&k, &agent, "client", 60, "client running", |p| p["status"]["phase"] == "Running");
+    k.eventually(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[*].endpoints[*].conditions.ready}"], "two ready endpoints", |o| o == "true true");
+    let ip = k.ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
+    let pods = k.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
+    let pods: Vec<&str> = pods.split_whitespace().collect();
+    // 30 connections from the client pod to the ClusterIP reach both backends (busybox's
+    // nc: its wget crashes in the static Debian build)
+    let get = |ip: &str, n: u32| format!("for i in $(seq {n}); do printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 | tail -n 1 || echo FAILED; done");
+    let script = get(&ip, 30);
+    let out = k.ok(&["exec", "client", "--", "sh", "-c", &script]);
+    let answers: Vec<&str> = out.lines().collect();
+    assert_eq!(answers.len(), 30, "{out}");
+    for p in &pods {
+        let n = answers.iter().filter(|a| a == &p).count();
+        assert!(n >= 3, "backend {p} answered {n} of 30: {out}\nagent log:\n{}", tail(&agent.log_text(), 30));
+    }
+    assert!(!out.contains("FAILED"), "{out}");
+    // a backend reaches its own service (hairpin)
+    let out = k.ok(&["exec", pods[0], "--", "sh", "-c", &get(&ip, 10)]);
+    assert_eq!(out.lines().filter(|l| pods.contains(l)).count(), 10, "{out}");
+    // a service without endpoints refuses at once, as kube-proxy's REJECT does
+    let nothing = k.ok(&["get", "service", "nothing", "-o", "jsonpath={.spec.clusterIP}"]);
+    let (ok, out) = k.run(&["exec", "client", "--", "nc", "-w", "5", &nothing, "80"], Some(""));
+    assert!(!ok && out.contains("Connection refused"), "{out}");
+    // scaled to one: new connections go only to the pod that stays
+    k.ok(&["scale", "deployment", "web", "--replicas", "1"]);
+    k.eventually(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[*].endpoints[*].conditions.ready}"], "one ready endpoint", |o| o == "true");
+    let left = k.ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[*].endpoints[*].targetRef.name}"]);
+    let out = k.ok(&["exec", "client", "--", "sh", "-c", &script]);
+    assert!(out.lines().all(|l| l == left.trim()), "only {left} may answer: {out}");
+    // the proxy's metrics
+    let m = Command::new("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:10255/metrics"]).output().unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    let value = |name: &str| m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
+    assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
+    assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
 }
