@@ -2,6 +2,7 @@
 //! table, and prints one JSON object as its very last line (format in BENCHMARKS.md).
 
 mod api;
+mod dataplane;
 mod hollow;
 mod node;
 mod procs;
@@ -48,6 +49,9 @@ enum Cmd {
     /// One real node: `shoal server` and `shoal agent` (runc) in a network namespace of
     /// their own; pod startup latency with a cached image, agent memory and CPU per pod.
     Node(node::NodeArgs),
+    /// The service proxy: connect rate to the last of 10,000 services with no rules, eBPF,
+    /// nftables and iptables-legacy; cold load, one change, iperf3 throughput (needs root).
+    Dataplane(dataplane::DataplaneArgs),
 }
 
 /// A Markdown summary of a result: one row per measured value (nested objects flattened
@@ -82,7 +86,7 @@ fn markdown(v: &serde_json::Value) -> String {
 
 fn main() {
     let cli = Cli::parse();
-    if matches!(cli.cmd, Cmd::Node(_)) {
+    if matches!(cli.cmd, Cmd::Node(_) | Cmd::Dataplane(_)) {
         // Before the runtime starts threads: they and every child inherit the namespace.
         if let Err(e) = node::enter_own_netns() {
             eprintln!("loadgen: error: {e:#}");
@@ -106,6 +110,7 @@ fn main() {
             Cmd::Density(a) => hollow::density(a).await,
             Cmd::Load(a) => hollow::load(a).await,
             Cmd::Node(a) => node::node(a).await,
+            Cmd::Dataplane(a) => tokio::task::spawn_blocking(move || dataplane::run(a)).await.unwrap_or_else(|e| Err(anyhow::anyhow!("the dataplane scenario panicked: {e}"))),
         }
     });
     match res {
