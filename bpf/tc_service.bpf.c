@@ -9,7 +9,14 @@
  *
  * to_pod (egress: packets delivered to the pod): a reply from a backend gets its source
  * rewritten back to the service address by the reverse entry, whichever node the backend
- * is on. */
+ * is on.
+ *
+ * from_net / to_net (ingress / egress of the node's uplink): traffic from outside the node
+ * to a NodePort, ExternalIP or LoadBalancer frontend. As kube-proxy, the source is
+ * rewritten to the node's address (NODE_ADDR, with a free port) unless the frontend keeps
+ * to local endpoints (externalTrafficPolicy Local), which preserves the client's address;
+ * replies to the node's address are reversed where they arrive (from a local pod in
+ * from_pod, from another node in from_net), replies straight to the client in to_net. */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
@@ -23,28 +30,35 @@
 
 /* The source address of hairpin flows (0: hairpin is not translated). */
 volatile const __be32 HAIRPIN_ADDR = 0;
+/* The node's address: the source of translated traffic from outside (0: none). */
+volatile const __be32 NODE_ADDR = 0;
 
 static __always_inline int backend_matches(const struct backend *b, const struct ct_entry *e)
 {
 	return b && b->addr == e->nat_addr && b->port == e->nat_port;
 }
 
-/* Rewrites a client's packet towards its backend (and, for hairpin, its source). */
+/* Rewrites a client's packet towards its backend, and its source when the flow is
+ * source-translated (hairpin: bounced back into the pod; from outside: routed on). */
 static __always_inline int to_backend(struct __sk_buff *skb, const struct tuple *t,
 				      const struct ct_entry *e)
 {
 	__be32 addr = e->nat_addr;
 	__be16 port = e->nat_port;
-	__be32 hairpin = e->orig_addr;
+	__be32 snat = e->orig_addr;
+	__be16 snat_port = e->orig_port;
+	__u16 flags = e->flags;
 	stat_inc(STAT_TRANSLATED);
 	if (set_addr(skb, t->proto, DADDR_OFF, t->daddr, addr) ||
 	    set_port(skb, t->proto, DPORT_OFF, t->dport, port))
 		return TC_ACT_SHOT;
-	if (!hairpin)
+	if (!snat)
 		return TC_ACT_OK;
-	if (set_addr(skb, t->proto, SADDR_OFF, t->saddr, hairpin))
+	if (set_addr(skb, t->proto, SADDR_OFF, t->saddr, snat))
 		return TC_ACT_SHOT;
-	return bounce(skb);
+	if (snat_port && set_port(skb, t->proto, SPORT_OFF, t->sport, snat_port))
+		return TC_ACT_SHOT;
+	return (flags & CT_F_HAIRPIN) ? bounce(skb) : route_out(skb, t, snat, addr);
 }
 
 /* Rewrites a backend's reply so that it comes from the service address. */
@@ -54,7 +68,8 @@ static __always_inline int from_backend(struct __sk_buff *skb, const struct tupl
 	__be32 svc_addr = e->nat_addr;
 	__be16 svc_port = e->nat_port;
 	__be32 client = e->orig_addr;
-	int hairpin = e->flags & CT_F_HAIRPIN;
+	__be16 client_port = e->orig_port;
+	__u16 flags = e->flags;
 	ct_touch(e, t->proto, t->tcp_flags, now);
 	if (t->tcp_flags & (TCP_FIN | TCP_RST)) {
 		/* a closing flow: a new SYN from the same client port must choose afresh */
@@ -67,11 +82,12 @@ static __always_inline int from_backend(struct __sk_buff *skb, const struct tupl
 	if (set_addr(skb, t->proto, SADDR_OFF, t->saddr, svc_addr) ||
 	    set_port(skb, t->proto, SPORT_OFF, t->sport, svc_port))
 		return TC_ACT_SHOT;
-	if (!hairpin)
+	if (!(flags & (CT_F_HAIRPIN | CT_F_SNAT)))
 		return TC_ACT_OK;
-	if (set_addr(skb, t->proto, DADDR_OFF, t->daddr, client))
+	if (set_addr(skb, t->proto, DADDR_OFF, t->daddr, client) ||
+	    set_port(skb, t->proto, DPORT_OFF, t->dport, client_port))
 		return TC_ACT_SHOT;
-	return bounce(skb);
+	return (flags & CT_F_HAIRPIN) ? bounce(skb) : route_out(skb, t, svc_addr, client);
 }
 
 /* The reverse entry of a reply, or NULL. An expired one is revived while its forward
@@ -130,11 +146,38 @@ static __always_inline struct backend *choose(struct svc_key *sk, const struct s
 	return b;
 }
 
-static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t, __u64 now)
+/* A source port for a flow from outside translated to NODE_ADDR: the client's own when
+ * no other flow to that backend holds it, else one of a few pseudo-random ones. */
+static __always_inline __be16 snat_port(const struct tuple *t, const struct backend *b)
+{
+	struct ct_key rk = {
+		.saddr = b->addr,
+		.daddr = NODE_ADDR,
+		.sport = b->port,
+		.dport = t->sport,
+		.proto = t->proto,
+		.dir = CT_REVERSE,
+	};
+#pragma unroll
+	for (int i = 0; i < 8; i++) {
+		struct ct_entry *taken = bpf_map_lookup_elem(&shoal_ct, &rk);
+		if (!taken || (taken->orig_addr == t->saddr && taken->orig_port == t->sport))
+			return rk.dport;
+		rk.dport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
+	}
+	return 0;
+}
+
+/* A new flow to a service frontend; `outside`: it came in on the uplink. */
+static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t, __u64 now,
+				    int outside)
 {
 	struct svc_key sk = { .addr = t->daddr, .port = t->dport, .proto = t->proto };
 	struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
 	if (!svc)
+		return TC_ACT_OK;
+	/* from outside only NodePorts, ExternalIPs and LoadBalancer IPs answer */
+	if (outside && !(svc->flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL)))
 		return TC_ACT_OK;
 	if (svc->count == 0) {
 		stat_inc(STAT_REJECTED);
@@ -146,13 +189,27 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 		stat_inc(STAT_NO_SLOT);
 		return TC_ACT_SHOT;
 	}
-	__be32 hairpin = (b->addr == t->saddr) ? HAIRPIN_ADDR : 0;
-	__u16 flags = hairpin ? CT_F_HAIRPIN : 0;
+	__be32 snat = 0;
+	__be16 sport = 0;
+	__u16 flags = 0;
+	if (outside && NODE_ADDR && !(svc->flags & SVC_F_LOCAL)) {
+		snat = NODE_ADDR;
+		sport = snat_port(t, b);
+		if (!sport) {
+			stat_inc(STAT_CT_UPDATE_FAILED);
+			return TC_ACT_SHOT;
+		}
+		flags = CT_F_SNAT;
+	} else if (!outside && b->addr == t->saddr && HAIRPIN_ADDR) {
+		snat = HAIRPIN_ADDR;
+		flags = CT_F_HAIRPIN;
+	}
 	struct ct_entry fwd = {
 		.nat_addr = b->addr,
 		.nat_port = b->port,
 		.flags = flags,
-		.orig_addr = hairpin,
+		.orig_addr = snat,
+		.orig_port = sport,
 		.backend_id = backend_id,
 		.svc_id = svc->svc_id,
 	};
@@ -177,9 +234,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 	};
 	struct ct_key rk = {
 		.saddr = b->addr,
-		.daddr = hairpin ? hairpin : t->saddr,
+		.daddr = snat ? snat : t->saddr,
 		.sport = b->port,
-		.dport = t->sport,
+		.dport = sport ? sport : t->sport,
 		.proto = t->proto,
 		.dir = CT_REVERSE,
 	};
@@ -190,8 +247,9 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 	return to_backend(skb, t, &fwd);
 }
 
-SEC("classifier")
-int from_pod(struct __sk_buff *skb)
+/* Forward path shared by pods and the uplink: an existing flow, a reply addressed to a
+ * translated source (hairpin or the node's address), or a new flow. */
+static __always_inline int forward(struct __sk_buff *skb, int outside)
 {
 	struct tuple t;
 	if (parse_tuple(skb, &t))
@@ -217,16 +275,28 @@ int from_pod(struct __sk_buff *skb)
 				return to_backend(skb, &t, e);
 			}
 		}
-	} else if (HAIRPIN_ADDR && t.daddr == HAIRPIN_ADDR) {
+	} else if ((HAIRPIN_ADDR && t.daddr == HAIRPIN_ADDR) || (NODE_ADDR && t.daddr == NODE_ADDR)) {
 		struct ct_entry *rev = reverse_entry(&t, now);
 		if (rev)
 			return from_backend(skb, &t, rev, now);
 	}
-	return new_flow(skb, &t, now);
+	return new_flow(skb, &t, now, outside);
 }
 
 SEC("classifier")
-int to_pod(struct __sk_buff *skb)
+int from_pod(struct __sk_buff *skb)
+{
+	return forward(skb, 0);
+}
+
+SEC("classifier")
+int from_net(struct __sk_buff *skb)
+{
+	return forward(skb, 1);
+}
+
+/* Reverse path shared by pods and the uplink. */
+static __always_inline int reverse(struct __sk_buff *skb)
 {
 	struct tuple t;
 	if (parse_tuple(skb, &t))
@@ -236,6 +306,20 @@ int to_pod(struct __sk_buff *skb)
 	if (!rev)
 		return TC_ACT_OK;
 	return from_backend(skb, &t, rev, now);
+}
+
+SEC("classifier")
+int to_pod(struct __sk_buff *skb)
+{
+	return reverse(skb);
+}
+
+/* Replies leaving through the uplink straight to an outside client (a local endpoint of
+ * a frontend that keeps the client's address) are reversed as into a pod. */
+SEC("classifier")
+int to_net(struct __sk_buff *skb)
+{
+	return reverse(skb);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

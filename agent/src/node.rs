@@ -80,7 +80,8 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
         tracing::info!("service proxy disabled (--proxy-mode none)");
         return None;
     }
-    let cfg = shoal_dataplane::Config { pin_dir: o.bpf_dir.clone(), ..Default::default() };
+    let node_addr: Option<std::net::Ipv4Addr> = o.node_ip.parse().ok().filter(|a: &std::net::Ipv4Addr| !a.is_loopback());
+    let cfg = shoal_dataplane::Config { pin_dir: o.bpf_dir.clone(), node_addr, ..Default::default() };
     let node = shoal_dataplane::NodeView { name: o.node_name.clone(), addresses: o.node_ip.parse().into_iter().collect() };
     let pm = Arc::new(shoal_dataplane::ProxyMetrics::new());
     let proxy = shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node, pm.clone()));
@@ -88,7 +89,9 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
         Ok(p) => {
             metrics.register_with(|r| pm.register(r));
             tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
-            Some(shoal_dataplane::ProxyHandle::start(p, "shoal0"))
+            // the uplink carries NodePort traffic from outside (a loopback node address has none)
+            let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
+            Some(shoal_dataplane::ProxyHandle::start(p, "shoal0", uplink.as_deref()))
         }
         Err(e) => {
             tracing::error!(error = %e, "THE eBPF SERVICE PROXY COULD NOT BE LOADED: Services are NOT reachable from pods on this node (no nftables fallback yet)");

@@ -23,6 +23,7 @@ struct svc_key {
 
 #define SVC_F_NODEPORT 0x1 /* the frontend is a node address (NodePort) */
 #define SVC_F_EXTERNAL 0x2 /* ExternalIP or LoadBalancer address */
+#define SVC_F_LOCAL 0x4    /* external traffic keeps to local endpoints: no source NAT */
 
 struct svc_value {
 	__u32 backend_id;       /* slot > 0: the backend in this slot */
@@ -57,14 +58,15 @@ struct ct_key {
 #define CT_F_ESTABLISHED 0x1
 #define CT_F_CLOSING 0x2 /* FIN or RST seen */
 #define CT_F_HAIRPIN 0x4 /* the client is its own backend: the source is rewritten too */
+#define CT_F_SNAT 0x8    /* from outside the node: the source is rewritten to NODE_ADDR */
 
 struct ct_entry {
 	__u64 expires;    /* bpf_ktime_get_ns() after which the entry is dead */
 	__be32 nat_addr;  /* forward: backend address; reverse: service address */
 	__be16 nat_port;  /* forward: backend port; reverse: service port */
 	__u16 flags;      /* CT_F_* */
-	__be32 orig_addr; /* forward: hairpin source (0: none); reverse: the client's address */
-	__be16 orig_port; /* reverse: the client's port */
+	__be32 orig_addr; /* forward: translated source (0: none); reverse: the client's address */
+	__be16 orig_port; /* forward: translated source port (0: kept); reverse: the client's port */
 	__u16 pad;
 	__u32 backend_id;
 	__u32 svc_id;

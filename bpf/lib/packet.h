@@ -142,6 +142,24 @@ static __always_inline int bounce(struct __sk_buff *skb)
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+/* Routes a rewritten packet itself and sends it out of the route's interface. Needed when
+ * the source became one of the node's own addresses: the kernel's input path drops such a
+ * packet as a martian. Skipping the stack also skips a routing pass. */
+static __always_inline int route_out(struct __sk_buff *skb, const struct tuple *t, __be32 saddr,
+				     __be32 daddr)
+{
+	struct bpf_fib_lookup p = {};
+	p.family = 2; /* AF_INET */
+	p.l4_protocol = t->proto;
+	p.ipv4_src = saddr;
+	p.ipv4_dst = daddr;
+	p.ifindex = skb->ifindex;
+	long rc = bpf_fib_lookup(skb, &p, sizeof(p), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_SHOT;
+	return bpf_redirect_neigh(p.ifindex, 0, 0, 0);
+}
+
 static __always_inline __u16 csum_fold(__s64 sum)
 {
 	__u32 c = (__u32)sum;

@@ -47,12 +47,14 @@ pub fn addr_of(be: u32) -> Ipv4Addr {
 
 pub const SVC_F_NODEPORT: u16 = 0x1;
 pub const SVC_F_EXTERNAL: u16 = 0x2;
+pub const SVC_F_LOCAL: u16 = 0x4;
 pub const BACKEND_F_TERMINATING: u8 = 0x1;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REVERSE: u8 = 1;
 pub const CT_F_ESTABLISHED: u16 = 0x1;
 pub const CT_F_CLOSING: u16 = 0x2;
 pub const CT_F_HAIRPIN: u16 = 0x4;
+pub const CT_F_SNAT: u16 = 0x8;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -25,6 +25,7 @@ pub static TC_SERVICE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// tc filter priority and handle of Shoal's programs on every pod interface.
 const TC_PRIORITY: u16 = 1;
+const PROGRAMS: [&str; 4] = ["from_pod", "to_pod", "from_net", "to_net"];
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
@@ -38,11 +39,14 @@ pub struct Config {
     /// leaves hairpin flows untranslated (they then fail, as with kube-proxy without
     /// hairpin mode).
     pub hairpin_addr: Option<Ipv4Addr>,
+    /// The node's address: traffic from outside to a NodePort, ExternalIP or LoadBalancer
+    /// frontend leaves for its backend from it (None: such traffic is not translated).
+    pub node_addr: Option<Ipv4Addr>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { pin_dir: PathBuf::from("/sys/fs/bpf/shoal"), hairpin_addr: Some(Ipv4Addr::new(169, 254, 42, 1)) }
+        Config { pin_dir: PathBuf::from("/sys/fs/bpf/shoal"), hairpin_addr: Some(Ipv4Addr::new(169, 254, 42, 1)), node_addr: None }
     }
 }
 
@@ -98,8 +102,9 @@ impl Dataplane {
             }
         }
         let hairpin = config.hairpin_addr.map(be_addr).unwrap_or(0);
-        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&config.pin_dir).override_global("HAIRPIN_ADDR", &hairpin, true).load(TC_SERVICE)?;
-        for name in ["from_pod", "to_pod"] {
+        let node = config.node_addr.map(be_addr).unwrap_or(0);
+        let mut ebpf = EbpfLoader::new().default_map_pin_directory(&config.pin_dir).override_global("HAIRPIN_ADDR", &hairpin, true).override_global("NODE_ADDR", &node, true).load(TC_SERVICE)?;
+        for name in PROGRAMS {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program in object").try_into().map_err(|e| Error::Program(name, e))?;
             prog.load().map_err(|e| Error::Program(name, e))?;
         }
@@ -114,13 +119,23 @@ impl Dataplane {
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
     /// interface, replacing Shoal's filters if they are there already.
     pub fn attach(&mut self, ifname: &str) -> Result<(), Error> {
+        self.attach_pair(ifname, "from_pod", "to_pod")
+    }
+
+    /// Attaches `from_net` (ingress) and `to_net` (egress) to the node's uplink, for
+    /// NodePort, ExternalIP and LoadBalancer traffic from outside the node.
+    pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), Error> {
+        self.attach_pair(ifname, "from_net", "to_net")
+    }
+
+    fn attach_pair(&mut self, ifname: &str, ingress: &'static str, egress: &'static str) -> Result<(), Error> {
         let attach_err = |e: &dyn std::fmt::Display| Error::Attach(ifname.to_string(), e.to_string());
         if let Err(e) = tc::qdisc_add_clsact(ifname) {
             if !is_errno(&e, libc::EEXIST) {
                 return Err(attach_err(&e));
             }
         }
-        for (name, kind) in [("from_pod", TcAttachType::Ingress), ("to_pod", TcAttachType::Egress)] {
+        for (name, kind) in [(ingress, TcAttachType::Ingress), (egress, TcAttachType::Egress)] {
             let prog: &mut SchedClassifier = self.ebpf.program_mut(name).expect("program in object").try_into().map_err(|e| Error::Program(name, e))?;
             let options = TcAttachOptions::Netlink(NlOptions { priority: TC_PRIORITY, handle: TC_HANDLE, ..Default::default() });
             let id = match prog.attach_with_options(ifname, kind, options) {

@@ -97,7 +97,7 @@ pub fn ports_of(svc: &Value, slices: &[&Value], node: &NodeView) -> Vec<(String,
             }
         }
         let base = format!("{ns}/{name}:{port}/{}", proto.name());
-        let make = |frontends: Vec<Frontend>, local_only: bool| ServicePort { proto, frontends, endpoints: pick(local_only), affinity_timeout: affinity };
+        let make = |frontends: Vec<Frontend>, local_only: bool| ServicePort { proto, frontends, endpoints: pick(local_only), affinity_timeout: affinity, external_local };
         if internal_local == external_local || external.is_empty() || cluster.is_empty() {
             let local = if cluster.is_empty() { external_local } else { internal_local };
             let mut all = cluster;
@@ -339,7 +339,16 @@ impl std::fmt::Debug for ProxyHandle {
 impl ProxyHandle {
     /// Starts the proxy thread; the programs are attached to every current port of
     /// `bridge` (pods that outlived an agent restart, and program upgrades).
-    pub fn start(mut proxy: Proxy, bridge: &str) -> ProxyHandle {
+    pub fn start(mut proxy: Proxy, bridge: &str, uplink: Option<&str>) -> ProxyHandle {
+        if let Some(up) = uplink {
+            match proxy.dp.attach_uplink(up) {
+                Ok(()) => tracing::info!(interface = up, "service programs on the uplink: NodePorts and external addresses answer from outside"),
+                Err(e) => {
+                    proxy.metrics.attach_errors.inc();
+                    tracing::error!(interface = up, error = %e, "attaching the service programs to the uplink: NodePorts do not answer from outside");
+                }
+            }
+        }
         let ports: Vec<String> = std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         for port in ports {
             if let Err(e) = proxy.dp.attach(&port) {
@@ -387,6 +396,16 @@ impl ProxyHandle {
         self.tx.send(Msg::Attach(ifname.to_string(), tx)).map_err(|_| "the service proxy thread is gone".to_string())?;
         rx.recv().map_err(|_| "the service proxy thread is gone".to_string())?
     }
+}
+
+/// The interface holding `addr` (the node's uplink), from `ip -o -4 addr`.
+pub fn interface_with(addr: Ipv4Addr) -> Option<String> {
+    let out = std::process::Command::new("ip").args(["-o", "-4", "addr", "show"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let mut f = l.split_whitespace();
+        let (_, name, _, cidr) = (f.next()?, f.next()?, f.next()?, f.next()?);
+        (cidr.split('/').next()? == addr.to_string()).then(|| name.trim_end_matches(':').split('@').next().unwrap_or(name).to_string())
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING};
+use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT};
 
 /// One address and port a service port answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,6 +47,9 @@ pub struct ServicePort {
     pub endpoints: Vec<Endpoint>,
     /// Seconds of ClientIP session affinity; 0 for none.
     pub affinity_timeout: u32,
+    /// The external frontends (NodePorts, ExternalIPs, LoadBalancer IPs) keep to local
+    /// endpoints (externalTrafficPolicy Local): traffic from outside keeps its source.
+    pub external_local: bool,
 }
 
 /// Writes to the maps; the real implementation is `loader::Maps`, tests use a model.
@@ -328,6 +331,7 @@ impl Table {
                 }
             }
             let old_flags = cur.frontends.iter().find(|c| c.addr == f.addr && c.port == f.port).map(|c| c.flags);
+            let f = &Frontend { flags: f.flags | if want.external_local && f.flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL) != 0 { SVC_F_LOCAL } else { 0 }, ..*f };
             if rewrite_all || new_slots.len() != cur.slots.len() || want.affinity_timeout != cur.affinity_timeout || old_flags != Some(f.flags) {
                 maps.put_service(&key, &SvcValue { flags: f.flags, ..master })?;
                 writes.puts += 1;
@@ -348,7 +352,7 @@ impl Table {
             self.backend_ids.release(id);
         }
         cur.proto = Some(proto);
-        cur.frontends = frontends;
+        cur.frontends = frontends.iter().map(|f| Frontend { flags: f.flags | if want.external_local && f.flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL) != 0 { SVC_F_LOCAL } else { 0 }, ..*f }).collect();
         cur.slots = new_slots;
         cur.affinity_timeout = want.affinity_timeout;
         cur.dirty = false;
@@ -460,7 +464,7 @@ mod tests {
     }
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
-        ServicePort { proto: Proto::Tcp, frontends: vec![Frontend { addr: ip("10.96.0.10"), port: 80, flags: 0 }], endpoints, affinity_timeout: 0 }
+        ServicePort { proto: Proto::Tcp, frontends: vec![Frontend { addr: ip("10.96.0.10"), port: 80, flags: 0 }], endpoints, affinity_timeout: 0, external_local: false }
     }
 
     fn pods(n: usize) -> Vec<Endpoint> {

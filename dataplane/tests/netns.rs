@@ -15,6 +15,9 @@ use shoal_dataplane::abi::Proto;
 use shoal_dataplane::{Config, Dataplane, Endpoint, Frontend, ServicePort, Table};
 
 const VIP: &str = "10.96.0.10";
+/// The node's address on its uplink, and an outside client's.
+const NODE: &str = "192.168.50.1";
+const OUTSIDE: &str = "192.168.50.2";
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -50,7 +53,7 @@ impl Node {
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1").unwrap();
         let prefix = format!("shoal-dp-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst));
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/{prefix}"));
-        let dp = Dataplane::load(&Config { pin_dir: pin_dir.clone(), ..Config::default() }).expect("load (needs root)");
+        let dp = Dataplane::load(&Config { pin_dir: pin_dir.clone(), node_addr: NODE.parse().ok(), ..Config::default() }).expect("load (needs root)");
         Node { prefix, pods: Vec::new(), stop: Arc::new(AtomicBool::new(false)), servers: Vec::new(), pin_dir, dp: Some(dp), table: Table::new() }
     }
 
@@ -73,7 +76,34 @@ impl Node {
         Ipv4Addr::new(10, 0, i, 2)
     }
 
-    /// TCP and UDP servers in pod `i` that answer every line or datagram with `name`.
+    /// The world outside the node: a namespace `<prefix>-out` at OUTSIDE, linked to the
+    /// node's uplink `up0` (NODE) with the uplink programs on it.
+    fn outside(&mut self) {
+        let ns = format!("{}-out", self.prefix);
+        sh(&["ip", "netns", "add", &ns]);
+        self.pods.push(ns.clone());
+        sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+        sh(&["ip", "addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
+        sh(&["ip", "link", "set", "up0", "up"]);
+        sh(&["ip", "-n", &ns, "addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        self.dp.as_mut().unwrap().attach_uplink("up0").unwrap();
+    }
+
+    /// Runs `f` in the outside namespace.
+    fn from_outside<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let ns = format!("{}-out", self.prefix);
+        std::thread::spawn(move || {
+            enter(&ns);
+            f()
+        })
+        .join()
+        .unwrap()
+    }
+
+    /// TCP and UDP servers in pod `i` that answer every line or datagram with `name`
+    /// (and a line `peer` with `name` and the address the connection came from).
     fn serve(&mut self, i: u8, name: &str) {
         let ns = format!("{}-{i}", self.prefix);
         let (stop, name) = (self.stop.clone(), name.to_string());
@@ -88,9 +118,9 @@ impl Node {
             let mut buf = [0u8; 512];
             while !stop.load(Ordering::Relaxed) {
                 match tcp.accept() {
-                    Ok((conn, _)) => {
+                    Ok((conn, peer)) => {
                         let name = name.clone();
-                        std::thread::spawn(move || answer_lines(conn, &name));
+                        std::thread::spawn(move || answer_lines(conn, &name, peer.ip()));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {}
                     Err(e) => panic!("accept: {e}"),
@@ -110,6 +140,7 @@ impl Node {
             frontends: vec![Frontend { addr: VIP.parse().unwrap(), port, flags: 0 }],
             endpoints: backends.iter().map(|(addr, ready)| Endpoint { addr: *addr, port: target, ready: *ready, serving: *ready, terminating: false }).collect(),
             affinity_timeout: affinity,
+            external_local: false,
         };
         let dp = self.dp.as_mut().unwrap();
         self.table.sync(name, Some(&want), &mut dp.maps()).unwrap();
@@ -130,7 +161,7 @@ impl Node {
     /// filters stay) and loaded again; the table is rebuilt from the pinned maps.
     fn restart(&mut self) {
         drop(self.dp.take());
-        let mut dp = Dataplane::load(&Config { pin_dir: self.pin_dir.clone(), ..Config::default() }).unwrap();
+        let mut dp = Dataplane::load(&Config { pin_dir: self.pin_dir.clone(), node_addr: NODE.parse().ok(), ..Config::default() }).unwrap();
         for i in 1..=self.pods.len() {
             dp.attach(&format!("pod{i}")).unwrap();
         }
@@ -154,11 +185,14 @@ impl Drop for Node {
     }
 }
 
-fn answer_lines(conn: TcpStream, name: &str) {
+fn answer_lines(conn: TcpStream, name: &str, peer: std::net::IpAddr) {
+    conn.set_nonblocking(false).unwrap();
     conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let mut w = conn.try_clone().unwrap();
     for line in BufReader::new(conn).lines() {
-        if line.is_err() || w.write_all(format!("{name}\n").as_bytes()).is_err() {
+        let Ok(line) = line else { return };
+        let answer = if line == "peer" { format!("{name} {peer}\n") } else { format!("{name}\n") };
+        if w.write_all(answer.as_bytes()).is_err() {
             return;
         }
     }
@@ -166,10 +200,15 @@ fn answer_lines(conn: TcpStream, name: &str) {
 
 /// One request on a new connection to the service: who answered.
 fn ask_tcp(port: u16) -> std::io::Result<String> {
-    let addr: SocketAddr = format!("{VIP}:{port}").parse().unwrap();
+    ask_at(&format!("{VIP}:{port}"), "who")
+}
+
+/// One line to `addr` on a new connection; the answer.
+fn ask_at(addr: &str, line: &str) -> std::io::Result<String> {
+    let addr: SocketAddr = addr.parse().unwrap();
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     c.set_read_timeout(Some(Duration::from_secs(3)))?;
-    c.write_all(b"who\n")?;
+    c.write_all(format!("{line}\n").as_bytes())?;
     let mut s = String::new();
     BufReader::new(&mut c).read_line(&mut s)?;
     Ok(s.trim().to_string())
@@ -259,6 +298,7 @@ fn a_flow_keeps_its_backend_while_backends_change_and_across_a_restart() {
             frontends: vec![Frontend { addr: VIP.parse().unwrap(), port: 80, flags: 0 }],
             endpoints: want_all.iter().map(|(a, r)| Endpoint { addr: *a, port: 8080, ready: *r, serving: *r, terminating: false }).collect(),
             affinity_timeout: 0,
+            external_local: false,
         };
         node.table.sync("default/web:http", Some(&want), &mut dp.maps()).unwrap()
     };
@@ -307,4 +347,42 @@ fn no_endpoints_is_refused_affinity_sticks_and_a_pod_reaches_itself() {
         s.lines().filter(|l| *l == "b3").count()
     });
     assert_eq!(n, 200);
+}
+
+#[test]
+fn a_node_port_answers_from_outside_the_node() {
+    let mut node = Node::new();
+    let b2 = node.pod(2);
+    let b3 = node.pod(3);
+    node.serve(2, "b2");
+    node.serve(3, "b3");
+    node.outside();
+    let node_port = |node: &mut Node, local: bool| {
+        let want = ServicePort {
+            proto: Proto::Tcp,
+            frontends: vec![Frontend { addr: VIP.parse().unwrap(), port: 80, flags: 0 }, Frontend { addr: NODE.parse().unwrap(), port: 30080, flags: shoal_dataplane::abi::SVC_F_NODEPORT }],
+            endpoints: [b2, b3].iter().map(|a| Endpoint { addr: *a, port: 8080, ready: true, serving: true, terminating: false }).collect(),
+            affinity_timeout: 0,
+            external_local: local,
+        };
+        let dp = node.dp.as_mut().unwrap();
+        node.table.sync("default/np:80/TCP", Some(&want), &mut dp.maps()).unwrap();
+    };
+    // externalTrafficPolicy Cluster: the backends see the node's address, as with kube-proxy
+    node_port(&mut node, false);
+    let answers: Vec<String> = node.from_outside(|| (0..30).map(|_| ask_at(&format!("{NODE}:30080"), "peer").unwrap()).collect());
+    let t = tally(answers.iter().map(|a| a.split(' ').next().unwrap().to_string()).collect());
+    assert_eq!(t.len(), 2, "{answers:?}");
+    assert!(answers.iter().all(|a| a.ends_with(&format!(" {NODE}"))), "{answers:?}");
+    // Local: the client's own address arrives
+    node_port(&mut node, true);
+    let answers: Vec<String> = node.from_outside(|| (0..10).map(|_| ask_at(&format!("{NODE}:30080"), "peer").unwrap()).collect());
+    assert!(answers.iter().all(|a| a.ends_with(&format!(" {OUTSIDE}"))), "{answers:?}");
+    // the ClusterIP is not a way in from outside (no route, and not translated there)
+    let from_outside = node.from_outside(|| ask_at(&format!("{VIP}:80"), "who").is_err());
+    assert!(from_outside);
+    // and pods still reach the same service by its ClusterIP and by the NodePort
+    node.pod(1);
+    let inside: Vec<String> = node.in_pod(1, || vec![ask_tcp(80).unwrap(), ask_at(&format!("{NODE}:30080"), "who").unwrap()]);
+    assert!(inside.iter().all(|a| a == "b2" || a == "b3"), "{inside:?}");
 }

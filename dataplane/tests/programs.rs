@@ -45,6 +45,7 @@ impl Loaded {
             frontends: vec![Frontend { addr: ip(vip), port, flags: 0 }],
             endpoints: backends.iter().map(|(a, p)| Endpoint { addr: ip(a), port: *p, ready: true, serving: true, terminating: false }).collect(),
             affinity_timeout: affinity,
+            external_local: false,
         };
         let dp = self.dp.as_mut().unwrap();
         self.table.sync(name, Some(&want), &mut dp.maps()).unwrap();
