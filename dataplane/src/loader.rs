@@ -221,6 +221,37 @@ impl Dataplane {
     }
 }
 
+/// The maps an agent pinned, opened for listings (`shoal admin dataplane`, like `cilium
+/// bpf lb list`): read straight from bpffs, so it works whether the agent runs or not.
+pub struct Pinned {
+    services: BpfHashMap<MapData, SvcKey, SvcValue>,
+    backends: BpfHashMap<MapData, u32, Backend>,
+    ct: BpfHashMap<MapData, CtKey, CtEntry>,
+}
+
+impl Pinned {
+    pub fn open(dir: &Path) -> Result<Pinned, Error> {
+        fn open<K: aya::Pod, V: aya::Pod>(dir: &Path, name: &'static str) -> Result<BpfHashMap<MapData, K, V>, Error> {
+            let md = MapData::from_pin(dir.join(name)).map_err(|e| Error::Map(name, e))?;
+            let map = aya::maps::Map::from_map_data(md).map_err(|e| Error::Map(name, e))?;
+            BpfHashMap::try_from(map).map_err(|e| Error::Map(name, e))
+        }
+        Ok(Pinned { services: open(dir, "shoal_services")?, backends: open(dir, "shoal_backends")?, ct: open(dir, "shoal_ct")? })
+    }
+
+    pub fn services(&self) -> Vec<(SvcKey, SvcValue)> {
+        self.services.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn backends(&self) -> Vec<(u32, Backend)> {
+        self.backends.iter().filter_map(Result::ok).collect()
+    }
+
+    pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
+        self.ct.iter().filter_map(Result::ok).collect()
+    }
+}
+
 /// The services and backends maps, written by `table::Table::sync`.
 pub struct Maps<'a> {
     services: &'a mut BpfHashMap<MapData, SvcKey, SvcValue>,

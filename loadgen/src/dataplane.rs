@@ -127,7 +127,12 @@ impl Topology {
                 }
             };
             while !stop.load(Ordering::Relaxed) {
-                let _ = l.accept();
+                // closed with RST, as the client does: no TIME_WAIT on either side (a client
+                // port reused within a minute would otherwise stall on the old connection;
+                // measured: 1-second SYN retransmits that ruined whole runs)
+                if let Ok((s, _)) = l.accept() {
+                    rst_on_close(&s);
+                }
             }
         }));
         rx.recv()??;
@@ -149,6 +154,13 @@ impl Drop for Topology {
     }
 }
 
+/// SO_LINGER 0: close() sends RST and leaves no TIME_WAIT.
+fn rst_on_close(s: &TcpStream) {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: a valid socket fd and a linger struct of the size given
+    unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &linger as *const _ as *const libc::c_void, size_of::<libc::linger>() as u32) };
+}
+
 /// Connects and closes (RST) to `target` from the client namespace for `secs` seconds.
 fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
     let ns = client.to_string();
@@ -156,18 +168,23 @@ fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
         enter(&ns)?;
         let mut lat: Vec<u32> = Vec::with_capacity(200_000);
         let mut errors = 0u64;
+        let mut kinds: std::collections::BTreeMap<String, u64> = Default::default();
         let start = Instant::now();
         let deadline = start + Duration::from_secs_f64(secs);
         while Instant::now() < deadline && lat.len() < 5_000_000 {
             let t0 = Instant::now();
             match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
                 Ok(s) => {
-                    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
-                    // SAFETY: a valid socket fd and a linger struct of the size given
-                    unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &linger as *const _ as *const libc::c_void, size_of::<libc::linger>() as u32) };
+                    rst_on_close(&s);
                     lat.push(t0.elapsed().as_micros() as u32);
                 }
-                Err(_) => errors += 1,
+                // the server resets every connection it accepted: a reset seen by connect()
+                // means the handshake completed (the server only resets accepted ones)
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => lat.push(t0.elapsed().as_micros() as u32),
+                Err(e) => {
+                    errors += 1;
+                    *kinds.entry(e.kind().to_string()).or_insert(0u64) += 1;
+                }
             }
         }
         let elapsed = start.elapsed().as_secs_f64();
@@ -176,7 +193,7 @@ fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
         }
         lat.sort_unstable();
         let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
-        Ok(json!({"connects_per_s": (lat.len() as f64 / elapsed).round(), "p50_us": p(0.5), "p99_us": p(0.99), "errors": errors}))
+        Ok(json!({"connects_per_s": (lat.len() as f64 / elapsed).round(), "p50_us": p(0.5), "p99_us": p(0.99), "errors": errors, "error_kinds": kinds}))
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the client thread panicked"))?

@@ -37,6 +37,25 @@ enum AdminCmd {
         #[command(subcommand)]
         cmd: SchedulerCmd,
     },
+    /// This node's service proxy, read from its pinned BPF maps (run it on the node, as
+    /// root; no server needed).
+    Dataplane {
+        /// The agent's `--bpf-dir`.
+        #[arg(long, default_value = "/sys/fs/bpf/shoal")]
+        bpf_dir: PathBuf,
+        #[command(subcommand)]
+        cmd: DataplaneCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum DataplaneCmd {
+    /// Every service frontend with its backends, in slot order (like `cilium bpf lb list`).
+    Services,
+    /// Every backend entry (id, address, flags).
+    Backends,
+    /// Connection-tracking entries (both directions of each flow).
+    Conntrack,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +134,9 @@ fn render_config(c: &pb::SchedulerConfig, out: Output) -> String {
 
 /// Runs one admin command; the text to print, or the failure.
 pub async fn run(a: AdminArgs) -> Result<String, Failure> {
+    if let AdminCmd::Dataplane { bpf_dir, cmd } = &a.cmd {
+        return dataplane(bpf_dir, cmd, a.output);
+    }
     let token = std::fs::read_to_string(&a.token_file).map_err(|e| Failure(4, format!("reading the admin token {}: {e} (pass --token-file DATA_DIR/pki/admin.token)", a.token_file.display())))?;
     let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", token.trim()).parse().map_err(|_| Failure(4, format!("{} does not hold a valid token", a.token_file.display())))?;
     let endpoint = tonic::transport::Endpoint::from_shared(a.server.clone()).map_err(|e| Failure(2, format!("--server {:?}: {e}", a.server)))?.connect_timeout(std::time::Duration::from_secs(5));
@@ -125,7 +147,7 @@ pub async fn run(a: AdminArgs) -> Result<String, Failure> {
     });
     let server = a.server.clone();
     let st = |s| from_status(&server, s);
-    let AdminCmd::Scheduler { cmd } = a.cmd;
+    let AdminCmd::Scheduler { cmd } = a.cmd else { unreachable!("handled above") };
     match cmd {
         SchedulerCmd::Config => {
             let c = client.get_config(pb::GetSchedulerConfigRequest {}).await.map_err(st)?.into_inner();
@@ -164,6 +186,98 @@ pub async fn run(a: AdminArgs) -> Result<String, Failure> {
                         s += &format!("{:<24} {:<9} {:>8}  {}\n", n.node, n.feasible, if n.feasible { n.score.to_string() } else { "-".into() }, n.reasons.join(", "));
                     }
                     s.trim_end().to_string()
+                }
+            })
+        }
+    }
+}
+
+fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<String, Failure> {
+    use shoal_dataplane::abi::{addr_of, Proto, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_HAIRPIN, CT_F_SNAT, CT_REVERSE, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT};
+    if !dir.join("shoal_services").exists() {
+        return Err(Failure(3, format!("no service proxy maps in {} (is `shoal agent` running here with --bpf-dir {}? are you root?)", dir.display(), dir.display())));
+    }
+    let maps = shoal_dataplane::loader::Pinned::open(dir).map_err(|e| Failure(3, format!("{e} (root is needed to read BPF maps)")))?;
+    let proto = |p: u8| if p == Proto::Tcp as u8 { "TCP" } else if p == Proto::Udp as u8 { "UDP" } else { "?" };
+    let port = |p: u16| u16::from_be(p);
+    match cmd {
+        DataplaneCmd::Services => {
+            let backends: std::collections::HashMap<u32, shoal_dataplane::abi::Backend> = maps.backends().into_iter().collect();
+            let mut entries = maps.services();
+            entries.sort_by_key(|(k, _)| (k.addr.to_be(), port(k.port), k.proto, k.slot));
+            let mut rows: Vec<Value> = Vec::new();
+            for (k, v) in entries.iter().filter(|(k, _)| k.slot == 0) {
+                let mut kind = vec![];
+                for (f, n) in [(SVC_F_NODEPORT, "NodePort"), (SVC_F_EXTERNAL, "External"), (SVC_F_LOCAL, "Local")] {
+                    if v.flags & f != 0 {
+                        kind.push(n);
+                    }
+                }
+                let list: Vec<String> = (1..=v.count)
+                    .map(|slot| {
+                        let id = entries.iter().find(|(s, _)| s.with_slot(0) == *k && s.slot == slot).map(|(_, sv)| sv.backend_id);
+                        match id.and_then(|id| backends.get(&id).map(|b| (id, b))) {
+                            Some((id, b)) => format!("{}:{} (#{id}{})", b.ip(), b.host_port(), if b.flags & BACKEND_F_TERMINATING != 0 { ", terminating" } else { "" }),
+                            None => "(missing)".into(),
+                        }
+                    })
+                    .collect();
+                rows.push(json!({"frontend": format!("{}:{}/{}", k.ip(), k.host_port(), proto(k.proto)), "serviceId": v.svc_id, "kind": if kind.is_empty() { "ClusterIP".to_string() } else { kind.join(",") }, "affinitySeconds": v.affinity_timeout, "backends": list}));
+            }
+            Ok(match out {
+                Output::Json => Value::Array(rows).to_string(),
+                Output::Human => {
+                    let mut s = format!("{:<28} {:<6} {:<20} BACKENDS\n", "FRONTEND", "ID", "KIND");
+                    for r in &rows {
+                        let b: Vec<&str> = r["backends"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+                        s.push_str(&format!("{:<28} {:<6} {:<20} {}\n", r["frontend"].as_str().unwrap_or(""), r["serviceId"], r["kind"].as_str().unwrap_or(""), if b.is_empty() { "(none: rejected)".to_string() } else { b.join(", ") }));
+                    }
+                    s.trim_end().to_string()
+                }
+            })
+        }
+        DataplaneCmd::Backends => {
+            let mut b = maps.backends();
+            b.sort_by_key(|(id, _)| *id);
+            Ok(match out {
+                Output::Json => Value::Array(b.iter().map(|(id, b)| json!({"id": id, "address": format!("{}:{}", b.ip(), b.host_port()), "protocol": proto(b.proto), "terminating": b.flags & BACKEND_F_TERMINATING != 0})).collect()).to_string(),
+                Output::Human => {
+                    let mut s = format!("{:<8} {:<22} {:<6} STATE\n", "ID", "ADDRESS", "PROTO");
+                    for (id, b) in &b {
+                        s.push_str(&format!("{:<8} {:<22} {:<6} {}\n", id, format!("{}:{}", b.ip(), b.host_port()), proto(b.proto), if b.flags & BACKEND_F_TERMINATING != 0 { "terminating" } else { "active" }));
+                    }
+                    s.trim_end().to_string()
+                }
+            })
+        }
+        DataplaneCmd::Conntrack => {
+            let now = std::fs::read_to_string("/proc/uptime").ok().and_then(|u| u.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0);
+            let rows: Vec<Value> = maps
+                .conntrack()
+                .into_iter()
+                .map(|(k, e)| {
+                    let mut flags = vec![];
+                    for (f, n) in [(CT_F_ESTABLISHED, "established"), (CT_F_CLOSING, "closing"), (CT_F_HAIRPIN, "hairpin"), (CT_F_SNAT, "snat")] {
+                        if e.flags & f != 0 {
+                            flags.push(n);
+                        }
+                    }
+                    json!({"direction": if k.dir == CT_REVERSE { "reply" } else { "forward" }, "protocol": proto(k.proto),
+                        "source": format!("{}:{}", addr_of(k.saddr), port(k.sport)), "destination": format!("{}:{}", addr_of(k.daddr), port(k.dport)),
+                        "translatedTo": format!("{}:{}", addr_of(e.nat_addr), port(e.nat_port)), "serviceId": e.svc_id, "backendId": e.backend_id,
+                        "flags": flags.join(","), "expiresInSeconds": (e.expires as f64 / 1e9 - now).round()})
+                })
+                .collect();
+            Ok(match out {
+                Output::Json => Value::Array(rows).to_string(),
+                Output::Human => {
+                    let mut s = format!("{:<8} {:<5} {:<22} {:<22} {:<22} {:<8} FLAGS\n", "DIR", "PROTO", "SOURCE", "DESTINATION", "TRANSLATED", "EXPIRES");
+                    for r in &rows {
+                        let f = |k: &str| r[k].as_str().unwrap_or("").to_string();
+                        s.push_str(&format!("{:<8} {:<5} {:<22} {:<22} {:<22} {:<8} {}\n", f("direction"), f("protocol"), f("source"), f("destination"), f("translatedTo"), format!("{}s", r["expiresInSeconds"]), f("flags")));
+                    }
+                    s.push_str(&format!("{} entries", rows.len()));
+                    s
                 }
             })
         }

@@ -677,6 +677,17 @@ fn pods_reach_services_through_the_ebpf_proxy() {
     let ip = k.ok(&["get", "service", "web", "-o", "jsonpath={.spec.clusterIP}"]);
     let pods = k.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
     let pods: Vec<&str> = pods.split_whitespace().collect();
+    // the node's maps, as an operator reads them
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "-o", "json", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("services").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let web = listed.as_array().unwrap().iter().find(|r| r["frontend"] == format!("{ip}:80/TCP")).unwrap_or_else(|| panic!("{listed}"));
+    assert_eq!(web["backends"].as_array().unwrap().len(), 2, "{web}");
+    let human = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("conntrack").output().unwrap();
+    assert!(human.status.success() && String::from_utf8_lossy(&human.stdout).contains("entries"), "{human:?}");
+    let missing = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "dataplane", "--bpf-dir", "/sys/fs/bpf/no-such-dir", "services"]).output().unwrap();
+    assert_eq!(missing.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no service proxy maps in /sys/fs/bpf/no-such-dir"));
     // 30 connections from the client pod to the ClusterIP reach both backends (busybox's
     // nc: its wget crashes in the static Debian build)
     let get = |ip: &str, n: u32| format!("for i in $(seq {n}); do printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 | tail -n 1 || echo FAILED; done");
