@@ -58,6 +58,9 @@ pub struct NodeOptions {
 pub enum ProxyMode {
     /// tc BPF programs on every pod interface (the default).
     Ebpf,
+    /// nftables rules (kube-proxy's nftables layout); also the fallback when the BPF
+    /// programs cannot be loaded.
+    Nftables,
     /// No service proxy on this node.
     None,
 }
@@ -67,9 +70,10 @@ impl std::str::FromStr for ProxyMode {
     fn from_str(s: &str) -> Result<ProxyMode, String> {
         match s {
             "ebpf" => Ok(ProxyMode::Ebpf),
+            "nftables" => Ok(ProxyMode::Nftables),
             "none" => Ok(ProxyMode::None),
-            "nftables" | "iptables" | "ipvs" => Err(format!("--proxy-mode {s} is not implemented (ebpf or none); IPVS is not in this kernel")),
-            _ => Err(format!("unknown --proxy-mode {s:?} (ebpf or none)")),
+            "iptables" | "ipvs" => Err(format!("--proxy-mode {s} is not offered (ebpf, nftables or none); IPVS is not in this kernel")),
+            _ => Err(format!("unknown --proxy-mode {s:?} (ebpf, nftables or none)")),
         }
     }
 }
@@ -84,17 +88,25 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
     let cfg = shoal_dataplane::Config { pin_dir: o.bpf_dir.clone(), node_addr, ..Default::default() };
     let node = shoal_dataplane::NodeView { name: o.node_name.clone(), addresses: o.node_ip.parse().into_iter().collect() };
     let pm = Arc::new(shoal_dataplane::ProxyMetrics::new());
-    let proxy = shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node, pm.clone()));
-    match proxy {
-        Ok(p) => {
-            metrics.register_with(|r| pm.register(r));
-            tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
-            // the uplink carries NodePort traffic from outside (a loopback node address has none)
-            let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
-            Some(shoal_dataplane::ProxyHandle::start(p, "shoal0", uplink.as_deref()))
+    metrics.register_with(|r| pm.register(r));
+    if o.proxy_mode == ProxyMode::Ebpf {
+        match shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone())) {
+            Ok(p) => {
+                tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
+                // the uplink carries NodePort traffic from outside (a loopback node address has none)
+                let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
+                return Some(shoal_dataplane::ProxyHandle::start(p, "shoal0", uplink.as_deref()));
+            }
+            Err(e) => tracing::error!(error = %e, "THE eBPF SERVICE PROXY COULD NOT BE LOADED: falling back to nftables (no ClientIP affinity, no NodePorts from outside)"),
+        }
+    }
+    match shoal_dataplane::nft::Nft::new("shoal-proxy") {
+        Ok(nft) => {
+            tracing::info!("nftables service proxy ready (table ip shoal-proxy)");
+            Some(shoal_dataplane::ProxyHandle::start(shoal_dataplane::Proxy::nftables(nft, node, pm), "shoal0", None))
         }
         Err(e) => {
-            tracing::error!(error = %e, "THE eBPF SERVICE PROXY COULD NOT BE LOADED: Services are NOT reachable from pods on this node (no nftables fallback yet)");
+            tracing::error!(error = %e, "THE nftables SERVICE PROXY COULD NOT BE SET UP EITHER: Services are NOT reachable from pods on this node");
             None
         }
     }

@@ -2,6 +2,7 @@
 //! `loader`, and `table` turns services and their endpoints into the fewest map writes.
 pub mod abi;
 pub mod loader;
+pub mod nft;
 pub mod proxy;
 pub mod table;
 

@@ -20,6 +20,7 @@ use serde_json::Value;
 
 use crate::abi::{Proto, SVC_F_EXTERNAL, SVC_F_NODEPORT};
 use crate::loader::{Dataplane, Error};
+use crate::nft::Nft;
 use crate::table::{Endpoint, Frontend, ServicePort, Table};
 
 /// Which node the proxy runs on: `Local` traffic policies keep to its endpoints, NodePorts
@@ -149,10 +150,16 @@ impl ProxyMetrics {
     }
 }
 
+/// What programs the packets: the BPF maps (with the table of what they hold), or the
+/// nftables fallback.
+enum Engine {
+    Bpf { dp: Dataplane, table: Table },
+    Nft(Nft),
+}
+
 /// Services, EndpointSlices and the table derived from them.
 pub struct Proxy {
-    dp: Dataplane,
-    table: Table,
+    engine: Engine,
     node: NodeView,
     services: HashMap<String, Value>,
     /// Slice `ns/name` → (its service `ns/name`, the slice).
@@ -171,15 +178,41 @@ impl Proxy {
     /// A proxy over loaded programs, its table rebuilt from their pinned maps.
     pub fn new(mut dp: Dataplane, node: NodeView, metrics: Arc<ProxyMetrics>) -> Result<Proxy, Error> {
         let table = dp.restore_table()?;
-        Ok(Proxy { dp, table, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics })
+        Ok(Proxy::with(Engine::Bpf { dp, table }, node, metrics))
     }
 
-    pub fn dataplane(&mut self) -> &mut Dataplane {
-        &mut self.dp
+    /// A proxy programming nftables (`--proxy-mode nftables`, or the fallback when the BPF
+    /// programs do not load).
+    pub fn nftables(nft: Nft, node: NodeView, metrics: Arc<ProxyMetrics>) -> Proxy {
+        Proxy::with(Engine::Nft(nft), node, metrics)
     }
 
-    pub fn table(&self) -> &Table {
-        &self.table
+    fn with(engine: Engine, node: NodeView, metrics: Arc<ProxyMetrics>) -> Proxy {
+        Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics }
+    }
+
+    /// The BPF side, when that is the engine.
+    pub fn dataplane(&mut self) -> Option<&mut Dataplane> {
+        match &mut self.engine {
+            Engine::Bpf { dp, .. } => Some(dp),
+            Engine::Nft(_) => None,
+        }
+    }
+
+    /// Service ports installed.
+    pub fn ports(&self) -> usize {
+        match &self.engine {
+            Engine::Bpf { table, .. } => table.len(),
+            Engine::Nft(nft) => nft.len(),
+        }
+    }
+
+    /// Attaches the BPF programs to a pod's interface (nothing to do for nftables).
+    fn attach(&mut self, ifname: &str) -> Result<(), Error> {
+        match &mut self.engine {
+            Engine::Bpf { dp, .. } => dp.attach(ifname),
+            Engine::Nft(_) => Ok(()),
+        }
     }
 
     /// Applies a message of the agent protocol's `ServiceObjects`.
@@ -207,12 +240,14 @@ impl Proxy {
             }
             if self.restored {
                 self.restored = false;
-                let mut maps = self.dp.maps();
-                match self.table.forget_orphans(&mut maps) {
+                if let Engine::Bpf { dp, table } = &mut self.engine {
+                let mut maps = dp.maps();
+                match table.forget_orphans(&mut maps) {
                     Ok(w) => {
                     self.metrics.map_writes.inc_by(w.total() as u64);
                 }
                     Err(e) => tracing::warn!(error = %e, "removing services left from before the restart"),
+                }
                 }
             }
         } else {
@@ -221,7 +256,14 @@ impl Proxy {
                 self.resync(&svc);
             }
         }
-        self.metrics.service_ports.set(self.table.len() as i64);
+        if let Engine::Nft(nft) = &mut self.engine {
+            if let Err(e) = nft.commit() {
+                self.metrics.sync_errors.inc();
+                tracing::error!(error = %e, "the nftables batch failed; rebuilding the table from every service");
+                self.rebuild_nft();
+            }
+        }
+        self.metrics.service_ports.set(self.ports() as i64);
         self.metrics.sync_seconds.observe(start.elapsed().as_secs_f64());
     }
 
@@ -274,9 +316,25 @@ impl Proxy {
         };
         let old = self.installed.remove(svc).unwrap_or_default();
         let mut now = BTreeSet::new();
-        let mut maps = self.dp.maps();
+        let (dp, table) = match &mut self.engine {
+            Engine::Bpf { dp, table } => (dp, table),
+            Engine::Nft(nft) => {
+                for name in old.iter().filter(|n| !want.iter().any(|(w, _)| w == *n)) {
+                    nft.sync(name, None);
+                }
+                for (name, port) in &want {
+                    nft.sync(name, Some(port));
+                    now.insert(name.clone());
+                }
+                if !now.is_empty() {
+                    self.installed.insert(svc.to_string(), now);
+                }
+                return;
+            }
+        };
+        let mut maps = dp.maps();
         for name in old.iter().filter(|n| !want.iter().any(|(w, _)| w == *n)) {
-            match self.table.sync(name, None, &mut maps) {
+            match table.sync(name, None, &mut maps) {
                 Ok(w) => {
                     self.metrics.map_writes.inc_by(w.total() as u64);
                 }
@@ -289,7 +347,7 @@ impl Proxy {
         }
         for (name, port) in &want {
             now.insert(name.clone());
-            match self.table.sync(name, Some(port), &mut maps) {
+            match table.sync(name, Some(port), &mut maps) {
                 Ok(w) => {
                     self.metrics.map_writes.inc_by(w.total() as u64);
                 }
@@ -304,16 +362,40 @@ impl Proxy {
         }
     }
 
+    /// After a failed nftables batch: a fresh table, every service programmed again.
+    fn rebuild_nft(&mut self) {
+        let Engine::Nft(nft) = &mut self.engine else { return };
+        let table = nft.table_name().to_string();
+        match Nft::new(&table) {
+            Ok(fresh) => *nft = fresh,
+            Err(e) => {
+                tracing::error!(error = %e, "recreating the nftables table failed");
+                return;
+            }
+        }
+        self.installed.clear();
+        let all: Vec<String> = self.services.keys().cloned().collect();
+        for svc in all {
+            self.resync(&svc);
+        }
+        if let Engine::Nft(nft) = &mut self.engine {
+            if let Err(e) = nft.commit() {
+                tracing::error!(error = %e, "programming nftables failed again; services stay unproxied until the next change");
+            }
+        }
+    }
+
     /// Refreshes the map-fill and packet gauges (conntrack only when `conntrack`: it walks
     /// the whole map).
     pub fn refresh_gauges(&self, conntrack: bool) {
+        let Engine::Bpf { dp, .. } = &self.engine else { return };
         let fill = |m: &str| self.metrics.map_entries.get_or_create(&vec![("map".to_string(), m.to_string())]).clone();
-        fill("shoal_services").set(self.dp.services().len() as i64);
-        fill("shoal_backends").set(self.dp.backends().len() as i64);
+        fill("shoal_services").set(dp.services().len() as i64);
+        fill("shoal_backends").set(dp.backends().len() as i64);
         if conntrack {
-            fill("shoal_ct").set(self.dp.conntrack().len() as i64);
+            fill("shoal_ct").set(dp.conntrack().len() as i64);
         }
-        for (name, v) in self.dp.stats() {
+        for (name, v) in dp.stats() {
             self.metrics.packets.get_or_create(&vec![("result".to_string(), name.to_string())]).set(v as i64);
         }
     }
@@ -341,7 +423,11 @@ impl ProxyHandle {
     /// `bridge` (pods that outlived an agent restart, and program upgrades).
     pub fn start(mut proxy: Proxy, bridge: &str, uplink: Option<&str>) -> ProxyHandle {
         if let Some(up) = uplink {
-            match proxy.dp.attach_uplink(up) {
+            let r = match &mut proxy.engine {
+                Engine::Bpf { dp, .. } => dp.attach_uplink(up),
+                Engine::Nft(_) => Ok(()),
+            };
+            match r {
                 Ok(()) => tracing::info!(interface = up, "service programs on the uplink: NodePorts and external addresses answer from outside"),
                 Err(e) => {
                     proxy.metrics.attach_errors.inc();
@@ -351,7 +437,7 @@ impl ProxyHandle {
         }
         let ports: Vec<String> = std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
         for port in ports {
-            if let Err(e) = proxy.dp.attach(&port) {
+            if let Err(e) = proxy.attach(&port) {
                 proxy.metrics.attach_errors.inc();
                 tracing::error!(interface = %port, error = %e, "attaching the service programs");
             }
@@ -365,7 +451,7 @@ impl ProxyHandle {
                     match rx.recv_timeout(Duration::from_secs(5)) {
                         Ok(Msg::Objects(objs, reset, synced)) => proxy.apply(objs, reset, synced),
                         Ok(Msg::Attach(ifname, reply)) => {
-                            let r = proxy.dp.attach(&ifname).map_err(|e| e.to_string());
+                            let r = proxy.attach(&ifname).map_err(|e| e.to_string());
                             if r.is_err() {
                                 proxy.metrics.attach_errors.inc();
                             }

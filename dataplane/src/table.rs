@@ -360,6 +360,18 @@ impl Table {
     }
 }
 
+/// The endpoints that get traffic: the ready ones, else the serving terminating ones (as
+/// kube-proxy), each address and port once.
+pub fn slot_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
+    let mut out: Vec<&Endpoint> = endpoints.iter().filter(|e| e.ready).collect();
+    if out.is_empty() {
+        out = endpoints.iter().filter(|e| e.serving && e.terminating).collect();
+    }
+    let mut seen = std::collections::HashSet::new();
+    out.retain(|e| seen.insert((e.addr, e.port)));
+    out
+}
+
 /// New slot order: ids that stay keep their positions, new ids fill freed positions, and
 /// the tail moves into holes when the list shrinks.
 fn place(old: &[u32], chosen: &[u32]) -> Vec<u32> {

@@ -130,7 +130,8 @@ struct AgentArgs {
     #[arg(long, default_value = "127.0.0.1:10255")]
     metrics_addr: String,
     /// How pods reach Services: `ebpf` (tc programs on every pod interface translate
-    /// service addresses, with their own connection tracking) or `none`.
+    /// service addresses, with their own connection tracking; falls back to nftables when
+    /// the programs cannot be loaded), `nftables` (kube-proxy's nftables layout) or `none`.
     #[arg(long, default_value = "ebpf")]
     proxy_mode: shoal_agent::node::ProxyMode,
     /// bpffs directory where the service proxy pins its maps (kept across agent restarts,

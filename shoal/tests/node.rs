@@ -668,7 +668,22 @@ spec:
 
 #[test]
 fn pods_reach_services_through_the_ebpf_proxy() {
-    let OneNode { dir: _dir, server: _server, agent, k, node: _node } = OneNode::start("svc", &[], true);
+    services_on_one_node("svc", &[], true);
+}
+
+#[test]
+fn pods_reach_services_through_the_nftables_proxy() {
+    services_on_one_node("svcnft", &["--proxy-mode", "nftables"], false);
+}
+
+fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
+    let OneNode { dir: _dir, server: _server, agent, k, node: _node } = OneNode::start(prefix, flags, true);
+    // a default route, as a real node has: nftables rejects a service without endpoints in
+    // the forward hook, which a packet reaches only once it is routed (this kernel has no
+    // dummy device: a veth pair with nothing behind it)
+    for cmd in [&["link", "add", "gw0", "type", "veth", "peer", "name", "gw1"][..], &["link", "set", "gw0", "up"], &["route", "add", "default", "dev", "gw0"]] {
+        assert!(Command::new("ip").args(cmd).status().unwrap().success(), "ip {cmd:?}");
+    }
     k.apply(SERVED);
     k.ok(&["expose", "deployment", "web", "--port", "80", "--target-port", "http"]);
     k.ok(&["create", "service", "clusterip", "nothing", "--tcp", "80:8080"]);
@@ -678,6 +693,7 @@ fn pods_reach_services_through_the_ebpf_proxy() {
     let pods = k.ok(&["get", "pods", "-l", "app=web", "-o", "jsonpath={.items[*].metadata.name}"]);
     let pods: Vec<&str> = pods.split_whitespace().collect();
     // the node's maps, as an operator reads them
+    if bpf {
     let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "-o", "json", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("services").output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -688,6 +704,7 @@ fn pods_reach_services_through_the_ebpf_proxy() {
     let missing = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "dataplane", "--bpf-dir", "/sys/fs/bpf/no-such-dir", "services"]).output().unwrap();
     assert_eq!(missing.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no service proxy maps in /sys/fs/bpf/no-such-dir"));
+    }
     // 30 connections from the client pod to the ClusterIP reach both backends (busybox's
     // nc: its wget crashes in the static Debian build)
     let get = |ip: &str, n: u32| format!("for i in $(seq {n}); do printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 80 | tail -n 1 || echo FAILED; done");
@@ -718,5 +735,7 @@ fn pods_reach_services_through_the_ebpf_proxy() {
     let m = String::from_utf8_lossy(&m.stdout);
     let value = |name: &str| m.lines().find(|l| l.starts_with(name)).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok()).unwrap_or(-1.0);
     assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
-    assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
+    if bpf {
+        assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
+    }
 }
