@@ -113,9 +113,26 @@ static __always_inline struct ct_entry *reverse_entry(const struct tuple *t, __u
 }
 
 /* Chooses a backend for a new flow of the service whose master entry is `svc`. */
-static __always_inline struct backend *choose(struct svc_key *sk, const struct svc_value *svc,
-					      __be32 client, __u64 now, __u32 *backend_id)
+/* A hash of the flow's tuple (murmur3's finalizer over its words): the same on every
+ * node, so that Maglev sends a flow to the same backend wherever it arrives. */
+static __always_inline __u32 flow_hash(const struct tuple *t)
 {
+	__u32 h = t->saddr * 0x9e3779b1u;
+	h ^= t->daddr + 0x7f4a7c15u + (h << 6) + (h >> 2);
+	h ^= (((__u32)t->sport << 16) | t->dport) + 0x7f4a7c15u + (h << 6) + (h >> 2);
+	h ^= t->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline struct backend *choose(struct svc_key *sk, const struct svc_value *svc,
+					      const struct tuple *t, __u64 now, __u32 *backend_id)
+{
+	__be32 client = t->saddr;
 	__u32 now_s = now / NSEC;
 	struct affinity_key ak = { .svc_id = svc->svc_id, .client = client };
 	if (svc->affinity_timeout) {
@@ -130,11 +147,20 @@ static __always_inline struct backend *choose(struct svc_key *sk, const struct s
 			}
 		}
 	}
-	sk->slot = (bpf_get_prandom_u32() % svc->count) + 1;
-	struct svc_value *slot = bpf_map_lookup_elem(&shoal_services, sk);
-	if (!slot)
-		return NULL;
-	__u32 id = slot->backend_id;
+	__u32 id;
+	if (svc->flags & SVC_F_MAGLEV) {
+		__u32 at = svc->backend_id * MAGLEV_M + flow_hash(t) % MAGLEV_M;
+		__u32 *entry = bpf_map_lookup_elem(&shoal_maglev, &at);
+		if (!entry)
+			return NULL;
+		id = *entry;
+	} else {
+		sk->slot = (bpf_get_prandom_u32() % svc->count) + 1;
+		struct svc_value *slot = bpf_map_lookup_elem(&shoal_services, sk);
+		if (!slot)
+			return NULL;
+		id = slot->backend_id;
+	}
 	struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
 	if (!b)
 		return NULL;
@@ -184,7 +210,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 		return reject(skb, t);
 	}
 	__u32 backend_id = 0;
-	struct backend *b = choose(&sk, svc, t->saddr, now, &backend_id);
+	struct backend *b = choose(&sk, svc, t, now, &backend_id);
 	if (!b) {
 		stat_inc(STAT_NO_SLOT);
 		return TC_ACT_SHOT;

@@ -24,9 +24,15 @@ struct svc_key {
 #define SVC_F_NODEPORT 0x1 /* the frontend is a node address (NodePort) */
 #define SVC_F_EXTERNAL 0x2 /* ExternalIP or LoadBalancer address */
 #define SVC_F_LOCAL 0x4    /* external traffic keeps to local endpoints: no source NAT */
+#define SVC_F_MAGLEV 0x8   /* backends by Maglev table; slot 0's backend_id is the table */
+
+/* Maglev: each table has MAGLEV_M entries (a prime) in shoal_maglev, table t at
+ * [t * MAGLEV_M, (t + 1) * MAGLEV_M), each entry a backend id. */
+#define MAGLEV_M 1021
+#define MAGLEV_TABLES 512
 
 struct svc_value {
-	__u32 backend_id;       /* slot > 0: the backend in this slot */
+	__u32 backend_id;       /* slot > 0: the backend in this slot; slot 0: Maglev table */
 	__u32 svc_id;           /* the service port this frontend belongs to */
 	__u16 count;            /* slot 0: number of backend slots; 0 = reject */
 	__u16 flags;            /* SVC_F_* */

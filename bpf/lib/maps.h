@@ -27,6 +27,14 @@ struct {
 } shoal_backends SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, MAGLEV_M * MAGLEV_TABLES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} shoal_maglev SEC(".maps");
+
+struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);

@@ -48,6 +48,10 @@ pub fn addr_of(be: u32) -> Ipv4Addr {
 pub const SVC_F_NODEPORT: u16 = 0x1;
 pub const SVC_F_EXTERNAL: u16 = 0x2;
 pub const SVC_F_LOCAL: u16 = 0x4;
+pub const SVC_F_MAGLEV: u16 = 0x8;
+/// Entries of one Maglev table (a prime) and how many tables `shoal_maglev` holds.
+pub const MAGLEV_M: u32 = 1021;
+pub const MAGLEV_TABLES: u32 = 512;
 pub const BACKEND_F_TERMINATING: u8 = 0x1;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REVERSE: u8 = 1;

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
-use aya::maps::{HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::{Link, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
@@ -73,6 +73,7 @@ pub struct Dataplane {
     backends: BpfHashMap<MapData, u32, Backend>,
     ct: BpfHashMap<MapData, CtKey, CtEntry>,
     stats: PerCpuArray<MapData, u64>,
+    maglev: Array<MapData, u32>,
     pin_dir: PathBuf,
 }
 
@@ -83,6 +84,7 @@ const MAPS: &[(&str, usize, usize)] = &[
     ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>()),
     ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>()),
     ("shoal_stats", size_of::<u32>(), size_of::<u64>()),
+    ("shoal_maglev", size_of::<u32>(), size_of::<u32>()),
 ];
 
 impl Dataplane {
@@ -113,7 +115,8 @@ impl Dataplane {
         let backends = BpfHashMap::try_from(take(&mut ebpf, "shoal_backends")).map_err(|e| Error::Map("shoal_backends", e))?;
         let ct = BpfHashMap::try_from(take(&mut ebpf, "shoal_ct")).map_err(|e| Error::Map("shoal_ct", e))?;
         let stats = PerCpuArray::try_from(take(&mut ebpf, "shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
-        Ok(Dataplane { ebpf, services, backends, ct, stats, pin_dir: config.pin_dir.clone() })
+        let maglev = Array::try_from(take(&mut ebpf, "shoal_maglev")).map_err(|e| Error::Map("shoal_maglev", e))?;
+        Ok(Dataplane { ebpf, services, backends, ct, stats, maglev, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -163,7 +166,7 @@ impl Dataplane {
 
     /// The writer `table::Table::sync` uses.
     pub fn maps(&mut self) -> Maps<'_> {
-        Maps { services: &mut self.services, backends: &mut self.backends }
+        Maps { services: &mut self.services, backends: &mut self.backends, maglev: &mut self.maglev }
     }
 
     /// Every service map entry (for restoring a table and for listings).
@@ -256,6 +259,7 @@ impl Pinned {
 pub struct Maps<'a> {
     services: &'a mut BpfHashMap<MapData, SvcKey, SvcValue>,
     backends: &'a mut BpfHashMap<MapData, u32, Backend>,
+    maglev: &'a mut Array<MapData, u32>,
 }
 
 fn map_err(name: &'static str, max: u32, e: MapError) -> Error {
@@ -287,6 +291,12 @@ impl table::Maps for Maps<'_> {
     }
     fn del_backend(&mut self, id: u32) -> Result<(), Error> {
         removed("shoal_backends", self.backends.remove(&id))
+    }
+    fn put_maglev(&mut self, index: u32, backend_id: u32) -> Result<(), Error> {
+        self.maglev.set(index, backend_id, 0).map_err(|e| Error::Map("shoal_maglev", e))
+    }
+    fn maglev_full(&self) -> Error {
+        Error::Full("shoal_maglev", crate::abi::MAGLEV_TABLES)
     }
 }
 

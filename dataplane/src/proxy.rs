@@ -66,6 +66,8 @@ pub fn ports_of(svc: &Value, slices: &[&Value], node: &NodeView) -> Vec<(String,
     let node_ports = matches!(spec["type"].as_str(), Some("NodePort") | Some("LoadBalancer"));
     let affinity = if spec["sessionAffinity"] == "ClientIP" { spec.pointer("/sessionAffinityConfig/clientIP/timeoutSeconds").and_then(Value::as_u64).unwrap_or(10800) as u32 } else { 0 };
     let internal_local = spec["internalTrafficPolicy"] == "Local";
+    // as Cilium's service.cilium.io/lb-algorithm
+    let maglev = svc.pointer("/metadata/annotations/service.shoal.io~1lb-algorithm").and_then(Value::as_str) == Some("maglev");
     let external_local = spec["externalTrafficPolicy"] == "Local";
     let mut out = Vec::new();
     for p in spec["ports"].as_array().into_iter().flatten() {
@@ -98,7 +100,7 @@ pub fn ports_of(svc: &Value, slices: &[&Value], node: &NodeView) -> Vec<(String,
             }
         }
         let base = format!("{ns}/{name}:{port}/{}", proto.name());
-        let make = |frontends: Vec<Frontend>, local_only: bool| ServicePort { proto, frontends, endpoints: pick(local_only), affinity_timeout: affinity, external_local };
+        let make = |frontends: Vec<Frontend>, local_only: bool| ServicePort { proto, frontends, endpoints: pick(local_only), affinity_timeout: affinity, external_local, maglev };
         if internal_local == external_local || external.is_empty() || cluster.is_empty() {
             let local = if cluster.is_empty() { external_local } else { internal_local };
             let mut all = cluster;
@@ -523,6 +525,10 @@ mod tests {
         assert_eq!(http.frontends, vec![Frontend { addr: "10.96.0.10".parse().unwrap(), port: 80, flags: 0 }]);
         let eps: Vec<(String, u16, bool, bool)> = http.endpoints.iter().map(|e| (e.addr.to_string(), e.port, e.ready, e.terminating)).collect();
         assert_eq!(eps, vec![("10.0.1.2".into(), 8080, true, false), ("10.0.2.2".into(), 8080, false, true), ("10.0.3.2".into(), 8080, true, false)]);
+        assert!(!http.maglev);
+        let mut annotated = svc.clone();
+        annotated["metadata"]["annotations"] = json!({"service.shoal.io/lb-algorithm": "maglev"});
+        assert!(ports_of(&annotated, &[&s], &node()).iter().all(|(_, p)| p.maglev));
         // the UDP port has no slice port of its name: no endpoints, so it rejects
         assert_eq!(ports[1].0, "default/web:53/UDP");
         assert!(ports[1].1.endpoints.is_empty());

@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT};
+use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING, MAGLEV_M, MAGLEV_TABLES, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
 
 /// One address and port a service port answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -50,6 +50,9 @@ pub struct ServicePort {
     /// The external frontends (NodePorts, ExternalIPs, LoadBalancer IPs) keep to local
     /// endpoints (externalTrafficPolicy Local): traffic from outside keeps its source.
     pub external_local: bool,
+    /// New flows choose by Maglev consistent hashing of their tuple (the same backend on
+    /// every node, few flows moved when backends change) instead of at random.
+    pub maglev: bool,
 }
 
 /// Writes to the maps; the real implementation is `loader::Maps`, tests use a model.
@@ -59,6 +62,10 @@ pub trait Maps {
     fn del_service(&mut self, key: &SvcKey) -> Result<(), Self::Error>;
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Self::Error>;
     fn del_backend(&mut self, id: u32) -> Result<(), Self::Error>;
+    /// Entry `index` of the Maglev tables (table t holds [t * M, (t + 1) * M)).
+    fn put_maglev(&mut self, index: u32, backend_id: u32) -> Result<(), Self::Error>;
+    /// A Maglev table is full (all MAGLEV_TABLES in use).
+    fn maglev_full(&self) -> Self::Error;
 }
 
 /// Map writes one sync made.
@@ -113,6 +120,8 @@ struct Installed {
     backends: HashMap<(Ipv4Addr, u16), (u32, Backend)>,
     /// A write failed part-way: the next sync rewrites everything of this port.
     dirty: bool,
+    /// Its Maglev table and the backend ids it holds (empty: unknown, rewrite all).
+    maglev: Option<(u32, Vec<u32>)>,
 }
 
 /// The service ports installed in the maps, by name.
@@ -123,6 +132,7 @@ pub struct Table {
     orphans: Vec<Installed>,
     svc_ids: Ids,
     backend_ids: Ids,
+    maglev_ids: Ids,
 }
 
 impl Table {
@@ -145,7 +155,10 @@ impl Table {
             if key.slot == 0 {
                 port.proto = key.protocol();
                 port.affinity_timeout = value.affinity_timeout;
-                port.frontends.push(Frontend { addr: key.ip(), port: key.host_port(), flags: value.flags });
+                if value.flags & SVC_F_MAGLEV != 0 {
+                    port.maglev = Some((value.backend_id, Vec::new()));
+                }
+                port.frontends.push(Frontend { addr: key.ip(), port: key.host_port(), flags: value.flags & !SVC_F_MAGLEV });
             } else {
                 slots.entry((value.svc_id, master)).or_default().push((key.slot, value.backend_id));
             }
@@ -173,6 +186,7 @@ impl Table {
             table.orphans.push(port);
         }
         table.svc_ids.restore(table.orphans.iter().map(|p| p.svc_id));
+        table.maglev_ids.restore(table.orphans.iter().filter_map(|p| p.maglev.as_ref().map(|(t, _)| t + 1)));
         // backend ids that no restored port names are released (their entries are stale)
         table.backend_ids.restore(used_backends);
         table
@@ -257,6 +271,9 @@ impl Table {
             self.backend_ids.release(*id);
         }
         self.svc_ids.release(cur.svc_id);
+        if let Some((t, _)) = cur.maglev {
+            self.maglev_ids.release(t + 1);
+        }
         Ok(())
     }
 
@@ -317,7 +334,39 @@ impl Table {
                 }
             }
         }
-        let master = SvcValue { backend_id: 0, svc_id: cur.svc_id, count: new_slots.len() as u16, flags: 0, affinity_timeout: want.affinity_timeout };
+        // the Maglev table, before the masters that point at it: only entries that change
+        // are written (a backend added to ten moves about a tenth of them)
+        let was_maglev = cur.maglev.as_ref().map(|(t, _)| *t);
+        if want.maglev && !new_slots.is_empty() {
+            let (t, old) = match cur.maglev.take() {
+                Some(m) => m,
+                None => {
+                    let t = self.maglev_ids.take();
+                    if t > MAGLEV_TABLES {
+                        self.maglev_ids.release(t);
+                        return Err(maps.maglev_full());
+                    }
+                    (t - 1, Vec::new())
+                }
+            };
+            let mut named: Vec<(String, u32)> = new_slots.iter().map(|id| {
+                let b = cur.backends.values().find(|(bid, _)| bid == id).map(|(_, b)| *b).unwrap_or_default();
+                (format!("{}:{}", b.ip(), b.host_port()), *id)
+            }).collect();
+            named.sort();
+            let entries = maglev_table(&named, MAGLEV_M as usize);
+            for (i, id) in entries.iter().enumerate() {
+                if dirty || old.get(i) != Some(id) {
+                    maps.put_maglev(t * MAGLEV_M + i as u32, *id)?;
+                    writes.puts += 1;
+                }
+            }
+            cur.maglev = Some((t, entries));
+        } else if let Some((t, _)) = cur.maglev.take() {
+            self.maglev_ids.release(t + 1);
+        }
+        let maglev_now = cur.maglev.as_ref().map(|(t, _)| *t);
+        let master = SvcValue { backend_id: maglev_now.unwrap_or(0), svc_id: cur.svc_id, count: new_slots.len() as u16, flags: if maglev_now.is_some() { SVC_F_MAGLEV } else { 0 }, affinity_timeout: want.affinity_timeout };
         for f in &frontends {
             let existed = !proto_changed && cur.frontends.iter().any(|c| c.addr == f.addr && c.port == f.port);
             let key = SvcKey::new(f.addr, f.port, proto, 0);
@@ -332,8 +381,8 @@ impl Table {
             }
             let old_flags = cur.frontends.iter().find(|c| c.addr == f.addr && c.port == f.port).map(|c| c.flags);
             let f = &Frontend { flags: f.flags | if want.external_local && f.flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL) != 0 { SVC_F_LOCAL } else { 0 }, ..*f };
-            if rewrite_all || new_slots.len() != cur.slots.len() || want.affinity_timeout != cur.affinity_timeout || old_flags != Some(f.flags) {
-                maps.put_service(&key, &SvcValue { flags: f.flags, ..master })?;
+            if rewrite_all || new_slots.len() != cur.slots.len() || want.affinity_timeout != cur.affinity_timeout || old_flags != Some(f.flags) || was_maglev != maglev_now {
+                maps.put_service(&key, &SvcValue { flags: f.flags | master.flags, ..master })?;
                 writes.puts += 1;
             }
             if existed {
@@ -358,6 +407,47 @@ impl Table {
         cur.dirty = false;
         Ok(())
     }
+}
+
+/// A Maglev lookup table of `m` entries (m prime) over `backends` (name, id), sorted by
+/// name: each backend fills the table along its own permutation (offset and skip from
+/// hashes of its name) in turn, so every node computes the same table from the same
+/// backends, each gets m/n entries give or take one, and adding or removing one backend
+/// moves only about 1/n of the entries (Eisenbud et al., NSDI 2016).
+pub fn maglev_table(backends: &[(String, u32)], m: usize) -> Vec<u32> {
+    fn fnv(s: &str, seed: u64) -> u64 {
+        let mut h = 0xcbf29ce484222325u64 ^ seed;
+        for b in s.bytes() {
+            h ^= b as u64;
+            h = h.wrapping_mul(0x100000001b3);
+        }
+        h ^ (h >> 29)
+    }
+    let n = backends.len();
+    if n == 0 {
+        return Vec::new();
+    }
+    let perms: Vec<(u64, u64)> = backends.iter().map(|(name, _)| (fnv(name, 0) % m as u64, fnv(name, 0x9e3779b97f4a7c15) % (m as u64 - 1) + 1)).collect();
+    let mut next = vec![0u64; n];
+    let mut entry = vec![u32::MAX; m];
+    let mut filled = 0;
+    'fill: loop {
+        for i in 0..n {
+            let (offset, skip) = perms[i];
+            let mut c = ((offset + next[i] * skip) % m as u64) as usize;
+            while entry[c] != u32::MAX {
+                next[i] += 1;
+                c = ((offset + next[i] * skip) % m as u64) as usize;
+            }
+            entry[c] = backends[i].1;
+            next[i] += 1;
+            filled += 1;
+            if filled == m {
+                break 'fill;
+            }
+        }
+    }
+    entry
 }
 
 /// The endpoints that get traffic: the ready ones, else the serving terminating ones (as
@@ -414,6 +504,7 @@ mod tests {
     struct Model {
         services: HashMap<SvcKey, SvcValue>,
         backends: HashMap<u32, Backend>,
+        maglev: HashMap<u32, u32>,
         fail_after: Option<usize>,
         writes: usize,
     }
@@ -465,6 +556,14 @@ mod tests {
             self.backends.remove(&id);
             Ok(())
         }
+        fn put_maglev(&mut self, index: u32, backend_id: u32) -> Result<(), String> {
+            self.step()?;
+            self.maglev.insert(index, backend_id);
+            Ok(())
+        }
+        fn maglev_full(&self) -> String {
+            "maglev tables full".into()
+        }
     }
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -476,7 +575,7 @@ mod tests {
     }
 
     fn port(endpoints: Vec<Endpoint>) -> ServicePort {
-        ServicePort { proto: Proto::Tcp, frontends: vec![Frontend { addr: ip("10.96.0.10"), port: 80, flags: 0 }], endpoints, affinity_timeout: 0, external_local: false }
+        ServicePort { proto: Proto::Tcp, frontends: vec![Frontend { addr: ip("10.96.0.10"), port: 80, flags: 0 }], endpoints, affinity_timeout: 0, external_local: false, maglev: false }
     }
 
     fn pods(n: usize) -> Vec<Endpoint> {
@@ -594,6 +693,50 @@ mod tests {
         restored.sync("c", Some(&ServicePort { frontends: vec![Frontend { addr: ip("10.96.0.13"), port: 80, flags: 0 }], ..port(pods(1)) }), &mut maps).unwrap();
         let ids: std::collections::HashSet<u32> = ["a", "b", "c"].iter().map(|n| restored.svc_id(n).unwrap()).collect();
         assert_eq!(ids.len(), 3);
+    }
+
+    #[test]
+    fn maglev_tables_are_balanced_stable_and_move_few_entries() {
+        let names = |n: usize| (0..n).map(|i| (format!("10.0.{i}.2:8080"), i as u32 + 1)).collect::<Vec<_>>();
+        let t3 = maglev_table(&names(3), 1021);
+        assert_eq!(t3.len(), 1021);
+        for id in 1..=3 {
+            let n = t3.iter().filter(|x| **x == id).count();
+            assert!((340..=341).contains(&n), "backend {id} has {n} of 1021 entries");
+        }
+        // the same backends given in any order make the same table (every node agrees)
+        let mut rev = names(3);
+        rev.reverse();
+        rev.sort();
+        assert_eq!(maglev_table(&rev, 1021), t3);
+        // a fourth backend takes a quarter; few other entries move between the old ones
+        // (Maglev trades a little disruption for balance)
+        let t4 = maglev_table(&names(4), 1021);
+        let moved: Vec<usize> = (0..1021).filter(|i| t3[*i] != t4[*i]).collect();
+        let to_new = moved.iter().filter(|i| t4[**i] == 4).count();
+        assert!((250..=256).contains(&to_new), "{to_new} entries went to the new backend");
+        assert!(moved.len() - to_new <= 60, "{} entries moved between old backends", moved.len() - to_new);
+    }
+
+    #[test]
+    fn a_maglev_port_writes_its_table_once_and_then_only_what_changes() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        let mut p = port(pods(3));
+        p.maglev = true;
+        let w = table.sync("s", Some(&p), &mut maps).unwrap();
+        assert_eq!(w.puts, 3 + 3 + 1 + 1021);
+        let master = maps.services[&SvcKey::new(ip("10.96.0.10"), 80, Proto::Tcp, 0)];
+        assert_eq!(master.flags & SVC_F_MAGLEV, SVC_F_MAGLEV);
+        p.endpoints = pods(4);
+        let w = table.sync("s", Some(&p), &mut maps).unwrap();
+        assert!(w.puts < 3 + 300, "{w:?}");
+        // the table names only live backends
+        let t = master.backend_id;
+        assert!((0..1021).all(|i| maps.backends.contains_key(&maps.maglev[&(t * 1021 + i)])));
+        // back to random: the table is released
+        p.maglev = false;
+        table.sync("s", Some(&p), &mut maps).unwrap();
+        assert_eq!(maps.services[&SvcKey::new(ip("10.96.0.10"), 80, Proto::Tcp, 0)].flags & SVC_F_MAGLEV, 0);
     }
 
     #[test]

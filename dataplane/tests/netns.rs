@@ -165,6 +165,7 @@ impl Node {
             endpoints: backends.iter().map(|(addr, ready)| Endpoint { addr: *addr, port: target, ready: *ready, serving: *ready, terminating: false }).collect(),
             affinity_timeout: affinity,
             external_local: false,
+            maglev: false,
         };
         if let Some(nft) = self.nft.as_mut() {
             nft.sync(name, Some(&want));
@@ -340,6 +341,7 @@ fn a_flow_keeps_its_backend_while_backends_change_and_across_a_restart() {
             endpoints: want_all.iter().map(|(a, r)| Endpoint { addr: *a, port: 8080, ready: *r, serving: *r, terminating: false }).collect(),
             affinity_timeout: 0,
             external_local: false,
+            maglev: false,
         };
         node.table.sync("default/web:http", Some(&want), &mut dp.maps()).unwrap()
     };
@@ -416,6 +418,7 @@ fn a_node_port_answers_from_outside_the_node() {
             endpoints: [b2, b3].iter().map(|a| Endpoint { addr: *a, port: 8080, ready: true, serving: true, terminating: false }).collect(),
             affinity_timeout: 0,
             external_local: local,
+            maglev: false,
         };
         let dp = node.dp.as_mut().unwrap();
         node.table.sync("default/np:80/TCP", Some(&want), &mut dp.maps()).unwrap();

@@ -40,12 +40,18 @@ impl Loaded {
         self.dp.as_mut().unwrap()
     }
     fn service(&mut self, name: &str, vip: &str, port: u16, proto: Proto, backends: &[(&str, u16)], affinity: u32) {
+        self.service_by(name, vip, port, proto, backends, affinity, false);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn service_by(&mut self, name: &str, vip: &str, port: u16, proto: Proto, backends: &[(&str, u16)], affinity: u32, maglev: bool) {
         let want = ServicePort {
             proto,
             frontends: vec![Frontend { addr: ip(vip), port, flags: 0 }],
             endpoints: backends.iter().map(|(a, p)| Endpoint { addr: ip(a), port: *p, ready: true, serving: true, terminating: false }).collect(),
             affinity_timeout: affinity,
             external_local: false,
+            maglev,
         };
         let dp = self.dp.as_mut().unwrap();
         self.table.sync(name, Some(&want), &mut dp.maps()).unwrap();
@@ -335,4 +341,27 @@ fn packets_the_programs_do_not_handle_pass_untouched() {
     assert_eq!(l.run("from_pod", &arp), (TC_ACT_OK, arp.clone()));
     let short = packet(TCP, ("10.0.0.2", 40000), ("10.96.0.10", 80), SYN, &[])[..40].to_vec();
     assert_eq!(l.run("from_pod", &short).0, TC_ACT_OK);
+}
+
+#[test]
+fn maglev_sends_a_flow_to_the_same_backend_on_every_node() {
+    let backends = [("10.0.1.2", 8080), ("10.0.1.3", 8080), ("10.0.1.4", 8080), ("10.0.1.5", 8080)];
+    // two nodes: the second learned of the backends in another order (other ids)
+    let mut a = Loaded::new();
+    a.service("default/other:http", "10.96.0.99", 80, Proto::Tcp, &[("10.0.9.9", 1)], 0);
+    a.service_by("default/web:http", "10.96.0.10", 80, Proto::Tcp, &backends, 0, true);
+    let mut b = Loaded::new();
+    let mut reversed = backends;
+    reversed.reverse();
+    b.service_by("default/web:http", "10.96.0.10", 80, Proto::Tcp, &reversed, 0, true);
+    let mut per: HashMap<Ipv4Addr, u32> = HashMap::new();
+    for port in 40000..40400u16 {
+        let syn = packet(TCP, ("10.0.0.2", port), ("10.96.0.10", 80), SYN, &[]);
+        let on_a = tuple(&a.run("from_pod", &syn).1).1;
+        let on_b = tuple(&b.run("from_pod", &syn).1).1;
+        assert_eq!(on_a, on_b, "flow from port {port}");
+        *per.entry(on_a.0).or_default() += 1;
+    }
+    assert_eq!(per.len(), 4, "{per:?}");
+    assert!(per.values().all(|n| *n >= 60), "400 flows over 4 backends: {per:?}");
 }

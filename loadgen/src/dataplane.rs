@@ -217,6 +217,7 @@ fn service_port(i: usize, endpoints: usize) -> ServicePort {
         endpoints: (0..endpoints).map(|j| Endpoint { addr: backend(j), port: SERVER_PORT, ready: true, serving: true, terminating: false }).collect(),
         affinity_timeout: 0,
         external_local: false,
+        maglev: false,
     }
 }
 

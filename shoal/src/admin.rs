@@ -193,7 +193,7 @@ pub async fn run(a: AdminArgs) -> Result<String, Failure> {
 }
 
 fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<String, Failure> {
-    use shoal_dataplane::abi::{addr_of, Proto, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_HAIRPIN, CT_F_SNAT, CT_REVERSE, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_NODEPORT};
+    use shoal_dataplane::abi::{addr_of, Proto, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_HAIRPIN, CT_F_SNAT, CT_REVERSE, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
     if !dir.join("shoal_services").exists() {
         return Err(Failure(3, format!("no service proxy maps in {} (is `shoal agent` running here with --bpf-dir {}? are you root?)", dir.display(), dir.display())));
     }
@@ -208,7 +208,7 @@ fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<S
             let mut rows: Vec<Value> = Vec::new();
             for (k, v) in entries.iter().filter(|(k, _)| k.slot == 0) {
                 let mut kind = vec![];
-                for (f, n) in [(SVC_F_NODEPORT, "NodePort"), (SVC_F_EXTERNAL, "External"), (SVC_F_LOCAL, "Local")] {
+                for (f, n) in [(SVC_F_NODEPORT, "NodePort"), (SVC_F_EXTERNAL, "External"), (SVC_F_LOCAL, "Local"), (SVC_F_MAGLEV, "Maglev")] {
                     if v.flags & f != 0 {
                         kind.push(n);
                     }
