@@ -69,9 +69,8 @@ pub enum Error {
 /// The loaded programs and their maps.
 pub struct Dataplane {
     ebpf: Ebpf,
-    services: BpfHashMap<MapData, SvcKey, SvcValue>,
-    backends: BpfHashMap<MapData, u32, Backend>,
-    ct: BpfHashMap<MapData, CtKey, CtEntry>,
+    /// The services, backends and conntrack maps (listings read them as `Pinned` does).
+    maps: Pinned,
     stats: PerCpuArray<MapData, u64>,
     maglev: Array<MapData, u32>,
     pin_dir: PathBuf,
@@ -114,9 +113,10 @@ impl Dataplane {
         let services = BpfHashMap::try_from(take(&mut ebpf, "shoal_services")).map_err(|e| Error::Map("shoal_services", e))?;
         let backends = BpfHashMap::try_from(take(&mut ebpf, "shoal_backends")).map_err(|e| Error::Map("shoal_backends", e))?;
         let ct = BpfHashMap::try_from(take(&mut ebpf, "shoal_ct")).map_err(|e| Error::Map("shoal_ct", e))?;
+        let maps = Pinned { services, backends, ct };
         let stats = PerCpuArray::try_from(take(&mut ebpf, "shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
         let maglev = Array::try_from(take(&mut ebpf, "shoal_maglev")).map_err(|e| Error::Map("shoal_maglev", e))?;
-        Ok(Dataplane { ebpf, services, backends, ct, stats, maglev, pin_dir: config.pin_dir.clone() })
+        Ok(Dataplane { ebpf, maps, stats, maglev, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -166,20 +166,20 @@ impl Dataplane {
 
     /// The writer `table::Table::sync` uses.
     pub fn maps(&mut self) -> Maps<'_> {
-        Maps { services: &mut self.services, backends: &mut self.backends, maglev: &mut self.maglev }
+        Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev }
     }
 
     /// Every service map entry (for restoring a table and for listings).
     pub fn services(&self) -> Vec<(SvcKey, SvcValue)> {
-        self.services.iter().filter_map(Result::ok).collect()
+        self.maps.services()
     }
 
     pub fn backends(&self) -> Vec<(u32, Backend)> {
-        self.backends.iter().filter_map(Result::ok).collect()
+        self.maps.backends()
     }
 
     pub fn conntrack(&self) -> Vec<(CtKey, CtEntry)> {
-        self.ct.iter().filter_map(Result::ok).collect()
+        self.maps.conntrack()
     }
 
     /// A table rebuilt from the pinned maps, with stale backend entries deleted.
@@ -187,7 +187,7 @@ impl Dataplane {
         let backends = self.backends();
         let table = table::Table::restore(self.services(), backends.iter().copied());
         for id in table.stale_backends(backends.iter().map(|(id, _)| *id)) {
-            let _ = self.backends.remove(&id);
+            let _ = self.maps.backends.remove(&id);
         }
         Ok(table)
     }
