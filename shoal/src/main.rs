@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand, ValueEnum};
 
 mod admin;
+mod up;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -27,6 +28,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Start a whole cluster on this machine (as root): `shoal server` and a `shoal agent`
+    /// node with runc and the eBPF service proxy, a kubeconfig in DATA_DIR/kubeconfig.
+    /// Ctrl-C stops it; running it again on the same data directory resumes it.
+    Up(up::UpArgs),
     /// Run a control-plane server: a store member serving the etcd v3 API (KV, Watch,
     /// Lease, Cluster, Maintenance) and the Kubernetes API over HTTPS. With no
     /// --initial-cluster the store is a single-member cluster.
@@ -359,6 +364,7 @@ fn main() {
         .init();
     let res = match cli.cmd {
         Command::Server(a) => server(a),
+        Command::Up(a) => up::run(a),
         Command::Agent(a) => agent(a),
         Command::Image(a) => image(a),
         Command::Shim(a) => std::process::exit(shoal_agent::shim::run(shoal_agent::shim::ShimArgs { id: a.id, bundle: a.bundle, root: a.root, runc: a.runc, log: a.log_file, log_max_bytes: a.log_max_bytes, log_max_files: a.log_max_files })),

@@ -123,25 +123,35 @@ impl Drop for AgentProc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        for id in self.runc_ids() {
-            let _ = Command::new("runc").arg("--root").arg(self.data.join("run/state")).args(["delete", "--force", &id]).status();
-        }
-        for e in std::fs::read_dir(self.data.join("run/containers")).into_iter().flatten().flatten() {
-            let _ = Command::new("umount").arg("-l").arg(e.path().join("rootfs")).stderr(Stdio::null()).status();
-        }
-        for e in std::fs::read_dir(self.data.join("run/sandboxes")).into_iter().flatten().flatten() {
-            let ns = format!("shoal-{}", e.file_name().to_string_lossy());
-            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
-        }
-        for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
-            let _ = std::fs::remove_dir(e.path().join("shoal").join(&self.node));
-        }
-        let pins = bpf_dir(&self.node);
-        for e in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
-            let _ = std::fs::remove_file(e.path());
-        }
-        let _ = std::fs::remove_dir(pins);
+        clean_node(&self.data, &self.node);
     }
+}
+
+/// Removes what a node left behind: its containers, mounts, pod namespaces, cgroups and
+/// pinned BPF maps (pods outlive their agent by design).
+fn clean_node(data: &Path, node: &str) {
+    let runc_ids = || {
+        let o = Command::new("runc").arg("--root").arg(data.join("run/state")).args(["list", "-q"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().map(str::to_string).collect::<Vec<_>>()
+    };
+    for id in runc_ids() {
+        let _ = Command::new("runc").arg("--root").arg(data.join("run/state")).args(["delete", "--force", &id]).status();
+    }
+    for e in std::fs::read_dir(data.join("run/containers")).into_iter().flatten().flatten() {
+        let _ = Command::new("umount").arg("-l").arg(e.path().join("rootfs")).stderr(Stdio::null()).status();
+    }
+    for e in std::fs::read_dir(data.join("run/sandboxes")).into_iter().flatten().flatten() {
+        let ns = format!("shoal-{}", e.file_name().to_string_lossy());
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+    }
+    for e in std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten() {
+        let _ = std::fs::remove_dir(e.path().join("shoal").join(node));
+    }
+    let pins = bpf_dir(node);
+    for e in std::fs::read_dir(&pins).into_iter().flatten().flatten() {
+        let _ = std::fs::remove_file(e.path());
+    }
+    let _ = std::fs::remove_dir(pins);
 }
 
 fn bpf_dir(node: &str) -> PathBuf {
@@ -738,4 +748,79 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
     if bpf {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
     }
+}
+
+/// Reads a child's stdout lines on a thread of their own.
+fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+#[test]
+fn shoal_up_runs_a_cluster_and_resumes_it() {
+    let kubectl = kubectl_bin();
+    own_netns();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("cluster");
+    let node = format!("up-{}", std::process::id());
+    AgentProc::import(&data.join("node"), &busybox_image(dir.path()));
+    let start = || {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_shoal"))
+            .args(["up", "--data-dir"])
+            .arg(&data)
+            .args(["--node-name", &node, "--agent-arg=--eviction-hard=memory.available<100Mi", &format!("--agent-arg=--bpf-dir={}", bpf_dir(&node).display())])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let lines = lines_of(&mut c);
+        let t = Instant::now();
+        loop {
+            match lines.recv_timeout(Duration::from_secs(1)) {
+                Ok(l) if l.starts_with("Shoal is up") => break,
+                Ok(_) => {}
+                Err(_) => {
+                    let log = std::fs::read_to_string(data.join("node.log")).unwrap_or_default();
+                    assert!(t.elapsed() < Duration::from_secs(150), "shoal up did not come up; node log:\n{}", tail(&log, 30));
+                    assert!(c.try_wait().unwrap().is_none(), "shoal up exited; node log:\n{}", tail(&log, 30));
+                }
+            }
+        }
+        c
+    };
+    let interrupt = |c: &mut Child| {
+        // SAFETY: kill(2) on our own child
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        let t = Instant::now();
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(st.success(), "shoal up exited with {st} after Ctrl-C");
+                return;
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "shoal up did not stop after Ctrl-C");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let mut up = start();
+    let k = K { bin: kubectl, cfg: data.join("kubeconfig") };
+    k.ok(&["run", "bb", "--image=busybox:test", "--restart=Never", "--command", "--", "sh", "-c", "echo hello-from-up; sleep 600"]);
+    k.eventually(&["get", "pod", "bb", "-o", "jsonpath={.status.phase}"], "bb Running", |o| o == "Running");
+    k.eventually(&["logs", "bb"], "bb's output", |o| o.contains("hello-from-up"));
+    assert_eq!(k.ok(&["exec", "bb", "--", "echo", "exec-ok"]).trim(), "exec-ok");
+    interrupt(&mut up);
+    // the same data directory: the same cluster, with its pod
+    let mut up = start();
+    k.eventually(&["get", "pod", "bb", "-o", "jsonpath={.status.phase}"], "bb Running after the restart", |o| o == "Running");
+    assert_eq!(k.ok(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"]).trim(), node);
+    interrupt(&mut up);
+    clean_node(&data.join("node"), &node);
 }
