@@ -107,7 +107,8 @@ static __always_inline struct ct_entry *reverse_entry(const struct tuple *t, __u
 		return e;
 	struct ct_key fk = ct_forward_key(e, t->proto);
 	struct ct_entry *fwd = bpf_map_lookup_elem(&shoal_ct, &fk);
-	if (!fwd || fwd->expires <= now)
+	/* only while the forward entry lives and still points at this backend */
+	if (!fwd || fwd->expires <= now || fwd->nat_addr != t->saddr || fwd->nat_port != t->sport)
 		return NULL;
 	return e;
 }
@@ -140,7 +141,9 @@ static __always_inline struct backend *choose(struct svc_key *sk, const struct s
 		if (a && now_s - a->last_used <= svc->affinity_timeout) {
 			__u32 id = a->backend_id;
 			struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
-			if (b && !(b->flags & BACKEND_F_TERMINATING)) {
+			/* still this endpoint, and one that takes new flows */
+			if (b && b->addr == a->addr && b->port == a->port &&
+			    !(b->flags & BACKEND_F_NO_SLOT)) {
 				a->last_used = now_s;
 				*backend_id = id;
 				return b;
@@ -165,7 +168,9 @@ static __always_inline struct backend *choose(struct svc_key *sk, const struct s
 	if (!b)
 		return NULL;
 	if (svc->affinity_timeout) {
-		struct affinity_value av = { .backend_id = id, .last_used = now_s };
+		struct affinity_value av = {
+			.backend_id = id, .last_used = now_s, .addr = b->addr, .port = b->port
+		};
 		bpf_map_update_elem(&shoal_affinity, &ak, &av, BPF_ANY);
 	}
 	*backend_id = id;

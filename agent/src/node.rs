@@ -89,15 +89,23 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
     let node = shoal_dataplane::NodeView { name: o.node_name.clone(), addresses: o.node_ip.parse().into_iter().collect() };
     let pm = Arc::new(shoal_dataplane::ProxyMetrics::new());
     metrics.register_with(|r| pm.register(r));
+    let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
     if o.proxy_mode == ProxyMode::Ebpf {
+        // rules of an earlier nftables run would translate again what the programs did
+        let _ = shoal_dataplane::nft::run("table ip shoal-proxy\ndelete table ip shoal-proxy\n");
         match shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone())) {
             Ok(p) => {
                 tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
                 // the uplink carries NodePort traffic from outside (a loopback node address has none)
-                let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
                 return Some(shoal_dataplane::ProxyHandle::start(p, "shoal0", uplink.as_deref()));
             }
             Err(e) => tracing::error!(error = %e, "THE eBPF SERVICE PROXY COULD NOT BE LOADED: falling back to nftables (no ClientIP affinity, no NodePorts from outside)"),
+        }
+    }
+    // filters of an earlier eBPF run would keep translating with frozen maps
+    for ifname in shoal_dataplane::proxy::bridge_ports("shoal0").into_iter().chain(uplink) {
+        if shoal_dataplane::loader::detach_filters(&ifname).is_ok() {
+            tracing::info!(interface = %ifname, "removed the eBPF service filters of an earlier run");
         }
     }
     match shoal_dataplane::nft::Nft::new("shoal-proxy") {

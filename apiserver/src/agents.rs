@@ -776,6 +776,8 @@ impl HubState {
             self.peer_info = nodes.iter().filter_map(|e| Some((e.name().to_string(), peer_of(e)?))).collect();
             self.rebuilding = false;
             self.pending.clear();
+            // changes queued before the rebuild are older than the snapshots it sends
+            self.pending_services.clear();
             // Every connected agent gets the difference from what it was sent.
             let connected: Vec<String> = self.nodes.iter().filter(|(_, n)| n.conn.is_some()).map(|(k, _)| k.clone()).collect();
             for node in connected {

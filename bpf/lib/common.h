@@ -40,6 +40,7 @@ struct svc_value {
 };
 
 #define BACKEND_F_TERMINATING 0x1 /* serving but terminating: kept for its flows */
+#define BACKEND_F_NO_SLOT 0x2     /* holds no slot (not ready): existing flows only */
 
 struct backend {
 	__be32 addr;
@@ -86,6 +87,9 @@ struct affinity_key {
 struct affinity_value {
 	__u32 backend_id;
 	__u32 last_used; /* seconds (bpf_ktime_get_ns() / 1e9) */
+	__be32 addr;     /* the backend's address and port: an id reused by another */
+	__be16 port;     /* endpoint does not inherit the client */
+	__u16 pad;
 };
 
 /* Counters, one per CPU, summed by user space. */

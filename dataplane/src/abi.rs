@@ -53,6 +53,7 @@ pub const SVC_F_MAGLEV: u16 = 0x8;
 pub const MAGLEV_M: u32 = 1021;
 pub const MAGLEV_TABLES: u32 = 512;
 pub const BACKEND_F_TERMINATING: u8 = 0x1;
+pub const BACKEND_F_NO_SLOT: u8 = 0x2;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REVERSE: u8 = 1;
 pub const CT_F_ESTABLISHED: u16 = 0x1;
@@ -159,6 +160,9 @@ pub struct AffinityKey {
 pub struct AffinityValue {
     pub backend_id: u32,
     pub last_used: u32,
+    pub addr: u32,
+    pub port: u16,
+    pub pad: u16,
 }
 
 // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields, so every
@@ -189,6 +193,6 @@ pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
         layout!("ct_key", CtKey, saddr, daddr, sport, dport, proto, dir, pad),
         layout!("ct_entry", CtEntry, expires, nat_addr, nat_port, flags, orig_addr, orig_port, pad, backend_id, svc_id),
         layout!("affinity_key", AffinityKey, svc_id, client),
-        layout!("affinity_value", AffinityValue, backend_id, last_used),
+        layout!("affinity_value", AffinityValue, backend_id, last_used, addr, port, pad),
     ]
 }

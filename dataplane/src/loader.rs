@@ -157,11 +157,7 @@ impl Dataplane {
 
     /// Removes Shoal's filters from an interface (a deleted interface loses them anyway).
     pub fn detach(&mut self, ifname: &str) -> Result<(), Error> {
-        for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
-            let link = SchedClassifierLink::attached(ifname, kind, TC_PRIORITY, TC_HANDLE, None).map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
-            link.detach().map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
-        }
-        Ok(())
+        detach_filters(ifname)
     }
 
     /// The writer `table::Table::sync` uses.
@@ -222,6 +218,16 @@ impl Dataplane {
             _ => Ok(()),
         }
     }
+}
+
+/// Removes Shoal's tc filters from an interface, loaded or not (a node that falls back to
+/// nftables must not keep translating with the maps of an earlier run).
+pub fn detach_filters(ifname: &str) -> Result<(), Error> {
+    for kind in [TcAttachType::Ingress, TcAttachType::Egress] {
+        let link = SchedClassifierLink::attached(ifname, kind, TC_PRIORITY, TC_HANDLE, None).map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
+        link.detach().map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The maps an agent pinned, opened for listings (`shoal admin dataplane`, like `cilium

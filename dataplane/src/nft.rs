@@ -38,6 +38,9 @@ pub struct Nft {
     free: Vec<u32>,
     /// Commands of the current batch.
     script: String,
+    /// Which port's element each frontend is (and in which map): two Services may name
+    /// the same address and port; the later one takes it.
+    owners: HashMap<(Ipv4Addr, Proto, u16), (String, bool)>,
 }
 
 fn proto(p: Proto) -> &'static str {
@@ -62,6 +65,14 @@ impl Nft {
     /// Creates the table (replacing one left by an earlier run: the first full sync fills
     /// it again).
     pub fn new(table: &str) -> Result<Nft, String> {
+        let mut nft = Nft::fresh(table);
+        nft.commit()?;
+        Ok(nft)
+    }
+
+    /// As `new`, with the table's creation queued in the batch instead of run: a rebuild
+    /// and its services then apply in one transaction.
+    pub fn fresh(table: &str) -> Nft {
         let t = table;
         let base = format!(
             "table ip {t}\ndelete table ip {t}\ntable ip {t} {{
@@ -76,8 +87,7 @@ impl Nft {
   chain filter-input {{ type filter hook input priority 0; policy accept; ip daddr . meta l4proto . th dport vmap @no-endpoints; }}
 }}\n"
         );
-        run(&base)?;
-        Ok(Nft { table: table.to_string(), ports: HashMap::new(), next_id: 0, free: Vec::new(), script: String::new() })
+        Nft { table: table.to_string(), ports: HashMap::new(), next_id: 0, free: Vec::new(), script: base, owners: HashMap::new() }
     }
 
     pub fn table_name(&self) -> &str {
@@ -99,24 +109,31 @@ impl Nft {
         let s = &mut self.script;
         let cur = self.ports.remove(name);
         // frontends that go (or change map) lose their elements first
-        let new_elements: Vec<(Ipv4Addr, Proto, u16, bool)> = match want {
+        let mut new_elements: Vec<(Ipv4Addr, Proto, u16, bool)> = match want {
             Some(w) => {
                 let has = !slot_endpoints(&w.endpoints).is_empty();
                 w.frontends.iter().map(|f| (f.addr, w.proto, f.port, has)).collect()
             }
             None => vec![],
         };
+        new_elements.sort();
+        new_elements.dedup();
+        let map_of = |has: bool| if has { "services" } else { "no-endpoints" };
         if let Some(c) = &cur {
             for e in c.elements.iter().filter(|e| !new_elements.contains(e)) {
-                let map = if e.3 { "services" } else { "no-endpoints" };
-                s.push_str(&format!("delete element ip {t} {map} {{ {} . {} . {} }}\n", e.0, proto(e.1), e.2));
+                // an element another port took over is that port's now
+                if self.owners.get(&(e.0, e.1, e.2)).is_some_and(|(o, _)| o != name) {
+                    continue;
+                }
+                self.owners.remove(&(e.0, e.1, e.2));
+                s.push_str(&format!("delete element ip {t} {} {{ {} . {} . {} }}\n", map_of(e.3), e.0, proto(e.1), e.2));
             }
         }
         let Some(want) = want else {
             if let Some(c) = cur {
                 s.push_str(&format!("flush chain ip {t} svc_{id}\ndelete chain ip {t} svc_{id}\n", id = c.id));
                 for i in 0..c.endpoint_chains {
-                    s.push_str(&format!("delete chain ip {t} ep_{}_{i}\n", c.id));
+                    s.push_str(&format!("flush chain ip {t} ep_{id}_{i}\ndelete chain ip {t} ep_{id}_{i}\n", id = c.id));
                 }
                 self.free.push(c.id);
             }
@@ -142,10 +159,18 @@ impl Nft {
         }
         let old_chains = cur.as_ref().map_or(0, |c| c.endpoint_chains);
         for i in eps.len()..old_chains {
-            s.push_str(&format!("delete chain ip {t} ep_{id}_{i}\n"));
+            s.push_str(&format!("flush chain ip {t} ep_{id}_{i}\ndelete chain ip {t} ep_{id}_{i}\n"));
         }
         let old_elements = cur.map(|c| c.elements).unwrap_or_default();
-        for e in new_elements.iter().filter(|e| !old_elements.contains(e)) {
+        let to_add: Vec<(Ipv4Addr, Proto, u16, bool)> = new_elements.iter().filter(|e| !old_elements.contains(e) || self.owners.get(&(e.0, e.1, e.2)).is_some_and(|(o, _)| o != name)).copied().collect();
+        for e in &to_add {
+            // taking a frontend over from another port: its element goes first (the
+            // kernel refuses a second element with the same key)
+            if let Some((other, has)) = self.owners.get(&(e.0, e.1, e.2)).filter(|(o, _)| o != name) {
+                tracing::warn!(frontend = %format!("{}:{}/{}", e.0, e.2, proto(e.1)), from = %other, to = name, "two services name the same frontend; the later one takes it");
+                s.push_str(&format!("delete element ip {t} {} {{ {} . {} . {} }}\n", map_of(*has), e.0, proto(e.1), e.2));
+            }
+            self.owners.insert((e.0, e.1, e.2), (name.to_string(), e.3));
             if e.3 {
                 s.push_str(&format!("add element ip {t} services {{ {} . {} . {} : goto svc_{id} }}\n", e.0, p, e.2));
             } else {

@@ -364,17 +364,25 @@ impl Proxy {
         }
     }
 
+    /// Syncs again the ports whose writes failed (a full map may have room now).
+    pub fn retry_failed(&mut self) {
+        let Engine::Bpf { table, .. } = &self.engine else { return };
+        let dirty = table.dirty_ports();
+        if dirty.is_empty() {
+            return;
+        }
+        let services: BTreeSet<String> = self.installed.iter().filter(|(_, ports)| ports.iter().any(|p| dirty.contains(p))).map(|(s, _)| s.clone()).collect();
+        for svc in services {
+            self.resync(&svc);
+        }
+    }
+
     /// After a failed nftables batch: a fresh table, every service programmed again.
     fn rebuild_nft(&mut self) {
         let Engine::Nft(nft) = &mut self.engine else { return };
-        let table = nft.table_name().to_string();
-        match Nft::new(&table) {
-            Ok(fresh) => *nft = fresh,
-            Err(e) => {
-                tracing::error!(error = %e, "recreating the nftables table failed");
-                return;
-            }
-        }
+        // the table's recreation and every service in one transaction: no moment without
+        // services
+        *nft = Nft::fresh(&nft.table_name().to_string());
         self.installed.clear();
         let all: Vec<String> = self.services.keys().cloned().collect();
         for svc in all {
@@ -437,8 +445,7 @@ impl ProxyHandle {
                 }
             }
         }
-        let ports: Vec<String> = std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-        for port in ports {
+        for port in bridge_ports(bridge) {
             if let Err(e) = proxy.attach(&port) {
                 proxy.metrics.attach_errors.inc();
                 tracing::error!(interface = %port, error = %e, "attaching the service programs");
@@ -459,7 +466,7 @@ impl ProxyHandle {
                             }
                             let _ = reply.send(r);
                         }
-                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                        Err(mpsc::RecvTimeoutError::Timeout) => proxy.retry_failed(),
                         Err(mpsc::RecvTimeoutError::Disconnected) => return,
                     }
                     let ct = last_ct.elapsed() >= Duration::from_secs(30);
@@ -484,6 +491,11 @@ impl ProxyHandle {
         self.tx.send(Msg::Attach(ifname.to_string(), tx)).map_err(|_| "the service proxy thread is gone".to_string())?;
         rx.recv().map_err(|_| "the service proxy thread is gone".to_string())?
     }
+}
+
+/// The ports of a bridge (the pods' host-side veths).
+pub fn bridge_ports(bridge: &str) -> Vec<String> {
+    std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
 }
 
 /// The interface holding `addr` (the node's uplink), from `ip -o -4 addr`.

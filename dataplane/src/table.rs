@@ -18,7 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::Ipv4Addr;
 
-use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_TERMINATING, MAGLEV_M, MAGLEV_TABLES, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
+use crate::abi::{Backend, Proto, SvcKey, SvcValue, BACKEND_F_NO_SLOT, BACKEND_F_TERMINATING, MAGLEV_M, MAGLEV_TABLES, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
 
 /// One address and port a service port answers on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -122,6 +122,9 @@ struct Installed {
     dirty: bool,
     /// Its Maglev table and the backend ids it holds (empty: unknown, rewrite all).
     maglev: Option<(u32, Vec<u32>)>,
+    /// The highest slot found in the maps at a restore (slots past the count that a
+    /// crash left behind are deleted by the next sync).
+    max_slot: usize,
 }
 
 /// The service ports installed in the maps, by name.
@@ -133,6 +136,10 @@ pub struct Table {
     svc_ids: Ids,
     backend_ids: Ids,
     maglev_ids: Ids,
+    /// Which port last wrote each frontend: two services may name the same address and
+    /// port (one deleted as the other is created); one's removal must not delete the
+    /// other's entries.
+    owners: HashMap<(Ipv4Addr, u16, Proto), String>,
 }
 
 impl Table {
@@ -148,6 +155,8 @@ impl Table {
         let backends: HashMap<u32, Backend> = backends.into_iter().collect();
         let mut by_svc: BTreeMap<u32, Installed> = BTreeMap::new();
         let mut slots: BTreeMap<(u32, SvcKey), Vec<(u16, u32)>> = BTreeMap::new();
+        let services: Vec<(SvcKey, SvcValue)> = services.into_iter().collect();
+        let masters: Vec<(SvcKey, SvcValue)> = services.iter().filter(|(k, _)| k.slot == 0).copied().collect();
         for (key, value) in services {
             let port = by_svc.entry(value.svc_id).or_default();
             port.svc_id = value.svc_id;
@@ -163,12 +172,35 @@ impl Table {
                 slots.entry((value.svc_id, master)).or_default().push((key.slot, value.backend_id));
             }
         }
+        let mut counts: HashMap<u32, Vec<u16>> = HashMap::new();
+        for (key, value) in &masters {
+            let _ = key;
+            counts.entry(value.svc_id).or_default().push(value.count);
+        }
         for ((svc_id, _), mut list) in slots {
-            // every frontend of a port has the same slots; the first one seen is enough
+            // every frontend of a port has the same slots; the first one seen is kept, and
+            // an agent killed mid-write (a count that disagrees, a gap, a backend twice)
+            // makes the port dirty: its first sync rewrites it whole
             let port = by_svc.get_mut(&svc_id).unwrap();
+            list.sort();
+            port.max_slot = port.max_slot.max(list.last().map_or(0, |(slot, _)| *slot as usize));
+            let ids: Vec<u32> = list.iter().map(|(_, id)| *id).collect();
+            let contiguous = list.iter().enumerate().all(|(i, (slot, _))| *slot as usize == i + 1);
+            let unique = ids.iter().collect::<std::collections::HashSet<_>>().len() == ids.len();
+            let agree = counts.get(&svc_id).is_some_and(|c| c.iter().all(|n| *n as usize == ids.len()));
+            if !(contiguous && unique && agree) || (!port.slots.is_empty() && port.slots != ids) {
+                port.dirty = true;
+            }
             if port.slots.is_empty() {
-                list.sort();
-                port.slots = list.into_iter().map(|(_, id)| id).collect();
+                let mut seen = std::collections::HashSet::new();
+                port.slots = ids.into_iter().filter(|id| seen.insert(*id)).collect();
+            }
+        }
+        for (svc_id, c) in &counts {
+            if let Some(port) = by_svc.get_mut(svc_id) {
+                if c.iter().any(|n| *n as usize != port.slots.len()) {
+                    port.dirty = true;
+                }
             }
         }
         let mut table = Table::new();
@@ -222,8 +254,14 @@ impl Table {
     pub fn sync<M: Maps>(&mut self, name: &str, want: Option<&ServicePort>, maps: &mut M) -> Result<Writes, M::Error> {
         let mut writes = Writes::default();
         let Some(want) = want else {
-            if let Some(cur) = self.ports.remove(name) {
-                self.remove(cur, maps, &mut writes)?;
+            if let Some(mut cur) = self.ports.remove(name) {
+                if let Err(e) = self.remove(name, &cur, maps, &mut writes) {
+                    // kept (dirty): a later removal tries again
+                    cur.dirty = true;
+                    self.ports.insert(name.to_string(), cur);
+                    return Err(e);
+                }
+                self.release(cur);
             }
             return Ok(writes);
         };
@@ -231,7 +269,7 @@ impl Table {
             Some(cur) => cur,
             None => self.claim_orphan(want).unwrap_or_else(|| Installed { svc_id: self.svc_ids.take(), ..Installed::default() }),
         };
-        let result = self.update(&mut cur, want, maps, &mut writes);
+        let result = self.update(name, &mut cur, want, maps, &mut writes);
         if result.is_err() {
             cur.dirty = true;
         }
@@ -243,9 +281,24 @@ impl Table {
     pub fn forget_orphans<M: Maps>(&mut self, maps: &mut M) -> Result<Writes, M::Error> {
         let mut writes = Writes::default();
         while let Some(port) = self.orphans.pop() {
-            self.remove(port, maps, &mut writes)?;
+            if let Err(e) = self.remove("", &port, maps, &mut writes) {
+                self.orphans.push(port);
+                return Err(e);
+            }
+            self.release(port);
         }
         Ok(writes)
+    }
+
+    /// Ports whose last write failed: the caller syncs them again (a full map may have
+    /// room now).
+    pub fn dirty_ports(&self) -> Vec<String> {
+        self.ports.iter().filter(|(_, p)| p.dirty).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Whether another port than `name` wrote this frontend last.
+    fn owned_by_other(&self, name: &str, addr: Ipv4Addr, port: u16, proto: Proto) -> bool {
+        self.owners.get(&(addr, port, proto)).is_some_and(|o| o != name)
     }
 
     fn claim_orphan(&mut self, want: &ServicePort) -> Option<Installed> {
@@ -253,13 +306,18 @@ impl Table {
         Some(self.orphans.swap_remove(i))
     }
 
-    fn remove<M: Maps>(&mut self, cur: Installed, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
+    /// Deletes a port's entries (frontends another port took over are left alone).
+    fn remove<M: Maps>(&mut self, name: &str, cur: &Installed, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
         if let Some(proto) = cur.proto {
             for f in &cur.frontends {
+                if self.owned_by_other(name, f.addr, f.port, proto) {
+                    continue;
+                }
+                self.owners.remove(&(f.addr, f.port, proto));
                 let key = SvcKey::new(f.addr, f.port, proto, 0);
                 maps.del_service(&key)?;
                 writes.deletes += 1;
-                for slot in 1..=cur.slots.len() {
+                for slot in 1..=cur.slots.len().max(cur.max_slot) {
                     maps.del_service(&key.with_slot(slot as u16))?;
                     writes.deletes += 1;
                 }
@@ -268,22 +326,33 @@ impl Table {
         for (id, _) in cur.backends.values() {
             maps.del_backend(*id)?;
             writes.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Returns a removed port's ids to their pools (after its entries are gone).
+    fn release(&mut self, cur: Installed) {
+        for (id, _) in cur.backends.values() {
             self.backend_ids.release(*id);
         }
         self.svc_ids.release(cur.svc_id);
         if let Some((t, _)) = cur.maglev {
             self.maglev_ids.release(t + 1);
         }
-        Ok(())
     }
 
-    fn update<M: Maps>(&mut self, cur: &mut Installed, want: &ServicePort, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
+    fn update<M: Maps>(&mut self, name: &str, cur: &mut Installed, want: &ServicePort, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
         let proto = want.proto;
         let dirty = cur.dirty;
-        // 1. backends: every listed endpoint has an entry; new ones get ids
+        // 1. backends: every listed endpoint has an entry (flagged when it takes no new
+        // flows, which affinity reads); new ones get ids
+        let slotted: std::collections::HashSet<(Ipv4Addr, u16)> = slot_endpoints(&want.endpoints).iter().map(|e| (e.addr, e.port)).collect();
         let mut wanted: HashMap<(Ipv4Addr, u16), Backend> = HashMap::new();
         for ep in &want.endpoints {
-            let flags = if ep.terminating { BACKEND_F_TERMINATING } else { 0 };
+            let mut flags = if ep.terminating { BACKEND_F_TERMINATING } else { 0 };
+            if !slotted.contains(&(ep.addr, ep.port)) {
+                flags |= BACKEND_F_NO_SLOT;
+            }
             wanted.entry((ep.addr, ep.port)).or_insert(Backend::new(ep.addr, ep.port, proto, flags));
         }
         let mut added = Vec::new();
@@ -308,10 +377,7 @@ impl Table {
         }
         // 2. slots: the ready endpoints, else the serving terminating ones; a backend that
         // keeps its slot is not rewritten, a freed slot takes a new backend
-        let mut chosen: Vec<u32> = want.endpoints.iter().filter(|e| e.ready).map(|e| cur.backends[&(e.addr, e.port)].0).collect();
-        if chosen.is_empty() {
-            chosen = want.endpoints.iter().filter(|e| e.serving && e.terminating).map(|e| cur.backends[&(e.addr, e.port)].0).collect();
-        }
+        let mut chosen: Vec<u32> = slot_endpoints(&want.endpoints).iter().map(|e| cur.backends[&(e.addr, e.port)].0).collect();
         chosen.sort_unstable();
         chosen.dedup();
         let new_slots = place(&cur.slots, &chosen);
@@ -323,11 +389,12 @@ impl Table {
         frontends.dedup();
         if let Some(old_proto) = cur.proto {
             for f in &cur.frontends {
-                if proto_changed || !frontends.iter().any(|w| w.addr == f.addr && w.port == f.port) {
+                if (proto_changed || !frontends.iter().any(|w| w.addr == f.addr && w.port == f.port)) && !self.owned_by_other(name, f.addr, f.port, old_proto) {
+                    self.owners.remove(&(f.addr, f.port, old_proto));
                     let key = SvcKey::new(f.addr, f.port, old_proto, 0);
                     maps.del_service(&key)?;
                     writes.deletes += 1;
-                    for slot in 1..=cur.slots.len() {
+                    for slot in 1..=cur.slots.len().max(cur.max_slot) {
                         maps.del_service(&key.with_slot(slot as u16))?;
                         writes.deletes += 1;
                     }
@@ -349,6 +416,8 @@ impl Table {
                     (t - 1, Vec::new())
                 }
             };
+            // held by the port from here on, so a failed write below does not leak it
+            cur.maglev = Some((t, old.clone()));
             let mut named: Vec<(String, u32)> = new_slots.iter().map(|id| {
                 let b = cur.backends.values().find(|(bid, _)| bid == id).map(|(_, b)| *b).unwrap_or_default();
                 (format!("{}:{}", b.ip(), b.host_port()), *id)
@@ -362,13 +431,14 @@ impl Table {
                 }
             }
             cur.maglev = Some((t, entries));
-        } else if let Some((t, _)) = cur.maglev.take() {
-            self.maglev_ids.release(t + 1);
         }
+        let dropped_maglev = if want.maglev && !new_slots.is_empty() { None } else { cur.maglev.take() };
         let maglev_now = cur.maglev.as_ref().map(|(t, _)| *t);
         let master = SvcValue { backend_id: maglev_now.unwrap_or(0), svc_id: cur.svc_id, count: new_slots.len() as u16, flags: if maglev_now.is_some() { SVC_F_MAGLEV } else { 0 }, affinity_timeout: want.affinity_timeout };
         for f in &frontends {
-            let existed = !proto_changed && cur.frontends.iter().any(|c| c.addr == f.addr && c.port == f.port);
+            // taken over from another port (or never ours): write it whole
+            let existed = !proto_changed && cur.frontends.iter().any(|c| c.addr == f.addr && c.port == f.port) && !self.owned_by_other(name, f.addr, f.port, proto);
+            self.owners.insert((f.addr, f.port, proto), name.to_string());
             let key = SvcKey::new(f.addr, f.port, proto, 0);
             let rewrite_all = dirty || !existed;
             // slots first, then the master's count, then the slots beyond it: a packet
@@ -386,17 +456,22 @@ impl Table {
                 writes.puts += 1;
             }
             if existed {
-                for slot in new_slots.len() + 1..=cur.slots.len() {
+                for slot in new_slots.len() + 1..=cur.slots.len().max(cur.max_slot) {
                     maps.del_service(&key.with_slot(slot as u16))?;
                     writes.deletes += 1;
                 }
             }
         }
+        // a table no master names any more is free again
+        if let Some((t, _)) = dropped_maglev {
+            self.maglev_ids.release(t + 1);
+        }
         // 4. endpoints no longer listed lose their entries, after no slot names them
         let gone: Vec<(Ipv4Addr, u16)> = cur.backends.keys().filter(|at| !wanted.contains_key(at)).copied().collect();
         for at in gone {
-            let (id, _) = cur.backends.remove(&at).unwrap();
+            let id = cur.backends[&at].0;
             maps.del_backend(id)?;
+            cur.backends.remove(&at);
             writes.deletes += 1;
             self.backend_ids.release(id);
         }
@@ -405,6 +480,7 @@ impl Table {
         cur.slots = new_slots;
         cur.affinity_timeout = want.affinity_timeout;
         cur.dirty = false;
+        cur.max_slot = 0;
         Ok(())
     }
 }
@@ -466,8 +542,10 @@ pub fn slot_endpoints(endpoints: &[Endpoint]) -> Vec<&Endpoint> {
 /// the tail moves into holes when the list shrinks.
 fn place(old: &[u32], chosen: &[u32]) -> Vec<u32> {
     let keep = |id: &u32| chosen.binary_search(id).is_ok();
-    let mut slots: Vec<Option<u32>> = old.iter().map(|id| keep(id).then_some(*id)).collect();
-    let mut fresh = chosen.iter().filter(|id| !old.contains(id)).copied();
+    // an id twice in `old` (a restore after a crash mid-write) keeps its first slot only
+    let mut seen = std::collections::HashSet::new();
+    let mut slots: Vec<Option<u32>> = old.iter().map(|id| (keep(id) && seen.insert(*id)).then_some(*id)).collect();
+    let mut fresh = chosen.iter().filter(|id| !seen.contains(*id)).copied();
     for slot in slots.iter_mut().filter(|s| s.is_none()) {
         *slot = fresh.next();
     }
@@ -740,11 +818,53 @@ mod tests {
     }
 
     #[test]
+    fn a_frontend_taken_over_by_another_port_survives_the_old_ports_removal() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        table.sync("kube-system/kube-dns:53/UDP", Some(&port(pods(2))), &mut maps).unwrap();
+        table.sync("kube-system/coredns:53/UDP", Some(&port(pods(3))), &mut maps).unwrap();
+        table.sync("kube-system/kube-dns:53/UDP", None, &mut maps).unwrap();
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp).unwrap().len(), 3);
+        assert_eq!(maps.backends.len(), 3, "the old port's backends are gone");
+        table.sync("kube-system/coredns:53/UDP", None, &mut maps).unwrap();
+        assert!(maps.services.is_empty() && maps.backends.is_empty());
+    }
+
+    #[test]
+    fn a_failed_removal_is_kept_and_finished_later() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        table.sync("s", Some(&port(pods(3))), &mut maps).unwrap();
+        maps.fail_after = Some(maps.writes + 1);
+        assert!(table.sync("s", None, &mut maps).is_err());
+        assert_eq!(table.dirty_ports(), vec!["s".to_string()]);
+        maps.fail_after = None;
+        table.sync("s", None, &mut maps).unwrap();
+        assert!(maps.services.is_empty() && maps.backends.is_empty(), "{:?}", maps.services);
+    }
+
+    #[test]
+    fn a_restore_after_a_crash_mid_write_repairs_the_port() {
+        let (mut table, mut maps) = (Table::new(), Model::default());
+        table.sync("s", Some(&port(pods(3))), &mut maps).unwrap();
+        // killed while shrinking: slot 3's backend copied into slot 1, count not yet written
+        let k = SvcKey::new(ip("10.96.0.10"), 80, Proto::Tcp, 0);
+        let third = maps.services[&k.with_slot(3)];
+        maps.services.insert(k.with_slot(1), third);
+        let mut restored = Table::restore(maps.services.clone(), maps.backends.clone());
+        let mut eps = pods(3);
+        eps.remove(0);
+        restored.sync("s", Some(&port(eps.clone())), &mut maps).unwrap();
+        let want: Vec<_> = eps.iter().map(|e| (e.addr, e.port)).collect();
+        assert_eq!(maps.reachable(ip("10.96.0.10"), 80, Proto::Tcp).unwrap(), want);
+        assert!(maps.services.len() == 3, "{:?}", maps.services.keys().collect::<Vec<_>>());
+    }
+
+    #[test]
     fn placement_keeps_positions() {
         assert_eq!(place(&[], &[3, 5]), vec![3, 5]);
         assert_eq!(place(&[1, 2, 3], &[1, 3, 4]), vec![1, 4, 3]);
         assert_eq!(place(&[1, 2, 3, 4], &[1, 4]), vec![1, 4]);
         assert_eq!(place(&[1, 2, 3, 4], &[2, 3]), vec![3, 2]);
         assert_eq!(place(&[1, 2], &[]), Vec::<u32>::new());
+        assert_eq!(place(&[3, 2, 3], &[2, 3]), vec![3, 2]);
     }
 }

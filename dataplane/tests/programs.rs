@@ -365,3 +365,30 @@ fn maglev_sends_a_flow_to_the_same_backend_on_every_node() {
     assert_eq!(per.len(), 4, "{per:?}");
     assert!(per.values().all(|n| *n >= 60), "400 flows over 4 backends: {per:?}");
 }
+
+#[test]
+fn affinity_does_not_hold_a_client_on_a_backend_that_stopped_being_ready() {
+    let mut l = Loaded::new();
+    let all = [("10.0.1.2", 8080), ("10.0.1.3", 8080)];
+    l.service("default/sticky:http", "10.96.0.30", 80, Proto::Tcp, &all, 10800);
+    let first = tuple(&l.run("from_pod", &packet(TCP, ("10.0.0.2", 30000), ("10.96.0.30", 80), SYN, &[])).1).1;
+    // that endpoint stops being ready: it keeps its backend entry (its flows go on) but
+    // takes no new flow, affinity or not
+    let want = ServicePort {
+        proto: Proto::Tcp,
+        frontends: vec![Frontend { addr: ip("10.96.0.30"), port: 80, flags: 0 }],
+        endpoints: all.iter().map(|(a, p)| Endpoint { addr: ip(a), port: *p, ready: ip(a) != first.0, serving: ip(a) != first.0, terminating: false }).collect(),
+        affinity_timeout: 10800,
+        external_local: false,
+        maglev: false,
+    };
+    let dp = l.dp.as_mut().unwrap();
+    l.table.sync("default/sticky:http", Some(&want), &mut dp.maps()).unwrap();
+    for port in 30001..30020u16 {
+        let (_, out) = l.run("from_pod", &packet(TCP, ("10.0.0.2", port), ("10.96.0.30", 80), SYN, &[]));
+        assert_ne!(tuple(&out).1, first, "port {port}");
+    }
+    // the established flow itself still reaches it
+    let (_, out) = l.run("from_pod", &packet(TCP, ("10.0.0.2", 30000), ("10.96.0.30", 80), ACK, &[]));
+    assert_eq!(tuple(&out).1, first);
+}

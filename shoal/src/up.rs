@@ -55,7 +55,19 @@ fn default_ip() -> String {
 fn spawn(argv: &[String], log: &Path) -> anyhow::Result<Child> {
     let f = std::fs::OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("while opening {}", log.display()))?;
     let exe = std::env::current_exe().context("finding the shoal binary")?;
-    Command::new(exe).args(argv).stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f).spawn().with_context(|| format!("while starting shoal {}", argv[0]))
+    use std::os::unix::process::CommandExt;
+    // a process group of its own: the terminal's Ctrl-C reaches only `shoal up`, which
+    // stops the agent before the server
+    Command::new(exe).args(argv).stdin(Stdio::null()).stdout(f.try_clone()?).stderr(f).process_group(0).spawn().with_context(|| format!("while starting shoal {}", argv[0]))
+}
+
+/// A child stopped (SIGTERM, then SIGKILL) when dropped: no early return leaves one behind.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        stop(&mut self.0, Duration::from_secs(20));
+    }
 }
 
 fn tail(log: &Path) -> String {
@@ -66,7 +78,11 @@ fn tail(log: &Path) -> String {
 
 /// Stops a child with SIGTERM, then SIGKILL after `grace`.
 fn stop(child: &mut Child, grace: Duration) {
-    // SAFETY: kill(2) on our own child's pid
+    // reaped already: its pid may belong to another process by now
+    if !matches!(child.try_wait(), Ok(None)) {
+        return;
+    }
+    // SAFETY: kill(2) on our own child's pid, not yet reaped
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let t = Instant::now();
     while t.elapsed() < grace {
@@ -105,7 +121,7 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let (server_log, node_log) = (dir.join("server.log"), dir.join("node.log"));
     let mut server_argv: Vec<String> = vec!["server".into(), "--name".into(), "default".into(), "--data-dir".into(), dir.display().to_string()];
     server_argv.extend(a.server_args.iter().cloned());
-    let mut server = spawn(&server_argv, &server_log)?;
+    let mut server = Guard(spawn(&server_argv, &server_log)?);
     let deadline = Instant::now() + Duration::from_secs(a.timeout_s);
     let kubeconfig = dir.join("kubeconfig");
     let token_file = dir.join("pki/bootstrap-token");
@@ -138,9 +154,8 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         let Ok(client) = shoal_client::Client::new(cfg, 1) else { return false };
         rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), client.get_text("/readyz")).await.ok().and_then(Result::ok).is_some_and(|t| t.trim() == "ok") })
     };
-    if let Err(e) = ready("the API server", &api_ready, &mut [&mut server]) {
+    if let Err(e) = ready("the API server", &api_ready, &mut [&mut server.0]) {
         bar.finish_and_clear();
-        stop(&mut server, Duration::from_secs(10));
         bail!("{e}; its log ({}):\n{}", server_log.display(), tail(&server_log));
     }
     bar.set_message(format!("joining node {node_name} ({node_ip})"));
@@ -148,17 +163,16 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let api = shoal_client::Config::from_kubeconfig(&kubeconfig, "shoal-up")?.server;
     let mut agent_argv: Vec<String> = vec!["agent".into(), "--server".into(), api.clone(), "--token".into(), token, "--ca-file".into(), dir.join("pki/ca.crt").display().to_string(), "--node-name".into(), node_name.clone(), "--node-ip".into(), node_ip.clone(), "--data-dir".into(), dir.join("node").display().to_string()];
     agent_argv.extend(a.agent_args.iter().cloned());
-    let mut agent = spawn(&agent_argv, &node_log)?;
+    let mut agent = Guard(spawn(&agent_argv, &node_log)?);
     let node_ready = || {
         let Ok(cfg) = shoal_client::Config::from_kubeconfig(&kubeconfig, "shoal-up") else { return false };
         let Ok(client) = shoal_client::Client::new(cfg, 1) else { return false };
         let node = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), client.get(&format!("/api/v1/nodes/{node_name}"))).await.ok().and_then(Result::ok).flatten() });
         node.and_then(|n| n.pointer("/status/conditions").and_then(|c| c.as_array()).map(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))).unwrap_or(false)
     };
-    if let Err(e) = ready(&format!("node {node_name}"), &node_ready, &mut [&mut server, &mut agent]) {
+    if let Err(e) = ready(&format!("node {node_name}"), &node_ready, &mut [&mut server.0, &mut agent.0]) {
         bar.finish_and_clear();
-        stop(&mut agent, Duration::from_secs(10));
-        stop(&mut server, Duration::from_secs(10));
+        drop(agent);
         bail!("{e}; the node's log ({}):\n{}", node_log.display(), tail(&node_log));
     }
     bar.finish_and_clear();
@@ -174,17 +188,17 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         if STOP.load(std::sync::atomic::Ordering::SeqCst) {
             break None;
         }
-        if let Ok(Some(st)) = server.try_wait() {
+        if let Ok(Some(st)) = server.0.try_wait() {
             break Some(format!("the server exited ({st}); its log ({}):\n{}", server_log.display(), tail(&server_log)));
         }
-        if let Ok(Some(st)) = agent.try_wait() {
+        if let Ok(Some(st)) = agent.0.try_wait() {
             break Some(format!("the agent exited ({st}); its log ({}):\n{}", node_log.display(), tail(&node_log)));
         }
         std::thread::sleep(Duration::from_millis(200));
     };
     eprintln!("stopping the node agent (pods keep running until it is back), then the server");
-    stop(&mut agent, Duration::from_secs(20));
-    stop(&mut server, Duration::from_secs(20));
+    drop(agent);
+    drop(server);
     match failed {
         Some(why) => bail!("{why}"),
         None => Ok(()),
