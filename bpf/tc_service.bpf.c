@@ -178,7 +178,8 @@ static __always_inline struct backend *choose(struct svc_key *sk, const struct s
 }
 
 /* A source port for a flow from outside translated to NODE_ADDR: the client's own when
- * no other flow to that backend holds it, else one of a few pseudo-random ones. */
+ * no other flow to that backend holds it, else one of a few pseudo-random ones in
+ * 61000-65535. */
 static __always_inline __be16 snat_port(const struct tuple *t, const struct backend *b)
 {
 	struct ct_key rk = {
@@ -194,7 +195,9 @@ static __always_inline __be16 snat_port(const struct tuple *t, const struct back
 		struct ct_entry *taken = bpf_map_lookup_elem(&shoal_ct, &rk);
 		if (!taken || (taken->orig_addr == t->saddr && taken->orig_port == t->sport))
 			return rk.dport;
-		rk.dport = bpf_htons(32768 + (bpf_get_prandom_u32() % 28232));
+		/* above Linux's ephemeral range (32768-60999): the node's own connections
+		 * never hold these ports */
+		rk.dport = bpf_htons(61000 + (bpf_get_prandom_u32() % 4536));
 	}
 	return 0;
 }
