@@ -76,14 +76,18 @@ pub struct Dataplane {
     pin_dir: PathBuf,
 }
 
-/// Every map of the programs with its key and value sizes, to find pins of an older layout.
-const MAPS: &[(&str, usize, usize)] = &[
-    ("shoal_services", size_of::<SvcKey>(), size_of::<SvcValue>()),
-    ("shoal_backends", size_of::<u32>(), size_of::<Backend>()),
-    ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>()),
-    ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>()),
-    ("shoal_stats", size_of::<u32>(), size_of::<u64>()),
-    ("shoal_maglev", size_of::<u32>(), size_of::<u32>()),
+/// BPF_F_NO_COMMON_LRU, set on the LRU maps.
+const NO_COMMON_LRU: u32 = 1 << 1;
+
+/// Every map of the programs with its key and value sizes and flags, to find pins of an
+/// older layout.
+const MAPS: &[(&str, usize, usize, u32)] = &[
+    ("shoal_services", size_of::<SvcKey>(), size_of::<SvcValue>(), 0),
+    ("shoal_backends", size_of::<u32>(), size_of::<Backend>(), 0),
+    ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>(), NO_COMMON_LRU),
+    ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>(), NO_COMMON_LRU),
+    ("shoal_stats", size_of::<u32>(), size_of::<u64>(), 0),
+    ("shoal_maglev", size_of::<u32>(), size_of::<u32>(), 0),
 ];
 
 impl Dataplane {
@@ -91,12 +95,12 @@ impl Dataplane {
     /// their layout matches (a pin of another layout is replaced, with a warning).
     pub fn load(config: &Config) -> Result<Dataplane, Error> {
         ensure_bpffs(&config.pin_dir)?;
-        for (name, key_size, value_size) in MAPS {
+        for (name, key_size, value_size, flags) in MAPS {
             let pin = config.pin_dir.join(name);
             if !pin.exists() {
                 continue;
             }
-            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size);
+            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size && info.map_flags() == *flags);
             if matches != Some(true) {
                 tracing::warn!(map = name, pin = %pin.display(), "pinned map has another layout (an older Shoal?); replacing it, its flows are lost");
                 std::fs::remove_file(&pin).map_err(|e| Error::BpfFs(pin.clone(), e))?;
@@ -207,7 +211,7 @@ impl Dataplane {
 
     /// Removes every pinned map (the programs stay attached until their interfaces go).
     pub fn unpin(self) -> io::Result<()> {
-        for (name, _, _) in MAPS {
+        for (name, _, _, _) in MAPS {
             match std::fs::remove_file(self.pin_dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}

@@ -118,6 +118,11 @@ impl Topology {
             let l = enter(&ns).and_then(|_| Ok(TcpListener::bind(("0.0.0.0", SERVER_PORT))?));
             let l = match l {
                 Ok(l) => {
+                    // std listens with a backlog of 128: at 25,000 connections/s a few
+                    // milliseconds without the server thread overflow it (a lost
+                    // handshake, a 1-second stall); listening again raises it
+                    // SAFETY: listen(2) on the listening socket we own
+                    unsafe { libc::listen(l.as_raw_fd(), 4096) };
                     let _ = tx.send(Ok(()));
                     l
                 }
@@ -163,6 +168,14 @@ fn rst_on_close(s: &TcpStream) {
 
 /// Connects and closes (RST) to `target` from the client namespace for `secs` seconds.
 fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
+    connect_loop_to(client, vec![target], secs)
+}
+
+/// As `connect_loop`, over several targets in turn (the baseline goes straight to the
+/// endpoints in turn, so that it reuses address pairs as often as the service modes do:
+/// one address alone stalls on 1-second SYN retransmits when a client port comes round
+/// again too soon).
+fn connect_loop_to(client: &str, targets: Vec<SocketAddr>, secs: f64) -> Result<Value> {
     let ns = client.to_string();
     std::thread::spawn(move || -> Result<Value> {
         enter(&ns)?;
@@ -173,6 +186,7 @@ fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
         let deadline = start + Duration::from_secs_f64(secs);
         while Instant::now() < deadline && lat.len() < 5_000_000 {
             let t0 = Instant::now();
+            let target = targets[lat.len() % targets.len()];
             match TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
                 Ok(s) => {
                     rst_on_close(&s);
@@ -189,7 +203,7 @@ fn connect_loop(client: &str, target: SocketAddr, secs: f64) -> Result<Value> {
         }
         let elapsed = start.elapsed().as_secs_f64();
         if lat.is_empty() {
-            bail!("no connection to {target} succeeded ({errors} errors)");
+            bail!("no connection to {:?} succeeded ({errors} errors)", targets);
         }
         lat.sort_unstable();
         let p = |q: f64| lat[((lat.len() - 1) as f64 * q) as usize];
@@ -355,7 +369,8 @@ pub fn run(a: DataplaneArgs) -> Result<Value> {
             "baseline" => {
                 let again = out.contains_key("baseline");
                 let suffix = if again { "_2" } else { "" };
-                out.insert(format!("baseline{suffix}"), connect_loop(&topo.client, SocketAddr::from((backend(0), SERVER_PORT)), a.seconds)?);
+                let targets = (0..a.endpoints).map(|j| SocketAddr::from((backend(j), SERVER_PORT))).collect();
+                out.insert(format!("baseline{suffix}"), connect_loop_to(&topo.client, targets, a.seconds)?);
                 if a.iperf_seconds > 0 {
                     out.insert(format!("direct_gbps{suffix}"), json!(iperf(&topo, backend(0), a.iperf_seconds)?));
                 }
@@ -374,6 +389,14 @@ pub fn run(a: DataplaneArgs) -> Result<Value> {
             }
             other => bail!("unknown mode {other:?} (baseline, ebpf, nftables, iptables)"),
         }
+    }
+    if let Ok(n) = sh(&["ip", "netns", "exec", &topo.backend, "nstat", "-az", "TcpExtListenOverflows", "TcpExtListenDrops", "TcpExtTCPReqQFullDrop", "TcpExtSyncookiesSent"]) {
+        let counters: Map<String, Value> = n.lines().filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (k, v) = (f.next()?, f.next()?.parse::<u64>().ok()?);
+            Some((k.to_string(), json!(v)))
+        }).collect();
+        out.insert("backend_tcp_drops".into(), Value::Object(counters));
     }
     let rate = |m: &str| out.get(m).and_then(|v| v["connects_per_s"].as_f64());
     let b = match (rate("baseline"), rate("baseline_2")) {
