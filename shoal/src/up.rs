@@ -163,12 +163,14 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     let api = shoal_client::Config::from_kubeconfig(&kubeconfig, "shoal-up")?.server;
     let mut agent_argv: Vec<String> = vec!["agent".into(), "--server".into(), api.clone(), "--token".into(), token, "--ca-file".into(), dir.join("pki/ca.crt").display().to_string(), "--node-name".into(), node_name.clone(), "--node-ip".into(), node_ip.clone(), "--data-dir".into(), dir.join("node").display().to_string()];
     agent_argv.extend(a.agent_args.iter().cloned());
+    let agent_started = shoal_client::time::now_secs();
     let mut agent = Guard(spawn(&agent_argv, &node_log)?);
+    // Ready as reported by this agent: a Node from an earlier run may still say Ready
     let node_ready = || {
         let Ok(cfg) = shoal_client::Config::from_kubeconfig(&kubeconfig, "shoal-up") else { return false };
         let Ok(client) = shoal_client::Client::new(cfg, 1) else { return false };
         let node = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), client.get(&format!("/api/v1/nodes/{node_name}"))).await.ok().and_then(Result::ok).flatten() });
-        node.and_then(|n| n.pointer("/status/conditions").and_then(|c| c.as_array()).map(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))).unwrap_or(false)
+        node.and_then(|n| n.pointer("/status/conditions").and_then(|c| c.as_array()).map(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True" && c["lastHeartbeatTime"].as_str().and_then(shoal_client::time::parse).is_some_and(|t| t >= agent_started - 1)))).unwrap_or(false)
     };
     if let Err(e) = ready(&format!("node {node_name}"), &node_ready, &mut [&mut server.0, &mut agent.0]) {
         bar.finish_and_clear();
@@ -177,12 +179,20 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     let kc = kubeconfig.display();
-    println!("Shoal is up: the API at {api}, node {node_name} ({node_ip}) Ready.\n");
-    println!("  kubectl --kubeconfig {kc} get nodes");
-    println!("  kubectl --kubeconfig {kc} run bb --image=busybox -- sleep 3600");
-    println!("  kubectl --kubeconfig {kc} logs bb; kubectl --kubeconfig {kc} exec -it bb -- sh");
-    println!("  kubectl --kubeconfig {kc} expose pod bb --port 80   # a Service, proxied by eBPF");
-    println!("\nLogs: {} and {}. Ctrl-C stops the cluster; `shoal up --data-dir {}` resumes it.", server_log.display(), node_log.display(), a.data_dir.display());
+    // written without println!: a closed stdout (the terminal gone, a reader that stopped
+    // reading) must not take the cluster down with a panic
+    let usage = format!(
+        "Shoal is up: the API at {api}, node {node_name} ({node_ip}) Ready.\n\n  kubectl --kubeconfig {kc} get nodes\n  kubectl --kubeconfig {kc} run bb --image=busybox -- sleep 3600\n  kubectl --kubeconfig {kc} logs bb; kubectl --kubeconfig {kc} exec -it bb -- sh\n  kubectl --kubeconfig {kc} expose pod bb --port 80   # a Service, proxied by eBPF\n\nLogs: {} and {}. Ctrl-C stops the cluster; `shoal up --data-dir {}` resumes it.\n",
+        server_log.display(),
+        node_log.display(),
+        a.data_dir.display()
+    );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout();
+        let _ = out.write_all(usage.as_bytes());
+        let _ = out.flush();
+    }
     // wait for a signal, or for a process that dies on its own
     let failed = loop {
         if STOP.load(std::sync::atomic::Ordering::SeqCst) {
@@ -196,7 +206,10 @@ pub fn run(a: UpArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     };
-    eprintln!("stopping the node agent (pods keep running until it is back), then the server");
+    {
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "stopping the node agent (pods keep running until it is back), then the server");
+    }
     drop(agent);
     drop(server);
     match failed {

@@ -756,10 +756,10 @@ fn lines_of(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
     let out = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
+        // read to the end even when no one listens any more: the child must never see a
+        // closed pipe
         for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
+            let _ = tx.send(line);
         }
     });
     rx
@@ -779,7 +779,7 @@ fn shoal_up_runs_a_cluster_and_resumes_it() {
             .arg(&data)
             .args(["--node-name", &node, "--agent-arg=--eviction-hard=memory.available<100Mi", &format!("--agent-arg=--bpf-dir={}", bpf_dir(&node).display())])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("up.stderr")).unwrap())
             .spawn()
             .unwrap();
         let lines = lines_of(&mut c);
@@ -819,7 +819,16 @@ fn shoal_up_runs_a_cluster_and_resumes_it() {
     interrupt(&mut up);
     // the same data directory: the same cluster, with its pod
     let mut up = start();
-    k.eventually(&["get", "pod", "bb", "-o", "jsonpath={.status.phase}"], "bb Running after the restart", |o| o == "Running");
+    let t = Instant::now();
+    loop {
+        let (_, out) = k.run(&["get", "pod", "bb", "-o", "jsonpath={.status.phase}"], None);
+        if out == "Running" {
+            break;
+        }
+        let log = |f: &str| tail(&std::fs::read_to_string(data.join(f)).unwrap_or_default(), 25);
+        assert!(t.elapsed() < Duration::from_secs(60), "bb not Running after the restart ({out}); up exited: {:?}; its stderr:\n{}\nserver log:\n{}\nnode log:\n{}", up.try_wait(), tail(&std::fs::read_to_string(dir.path().join("up.stderr")).unwrap_or_default(), 25), log("server.log"), log("node.log"));
+        std::thread::sleep(Duration::from_millis(300));
+    }
     assert_eq!(k.ok(&["get", "nodes", "-o", "jsonpath={.items[*].metadata.name}"]).trim(), node);
     interrupt(&mut up);
     clean_node(&data.join("node"), &node);
