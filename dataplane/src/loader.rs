@@ -197,10 +197,6 @@ impl Dataplane {
         STATS.iter().enumerate().map(|(i, name)| (*name, self.stats.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0))).collect()
     }
 
-    pub fn pin_dir(&self) -> &Path {
-        &self.pin_dir
-    }
-
     /// Runs a program once on a packet with BPF_PROG_TEST_RUN: the program's return code
     /// and the packet as it left. For tests of the programs on crafted packets.
     pub fn test_run(&self, program: &str, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {

@@ -146,7 +146,7 @@ impl ProxyMetrics {
         r.register("shoal_proxy_map_writes", "BPF map updates and deletes made by the proxy", self.map_writes.clone());
         r.register("shoal_proxy_sync_errors", "Service ports whose map writes failed (a full map among them)", self.sync_errors.clone());
         r.register("shoal_proxy_service_ports", "Service ports programmed into the BPF maps", self.service_ports.clone());
-        r.register("shoal_proxy_map_entries", "Entries in each BPF map (conntrack counted every 30 s)", self.map_entries.clone());
+        r.register("shoal_proxy_map_entries", "Entries in each BPF map (services and backends as written; conntrack counted every 30 s)", self.map_entries.clone());
         r.register("shoal_proxy_packets", "Packets by what the service programs did with them", self.packets.clone());
         r.register("shoal_proxy_attach_errors", "Pod interfaces the service programs could not be attached to", self.attach_errors.clone());
     }
@@ -191,14 +191,6 @@ impl Proxy {
 
     fn with(engine: Engine, node: NodeView, metrics: Arc<ProxyMetrics>) -> Proxy {
         Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics }
-    }
-
-    /// The BPF side, when that is the engine.
-    pub fn dataplane(&mut self) -> Option<&mut Dataplane> {
-        match &mut self.engine {
-            Engine::Bpf { dp, .. } => Some(dp),
-            Engine::Nft(_) => None,
-        }
     }
 
     /// Service ports installed.
@@ -398,10 +390,11 @@ impl Proxy {
     /// Refreshes the map-fill and packet gauges (conntrack only when `conntrack`: it walks
     /// the whole map).
     pub fn refresh_gauges(&self, conntrack: bool) {
-        let Engine::Bpf { dp, .. } = &self.engine else { return };
+        let Engine::Bpf { dp, table } = &self.engine else { return };
         let fill = |m: &str| self.metrics.map_entries.get_or_create(&vec![("map".to_string(), m.to_string())]).clone();
-        fill("shoal_services").set(dp.services().len() as i64);
-        fill("shoal_backends").set(dp.backends().len() as i64);
+        let (services, backends) = table.entries();
+        fill("shoal_services").set(services as i64);
+        fill("shoal_backends").set(backends as i64);
         if conntrack {
             fill("shoal_ct").set(dp.conntrack().len() as i64);
         }

@@ -239,10 +239,6 @@ impl Table {
         self.ports.is_empty()
     }
 
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.ports.keys().map(String::as_str)
-    }
-
     /// The service id of a port, for listings.
     pub fn svc_id(&self, name: &str) -> Option<u32> {
         self.ports.get(name).map(|p| p.svc_id)
@@ -310,17 +306,7 @@ impl Table {
     fn remove<M: Maps>(&mut self, name: &str, cur: &Installed, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
         if let Some(proto) = cur.proto {
             for f in &cur.frontends {
-                if self.owned_by_other(name, f.addr, f.port, proto) {
-                    continue;
-                }
-                self.owners.remove(&(f.addr, f.port, proto));
-                let key = SvcKey::new(f.addr, f.port, proto, 0);
-                maps.del_service(&key)?;
-                writes.deletes += 1;
-                for slot in 1..=cur.slots.len().max(cur.max_slot) {
-                    maps.del_service(&key.with_slot(slot as u16))?;
-                    writes.deletes += 1;
-                }
+                self.delete_frontend(name, f, proto, cur.slots.len().max(cur.max_slot), maps, writes)?;
             }
         }
         for (id, _) in cur.backends.values() {
@@ -328,6 +314,28 @@ impl Table {
             writes.deletes += 1;
         }
         Ok(())
+    }
+
+    /// Deletes one frontend's master and `slots` slots, unless another port took it over.
+    fn delete_frontend<M: Maps>(&mut self, name: &str, f: &Frontend, proto: Proto, slots: usize, maps: &mut M, writes: &mut Writes) -> Result<(), M::Error> {
+        if self.owned_by_other(name, f.addr, f.port, proto) {
+            return Ok(());
+        }
+        self.owners.remove(&(f.addr, f.port, proto));
+        let key = SvcKey::new(f.addr, f.port, proto, 0);
+        maps.del_service(&key)?;
+        writes.deletes += 1;
+        for slot in 1..=slots {
+            maps.del_service(&key.with_slot(slot as u16))?;
+            writes.deletes += 1;
+        }
+        Ok(())
+    }
+
+    /// Entries the table wrote: (service map entries, backend entries). Metrics read these
+    /// instead of walking 200,000 map entries with system calls.
+    pub fn entries(&self) -> (usize, usize) {
+        self.ports.values().chain(&self.orphans).fold((0, 0), |(s, b), p| (s + p.frontends.len() * (1 + p.slots.len()), b + p.backends.len()))
     }
 
     /// Returns a removed port's ids to their pools (after its entries are gone).
@@ -389,15 +397,8 @@ impl Table {
         frontends.dedup();
         if let Some(old_proto) = cur.proto {
             for f in &cur.frontends {
-                if (proto_changed || !frontends.iter().any(|w| w.addr == f.addr && w.port == f.port)) && !self.owned_by_other(name, f.addr, f.port, old_proto) {
-                    self.owners.remove(&(f.addr, f.port, old_proto));
-                    let key = SvcKey::new(f.addr, f.port, old_proto, 0);
-                    maps.del_service(&key)?;
-                    writes.deletes += 1;
-                    for slot in 1..=cur.slots.len().max(cur.max_slot) {
-                        maps.del_service(&key.with_slot(slot as u16))?;
-                        writes.deletes += 1;
-                    }
+                if proto_changed || !frontends.iter().any(|w| w.addr == f.addr && w.port == f.port) {
+                    self.delete_frontend(name, f, old_proto, cur.slots.len().max(cur.max_slot), maps, writes)?;
                 }
             }
         }
