@@ -166,6 +166,21 @@ pub fn apply_defaults(kind: &str, obj: &mut Value) {
                 }
             }
         }
+        "NetworkPolicy" => {
+            let spec = obj_mut(obj, "spec");
+            for dir in ["ingress", "egress"] {
+                for rule in spec.get_mut(dir).and_then(Value::as_array_mut).into_iter().flatten() {
+                    for p in rule.get_mut("ports").and_then(Value::as_array_mut).into_iter().flatten().filter_map(Value::as_object_mut) {
+                        default(p, "protocol", json!("TCP"));
+                    }
+                }
+            }
+            // SetDefaults_NetworkPolicy: Ingress always, Egress when there are egress rules
+            if spec.get("policyTypes").and_then(Value::as_array).is_none_or(|t| t.is_empty()) {
+                let egress = spec.get("egress").and_then(Value::as_array).is_some_and(|e| !e.is_empty());
+                spec.insert("policyTypes".into(), if egress { json!(["Ingress", "Egress"]) } else { json!(["Ingress"]) });
+            }
+        }
         "RoleBinding" | "ClusterRoleBinding" => {
             if let Some(subs) = obj.get_mut("subjects").and_then(Value::as_array_mut) {
                 for s in subs.iter_mut().filter_map(Value::as_object_mut) {
@@ -537,6 +552,7 @@ pub fn validate(kind: &str, namespaced: bool, obj: &Value) -> Vec<FieldError> {
                 }
             }
         }
+        "NetworkPolicy" => validate_network_policy(obj.get("spec").unwrap_or(&Value::Null), &mut errs),
         "ConfigMap" | "Secret" => {
             let mut total = 0usize;
             for section in ["data", "binaryData"] {
@@ -563,6 +579,149 @@ pub fn validate(kind: &str, namespaced: bool, obj: &Value) -> Vec<FieldError> {
         _ => {}
     }
     errs
+}
+
+fn check_selector(sel: Option<&Value>, path: &str, errs: &mut Vec<FieldError>) {
+    if let Some(sel) = sel.filter(|s| !s.is_null()) {
+        if let Err(e) = crate::selector::LabelSelector::from_object(sel) {
+            errs.push(FieldError::invalid(path, sel.clone(), e));
+        }
+    }
+}
+
+/// A port name as `validation.IsValidPortName`: 1-15 lowercase letters, digits and '-',
+/// at least one letter, no leading, trailing or double '-'.
+fn port_name_error(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 15 {
+        Some("must be no more than 15 characters")
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        Some("must contain only alpha-numeric characters (a-z, 0-9), and hyphens (-)")
+    } else if name.contains("--") {
+        Some("must not contain consecutive hyphens")
+    } else if !name.bytes().any(|b| b.is_ascii_lowercase()) {
+        Some("must contain at least one letter (a-z)")
+    } else if name.starts_with('-') || name.ends_with('-') {
+        Some("must not begin or end with a hyphen")
+    } else {
+        None
+    }
+}
+
+/// An IPv4 or IPv6 CIDR: (address, prefix length, bits of the family).
+pub fn parse_cidr(s: &str) -> Option<(std::net::IpAddr, u8, u8)> {
+    let (a, l) = s.split_once('/')?;
+    let addr: std::net::IpAddr = a.parse().ok()?;
+    let bits = if addr.is_ipv4() { 32 } else { 128 };
+    let len: u8 = l.parse().ok().filter(|l| *l <= bits)?;
+    Some((addr, len, bits))
+}
+
+fn cidr_contains(outer: (std::net::IpAddr, u8), inner: (std::net::IpAddr, u8)) -> bool {
+    let bits = |a: std::net::IpAddr| match a {
+        std::net::IpAddr::V4(v) => (u128::from(u32::from(v)) << 96, 32u32),
+        std::net::IpAddr::V6(v) => (u128::from(v), 128u32),
+    };
+    let ((o, ob), (i, ib)) = (bits(outer.0), bits(inner.0));
+    if ob != ib || inner.1 < outer.1 {
+        return false;
+    }
+    // both families sit in the top bits, so a prefix is the top `outer.1` bits
+    let mask = if outer.1 == 0 { 0 } else { u128::MAX << (128 - u32::from(outer.1)) };
+    (o & mask) == (i & mask)
+}
+
+/// `ValidateNetworkPolicySpec` of upstream, with its messages.
+fn validate_network_policy(spec: &Value, errs: &mut Vec<FieldError>) {
+    match spec.get("podSelector") {
+        None | Some(Value::Null) => errs.push(FieldError::required("spec.podSelector", "")),
+        sel => check_selector(sel, "spec.podSelector", errs),
+    }
+    for (dir, peers_key) in [("ingress", "from"), ("egress", "to")] {
+        for (i, rule) in spec.get(dir).and_then(Value::as_array).into_iter().flatten().enumerate() {
+            for (j, p) in rule.get("ports").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                let path = format!("spec.{dir}[{i}].ports[{j}]");
+                if let Some(proto) = p.get("protocol").and_then(Value::as_str) {
+                    if !PROTOCOLS.contains(&proto) {
+                        errs.push(FieldError::not_supported(format!("{path}.protocol"), proto, &["TCP", "UDP", "SCTP"]));
+                    }
+                }
+                let end = p.get("endPort").filter(|v| !v.is_null());
+                match p.get("port").filter(|v| !v.is_null()) {
+                    Some(Value::String(name)) => {
+                        if let Some(e) = end {
+                            errs.push(FieldError::invalid(format!("{path}.endPort"), e.clone(), "may not be specified when `port` is non-numeric"));
+                        }
+                        if let Some(msg) = port_name_error(name) {
+                            errs.push(FieldError::invalid(format!("{path}.port"), json!(name), msg));
+                        }
+                    }
+                    Some(port) => {
+                        check_port(Some(port), format!("{path}.port"), errs, true);
+                        if let Some(e) = end {
+                            if e.as_i64() < port.as_i64() {
+                                errs.push(FieldError::invalid(format!("{path}.endPort"), port.clone(), "must be greater than or equal to `port`"));
+                            }
+                            check_port(Some(e), format!("{path}.endPort"), errs, true);
+                        }
+                    }
+                    None => {
+                        if let Some(e) = end {
+                            errs.push(FieldError::invalid(format!("{path}.endPort"), e.clone(), "may not be specified when `port` is not specified"));
+                        }
+                    }
+                }
+            }
+            for (j, peer) in rule.get(peers_key).and_then(Value::as_array).into_iter().flatten().enumerate() {
+                let path = format!("spec.{dir}[{i}].{peers_key}[{j}]");
+                let has = |k: &str| peer.get(k).is_some_and(|v| !v.is_null());
+                let n = ["podSelector", "namespaceSelector", "ipBlock"].iter().filter(|k| has(k)).count();
+                if n == 0 {
+                    errs.push(FieldError::required(path.clone(), "must specify a peer"));
+                } else if n > 1 && has("ipBlock") {
+                    errs.push(FieldError::forbidden(path.clone(), "may not specify both ipBlock and another peer"));
+                }
+                check_selector(peer.get("podSelector"), &format!("{path}.podSelector"), errs);
+                check_selector(peer.get("namespaceSelector"), &format!("{path}.namespaceSelector"), errs);
+                if let Some(b) = peer.get("ipBlock").filter(|v| !v.is_null()) {
+                    let cidr = b.get("cidr").and_then(Value::as_str).unwrap_or("");
+                    if cidr.is_empty() {
+                        errs.push(FieldError::required(format!("{path}.ipBlock.cidr"), ""));
+                        continue;
+                    }
+                    let Some((addr, len, _)) = parse_cidr(cidr) else {
+                        errs.push(FieldError::invalid(format!("{path}.ipBlock.cidr"), json!(cidr), "must be a valid CIDR value, (e.g. 10.9.8.0/24 or 2001:db8::/64)"));
+                        continue;
+                    };
+                    for (k, ex) in b.get("except").and_then(Value::as_array).into_iter().flatten().enumerate() {
+                        let s = ex.as_str().unwrap_or("");
+                        let epath = format!("{path}.ipBlock.except[{k}]");
+                        match parse_cidr(s) {
+                            None => {
+                                errs.push(FieldError::invalid(epath, json!(s), "must be a valid CIDR"));
+                                break;
+                            }
+                            Some((ea, el, _)) => {
+                                if !(cidr_contains((addr, len), (ea, el)) && el > len) {
+                                    errs.push(FieldError::invalid(epath, json!(s), "must be a strict subset of `cidr`"));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(types) = spec.get("policyTypes").and_then(Value::as_array) {
+        if types.len() > 2 {
+            errs.push(FieldError::invalid("spec.policyTypes", Value::Array(types.clone()), "may not specify more than two policyTypes"));
+            return;
+        }
+        for (i, t) in types.iter().enumerate() {
+            if !matches!(t.as_str(), Some("Ingress" | "Egress")) {
+                errs.push(FieldError::not_supported(format!("spec.policyTypes[{i}]"), t.clone(), &["Ingress", "Egress"]));
+            }
+        }
+    }
 }
 
 fn is_base64(s: &str) -> bool {
@@ -675,12 +834,32 @@ mod tests {
             ("ConfigMap", json!({"metadata": {"name": "c", "namespace": "d"}, "data": {"bad key": "v"}}), &["data[bad key]"]),
             ("Namespace", json!({"metadata": {"name": "a.b"}}), &["metadata.name"]),
             ("ConfigMap", json!({"metadata": {"name": "c"}}), &["metadata.namespace"]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {"podSelector": {}, "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.1.0.0/16"]}}, {"podSelector": {"matchLabels": {"a": "b"}}, "namespaceSelector": {}}], "ports": [{"port": 80, "endPort": 90}, {"port": "http"}]}]}}), &[]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {}}), &["spec.podSelector"]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {"podSelector": {}, "ingress": [{"from": [{}, {"ipBlock": {"cidr": "10.0.0.0/8"}, "podSelector": {}}]}]}}), &["spec.ingress[0].from[0]", "spec.ingress[0].from[1]"]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/16", "except": ["10.0.0.0/16", "10.2.0.0/24", "x"]}}]}]}}), &["spec.egress[0].to[0].ipBlock.except[0]", "spec.egress[0].to[0].ipBlock.except[1]", "spec.egress[0].to[0].ipBlock.except[2]"]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {"podSelector": {}, "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.300/16"}}], "ports": [{"port": 90, "endPort": 80}, {"port": "Bad_Name"}, {"port": "web", "endPort": 9}, {"protocol": "ICMP"}, {"endPort": 3}]}]}}), &["spec.egress[0].ports[0].endPort", "spec.egress[0].ports[1].port", "spec.egress[0].ports[2].endPort", "spec.egress[0].ports[3].protocol", "spec.egress[0].ports[4].endPort", "spec.egress[0].to[0].ipBlock.cidr"]),
+            ("NetworkPolicy", json!({"metadata": {"name": "n", "namespace": "d"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Sideways"]}}), &["spec.policyTypes[1]"]),
         ];
         for (kind, obj, want) in cases {
             let namespaced = *kind != "Namespace";
             let got: Vec<String> = validate(kind, namespaced, obj).into_iter().map(|e| e.field).collect();
             assert_eq!(got, want.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "{kind} {obj}");
         }
+    }
+
+    #[test]
+    fn network_policy_defaults_match_upstream() {
+        let mut n = json!({"metadata": {"name": "n"}, "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": 80}]}]}});
+        apply_defaults("NetworkPolicy", &mut n);
+        assert_eq!(n["spec"]["policyTypes"], json!(["Ingress"]));
+        assert_eq!(n["spec"]["ingress"][0]["ports"][0]["protocol"], "TCP");
+        let mut n = json!({"metadata": {"name": "n"}, "spec": {"podSelector": {}, "egress": [{}]}});
+        apply_defaults("NetworkPolicy", &mut n);
+        assert_eq!(n["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        let mut n = json!({"metadata": {"name": "n"}, "spec": {"podSelector": {}, "egress": [{}], "policyTypes": ["Egress"]}});
+        apply_defaults("NetworkPolicy", &mut n);
+        assert_eq!(n["spec"]["policyTypes"], json!(["Egress"]));
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub static BUILTIN: &[ResourceDef] = &[
     r!("coordination.k8s.io", "v1", "Lease", "leases", "lease", true, NONE, NONE, ALL_VERBS, NONE, "leases"),
     // discovery.k8s.io/v1
     r!("discovery.k8s.io", "v1", "EndpointSlice", "endpointslices", "endpointslice", true, NONE, NONE, ALL_VERBS, NONE, "endpointslices"),
+    // networking.k8s.io/v1
+    r!("networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy", true, &["netpol"], NONE, ALL_VERBS, NONE, "networkpolicies"),
     // policy/v1
     r!("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets", "poddisruptionbudget", true, &["pdb"], NONE, ALL_VERBS, STATUS, "poddisruptionbudgets"),
     // rbac.authorization.k8s.io/v1

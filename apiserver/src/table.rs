@@ -260,6 +260,7 @@ fn columns(kind: &str) -> Vec<Col> {
         "PriorityClass" => vec![NAME, c("Value", "integer", 0, "value is the integer value of this priority class."), c("Global-Default", "boolean", 0, "globalDefault specifies whether this PriorityClass should be considered as the default priority for pods that do not have any priority class."), AGE, c("PreemptionPolicy", "string", 0, "preemptionPolicy is the Policy for preempting pods with lower priority.")],
         "HorizontalPodAutoscaler" => vec![NAME, c("Reference", "string", 0, "reference to scaled resource"), c("Targets", "string", 0, "metrics the autoscaler scales on"), c("MinPods", "string", 0, "lower limit for the number of pods"), c("MaxPods", "integer", 0, "upper limit for the number of pods"), c("Replicas", "integer", 0, "current number of replicas of pods managed by this autoscaler"), AGE],
         "EndpointSlice" => vec![NAME, c("AddressType", "string", 0, "The IP protocol for this slice"), c("Ports", "string", 0, "The ports for this slice"), c("Endpoints", "string", 0, "The endpoints for this slice"), AGE],
+        "NetworkPolicy" => vec![NAME, c("Pod-Selector", "string", 0, "podSelector selects the pods to which this NetworkPolicy object applies. The array of rules is applied to any pods selected by this field. An empty selector matches all pods in the policy's namespace."), AGE],
         "PodDisruptionBudget" => vec![NAME, c("Min Available", "string", 0, "The minimum number of pods that must be available"), c("Max Unavailable", "string", 0, "The maximum number of pods that may be unavailable"), c("Allowed Disruptions", "integer", 0, "Calculated number of pods that may be disrupted at this time"), AGE],
         "RoleBinding" | "ClusterRoleBinding" => vec![NAME, c("Role", "string", 0, "Role"), AGE, c("Users", "string", 1, "Users in the roleBinding"), c("Groups", "string", 1, "Groups in the roleBinding"), c("ServiceAccounts", "string", 1, "ServiceAccounts in the roleBinding")],
         "Role" | "ClusterRole" => vec![NAME, c("Created At", "date", 0, "")],
@@ -396,6 +397,10 @@ fn cells(kind: &str, o: &Value) -> Vec<Value> {
             let addrs: Vec<String> = o.get("endpoints").and_then(Value::as_array).map(|e| e.iter().flat_map(|x| x["addresses"].as_array().cloned().unwrap_or_default()).filter_map(|a| a.as_str().map(String::from)).collect()).unwrap_or_default();
             let shown = if addrs.len() > 3 { format!("{} + {} more...", addrs[..3].join(","), addrs.len() - 3) } else if addrs.is_empty() { "<unset>".into() } else { addrs.join(",") };
             vec![name, json!(s(o, "/addressType")), json!(if ports.is_empty() { "<unset>".into() } else { ports.join(",") }), json!(shown), age(o)]
+        }
+        "NetworkPolicy" => {
+            let sel = o.pointer("/spec/podSelector").map(crate::rest::selector_string).filter(|s| !s.is_empty()).unwrap_or_else(|| "<none>".into());
+            vec![name, json!(sel), age(o)]
         }
         "PodDisruptionBudget" => {
             let cell = |p: &str| match o.pointer(p) {

@@ -96,7 +96,7 @@ fn kubectl_135_objects_round_trip() {
 
     // Discovery.
     let groups = k.ok(&["api-versions"]);
-    for gv in ["v1", "apps/v1", "discovery.k8s.io/v1", "rbac.authorization.k8s.io/v1", "storage.k8s.io/v1", "coordination.k8s.io/v1", "autoscaling/v2"] {
+    for gv in ["v1", "apps/v1", "discovery.k8s.io/v1", "rbac.authorization.k8s.io/v1", "storage.k8s.io/v1", "coordination.k8s.io/v1", "autoscaling/v2", "networking.k8s.io/v1"] {
         assert!(groups.lines().any(|l| l == gv), "{gv} missing from {groups}");
     }
     let res = k.ok(&["api-resources"]);
@@ -378,6 +378,7 @@ const EVERY_KIND: &[(&str, &str, &str)] = &[
     ("rolebinding", "k-rb", "apiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata: {name: k-rb}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: k-role}\nsubjects: [{kind: User, name: alice}]\n"),
     ("clusterrolebinding", "k-crb", "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {name: k-crb}\nroleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: k-crole}\nsubjects: [{kind: ServiceAccount, name: default, namespace: default}]\n"),
     ("horizontalpodautoscaler", "k-hpa", "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {name: k-hpa}\nspec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: k-deploy}\n  maxReplicas: 5\n  metrics: [{type: Resource, resource: {name: cpu, target: {type: Utilization, averageUtilization: 70}}}]\n"),
+    ("networkpolicy", "k-netpol", "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: k-netpol}\nspec:\n  podSelector: {matchLabels: {app: k}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}, {ipBlock: {cidr: 192.168.0.0/16, except: [192.168.1.0/24]}}], ports: [{port: 80}, {port: 8000, endPort: 8080}]}]\n"),
     ("poddisruptionbudget", "k-pdb", "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {name: k-pdb}\nspec: {minAvailable: 1, selector: {matchLabels: {app: k}}}\n"),
     ("events.events.k8s.io", "k-ev2", "apiVersion: events.k8s.io/v1\nkind: Event\nmetadata: {name: k-ev2}\neventTime: '2026-11-25T10:00:00.000000Z'\nreportingController: shoal.io/test\nreportingInstance: t1\naction: Test\nreason: Tested\nnote: hi\ntype: Normal\nregarding: {kind: Pod, name: k-pod, namespace: default}\n"),
 ];
@@ -401,9 +402,9 @@ fn kubectl_135_every_kind() {
         assert!(k.ok(&["describe", res, name]).contains(name), "{res}");
         // Re-applying is a no-op, except where kubectl's three-way patch re-sends what the
         // server normalizes, as against Kubernetes: stringData (folded into data) and atomic
-        // lists with defaulted members (EndpointSlice ports get protocol TCP, RoleBinding
-        // User subjects get their apiGroup).
-        if !matches!(*res, "secret" | "endpointslice" | "rolebinding") {
+        // lists with defaulted members (EndpointSlice and NetworkPolicy ports get protocol
+        // TCP, RoleBinding User subjects get their apiGroup).
+        if !matches!(*res, "secret" | "endpointslice" | "rolebinding" | "networkpolicy") {
             // (Once seen under heavy parallel load: a second apply "configured"; the third
             // must then be unchanged — apply converges.)
             let again = k.ok_in(&["apply", "-f", "-"], Some(yaml));
