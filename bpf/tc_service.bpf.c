@@ -11,6 +11,9 @@
  * rewritten back to the service address by the reverse entry, whichever node the backend
  * is on.
  *
+ * Both judge network policy (lib/policy.h): from_pod after translation (egress, against
+ * the backend), to_pod before reverse translation (ingress, from the real peer).
+ *
  * from_net / to_net (ingress / egress of the node's uplink): traffic from outside the node
  * to a NodePort, ExternalIP or LoadBalancer frontend. As kube-proxy, the source is
  * rewritten to the node's address (NODE_ADDR, with a free port) unless the frontend keeps
@@ -27,6 +30,7 @@
 #include "lib/packet.h"
 #include "lib/conntrack.h"
 #include "lib/reject.h"
+#include "lib/policy.h"
 
 /* The source address of hairpin flows (0: hairpin is not translated). */
 volatile const __be32 HAIRPIN_ADDR = 0;
@@ -320,7 +324,10 @@ static __always_inline int forward(struct __sk_buff *skb, int outside)
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
-	return forward(skb, 0);
+	int act = forward(skb, 0);
+	if (act != TC_ACT_OK)
+		return act; /* dropped, or bounced back into the pod (hairpin, reject) */
+	return enforce(skb, POL_EGRESS);
 }
 
 SEC("classifier")
@@ -345,6 +352,8 @@ static __always_inline int reverse(struct __sk_buff *skb)
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
+	if (skb->mark != BOUNCE_MARK && enforce(skb, POL_INGRESS) != TC_ACT_OK)
+		return TC_ACT_SHOT;
 	return reverse(skb);
 }
 

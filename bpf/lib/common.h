@@ -51,6 +51,7 @@ struct backend {
 
 #define CT_FORWARD 0 /* key is the client's tuple towards the service address */
 #define CT_REVERSE 1 /* key is the backend's reply tuple */
+#define CT_POLICY 2  /* a non-TCP flow a policy allowed: saddr/sport the local pod's */
 
 struct ct_key {
 	__be32 saddr;
@@ -92,6 +93,57 @@ struct affinity_value {
 	__u16 pad;
 };
 
+/* Network policy.
+ *
+ * Every address the policy knows maps to an identity in shoal_ipcache (longest prefix):
+ * a pod's address to the identity of its namespace and labels, a policy's ipBlock CIDR
+ * to a CIDR identity, the node's own addresses to one flagged IPC_F_HOST. An address in
+ * none of them is ID_WORLD. A local pod's address maps (shoal_endpoints) to its policy
+ * subject and whether policies isolate it; shoal_policy then holds, per subject and
+ * direction, the (peer identity, protocol, port range) triples that are allowed. */
+#define ID_ANY 0   /* in a policy key: any peer */
+#define ID_WORLD 1 /* an address shoal_ipcache does not know */
+
+#define IPC_F_HOST 0x1 /* one of the node's own addresses: ingress from it is allowed */
+
+struct ipcache_key {
+	__u32 prefixlen; /* 0..=32 */
+	__be32 addr;
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags; /* IPC_F_* */
+};
+
+#define EP_F_INGRESS 0x1 /* a policy selects the pod for ingress: default deny */
+#define EP_F_EGRESS 0x2  /* a policy selects the pod for egress: default deny */
+
+struct endpoint {
+	__u32 subject; /* the pod's policy subject (the shoal_policy entries it follows) */
+	__u32 flags;   /* EP_F_* */
+};
+
+#define POL_INGRESS 0
+#define POL_EGRESS 1
+
+/* An LPM trie key: the bits after prefixlen are compared from the first byte on, so
+ * subject, peer and direction are always matched whole (POLICY_EXACT bits), the protocol
+ * is matched unless the rule names no ports (prefix POLICY_EXACT), and a port range is a
+ * few prefixes of the big-endian port. */
+#define POLICY_EXACT 72
+#define POLICY_PROTO 80
+#define POLICY_FULL 96
+
+struct policy_key {
+	__u32 prefixlen;
+	__u32 subject;
+	__u32 peer; /* identity, or ID_ANY */
+	__u8 dir;   /* POL_* */
+	__u8 proto;
+	__be16 port;
+};
+
 /* Counters, one per CPU, summed by user space. */
 enum stat {
 	STAT_TRANSLATED = 0, /* packets of service flows rewritten towards a backend */
@@ -100,6 +152,8 @@ enum stat {
 	STAT_REJECTED,       /* packets to a service without endpoints, answered with ICMP */
 	STAT_NO_SLOT,        /* a slot or backend vanished under a concurrent update: dropped */
 	STAT_CT_UPDATE_FAILED,
+	STAT_POLICY_DENIED, /* packets dropped by network policy */
+	STAT_POLICY_ALLOWED, /* new flows a policy rule allowed to an isolated pod */
 	STAT_MAX,
 };
 

@@ -124,6 +124,11 @@ static __always_inline int set_port(struct __sk_buff *skb, __u8 proto, int off, 
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
+/* skb->mark of a packet a program sent back into the pod it came from (a hairpin flow, an
+ * ICMP reject): the pod's own traffic, which policy does not judge again on the way in.
+ * Marks do not cross into the pod's namespace (veth scrubs them), so a pod cannot set it. */
+#define BOUNCE_MARK 0x5a0a1b0u
+
 /* Sends the packet back out of the interface it came in on (into the pod that sent it),
  * with the Ethernet addresses swapped. */
 static __always_inline int bounce(struct __sk_buff *skb)
@@ -139,6 +144,7 @@ static __always_inline int bounce(struct __sk_buff *skb)
 	}
 	if (bpf_skb_store_bytes(skb, 0, swapped, sizeof(swapped), 0))
 		return TC_ACT_SHOT;
+	skb->mark = BOUNCE_MARK;
 	return bpf_redirect(skb->ifindex, 0);
 }
 

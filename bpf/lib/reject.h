@@ -56,6 +56,7 @@ static __always_inline int reject(struct __sk_buff *skb, const struct tuple *t)
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, 0, &r, sizeof(r), 0))
 		return TC_ACT_SHOT;
+	skb->mark = BOUNCE_MARK;
 	return bpf_redirect(skb->ifindex, 0);
 }
 

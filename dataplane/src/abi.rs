@@ -56,6 +56,7 @@ pub const BACKEND_F_TERMINATING: u8 = 0x1;
 pub const BACKEND_F_NO_SLOT: u8 = 0x2;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REVERSE: u8 = 1;
+pub const CT_POLICY: u8 = 2;
 pub const CT_F_ESTABLISHED: u16 = 0x1;
 pub const CT_F_CLOSING: u16 = 0x2;
 pub const CT_F_HAIRPIN: u16 = 0x4;
@@ -165,6 +166,48 @@ pub struct AffinityValue {
     pub pad: u16,
 }
 
+/// Network policy (common.h): identities 0 and 1 are reserved.
+pub const ID_ANY: u32 = 0;
+pub const ID_WORLD: u32 = 1;
+pub const IPC_F_HOST: u32 = 0x1;
+pub const EP_F_INGRESS: u32 = 0x1;
+pub const EP_F_EGRESS: u32 = 0x2;
+pub const POL_INGRESS: u8 = 0;
+pub const POL_EGRESS: u8 = 1;
+/// Prefix lengths of a `policy_key`: subject, peer and direction; and the protocol; the
+/// whole key with the port.
+pub const POLICY_EXACT: u32 = 72;
+pub const POLICY_PROTO: u32 = 80;
+pub const POLICY_FULL: u32 = 96;
+
+/// `struct ipcache_value`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct IpcacheValue {
+    pub identity: u32,
+    pub flags: u32,
+}
+
+/// `struct endpoint`: a local pod's policy subject and isolation.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct EndpointValue {
+    pub subject: u32,
+    pub flags: u32,
+}
+
+/// The bits of `struct policy_key` after its prefixlen (aya's `lpm_trie::Key` adds that).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyData {
+    pub subject: u32,
+    pub peer: u32,
+    pub dir: u8,
+    pub proto: u8,
+    /// network byte order
+    pub port: u16,
+}
+
 // SAFETY: all of these are #[repr(C)] plain integers with explicit padding fields, so every
 // bit pattern is valid and there are no uninitialised bytes.
 unsafe impl aya::Pod for SvcKey {}
@@ -174,9 +217,12 @@ unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtEntry {}
 unsafe impl aya::Pod for AffinityKey {}
 unsafe impl aya::Pod for AffinityValue {}
+unsafe impl aya::Pod for IpcacheValue {}
+unsafe impl aya::Pod for EndpointValue {}
+unsafe impl aya::Pod for PolicyData {}
 
 /// The programs' counters (`enum stat` in common.h), in order.
-pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed"];
+pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed"];
 
 /// Struct layouts as (C name, size, [(member, offset)]), for the BTF comparison.
 pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
@@ -194,5 +240,14 @@ pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
         layout!("ct_entry", CtEntry, expires, nat_addr, nat_port, flags, orig_addr, orig_port, pad, backend_id, svc_id),
         layout!("affinity_key", AffinityKey, svc_id, client),
         layout!("affinity_value", AffinityValue, backend_id, last_used, addr, port, pad),
+        layout!("ipcache_value", IpcacheValue, identity, flags),
+        layout!("endpoint", EndpointValue, subject, flags),
+        // the LPM keys: aya's Key puts a u32 prefix length before the data
+        ("ipcache_key", 4 + size_of::<u32>(), vec![("prefixlen", 0), ("addr", 4)]),
+        (
+            "policy_key",
+            4 + size_of::<PolicyData>(),
+            vec![("prefixlen", 0), ("subject", 4 + offset_of!(PolicyData, subject)), ("peer", 4 + offset_of!(PolicyData, peer)), ("dir", 4 + offset_of!(PolicyData, dir)), ("proto", 4 + offset_of!(PolicyData, proto)), ("port", 4 + offset_of!(PolicyData, port))],
+        ),
     ]
 }

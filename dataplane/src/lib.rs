@@ -4,6 +4,7 @@ pub mod abi;
 pub mod loader;
 pub mod nft;
 pub mod proxy;
+pub mod policy;
 pub mod table;
 
 pub use loader::{Config, Dataplane, Error};

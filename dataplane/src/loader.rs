@@ -12,12 +12,14 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::{Link, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
-use crate::abi::{be_addr, Backend, CtEntry, CtKey, SvcKey, SvcValue, STATS};
+use crate::abi::{addr_of, be_addr, Backend, CtEntry, CtKey, EndpointValue, IpcacheValue, PolicyData, SvcKey, SvcValue, STATS};
+use crate::policy::{self, Prefix};
 use crate::table;
 
 /// The tc program object built from `bpf/tc_service.bpf.c`.
@@ -73,11 +75,21 @@ pub struct Dataplane {
     maps: Pinned,
     stats: PerCpuArray<MapData, u64>,
     maglev: Array<MapData, u32>,
+    policy: PolicyMaps,
     pin_dir: PathBuf,
+}
+
+/// The network policy maps (bpf/lib/policy.h), written by `policy::Policies::sync`.
+pub struct PolicyMaps {
+    ipcache: LpmTrie<MapData, u32, IpcacheValue>,
+    endpoints: BpfHashMap<MapData, u32, EndpointValue>,
+    rules: LpmTrie<MapData, PolicyData, u32>,
 }
 
 /// BPF_F_NO_COMMON_LRU, set on the LRU maps.
 const NO_COMMON_LRU: u32 = 1 << 1;
+/// BPF_F_NO_PREALLOC, which LPM tries need.
+const NO_PREALLOC: u32 = 1;
 
 /// Every map of the programs with its key and value sizes and flags, to find pins of an
 /// older layout.
@@ -88,6 +100,9 @@ const MAPS: &[(&str, usize, usize, u32)] = &[
     ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>(), NO_COMMON_LRU),
     ("shoal_stats", size_of::<u32>(), size_of::<u64>(), 0),
     ("shoal_maglev", size_of::<u32>(), size_of::<u32>(), 0),
+    ("shoal_ipcache", size_of::<LpmKey<u32>>(), size_of::<IpcacheValue>(), NO_PREALLOC),
+    ("shoal_endpoints", size_of::<u32>(), size_of::<EndpointValue>(), 0),
+    ("shoal_policy", size_of::<LpmKey<PolicyData>>(), size_of::<u32>(), NO_PREALLOC),
 ];
 
 impl Dataplane {
@@ -120,7 +135,12 @@ impl Dataplane {
         let maps = Pinned { services, backends, ct };
         let stats = PerCpuArray::try_from(take(&mut ebpf, "shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
         let maglev = Array::try_from(take(&mut ebpf, "shoal_maglev")).map_err(|e| Error::Map("shoal_maglev", e))?;
-        Ok(Dataplane { ebpf, maps, stats, maglev, pin_dir: config.pin_dir.clone() })
+        let policy = PolicyMaps {
+            ipcache: LpmTrie::try_from(take(&mut ebpf, "shoal_ipcache")).map_err(|e| Error::Map("shoal_ipcache", e))?,
+            endpoints: BpfHashMap::try_from(take(&mut ebpf, "shoal_endpoints")).map_err(|e| Error::Map("shoal_endpoints", e))?,
+            rules: LpmTrie::try_from(take(&mut ebpf, "shoal_policy")).map_err(|e| Error::Map("shoal_policy", e))?,
+        };
+        Ok(Dataplane { ebpf, maps, stats, maglev, policy, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -167,6 +187,11 @@ impl Dataplane {
     /// The writer `table::Table::sync` uses.
     pub fn maps(&mut self) -> Maps<'_> {
         Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev }
+    }
+
+    /// The writer `policy::Policies::sync` uses.
+    pub fn policy_maps(&mut self) -> &mut PolicyMaps {
+        &mut self.policy
     }
 
     /// Every service map entry (for restoring a table and for listings).
@@ -303,6 +328,38 @@ impl table::Maps for Maps<'_> {
     }
     fn maglev_full(&self) -> Error {
         Error::Full("shoal_maglev", crate::abi::MAGLEV_TABLES)
+    }
+}
+
+impl PolicyMaps {
+    /// What the maps hold: (ipcache, endpoints, rules), for `Policies::adopt`.
+    pub fn read(&self) -> (Vec<(Prefix, IpcacheValue)>, Vec<(std::net::Ipv4Addr, EndpointValue)>, Vec<policy::RuleKey>) {
+        let ipcache = self.ipcache.iter().filter_map(Result::ok).map(|(k, v)| (Prefix(u32::from(addr_of(k.data())), k.prefix_len() as u8), v)).collect();
+        let endpoints = self.endpoints.iter().filter_map(Result::ok).map(|(k, v)| (addr_of(k), v)).collect();
+        let rules = self.rules.iter().filter_map(Result::ok).map(|(k, _)| (k.prefix_len(), k.data())).collect();
+        (ipcache, endpoints, rules)
+    }
+}
+
+impl policy::Maps for PolicyMaps {
+    type Error = Error;
+    fn put_ipcache(&mut self, p: Prefix, v: IpcacheValue) -> Result<(), Error> {
+        self.ipcache.insert(&LpmKey::new(u32::from(p.1), be_addr(p.addr())), v, 0).map_err(|e| map_err("shoal_ipcache", 262144, e))
+    }
+    fn del_ipcache(&mut self, p: Prefix) -> Result<(), Error> {
+        removed("shoal_ipcache", self.ipcache.remove(&LpmKey::new(u32::from(p.1), be_addr(p.addr()))))
+    }
+    fn put_endpoint(&mut self, a: std::net::Ipv4Addr, v: EndpointValue) -> Result<(), Error> {
+        self.endpoints.insert(be_addr(a), v, 0).map_err(|e| map_err("shoal_endpoints", 4096, e))
+    }
+    fn del_endpoint(&mut self, a: std::net::Ipv4Addr) -> Result<(), Error> {
+        removed("shoal_endpoints", self.endpoints.remove(&be_addr(a)))
+    }
+    fn put_rule(&mut self, len: u32, k: PolicyData) -> Result<(), Error> {
+        self.rules.insert(&LpmKey::new(len, k), 1u32, 0).map_err(|e| map_err("shoal_policy", 262144, e))
+    }
+    fn del_rule(&mut self, len: u32, k: PolicyData) -> Result<(), Error> {
+        removed("shoal_policy", self.rules.remove(&LpmKey::new(len, k)))
     }
 }
 

@@ -392,3 +392,55 @@ fn affinity_does_not_hold_a_client_on_a_backend_that_stopped_being_ready() {
     let (_, out) = l.run("from_pod", &packet(TCP, ("10.0.0.2", 30000), ("10.96.0.30", 80), ACK, &[]));
     assert_eq!(tuple(&out).1, first);
 }
+
+/// Network policy in the programs: the maps as `Policies::sync` writes them for a web pod
+/// (10.0.1.2, on this node) that admits only `role=client` pods on TCP 8080 and sends only
+/// to 10.0.0.0/8 except 10.0.3.0/24, UDP 53.
+#[test]
+fn policy_judges_new_flows_and_lets_their_replies_through() {
+    use serde_json::json;
+    use shoal_dataplane::policy::Policies;
+    let mut l = Loaded::new();
+    let mut p = Policies::new("n1");
+    p.set_host([ip("10.0.1.1")]);
+    let pod = |name: &str, node: &str, ipa: &str, labels: serde_json::Value| json!({"metadata": {"name": name, "namespace": "default", "labels": labels}, "spec": {"nodeName": node}, "status": {"podIP": ipa}});
+    p.hold("Namespace", "", "default", Some(&json!({"metadata": {"name": "default"}})));
+    p.hold("Pod", "default", "web", Some(&pod("web", "n1", "10.0.1.2", json!({"app": "web"}))));
+    p.hold("Pod", "default", "client", Some(&pod("client", "n2", "10.0.2.2", json!({"role": "client"}))));
+    p.hold("Pod", "default", "other", Some(&pod("other", "n2", "10.0.2.3", json!({"role": "other"}))));
+    p.hold("NetworkPolicy", "default", "web", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress", "Egress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"protocol": "TCP", "port": 8080}]}],
+        "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.3.0/24"]}}], "ports": [{"protocol": "UDP", "port": 53}]}]}})));
+    let s = p.sync(l.dp().policy_maps());
+    assert!(s.errors.is_empty() && s.writes > 0, "{s:?}");
+    let shot = 2;
+    // ingress: the client's SYN enters, the other pod's does not, nor the client's on
+    // another port; a segment without SYN is not judged; the node always enters
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.2", 40000), ("10.0.1.2", 8080), SYN, b"")).0, TC_ACT_OK);
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.2", 8080), SYN, b"")).0, shot);
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.2", 40000), ("10.0.1.2", 22), SYN, b"")).0, shot);
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.2", 8080), ACK, b"")).0, TC_ACT_OK);
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.1.1", 40000), ("10.0.1.2", 9999), SYN, b"")).0, TC_ACT_OK);
+    // the pod's reply (SYN+ACK) leaves although egress allows no TCP
+    assert_eq!(l.run("from_pod", &packet(TCP, ("10.0.1.2", 8080), ("10.0.2.2", 40000), SYN | ACK, b"")).0, TC_ACT_OK);
+    assert_eq!(l.run("from_pod", &packet(TCP, ("10.0.1.2", 41000), ("10.0.2.2", 80), SYN, b"")).0, shot);
+    // egress UDP 53 inside the block; not into the except; the reply of an allowed
+    // query enters (ingress is isolated and allows no UDP) by its conntrack entry
+    assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 5353), ("10.0.2.9", 53), 0, b"q")).0, TC_ACT_OK);
+    assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 5353), ("10.0.3.9", 53), 0, b"q")).0, shot);
+    assert_eq!(l.run("to_pod", &packet(UDP, ("10.0.2.9", 53), ("10.0.1.2", 5353), 0, b"a")).0, TC_ACT_OK);
+    assert_eq!(l.run("to_pod", &packet(UDP, ("10.0.2.9", 54), ("10.0.1.2", 5353), 0, b"a")).0, shot);
+    // through a service: judged against the backend it reaches
+    l.service("dns", "10.96.0.10", 53, Proto::Udp, &[("10.0.3.7", 53)], 0);
+    assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 6000), ("10.96.0.10", 53), 0, b"q")).0, shot);
+    l.service("dns", "10.96.0.10", 53, Proto::Udp, &[("10.0.2.7", 53)], 0);
+    assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 6001), ("10.96.0.10", 53), 0, b"q")).0, TC_ACT_OK);
+    // a pod no policy selects is not judged
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.9", 22), SYN, b"")).0, TC_ACT_OK);
+    let stats: HashMap<&str, u64> = l.dp().stats().into_iter().collect();
+    assert_eq!(stats["policy_denied"], 6, "{stats:?}");
+    // the policy goes: everything enters
+    p.hold("NetworkPolicy", "default", "web", None);
+    p.sync(l.dp().policy_maps());
+    assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.2", 22), SYN, b"")).0, TC_ACT_OK);
+}
