@@ -559,6 +559,8 @@ fn store_key(kind: &str, ns: &str, name: &str) -> Option<String> {
 
 const SERVICES_PREFIX: &str = "/registry/services/specs/";
 const SLICES_PREFIX: &str = "/registry/endpointslices/";
+const NAMESPACES_PREFIX: &str = "/registry/namespaces/";
+const NETPOL_PREFIX: &str = "/registry/networkpolicies/";
 /// Objects per message of a services snapshot (well under the 4 MiB gRPC message limit).
 const SERVICES_CHUNK: usize = 500;
 
@@ -567,6 +569,10 @@ fn kind_of_key(key: &str) -> &'static str {
         "Service"
     } else if key.starts_with(SLICES_PREFIX) {
         "EndpointSlice"
+    } else if key.starts_with(NAMESPACES_PREFIX) {
+        "Namespace"
+    } else if key.starts_with(NETPOL_PREFIX) {
+        "NetworkPolicy"
     } else if key.starts_with("/registry/minions/") {
         "Node"
     } else if key.starts_with("/registry/pods/") {
@@ -694,13 +700,16 @@ struct HubState {
     proxying: HashSet<String>,
     /// Service and EndpointSlice changes of the current burst, for `proxying` nodes.
     pending_services: Vec<pb::Object>,
+    /// Pod key → what `proxying` nodes were last sent of it (`policy_pod`): a pod change
+    /// that policy does not see (status, most of them) is not sent.
+    policy_pods: HashMap<String, Vec<u8>>,
 }
 
 impl Hub {
     fn start(cache: Arc<Cache>, metrics: Arc<AgentMetrics>) -> Hub {
         let (tx, rx) = mpsc::unbounded_channel();
         let outs: Arc<Mutex<HashMap<String, Out>>> = Default::default();
-        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false, peer_info: HashMap::new(), routing: HashSet::new(), proxying: HashSet::new(), pending_services: Vec::new() };
+        let st = HubState { cache, metrics, pods: HashMap::new(), nodes: HashMap::new(), users: HashMap::new(), claim_volume: HashMap::new(), outs: outs.clone(), pending: HashMap::new(), rebuilding: false, peer_info: HashMap::new(), routing: HashSet::new(), proxying: HashSet::new(), pending_services: Vec::new(), policy_pods: HashMap::new() };
         std::thread::Builder::new()
             .name("api-agents".into())
             .spawn(move || {
@@ -733,8 +742,24 @@ fn object(key: &str, e: Option<&Entry>, rev: i64) -> pb::Object {
         Some(rest) => rest,
         None => key.splitn(4, '/').nth(3).unwrap_or(""),
     };
-    let (ns, name) = if matches!(kind_of_key(key), "Node" | "PersistentVolume") { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
+    let (ns, name) = if matches!(kind_of_key(key), "Node" | "PersistentVolume" | "Namespace") { ("", rest) } else { rest.split_once('/').unwrap_or(("", rest)) };
     pb::Object { kind: kind_of_key(key).into(), namespace: ns.into(), name: name.into(), revision: e.map_or(rev, |e| e.mod_rev), json: e.map(Entry::json).unwrap_or_default() }
+}
+
+/// What a proxying agent's network policy needs of a pod: labels, node, address, named
+/// ports (its whole JSON would send every node every pod status change).
+fn policy_pod(e: &Entry) -> Vec<u8> {
+    let v = e.value();
+    let containers: Vec<Value> = v.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten().map(|c| {
+        let ports: Vec<Value> = c.get("ports").and_then(Value::as_array).into_iter().flatten().filter(|p| p.get("name").is_some()).map(|p| serde_json::json!({"name": p["name"], "containerPort": p["containerPort"], "protocol": p["protocol"]})).collect();
+        serde_json::json!({"ports": ports})
+    }).collect();
+    let slim = serde_json::json!({
+        "metadata": {"labels": v.pointer("/metadata/labels")},
+        "spec": {"nodeName": v.pointer("/spec/nodeName"), "hostNetwork": v.pointer("/spec/hostNetwork"), "containers": containers},
+        "status": {"podIP": v.pointer("/status/podIP")},
+    });
+    serde_json::to_vec(&slim).unwrap_or_default()
 }
 
 impl HubState {
@@ -752,9 +777,11 @@ impl HubState {
                 let (pv, _, _, _) = self.cache.subscribe("/registry/persistentvolumes/", &filter(def("persistentvolumes", "", "v1")), Some(self.cache.revision()))?;
                 let (svc, _, _, _) = self.cache.subscribe(SERVICES_PREFIX, &filter(def("services", "", "v1")), Some(self.cache.revision()))?;
                 let (eps, _, _, _) = self.cache.subscribe(SLICES_PREFIX, &filter(def("endpointslices", "discovery.k8s.io", "v1")), Some(self.cache.revision()))?;
-                Some((p, c, s, n, pvc, pv, svc, eps, initial, nodes))
+                let (nss, _, _, _) = self.cache.subscribe(NAMESPACES_PREFIX, &filter(def("namespaces", "", "v1")), Some(self.cache.revision()))?;
+                let (np, _, _, _) = self.cache.subscribe(NETPOL_PREFIX, &filter(def("networkpolicies", "networking.k8s.io", "v1")), Some(self.cache.revision()))?;
+                Some((p, c, s, n, pvc, pv, svc, eps, nss, np, initial, nodes))
             })();
-            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, mut svcsub, mut epssub, initial, nodes)) = subs else {
+            let Some((mut psub, mut csub, mut ssub, mut nsub, mut pvcsub, mut pvsub, mut svcsub, mut epssub, mut nssub, mut npsub, initial, nodes)) = subs else {
                 // Not ready yet; agents may still attach (they are answered once it is).
                 tokio::select! {
                     m = rx.recv() => match m { Some(m) => self.control(m, false), None => return },
@@ -798,6 +825,8 @@ impl HubState {
                     d = pvsub.rx.recv() => if !self.delivery(d, &mut pvsub.rx) { break },
                     d = svcsub.rx.recv() => if !self.delivery(d, &mut svcsub.rx) { break },
                     d = epssub.rx.recv() => if !self.delivery(d, &mut epssub.rx) { break },
+                    d = nssub.rx.recv() => if !self.delivery(d, &mut nssub.rx) { break },
+                    d = npsub.rx.recv() => if !self.delivery(d, &mut npsub.rx) { break },
                 }
                 self.flush();
             }
@@ -817,7 +846,16 @@ impl HubState {
                     let cur = (!ev.deleted).then_some(&*ev.obj);
                     if ev.key.starts_with("/registry/pods/") {
                         self.pod_changed(&ev.key, cur, ev.rev);
-                    } else if ev.key.starts_with(SERVICES_PREFIX) || ev.key.starts_with(SLICES_PREFIX) {
+                        if !self.proxying.is_empty() {
+                            let slim = cur.map(policy_pod).unwrap_or_default();
+                            let known = if slim.is_empty() { self.policy_pods.remove(&ev.key) } else { self.policy_pods.insert(ev.key.clone(), slim.clone()) };
+                            if known.as_ref() != Some(&slim) && !(slim.is_empty() && known.is_none()) {
+                                let mut o = object(&ev.key, None, ev.rev);
+                                o.json = slim.into();
+                                self.pending_services.push(o);
+                            }
+                        }
+                    } else if ev.key.starts_with(SERVICES_PREFIX) || ev.key.starts_with(SLICES_PREFIX) || ev.key.starts_with(NAMESPACES_PREFIX) || ev.key.starts_with(NETPOL_PREFIX) {
                         if !self.proxying.is_empty() {
                             self.pending_services.push(object(&ev.key, cur, ev.rev));
                         }
@@ -1100,10 +1138,23 @@ impl HubState {
         }
         let Some(c) = self.nodes.get(node).and_then(|n| n.conn.as_ref()) else { return };
         let mut items: Vec<pb::Object> = Vec::new();
-        for (prefix, d) in [(SERVICES_PREFIX, def("services", "", "v1")), (SLICES_PREFIX, def("endpointslices", "discovery.k8s.io", "v1"))] {
+        // namespaces and policies before pods: the agent applies the snapshot at once anyway
+        for (prefix, d) in [(SERVICES_PREFIX, def("services", "", "v1")), (SLICES_PREFIX, def("endpointslices", "discovery.k8s.io", "v1")), (NAMESPACES_PREFIX, def("namespaces", "", "v1")), (NETPOL_PREFIX, def("networkpolicies", "networking.k8s.io", "v1"))] {
             let all = Filter::from_query(d, &Query::default()).expect("an empty selector is valid");
             let (entries, _, _) = self.cache.snapshot(prefix, "", &all, 0);
             items.extend(entries.iter().map(|e| object(&e.key, Some(e), e.mod_rev)));
+        }
+        // pods as policy sees them; what is sent is remembered for the changes after
+        let all = Filter::from_query(def("pods", "", "v1"), &Query::default()).expect("an empty selector is valid");
+        let (pods, _, _) = self.cache.snapshot("/registry/pods/", "", &all, 0);
+        // (pods deleted while no node proxied must not linger as "sent")
+        self.policy_pods.clear();
+        for e in pods.iter() {
+            let slim = policy_pod(e);
+            let mut o = object(&e.key, None, e.mod_rev);
+            o.json = slim.clone().into();
+            items.push(o);
+            self.policy_pods.insert(e.key.clone(), slim);
         }
         let mut chunks: Vec<Vec<pb::Object>> = Vec::new();
         while items.len() > SERVICES_CHUNK {
@@ -1198,5 +1249,9 @@ mod tests {
         assert_eq!((svc.kind.as_str(), svc.namespace.as_str(), svc.name.as_str()), ("Service", "ns1", "web"));
         let eps = object("/registry/endpointslices/ns1/web-x1", None, 9);
         assert_eq!((eps.kind.as_str(), eps.namespace.as_str(), eps.name.as_str()), ("EndpointSlice", "ns1", "web-x1"));
+        let ns = object("/registry/namespaces/team-a", None, 10);
+        assert_eq!((ns.kind.as_str(), ns.namespace.as_str(), ns.name.as_str()), ("Namespace", "", "team-a"));
+        let np = object("/registry/networkpolicies/ns1/deny", None, 11);
+        assert_eq!((np.kind.as_str(), np.namespace.as_str(), np.name.as_str()), ("NetworkPolicy", "ns1", "deny"));
     }
 }

@@ -629,10 +629,20 @@ impl Policies {
     /// so that the first sync removes what is stale and writes only what differs.
     pub fn adopt(&mut self, ipcache: Vec<(Prefix, IpcacheValue)>, endpoints: Vec<(Ipv4Addr, EndpointValue)>, rules: Vec<RuleKey>) {
         self.ipcache = ipcache.into_iter().collect();
+        self.changed.extend(self.ipcache.keys().copied());
+        // numbers of the earlier run are not reused: an old rule never meets a new identity
+        self.next_id = self.next_id.max(self.ipcache.values().map(|v| v.identity + 1).max().unwrap_or(0));
+        self.next_subject = self.next_subject.max(endpoints.iter().map(|(_, e)| e.subject + 1).max().unwrap_or(0));
         self.endpoints = endpoints.into_iter().collect();
         self.rules = rules.into_iter().collect();
+        self.next_subject = self.next_subject.max(self.rules.iter().map(|(_, k)| k.subject + 1).max().unwrap_or(0));
         self.active = !self.endpoints.is_empty();
         self.rules_dirty = true;
+    }
+
+    /// Whether any NetworkPolicy is held.
+    pub fn has_policies(&self) -> bool {
+        !self.policies.is_empty()
     }
 
     /// Counts for metrics: (ipcache entries, isolated local pods, rules).

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::abi::{Proto, SVC_F_EXTERNAL, SVC_F_NODEPORT};
 use crate::loader::{Dataplane, Error};
 use crate::nft::Nft;
+use crate::policy::Policies;
 use crate::table::{Endpoint, Frontend, ServicePort, Table};
 
 /// Which node the proxy runs on: `Local` traffic policies keep to its endpoints, NodePorts
@@ -174,13 +175,25 @@ pub struct Proxy {
     /// The table came from pinned maps: ports no snapshot claims are removed after the first.
     restored: bool,
     metrics: Arc<ProxyMetrics>,
+    /// Pods, Namespaces and NetworkPolicies, and the policy maps derived from them.
+    policies: Policies,
+    /// The pods' bridge, whose address is the node's to policy (probes come from it).
+    bridge: String,
+    /// Logged once: nftables mode holds NetworkPolicies it does not enforce.
+    warned_nft_policy: bool,
+    /// The bridge's addresses, once it has one (it gets them with the node's first pod).
+    bridge_addrs: Vec<Ipv4Addr>,
 }
 
 impl Proxy {
     /// A proxy over loaded programs, its table rebuilt from their pinned maps.
     pub fn new(mut dp: Dataplane, node: NodeView, metrics: Arc<ProxyMetrics>) -> Result<Proxy, Error> {
         let table = dp.restore_table()?;
-        Ok(Proxy::with(Engine::Bpf { dp, table }, node, metrics))
+        let (ipcache, endpoints, rules) = dp.policy_maps().read();
+        let mut p = Proxy::with(Engine::Bpf { dp, table }, node, metrics);
+        // the first sync after the snapshot removes what is stale, rewrites what differs
+        p.policies.adopt(ipcache, endpoints, rules);
+        Ok(p)
     }
 
     /// A proxy programming nftables (`--proxy-mode nftables`, or the fallback when the BPF
@@ -190,7 +203,8 @@ impl Proxy {
     }
 
     fn with(engine: Engine, node: NodeView, metrics: Arc<ProxyMetrics>) -> Proxy {
-        Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics }
+        let policies = Policies::new(&node.name);
+        Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics, policies, bridge: "shoal0".into(), warned_nft_policy: false, bridge_addrs: vec![] }
     }
 
     /// Service ports installed.
@@ -222,6 +236,7 @@ impl Proxy {
             }
             let snap = self.snapshot.take().unwrap_or_default();
             let before: BTreeSet<String> = self.services.keys().cloned().collect();
+            self.policies.reset();
             self.services.clear();
             self.slices.clear();
             self.slices_of.clear();
@@ -250,6 +265,7 @@ impl Proxy {
                 self.resync(&svc);
             }
         }
+        self.sync_policy();
         if let Engine::Nft(nft) = &mut self.engine {
             if let Err(e) = nft.commit() {
                 self.metrics.sync_errors.inc();
@@ -295,7 +311,40 @@ impl Proxy {
                 }
                 svc.or(old)
             }
-            _ => None,
+            kind => {
+                self.policies.hold(kind, &o.namespace, &o.name, value.as_ref());
+                None
+            }
+        }
+    }
+
+    /// Brings the policy maps in step with the Pods, Namespaces and NetworkPolicies held.
+    fn sync_policy(&mut self) {
+        let dp = match &mut self.engine {
+            Engine::Bpf { dp, .. } => dp,
+            Engine::Nft(_) => {
+                if !self.warned_nft_policy && self.policies.has_policies() {
+                    self.warned_nft_policy = true;
+                    tracing::warn!("NetworkPolicies exist but the nftables proxy does not enforce them: pods on this node are NOT isolated");
+                }
+                return;
+            }
+        };
+        if self.bridge_addrs.is_empty() {
+            self.bridge_addrs = addresses_of(&self.bridge);
+        }
+        let mut host: Vec<Ipv4Addr> = self.node.addresses.clone();
+        host.extend(self.bridge_addrs.iter().copied());
+        self.policies.set_host(host);
+        let start = Instant::now();
+        let s = self.policies.sync(dp.policy_maps());
+        self.metrics.map_writes.inc_by(s.writes as u64);
+        if !s.errors.is_empty() {
+            self.metrics.sync_errors.inc_by(s.errors.len() as u64);
+            tracing::error!(errors = s.errors.len(), first = %s.errors[0], "writing the network policy maps failed; retried on the next change");
+        }
+        if s.writes > 0 {
+            tracing::debug!(writes = s.writes, micros = start.elapsed().as_micros() as u64, "network policy maps synced");
         }
     }
 
@@ -380,6 +429,7 @@ impl Proxy {
         for svc in all {
             self.resync(&svc);
         }
+        self.sync_policy();
         if let Engine::Nft(nft) = &mut self.engine {
             if let Err(e) = nft.commit() {
                 tracing::error!(error = %e, "programming nftables failed again; services stay unproxied until the next change");
@@ -395,6 +445,10 @@ impl Proxy {
         let (services, backends) = table.entries();
         fill("shoal_services").set(services as i64);
         fill("shoal_backends").set(backends as i64);
+        let (ipcache, endpoints, rules) = self.policies.sizes();
+        fill("shoal_ipcache").set(ipcache as i64);
+        fill("shoal_endpoints").set(endpoints as i64);
+        fill("shoal_policy").set(rules as i64);
         if conntrack {
             fill("shoal_ct").set(dp.conntrack().len() as i64);
         }
@@ -425,6 +479,7 @@ impl ProxyHandle {
     /// Starts the proxy thread; the programs are attached to every current port of
     /// `bridge` (pods that outlived an agent restart, and program upgrades).
     pub fn start(mut proxy: Proxy, bridge: &str, uplink: Option<&str>) -> ProxyHandle {
+        proxy.bridge = bridge.to_string();
         if let Some(up) = uplink {
             let r = match &mut proxy.engine {
                 Engine::Bpf { dp, .. } => dp.attach_uplink(up),
@@ -489,6 +544,12 @@ impl ProxyHandle {
 /// The ports of a bridge (the pods' host-side veths).
 pub fn bridge_ports(bridge: &str) -> Vec<String> {
     std::fs::read_dir(format!("/sys/class/net/{bridge}/brif")).into_iter().flatten().filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()
+}
+
+/// The IPv4 addresses of an interface, from `ip -o -4 addr show dev` (none if it is not there).
+pub fn addresses_of(ifname: &str) -> Vec<Ipv4Addr> {
+    let Ok(out) = std::process::Command::new("ip").args(["-o", "-4", "addr", "show", "dev", ifname]).stderr(std::process::Stdio::null()).output() else { return vec![] };
+    String::from_utf8_lossy(&out.stdout).lines().filter_map(|l| l.split_whitespace().nth(3)?.split('/').next()?.parse().ok()).collect()
 }
 
 /// The interface holding `addr` (the node's uplink), from `ip -o -4 addr`.

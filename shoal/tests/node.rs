@@ -747,7 +747,37 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
     assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
     if bpf {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
+        network_policy(&k, &agent, &ip, left.trim());
     }
+}
+
+/// NetworkPolicy on the node's one web pod `web` behind ClusterIP `ip`: denied, allowed by
+/// labels and a named port, denied again when the client loses its label.
+fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str) {
+    let once = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80 | tail -n 1");
+    let answer = |k: &K| k.run(&["exec", "client", "--", "sh", "-c", &once], None).1.trim().to_string();
+    assert_eq!(answer(k), web);
+    k.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-deny}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n");
+    k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the policy denies the client", |o| o.contains("timed out"));
+    // probes come from the node, which policy always admits: the pod stays ready
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    assert_eq!(k.ok(&["get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o", "jsonpath={.items[*].endpoints[*].conditions.ready}"]), "true");
+    // allowed: pods labelled role=client, on the pod's port named http
+    k.apply("apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: web-allow-clients}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  ingress: [{from: [{podSelector: {matchLabels: {role: client}}}], ports: [{port: http}]}]\n");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let a = answer(k);
+    assert!(a.contains("timed out"), "the client has no role=client label yet: {a}");
+    k.ok(&["label", "pod", "client", "role=client"]);
+    k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the labelled client is allowed", |o| o.trim() == web);
+    k.ok(&["label", "pod", "client", "role-"]);
+    k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the unlabelled client is denied again", |o| o.contains("timed out"));
+    // the policies go: open again
+    k.ok(&["delete", "networkpolicy", "web-deny", "web-allow-clients"]);
+    k.eventually(&["exec", "client", "--", "sh", "-c", &once], "no policy, no isolation", |o| o.trim() == web);
+    let m = Command::new("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:10255/metrics"]).output().unwrap();
+    let m = String::from_utf8_lossy(&m.stdout);
+    let denied = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("policy_denied")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
+    assert!(denied.is_some_and(|d| d >= 2.0), "policy_denied: {denied:?}\nagent log:\n{}", tail(&agent.log_text(), 30));
 }
 
 /// Reads a child's stdout lines on a thread of their own.
