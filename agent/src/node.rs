@@ -92,7 +92,7 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
     let uplink = node_addr.and_then(shoal_dataplane::proxy::interface_with);
     if o.proxy_mode == ProxyMode::Ebpf {
         // rules of an earlier nftables run would translate again what the programs did
-        let _ = shoal_dataplane::nft::run("table ip shoal-proxy\ndelete table ip shoal-proxy\n");
+        let _ = shoal_dataplane::nft::run("table ip shoal-proxy\ndelete table ip shoal-proxy\ntable ip shoal-policy\ndelete table ip shoal-policy\n");
         match shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone())) {
             Ok(p) => {
                 tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");

@@ -50,6 +50,9 @@ fn proto(p: Proto) -> &'static str {
     }
 }
 
+/// The table of NetworkPolicy in nftables mode (`policy::Policies::nft_script`).
+pub const POLICY_TABLE: &str = "shoal-policy";
+
 /// Runs an nft script as one transaction.
 pub fn run(script: &str) -> Result<(), String> {
     let mut child = Command::new("nft").args(["-f", "-"]).stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().map_err(|e| format!("running nft: {e} (apt-get install nftables)"))?;

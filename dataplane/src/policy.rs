@@ -555,6 +555,138 @@ impl Policies {
         }
     }
 
+    /// nftables mode: the whole `table ip TABLE` that enforces the policies of this node's
+    /// pods, recreated in one transaction (`nft -f -`). In the forward hook (bridged pod
+    /// traffic passes it: br_netfilter is built in), after conntrack's established and
+    /// related packets: a packet to an isolated pod jumps to its subject's ingress chain,
+    /// one from an isolated pod to its egress chain; an allowing rule returns, the chain
+    /// ends in a drop. The rules are the same as the programs' (selectors resolved to the
+    /// pods' addresses, ipBlocks with their excepts inline); the node's own addresses
+    /// always enter. Work is a full rewrite of this table per change: this is the fallback.
+    pub fn nft_script(&mut self, table: &str) -> String {
+        use std::fmt::Write;
+        if self.ids_dirty {
+            self.recompute_identities();
+        }
+        let mut by_key: HashMap<&IdKey, Vec<Ipv4Addr>> = HashMap::new();
+        for (p, k) in &self.wanted_ipcache {
+            if p.1 == 32 && matches!(k.kind, Kind::Pod { .. }) {
+                by_key.entry(k).or_default().push(p.addr());
+            }
+        }
+        // local isolated pods grouped by subject
+        let mut groups: BTreeMap<SubjectKey, (u32, Vec<Ipv4Addr>)> = BTreeMap::new();
+        for k in &self.local {
+            let Some(pod) = self.pods.get(k) else { continue };
+            let Some(ip) = pod.ip else { continue };
+            let mut flags = 0;
+            for p in self.selecting(&k.0, &pod.labels) {
+                flags |= if p.ingress.is_some() { abi::EP_F_INGRESS } else { 0 } | if p.egress.is_some() { abi::EP_F_EGRESS } else { 0 };
+            }
+            if flags != 0 {
+                let g = groups.entry((k.0.clone(), pod.labels.clone(), pod.ports.clone())).or_insert((flags, vec![]));
+                g.1.push(ip);
+            }
+        }
+        let set = |addrs: &mut Vec<String>| {
+            addrs.sort();
+            addrs.dedup();
+            format!("{{ {} }}", addrs.join(", "))
+        };
+        let mut out = format!("table ip {table}\ndelete table ip {table}\n");
+        if groups.is_empty() {
+            return out;
+        }
+        let mut chains = String::new();
+        let mut forward = String::from("    chain forward {\n        type filter hook forward priority filter; policy accept;\n        ct state established,related accept\n");
+        let host: Vec<String> = self.host.iter().map(ToString::to_string).collect();
+        for (i, ((ns, labels, ports), (flags, ips))) in groups.iter().enumerate() {
+            let mut pod_set: Vec<String> = ips.iter().map(ToString::to_string).collect();
+            let pod_set = set(&mut pod_set);
+            for (dir, flag, name, peer_field, own_field) in [(abi::POL_INGRESS, abi::EP_F_INGRESS, "ingress", "saddr", "daddr"), (abi::POL_EGRESS, abi::EP_F_EGRESS, "egress", "daddr", "saddr")] {
+                if flags & flag == 0 {
+                    continue;
+                }
+                let chain = format!("{name}-{i}");
+                let _ = writeln!(forward, "        ip {own_field} {pod_set} jump {chain}");
+                let _ = writeln!(chains, "    chain {chain} {{");
+                for ip in ips {
+                    // a pod reaching itself (hairpin through a service)
+                    let _ = writeln!(chains, "        ip saddr {ip} ip daddr {ip} return");
+                }
+                if dir == abi::POL_INGRESS && !host.is_empty() {
+                    let _ = writeln!(chains, "        ip saddr {} return", set(&mut host.clone()));
+                }
+                let pod = PodInfo { ip: None, node: String::new(), labels: labels.clone(), ports: ports.clone() };
+                for p in self.selecting(ns, labels) {
+                    let rules = if dir == abi::POL_INGRESS { &p.ingress } else { &p.egress };
+                    for rule in rules.iter().flatten() {
+                        // (peer match, the pods' named ports behind it)
+                        let mut peers: Vec<(String, Vec<(String, u8, u16)>)> = Vec::new();
+                        if rule.peers.is_empty() {
+                            let all: Vec<(String, u8, u16)> = self.identities.values().flat_map(|i| i.ports.keys().cloned()).collect();
+                            peers.push((String::new(), all));
+                        }
+                        for peer in &rule.peers {
+                            match peer {
+                                Peer::Block { cidr, except } => {
+                                    let mut m = format!("ip {peer_field} {cidr}");
+                                    if !except.is_empty() {
+                                        let _ = write!(m, " ip {peer_field} != {}", set(&mut except.iter().map(ToString::to_string).collect()));
+                                    }
+                                    peers.push((m, vec![]));
+                                }
+                                Peer::Pods { .. } => {
+                                    let matched: BTreeSet<u32> = self.peer_ids(peer, ns).iter().map(|x| x.id).collect();
+                                    let ids: Vec<&IdKey> = self.identities.iter().filter(|(_, v)| matched.contains(&v.id)).map(|(k, _)| k).collect();
+                                    let mut addrs: Vec<String> = ids.iter().flat_map(|k| by_key.get(k).into_iter().flatten()).map(ToString::to_string).collect();
+                                    if addrs.is_empty() {
+                                        continue;
+                                    }
+                                    let named: Vec<(String, u8, u16)> = ids.iter().filter_map(|k| self.identities.get(*k)).flat_map(|i| i.ports.keys().cloned()).collect();
+                                    peers.push((format!("ip {peer_field} {}", set(&mut addrs)), named));
+                                }
+                            }
+                        }
+                        for (m, named) in &peers {
+                            let mut port_matches: Vec<String> = Vec::new();
+                            if rule.ports.is_empty() {
+                                port_matches.push(String::new());
+                            }
+                            for (proto, port) in &rule.ports {
+                                let pname = match proto {
+                                    6 => "tcp",
+                                    17 => "udp",
+                                    _ => "sctp",
+                                };
+                                match port {
+                                    Port::Any => port_matches.push(format!("meta l4proto {pname}")),
+                                    Port::Range(a, b) if a == b => port_matches.push(format!("meta l4proto {pname} th dport {a}")),
+                                    Port::Range(a, b) => port_matches.push(format!("meta l4proto {pname} th dport {a}-{b}")),
+                                    Port::Named(n) => {
+                                        let source: Vec<(String, u8, u16)> = if dir == abi::POL_INGRESS { pod.ports.iter().cloned().collect() } else { named.clone() };
+                                        let mut found: Vec<String> = source.iter().filter(|(sn, sp, _)| sn == n && sp == proto).map(|(_, _, port)| port.to_string()).collect();
+                                        if !found.is_empty() {
+                                            port_matches.push(format!("meta l4proto {pname} th dport {}", set(&mut found)));
+                                        }
+                                    }
+                                }
+                            }
+                            for pm in port_matches {
+                                let line = [m.as_str(), pm.as_str(), "return"].iter().filter(|x| !x.is_empty()).copied().collect::<Vec<_>>().join(" ");
+                                let _ = writeln!(chains, "        {line}");
+                            }
+                        }
+                    }
+                }
+                let _ = writeln!(chains, "        counter drop\n    }}");
+            }
+        }
+        forward.push_str("    }\n");
+        let _ = write!(out, "table ip {table} {{\n{forward}{chains}}}\n");
+        out
+    }
+
     /// Brings the maps in step; work only for what changed.
     pub fn sync<M: Maps>(&mut self, maps: &mut M) -> Synced {
         if self.ids_dirty {
@@ -826,6 +958,32 @@ mod tests {
         p.sync(&mut m);
         assert!(m.allows(abi::POL_INGRESS, "10.0.1.2", "8.8.8.8", 1, 0));
         assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.2.3", 6, 80));
+    }
+
+    #[test]
+    fn nftables_renders_the_same_rules() {
+        let mut p = setup();
+        assert_eq!(p.nft_script("pol"), "table ip pol\ndelete table ip pol\n");
+        p.hold("NetworkPolicy", "default", "web", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"protocol": "TCP", "port": "http"}]}],
+            "egress": [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": ["10.0.2.0/24"]}}], "ports": [{"protocol": "UDP", "port": 53, "endPort": 54}]}, {}]}})));
+        p.sync(&mut Rec::default());
+        let s = p.nft_script("pol");
+        for want in [
+            "ip daddr { 10.0.1.2 } jump ingress-0",
+            "ip saddr { 10.0.1.2 } jump egress-0",
+            "ip saddr { 10.0.1.1, 192.168.0.1 } return",
+            "ip saddr { 10.0.2.3 } meta l4proto tcp th dport { 8080 } return",
+            "ip daddr 10.0.0.0/8 ip daddr != { 10.0.2.0/24 } meta l4proto udp th dport 53-54 return",
+            "ip saddr 10.0.1.2 ip daddr 10.0.1.2 return",
+            "counter drop",
+        ] {
+            assert!(s.contains(want), "{want} missing from:\n{s}");
+        }
+        // the empty egress rule allows everything
+        assert!(s.lines().any(|l| l.trim() == "return"), "{s}");
+        // the other local pod (10.0.1.4, another namespace) is not isolated
+        assert!(!s.contains("10.0.1.4"), "{s}");
     }
 
     #[test]

@@ -179,8 +179,8 @@ pub struct Proxy {
     policies: Policies,
     /// The pods' bridge, whose address is the node's to policy (probes come from it).
     bridge: String,
-    /// Logged once: nftables mode holds NetworkPolicies it does not enforce.
-    warned_nft_policy: bool,
+    /// nftables mode: the policy table last written (rewritten when it differs).
+    nft_policy: Option<String>,
     /// The bridge's addresses, once it has one (it gets them with the node's first pod).
     bridge_addrs: Vec<Ipv4Addr>,
 }
@@ -204,7 +204,7 @@ impl Proxy {
 
     fn with(engine: Engine, node: NodeView, metrics: Arc<ProxyMetrics>) -> Proxy {
         let policies = Policies::new(&node.name);
-        Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics, policies, bridge: "shoal0".into(), warned_nft_policy: false, bridge_addrs: vec![] }
+        Proxy { engine, node, services: HashMap::new(), slices: HashMap::new(), slices_of: HashMap::new(), installed: HashMap::new(), snapshot: None, restored: true, metrics, policies, bridge: "shoal0".into(), nft_policy: None, bridge_addrs: vec![] }
     }
 
     /// Service ports installed.
@@ -320,22 +320,31 @@ impl Proxy {
 
     /// Brings the policy maps in step with the Pods, Namespaces and NetworkPolicies held.
     fn sync_policy(&mut self) {
+        if self.bridge_addrs.is_empty() {
+            self.bridge_addrs = addresses_of(&self.bridge);
+        }
+        let host: Vec<Ipv4Addr> = self.node.addresses.iter().chain(self.bridge_addrs.iter()).copied().collect();
+        self.policies.set_host(host);
         let dp = match &mut self.engine {
             Engine::Bpf { dp, .. } => dp,
             Engine::Nft(_) => {
-                if !self.warned_nft_policy && self.policies.has_policies() {
-                    self.warned_nft_policy = true;
-                    tracing::warn!("NetworkPolicies exist but the nftables proxy does not enforce them: pods on this node are NOT isolated");
+                let script = self.policies.nft_script(crate::nft::POLICY_TABLE);
+                if self.nft_policy.as_deref() == Some(script.as_str()) {
+                    return;
+                }
+                match crate::nft::run(&script) {
+                    Ok(()) => {
+                        self.metrics.map_writes.inc();
+                        self.nft_policy = Some(script);
+                    }
+                    Err(e) => {
+                        self.metrics.sync_errors.inc();
+                        tracing::error!(error = %e, "writing the network policy table failed; retried on the next change");
+                    }
                 }
                 return;
             }
         };
-        if self.bridge_addrs.is_empty() {
-            self.bridge_addrs = addresses_of(&self.bridge);
-        }
-        let mut host: Vec<Ipv4Addr> = self.node.addresses.clone();
-        host.extend(self.bridge_addrs.iter().copied());
-        self.policies.set_host(host);
         let start = Instant::now();
         let s = self.policies.sync(dp.policy_maps());
         self.metrics.map_writes.inc_by(s.writes as u64);

@@ -747,13 +747,13 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
     assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
     if bpf {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
-        network_policy(&k, &agent, &ip, left.trim());
     }
+    network_policy(&k, &agent, &ip, left.trim(), bpf);
 }
 
 /// NetworkPolicy on the node's one web pod `web` behind ClusterIP `ip`: denied, allowed by
 /// labels and a named port, denied again when the client loses its label.
-fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str) {
+fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str, bpf: bool) {
     let once = format!("printf 'GET /index.html HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80 | tail -n 1");
     let answer = |k: &K| k.run(&["exec", "client", "--", "sh", "-c", &once], None).1.trim().to_string();
     assert_eq!(answer(k), web);
@@ -771,9 +771,18 @@ fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str) {
     k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the labelled client is allowed", |o| o.trim() == web);
     k.ok(&["label", "pod", "client", "role-"]);
     k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the unlabelled client is denied again", |o| o.contains("timed out"));
+    if !bpf {
+        // nftables mode: the drops are counted in the policy table
+        let t = Command::new("nft").args(["list", "table", "ip", "shoal-policy"]).output().unwrap();
+        let t = String::from_utf8_lossy(&t.stdout);
+        assert!(t.lines().any(|l| l.contains("counter packets") && !l.contains("counter packets 0 ")), "{t}");
+    }
     // the policies go: open again
     k.ok(&["delete", "networkpolicy", "web-deny", "web-allow-clients"]);
     k.eventually(&["exec", "client", "--", "sh", "-c", &once], "no policy, no isolation", |o| o.trim() == web);
+    if !bpf {
+        return;
+    }
     let m = Command::new("curl").args(["-s", "--max-time", "5", "http://127.0.0.1:10255/metrics"]).output().unwrap();
     let m = String::from_utf8_lossy(&m.stdout);
     let denied = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("policy_denied")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
