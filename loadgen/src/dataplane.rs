@@ -15,6 +15,13 @@
 //!   KUBE-SVC-* -> KUBE-SEP-* with `statistic random`).
 //!
 //! Throughput pod -> service -> pod is iperf3 through the eBPF service vs direct.
+//!
+//! NetworkPolicy (eBPF mode, after the plain run): `--policy-pods` pods on other nodes
+//! (with labels shared by 50 pods each, over 100 namespaces) and `--policies` policies are
+//! held; the backends are isolated by a policy admitting the client's labels on the
+//! server port, so every connection's SYN is judged. Measured: the cold sync (ipcache,
+//! endpoints, rules), one pod added, one policy added, and the connect rate with the
+//! policy judged (`ebpf_policy`).
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -52,6 +59,12 @@ pub struct DataplaneArgs {
     /// One-service changes timed in eBPF mode.
     #[arg(long, default_value_t = 200)]
     pub changes: usize,
+    /// Pods on other nodes that NetworkPolicy knows (eBPF mode; 0: no policy measurement).
+    #[arg(long, default_value_t = 150000)]
+    pub policy_pods: usize,
+    /// NetworkPolicies among them (each selects one label set, admits the next one).
+    #[arg(long, default_value_t = 1000)]
+    pub policies: usize,
 }
 
 const SERVER_PORT: u16 = 8080;
@@ -297,6 +310,9 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
             out.insert("service_gbps".into(), json!(median(&mut service)));
             out.insert("direct_median_gbps".into(), json!(median(&mut direct)));
         }
+        if a.policy_pods > 0 {
+            policy(a, topo, &mut dp, out)?;
+        }
         let stats: Map<String, Value> = dp.stats().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
         out.insert("ebpf_counters".into(), Value::Object(stats));
         Ok(())
@@ -305,6 +321,87 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
     let _ = dp.detach("be0");
     let _ = dp.unpin();
     result
+}
+
+/// NetworkPolicy at cluster scale on this node's maps, and its cost per connection.
+fn policy(a: &DataplaneArgs, topo: &Topology, dp: &mut Dataplane, out: &mut Map<String, Value>) -> Result<()> {
+    use shoal_dataplane::policy::Policies;
+    let pod = |ns: &str, name: &str, node: &str, ip: Ipv4Addr, labels: Value| json!({"metadata": {"name": name, "namespace": ns, "labels": labels}, "spec": {"nodeName": node}, "status": {"podIP": ip.to_string()}});
+    let mut p = Policies::new("bench");
+    p.set_host([Ipv4Addr::new(10, 0, 1, 1), Ipv4Addr::new(10, 1, 0, 1)]);
+    let t = Instant::now();
+    let sets = (a.policy_pods / 50).max(1);
+    for n in 0..100 {
+        let name = format!("ns-{n}");
+        p.hold("Namespace", "", &name, Some(&json!({"metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}}})));
+    }
+    p.hold("Namespace", "", "bench", Some(&json!({"metadata": {"name": "bench"}})));
+    let bar = crate::hollow::bar(a.policy_pods as u64, "ebpf: pods for network policy");
+    for i in 0..a.policy_pods {
+        // 10.2.0.0/15 and up: clear of the client, backend and service ranges
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + i as u32);
+        let set = i % sets;
+        let ns = format!("ns-{}", set % 100);
+        p.hold("Pod", &ns, &format!("p-{i}"), Some(&pod(&ns, &format!("p-{i}"), &format!("node-{}", i % 5000), ip, json!({"app": format!("app-{set}")}))));
+        if i % 5000 == 0 {
+            bar.set_position(i as u64);
+        }
+    }
+    bar.finish_and_clear();
+    for k in 0..a.policies {
+        let (set, next) = (k % sets, (k + 1) % sets);
+        let ns = format!("ns-{}", set % 100);
+        p.hold("NetworkPolicy", &ns, &format!("np-{k}"), Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": format!("app-{set}")}}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": format!("app-{next}")}}}, {"ipBlock": {"cidr": "192.168.0.0/16", "except": ["192.168.1.0/24"]}}], "ports": [{"port": 8080}]}]}})));
+    }
+    // this node: the client pod and the backends, isolated by a policy for the client
+    p.hold("Pod", "bench", "client", Some(&pod("bench", "client", "bench", Ipv4Addr::new(10, 0, 1, 2), json!({"role": "client"}))));
+    for j in 0..a.endpoints {
+        p.hold("Pod", "bench", &format!("backend-{j}"), Some(&pod("bench", &format!("backend-{j}"), "bench", backend(j), json!({"app": "backend"}))));
+    }
+    p.hold("NetworkPolicy", "bench", "backend", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "backend"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": SERVER_PORT}]}]}})));
+    let held = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let s = p.sync(dp.policy_maps());
+    let cold = t.elapsed().as_secs_f64();
+    if !s.errors.is_empty() {
+        bail!("policy sync: {} errors, first {}", s.errors.len(), s.errors[0]);
+    }
+    let (ipcache, endpoints, rules) = p.sizes();
+    out.insert("policy".into(), json!({
+        "pods": a.policy_pods, "policies": a.policies + 1, "hold_all_s": held, "cold_sync_s": cold, "cold_sync_map_writes": s.writes,
+        "ipcache_entries": ipcache, "isolated_local_pods": endpoints, "rules": rules,
+    }));
+    // one pod of a known label set comes, then goes
+    let (mut total, mut writes) = (Duration::ZERO, 0);
+    for k in 0..a.changes {
+        let ip = Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 2, 0, 0)) + (a.policy_pods + 1) as u32);
+        let v = (k % 2 == 0).then(|| pod("ns-1", "extra", "node-7", ip, json!({"app": "app-1"})));
+        let t = Instant::now();
+        p.hold("Pod", "ns-1", "extra", v.as_ref());
+        writes += p.sync(dp.policy_maps()).writes;
+        total += t.elapsed();
+    }
+    out["policy"]["pod_change_ms"] = json!(total.as_secs_f64() * 1000.0 / a.changes.max(1) as f64);
+    out["policy"]["pod_change_map_writes"] = json!(writes as f64 / a.changes.max(1) as f64);
+    // one policy selecting this node's backends changes its port, and back
+    let (mut total, mut writes) = (Duration::ZERO, 0);
+    let n = a.changes.min(20);
+    for k in 0..n {
+        let port = if k % 2 == 0 { 9090 } else { SERVER_PORT };
+        let v = json!({"spec": {"podSelector": {"matchLabels": {"app": "backend"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}], "ports": [{"port": SERVER_PORT}, {"port": port}]}]}});
+        let t = Instant::now();
+        p.hold("NetworkPolicy", "bench", "backend-extra", Some(&v));
+        writes += p.sync(dp.policy_maps()).writes;
+        total += t.elapsed();
+    }
+    out["policy"]["policy_change_ms"] = json!(total.as_secs_f64() * 1000.0 / n.max(1) as f64);
+    out["policy"]["policy_change_map_writes"] = json!(writes as f64 / n.max(1) as f64);
+    let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
+    out.insert("ebpf_policy".into(), r);
+    // the maps emptied again for the modes after this one
+    p.reset();
+    p.sync(dp.policy_maps());
+    Ok(())
 }
 
 fn nftables(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Result<()> {
