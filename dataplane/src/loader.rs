@@ -273,6 +273,19 @@ impl Pinned {
         Ok(Pinned { services: open(dir, "shoal_services")?, backends: open(dir, "shoal_backends")?, ct: open(dir, "shoal_ct")? })
     }
 
+    /// The network policy maps pinned in `dir`, for listings.
+    pub fn open_policy(dir: &Path) -> Result<PolicyMaps, Error> {
+        fn md(dir: &Path, name: &'static str) -> Result<aya::maps::Map, Error> {
+            let md = MapData::from_pin(dir.join(name)).map_err(|e| Error::Map(name, e))?;
+            aya::maps::Map::from_map_data(md).map_err(|e| Error::Map(name, e))
+        }
+        Ok(PolicyMaps {
+            ipcache: LpmTrie::try_from(md(dir, "shoal_ipcache")?).map_err(|e| Error::Map("shoal_ipcache", e))?,
+            endpoints: BpfHashMap::try_from(md(dir, "shoal_endpoints")?).map_err(|e| Error::Map("shoal_endpoints", e))?,
+            rules: LpmTrie::try_from(md(dir, "shoal_policy")?).map_err(|e| Error::Map("shoal_policy", e))?,
+        })
+    }
+
     pub fn services(&self) -> Vec<(SvcKey, SvcValue)> {
         self.services.iter().filter_map(Result::ok).collect()
     }

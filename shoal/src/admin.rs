@@ -54,8 +54,14 @@ enum DataplaneCmd {
     Services,
     /// Every backend entry (id, address, flags).
     Backends,
-    /// Connection-tracking entries (both directions of each flow).
+    /// Connection-tracking entries (both directions of each service flow, and the
+    /// non-TCP flows network policy let through).
     Conntrack,
+    /// NetworkPolicy: each isolated pod of this node with its subject, and every rule
+    /// (like `cilium bpf policy get --all`).
+    Policy,
+    /// The policy identities of addresses and CIDRs (longest prefix wins).
+    Ipcache,
 }
 
 #[derive(Subcommand, Debug)]
@@ -193,12 +199,18 @@ pub async fn run(a: AdminArgs) -> Result<String, Failure> {
 }
 
 fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<String, Failure> {
-    use shoal_dataplane::abi::{addr_of, Proto, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_HAIRPIN, CT_F_SNAT, CT_REVERSE, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
+    use shoal_dataplane::abi::{addr_of, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_ESTABLISHED, CT_F_HAIRPIN, CT_F_SNAT, CT_POLICY, CT_REVERSE, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_MAGLEV, SVC_F_NODEPORT};
     if !dir.join("shoal_services").exists() {
         return Err(Failure(3, format!("no service proxy maps in {} (is `shoal agent` running here with --bpf-dir {}? are you root?)", dir.display(), dir.display())));
     }
     let maps = shoal_dataplane::loader::Pinned::open(dir).map_err(|e| Failure(3, format!("{e} (root is needed to read BPF maps)")))?;
-    let proto = |p: u8| if p == Proto::Tcp as u8 { "TCP" } else if p == Proto::Udp as u8 { "UDP" } else { "?" };
+    let proto = |p: u8| match p {
+        6 => "TCP".to_string(),
+        17 => "UDP".to_string(),
+        132 => "SCTP".to_string(),
+        1 => "ICMP".to_string(),
+        n => n.to_string(),
+    };
     let port = |p: u16| u16::from_be(p);
     match cmd {
         DataplaneCmd::Services => {
@@ -262,7 +274,12 @@ fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<S
                             flags.push(n);
                         }
                     }
-                    json!({"direction": if k.dir == CT_REVERSE { "reply" } else { "forward" }, "protocol": proto(k.proto),
+                    let direction = match k.dir {
+                        CT_REVERSE => "reply",
+                        CT_POLICY => "policy",
+                        _ => "forward",
+                    };
+                    json!({"direction": direction, "protocol": proto(k.proto),
                         "source": format!("{}:{}", addr_of(k.saddr), port(k.sport)), "destination": format!("{}:{}", addr_of(k.daddr), port(k.dport)),
                         "translatedTo": format!("{}:{}", addr_of(e.nat_addr), port(e.nat_port)), "serviceId": e.svc_id, "backendId": e.backend_id,
                         "flags": flags.join(","), "expiresInSeconds": (e.expires as f64 / 1e9 - now).round()})
@@ -277,6 +294,80 @@ fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<S
                         s.push_str(&format!("{:<8} {:<5} {:<22} {:<22} {:<22} {:<8} {}\n", f("direction"), f("protocol"), f("source"), f("destination"), f("translatedTo"), format!("{}s", r["expiresInSeconds"]), f("flags")));
                     }
                     s.push_str(&format!("{} entries", rows.len()));
+                    s
+                }
+            })
+        }
+        DataplaneCmd::Policy | DataplaneCmd::Ipcache => {
+            use shoal_dataplane::abi::{EP_F_EGRESS, EP_F_INGRESS, ID_ANY, ID_WORLD, IPC_F_HOST, POLICY_EXACT, POLICY_PROTO, POL_INGRESS};
+            let pm = shoal_dataplane::loader::Pinned::open_policy(dir).map_err(|e| Failure(3, format!("{e} (an agent older than network policy?)")))?;
+            let (ipcache, endpoints, rules) = pm.read();
+            let identity = |id: u32| match id {
+                ID_ANY => "any".to_string(),
+                ID_WORLD => "world".to_string(),
+                n => n.to_string(),
+            };
+            if matches!(cmd, DataplaneCmd::Ipcache) {
+                let mut rows = ipcache;
+                rows.sort_by_key(|(p, _)| (p.0, p.1));
+                let rows: Vec<Value> = rows.iter().map(|(p, v)| json!({"prefix": p.to_string(), "identity": v.identity, "host": v.flags & IPC_F_HOST != 0})).collect();
+                return Ok(match out {
+                    Output::Json => Value::Array(rows).to_string(),
+                    Output::Human => {
+                        let mut s = format!("{:<20} {:<10} FLAGS\n", "PREFIX", "IDENTITY");
+                        for r in &rows {
+                            s.push_str(&format!("{:<20} {:<10} {}\n", r["prefix"].as_str().unwrap_or(""), r["identity"], if r["host"] == true { "host" } else { "" }));
+                        }
+                        s.push_str(&format!("{} entries", rows.len()));
+                        s
+                    }
+                });
+            }
+            let mut eps = endpoints;
+            eps.sort_by_key(|(a, _)| u32::from(*a));
+            let mut rules = rules;
+            rules.sort_by_key(|(l, k)| (k.subject, k.dir, k.peer, k.proto, u16::from_be(k.port), *l));
+            let rule_rows = |subject: u32| -> Vec<Value> {
+                rules.iter().filter(|(_, k)| k.subject == subject).map(|(len, k)| {
+                    let (p, ports) = if *len <= POLICY_EXACT {
+                        ("any".to_string(), "any".to_string())
+                    } else if *len <= POLICY_PROTO {
+                        (proto(k.proto), "any".to_string())
+                    } else {
+                        let start = u16::from_be(k.port);
+                        let span = 1u32 << (96 - len);
+                        let end = u32::from(start) + span - 1;
+                        (proto(k.proto), if span == 1 { start.to_string() } else { format!("{start}-{end}") })
+                    };
+                    json!({"direction": if k.dir == POL_INGRESS { "ingress" } else { "egress" }, "peerIdentity": identity(k.peer), "protocol": p, "ports": ports})
+                }).collect()
+            };
+            let rows: Vec<Value> = eps.iter().map(|(a, e)| {
+                let mut iso = vec![];
+                if e.flags & EP_F_INGRESS != 0 {
+                    iso.push("ingress");
+                }
+                if e.flags & EP_F_EGRESS != 0 {
+                    iso.push("egress");
+                }
+                json!({"pod": a.to_string(), "subject": e.subject, "isolated": iso.join(","), "allow": rule_rows(e.subject)})
+            }).collect();
+            Ok(match out {
+                Output::Json => Value::Array(rows).to_string(),
+                Output::Human => {
+                    let mut s = String::new();
+                    for r in &rows {
+                        s.push_str(&format!("pod {} (subject {}, isolated for {})\n", r["pod"].as_str().unwrap_or(""), r["subject"], r["isolated"].as_str().unwrap_or("")));
+                        let allow = r["allow"].as_array().cloned().unwrap_or_default();
+                        if allow.is_empty() {
+                            s.push_str("    (no rule: everything denied)\n");
+                        }
+                        for a in &allow {
+                            let f = |k: &str| a[k].as_str().unwrap_or("").to_string();
+                            s.push_str(&format!("    allow {:<8} peer {:<8} {:<5} ports {}\n", f("direction"), f("peerIdentity"), f("protocol"), f("ports")));
+                        }
+                    }
+                    s.push_str(&format!("{} isolated pods", rows.len()));
                     s
                 }
             })

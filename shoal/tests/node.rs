@@ -769,6 +769,19 @@ fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str, bpf: bool) {
     assert!(a.contains("timed out"), "the client has no role=client label yet: {a}");
     k.ok(&["label", "pod", "client", "role=client"]);
     k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the labelled client is allowed", |o| o.trim() == web);
+    if bpf {
+        // as an operator reads it: the web pod is isolated for ingress, TCP 8080 allowed
+        let web_ip = k.ok(&["get", "pod", web, "-o", "jsonpath={.status.podIP}"]);
+        let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "-o", "json", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("policy").output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let listed: Value = serde_json::from_slice(&o.stdout).unwrap();
+        let pod = listed.as_array().unwrap().iter().find(|r| r["pod"] == web_ip.trim()).unwrap_or_else(|| panic!("{web_ip} not in {listed}"));
+        assert_eq!(pod["isolated"], "ingress", "{pod}");
+        assert!(pod["allow"].as_array().unwrap().iter().any(|a| a["protocol"] == "TCP" && a["ports"] == "8080" && a["direction"] == "ingress"), "{pod}");
+        let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("ipcache").output().unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success() && text.contains(&format!("{}/32", web_ip.trim())) && text.contains("host"), "{text}");
+    }
     k.ok(&["label", "pod", "client", "role-"]);
     k.eventually(&["exec", "client", "--", "sh", "-c", &once], "the unlabelled client is denied again", |o| o.contains("timed out"));
     if !bpf {
