@@ -206,14 +206,42 @@ static __always_inline __be16 snat_port(const struct tuple *t, const struct back
 	return 0;
 }
 
+/* A pod opens a connection straight to an address (socket-level translation connects to
+ * backends this way): a reverse entry of an earlier translated flow with the same ports
+ * would take this connection's SYN-ACK for its own and rewrite it to the service. Such an
+ * entry is dropped unless its flow still lives and still goes to this backend. */
+static __always_inline void drop_stale_reverse(const struct tuple *t, __u64 now)
+{
+	struct ct_key rk = {
+		.saddr = t->daddr,
+		.daddr = t->saddr,
+		.sport = t->dport,
+		.dport = t->sport,
+		.proto = t->proto,
+		.dir = CT_REVERSE,
+	};
+	struct ct_entry *rev = bpf_map_lookup_elem(&shoal_ct, &rk);
+	if (!rev)
+		return;
+	struct ct_key fk = ct_forward_key(rev, t->proto);
+	struct ct_entry *fwd = bpf_map_lookup_elem(&shoal_ct, &fk);
+	if (fwd && fwd->expires > now && !(fwd->flags & CT_F_CLOSING) && fwd->nat_addr == t->daddr &&
+	    fwd->nat_port == t->dport)
+		return;
+	bpf_map_delete_elem(&shoal_ct, &rk);
+}
+
 /* A new flow to a service frontend; `outside`: it came in on the uplink. */
 static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t, __u64 now,
 				    int outside)
 {
 	struct svc_key sk = { .addr = t->daddr, .port = t->dport, .proto = t->proto };
-	struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
-	if (!svc)
+	struct svc_value *svc = filter_has(&shoal_frontends, t->daddr) ? bpf_map_lookup_elem(&shoal_services, &sk) : NULL;
+	if (!svc) {
+		if (!outside && is_syn_only(t) && filter_has(&shoal_natted, t->daddr))
+			drop_stale_reverse(t, now);
 		return TC_ACT_OK;
+	}
 	/* from outside only NodePorts, ExternalIPs and LoadBalancer IPs answer */
 	if (outside && !(svc->flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL)))
 		return TC_ACT_OK;
@@ -278,6 +306,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 		.proto = t->proto,
 		.dir = CT_REVERSE,
 	};
+	filter_set(&shoal_natted, b->addr);
 	if (bpf_map_update_elem(&shoal_ct, &rk, &rev, BPF_ANY) ||
 	    bpf_map_update_elem(&shoal_ct, &fk, &fwd, BPF_ANY))
 		stat_inc(STAT_CT_UPDATE_FAILED);
@@ -286,75 +315,97 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 }
 
 /* Forward path shared by pods and the uplink: an existing flow, a reply addressed to a
- * translated source (hairpin or the node's address), or a new flow. */
-static __always_inline int forward(struct __sk_buff *skb, int outside)
+ * translated source (hairpin or the node's address), or a new flow. Traffic to an address
+ * that is no frontend (the shoal_frontends filter) leaves after two small lookups. */
+static __always_inline int forward(struct __sk_buff *skb, struct tuple *t, int outside)
 {
-	struct tuple t;
-	if (parse_tuple(skb, &t))
+	if (!filter_has(&shoal_frontends, t->daddr)) {
+		if ((HAIRPIN_ADDR && t->daddr == HAIRPIN_ADDR) || (NODE_ADDR && t->daddr == NODE_ADDR)) {
+			__u64 now = bpf_ktime_get_ns();
+			struct ct_entry *rev = reverse_entry(t, now);
+			if (rev)
+				return from_backend(skb, t, rev, now);
+		} else if (!outside && is_syn_only(t) && filter_has(&shoal_natted, t->daddr)) {
+			drop_stale_reverse(t, bpf_ktime_get_ns());
+		}
 		return TC_ACT_OK;
+	}
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_key k = {
-		.saddr = t.saddr,
-		.daddr = t.daddr,
-		.sport = t.sport,
-		.dport = t.dport,
-		.proto = t.proto,
+		.saddr = t->saddr,
+		.daddr = t->daddr,
+		.sport = t->sport,
+		.dport = t->dport,
+		.proto = t->proto,
 		.dir = CT_FORWARD,
 	};
 	struct ct_entry *e = bpf_map_lookup_elem(&shoal_ct, &k);
 	if (e) {
 		/* a live flow keeps its backend while that backend exists; a new SYN on a
 		 * closed flow's port, or a vanished backend, chooses afresh */
-		if (e->expires > now && !(is_syn_only(&t) && (e->flags & CT_F_CLOSING))) {
+		if (e->expires > now && !(is_syn_only(t) && (e->flags & CT_F_CLOSING))) {
 			__u32 id = e->backend_id;
 			struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
 			if (backend_matches(b, e)) {
-				ct_touch(e, t.proto, t.tcp_flags, now);
-				return to_backend(skb, &t, e);
+				ct_touch(e, t->proto, t->tcp_flags, now);
+				return to_backend(skb, t, e);
 			}
 		}
-	} else if ((HAIRPIN_ADDR && t.daddr == HAIRPIN_ADDR) || (NODE_ADDR && t.daddr == NODE_ADDR)) {
-		struct ct_entry *rev = reverse_entry(&t, now);
+	} else if ((HAIRPIN_ADDR && t->daddr == HAIRPIN_ADDR) || (NODE_ADDR && t->daddr == NODE_ADDR)) {
+		struct ct_entry *rev = reverse_entry(t, now);
 		if (rev)
-			return from_backend(skb, &t, rev, now);
+			return from_backend(skb, t, rev, now);
 	}
-	return new_flow(skb, &t, now, outside);
+	return new_flow(skb, t, now, outside);
 }
 
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
-	int act = forward(skb, 0);
+	struct tuple t;
+	if (parse_tuple(skb, &t))
+		return enforce(skb, POL_EGRESS); /* not TCP/UDP over plain IPv4: policy only */
+	int act = forward(skb, &t, 0);
 	if (act != TC_ACT_OK)
 		return act; /* dropped, or bounced back into the pod (hairpin, reject) */
+	/* the source is the pod's still (only bounced or routed flows change it) */
+	if (!bpf_map_lookup_elem(&shoal_endpoints, &t.saddr))
+		return TC_ACT_OK;
 	return enforce(skb, POL_EGRESS);
 }
 
 SEC("classifier")
 int from_net(struct __sk_buff *skb)
 {
-	return forward(skb, 1);
-}
-
-/* Reverse path shared by pods and the uplink. */
-static __always_inline int reverse(struct __sk_buff *skb)
-{
 	struct tuple t;
 	if (parse_tuple(skb, &t))
 		return TC_ACT_OK;
+	return forward(skb, &t, 1);
+}
+
+/* Reverse path shared by pods and the uplink. */
+static __always_inline int reverse(struct __sk_buff *skb, const struct tuple *t)
+{
+	/* reverse entries are keyed by a backend address that had a translated flow */
+	if (!filter_has(&shoal_natted, t->saddr))
+		return TC_ACT_OK;
 	__u64 now = bpf_ktime_get_ns();
-	struct ct_entry *rev = reverse_entry(&t, now);
+	struct ct_entry *rev = reverse_entry(t, now);
 	if (!rev)
 		return TC_ACT_OK;
-	return from_backend(skb, &t, rev, now);
+	return from_backend(skb, t, rev, now);
 }
 
 SEC("classifier")
 int to_pod(struct __sk_buff *skb)
 {
-	if (skb->mark != BOUNCE_MARK && enforce(skb, POL_INGRESS) != TC_ACT_OK)
+	struct tuple t;
+	if (parse_tuple(skb, &t))
+		return skb->mark == BOUNCE_MARK ? TC_ACT_OK : enforce(skb, POL_INGRESS);
+	if (skb->mark != BOUNCE_MARK && bpf_map_lookup_elem(&shoal_endpoints, &t.daddr) &&
+	    enforce(skb, POL_INGRESS) != TC_ACT_OK)
 		return TC_ACT_SHOT;
-	return reverse(skb);
+	return reverse(skb, &t);
 }
 
 /* Replies leaving through the uplink straight to an outside client (a local endpoint of
@@ -362,7 +413,10 @@ int to_pod(struct __sk_buff *skb)
 SEC("classifier")
 int to_net(struct __sk_buff *skb)
 {
-	return reverse(skb);
+	struct tuple t;
+	if (parse_tuple(skb, &t))
+		return TC_ACT_OK;
+	return reverse(skb, &t);
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

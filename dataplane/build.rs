@@ -2,7 +2,7 @@
 //! embedded in the crate (`include_bytes_aligned!`) and loaded at run time with aya.
 use std::{env, path::PathBuf, process::Command};
 
-const PROGRAMS: &[&str] = &["tc_service"];
+const PROGRAMS: &[&str] = &["tc_service", "sock_lb"];
 
 fn main() {
     let bpf = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("../bpf");

@@ -93,7 +93,20 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
     if o.proxy_mode == ProxyMode::Ebpf {
         // rules of an earlier nftables run would translate again what the programs did
         let _ = shoal_dataplane::nft::run("table ip shoal-proxy\ndelete table ip shoal-proxy\ntable ip shoal-policy\ndelete table ip shoal-policy\n");
-        match shoal_dataplane::Dataplane::load(&cfg).and_then(|dp| shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone())) {
+        let loaded = shoal_dataplane::Dataplane::load(&cfg).and_then(|mut dp| {
+            // pods' TCP connects to ClusterIPs go straight to a backend (the tc programs
+            // translate the rest, and everything when this is not possible)
+            match shoal_dataplane::loader::cgroup2_root().map(|root| root.join("shoal").join(&o.node_name)) {
+                Some(cgroup) => match dp.attach_cgroup(&cgroup) {
+                    Ok(true) => tracing::info!(cgroup = %cgroup.display(), "socket-level service translation on the pods' cgroup"),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e, "socket-level service translation is off: the tc programs translate every connection"),
+                },
+                None => tracing::warn!("no cgroup v2 hierarchy: socket-level service translation is off"),
+            }
+            shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone())
+        });
+        match loaded {
             Ok(p) => {
                 tracing::info!(bpf_dir = %o.bpf_dir.display(), "eBPF service proxy loaded");
                 // the uplink carries NodePort traffic from outside (a loopback node address has none)
@@ -103,6 +116,7 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
         }
     }
     // filters of an earlier eBPF run would keep translating with frozen maps
+    let _ = shoal_dataplane::loader::detach_cgroup_links(&o.bpf_dir);
     for ifname in shoal_dataplane::proxy::bridge_ports("shoal0").into_iter().chain(uplink) {
         if shoal_dataplane::loader::detach_filters(&ifname).is_ok() {
             tracing::info!(interface = %ifname, "removed the eBPF service filters of an earlier run");

@@ -144,6 +144,29 @@ struct policy_key {
 	__be16 port;
 };
 
+/* Address filters: a bit per hash of an address (FILTER_BITS of them in u64 words), set
+ * when some entry keyed by an address with that hash may exist. A clear bit lets a packet
+ * skip lookups in the large hash maps (a cache and TLB miss each under load).
+ * shoal_frontends: service frontend addresses (written by user space, with counts);
+ * shoal_natted: backend addresses that ever had a translated flow (set by the programs,
+ * never cleared: a stale bit costs a lookup, nothing else). */
+#define FILTER_BITS 65536
+#define FILTER_WORDS (FILTER_BITS / 64)
+
+static __always_inline __u32 filter_bit(__be32 addr)
+{
+	return (addr * 0x9e3779b1u) >> 16;
+}
+
+/* Socket-level translation (sock_lb.bpf.c): what a socket connected to a service was
+ * sent to instead, kept in the socket's own storage for getpeername(). */
+struct sock_lb {
+	__be32 svc_addr;
+	__be32 backend_addr;
+	__be16 svc_port;
+	__be16 backend_port;
+};
+
 /* Counters, one per CPU, summed by user space. */
 enum stat {
 	STAT_TRANSLATED = 0, /* packets of service flows rewritten towards a backend */
@@ -154,6 +177,7 @@ enum stat {
 	STAT_CT_UPDATE_FAILED,
 	STAT_POLICY_DENIED, /* packets dropped by network policy */
 	STAT_POLICY_ALLOWED, /* new flows a policy rule allowed to an isolated pod */
+	STAT_SOCK_TRANSLATED, /* connect()s sent straight to a backend (socket-level) */
 	STAT_MAX,
 };
 

@@ -53,6 +53,40 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } shoal_affinity SEC(".maps");
 
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, FILTER_WORDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} shoal_frontends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, FILTER_WORDS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} shoal_natted SEC(".maps");
+
+/* Whether an address may have entries behind the filter `map` (common.h). */
+static __always_inline int filter_has(void *map, __be32 addr)
+{
+	__u32 bit = filter_bit(addr);
+	__u32 word = bit / 64;
+	__u64 *w = bpf_map_lookup_elem(map, &word);
+	return !w || (*w & (1ULL << (bit % 64)));
+}
+
+static __always_inline void filter_set(void *map, __be32 addr)
+{
+	__u32 bit = filter_bit(addr);
+	__u32 word = bit / 64;
+	__u64 *w = bpf_map_lookup_elem(map, &word);
+	if (w && !(*w & (1ULL << (bit % 64))))
+		__sync_fetch_and_or(w, 1ULL << (bit % 64));
+}
+
 /* Network policy (common.h). LPM tries must not be preallocated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -196,6 +196,16 @@ pub struct EndpointValue {
     pub flags: u32,
 }
 
+/// `struct sock_lb`: where a socket connected to a service was sent instead.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLb {
+    pub svc_addr: u32,
+    pub backend_addr: u32,
+    pub svc_port: u16,
+    pub backend_port: u16,
+}
+
 /// The bits of `struct policy_key` after its prefixlen (aya's `lpm_trie::Key` adds that).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -222,7 +232,7 @@ unsafe impl aya::Pod for EndpointValue {}
 unsafe impl aya::Pod for PolicyData {}
 
 /// The programs' counters (`enum stat` in common.h), in order.
-pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed"];
+pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed", "sock_translated"];
 
 /// Struct layouts as (C name, size, [(member, offset)]), for the BTF comparison.
 pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
@@ -242,6 +252,7 @@ pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {
         layout!("affinity_value", AffinityValue, backend_id, last_used, addr, port, pad),
         layout!("ipcache_value", IpcacheValue, identity, flags),
         layout!("endpoint", EndpointValue, subject, flags),
+        layout!("sock_lb", SockLb, svc_addr, backend_addr, svc_port, backend_port),
         // the LPM keys: aya's Key puts a u32 prefix length before the data
         ("ipcache_key", 4 + size_of::<u32>(), vec![("prefixlen", 0), ("addr", 4)]),
         (

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
-use aya::programs::{Link, SchedClassifier};
+use aya::programs::links::{CgroupAttachMode, FdLink};
+use aya::programs::{CgroupSockAddr, Link, SchedClassifier};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{addr_of, be_addr, Backend, CtEntry, CtKey, EndpointValue, IpcacheValue, PolicyData, SvcKey, SvcValue, STATS};
@@ -24,6 +25,10 @@ use crate::table;
 
 /// The tc program object built from `bpf/tc_service.bpf.c`.
 pub static TC_SERVICE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tc_service.o"));
+
+/// The socket-level programs built from `bpf/sock_lb.bpf.c`.
+pub static SOCK_LB: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
+const SOCK_PROGRAMS: [&str; 3] = ["sock_connect4", "sock_getpeername4", "sock_release"];
 
 /// tc filter priority and handle of Shoal's programs on every pod interface.
 const TC_PRIORITY: u16 = 1;
@@ -75,8 +80,58 @@ pub struct Dataplane {
     maps: Pinned,
     stats: PerCpuArray<MapData, u64>,
     maglev: Array<MapData, u32>,
+    /// The frontend filter (`shoal_frontends`) and what sets its bits.
+    frontends: FrontendFilter,
     policy: PolicyMaps,
+    /// The socket-level programs, when they loaded (else tc translates everything).
+    sock: Option<Ebpf>,
     pin_dir: PathBuf,
+}
+
+/// `shoal_frontends`: a bit per hash of a frontend address (common.h), set while some
+/// master entry has an address with that hash.
+struct FrontendFilter {
+    words: Array<MapData, u64>,
+    masters: std::collections::HashSet<SvcKey>,
+    counts: std::collections::HashMap<u32, u32>,
+}
+
+/// The filter bit of an address as stored in the maps (`filter_bit` in common.h).
+pub fn filter_bit(be_addr: u32) -> u32 {
+    be_addr.wrapping_mul(0x9e37_79b1) >> 16
+}
+
+impl FrontendFilter {
+    /// Counts a master entry about to be written; sets its bit first (the programs then
+    /// look it up).
+    fn add(&mut self, key: &SvcKey) -> Result<(), MapError> {
+        if !self.masters.insert(*key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key.addr);
+        let n = self.counts.entry(bit).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            let w = self.words.get(&(bit / 64), 0)?;
+            self.words.set(bit / 64, w | (1u64 << (bit % 64)), 0)?;
+        }
+        Ok(())
+    }
+    /// Uncounts a deleted master entry; clears its bit when no other has it.
+    fn remove(&mut self, key: &SvcKey) -> Result<(), MapError> {
+        if !self.masters.remove(key) {
+            return Ok(());
+        }
+        let bit = filter_bit(key.addr);
+        let n = self.counts.entry(bit).or_insert(1);
+        *n -= 1;
+        if *n == 0 {
+            self.counts.remove(&bit);
+            let w = self.words.get(&(bit / 64), 0)?;
+            self.words.set(bit / 64, w & !(1u64 << (bit % 64)), 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// The network policy maps (bpf/lib/policy.h), written by `policy::Policies::sync`.
@@ -91,18 +146,20 @@ const NO_COMMON_LRU: u32 = 1 << 1;
 /// BPF_F_NO_PREALLOC, which LPM tries need.
 const NO_PREALLOC: u32 = 1;
 
-/// Every map of the programs with its key and value sizes and flags, to find pins of an
-/// older layout.
-const MAPS: &[(&str, usize, usize, u32)] = &[
-    ("shoal_services", size_of::<SvcKey>(), size_of::<SvcValue>(), 0),
-    ("shoal_backends", size_of::<u32>(), size_of::<Backend>(), 0),
-    ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>(), NO_COMMON_LRU),
-    ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>(), NO_COMMON_LRU),
-    ("shoal_stats", size_of::<u32>(), size_of::<u64>(), 0),
-    ("shoal_maglev", size_of::<u32>(), size_of::<u32>(), 0),
-    ("shoal_ipcache", size_of::<LpmKey<u32>>(), size_of::<IpcacheValue>(), NO_PREALLOC),
-    ("shoal_endpoints", size_of::<u32>(), size_of::<EndpointValue>(), 0),
-    ("shoal_policy", size_of::<LpmKey<PolicyData>>(), size_of::<u32>(), NO_PREALLOC),
+/// Every map of the programs with its key and value sizes, flags and size, to find pins
+/// of an older layout.
+const MAPS: &[(&str, usize, usize, u32, u32)] = &[
+    ("shoal_services", size_of::<SvcKey>(), size_of::<SvcValue>(), 0, 262144),
+    ("shoal_backends", size_of::<u32>(), size_of::<Backend>(), 0, 262144),
+    ("shoal_ct", size_of::<CtKey>(), size_of::<CtEntry>(), NO_COMMON_LRU, 524288),
+    ("shoal_affinity", size_of::<crate::abi::AffinityKey>(), size_of::<crate::abi::AffinityValue>(), NO_COMMON_LRU, 65536),
+    ("shoal_stats", size_of::<u32>(), size_of::<u64>(), 0, STATS.len() as u32),
+    ("shoal_maglev", size_of::<u32>(), size_of::<u32>(), 0, crate::abi::MAGLEV_M * crate::abi::MAGLEV_TABLES),
+    ("shoal_ipcache", size_of::<LpmKey<u32>>(), size_of::<IpcacheValue>(), NO_PREALLOC, 262144),
+    ("shoal_endpoints", size_of::<u32>(), size_of::<EndpointValue>(), 0, 4096),
+    ("shoal_policy", size_of::<LpmKey<PolicyData>>(), size_of::<u32>(), NO_PREALLOC, 262144),
+    ("shoal_frontends", size_of::<u32>(), size_of::<u64>(), 0, 1024),
+    ("shoal_natted", size_of::<u32>(), size_of::<u64>(), 0, 1024),
 ];
 
 impl Dataplane {
@@ -110,12 +167,12 @@ impl Dataplane {
     /// their layout matches (a pin of another layout is replaced, with a warning).
     pub fn load(config: &Config) -> Result<Dataplane, Error> {
         ensure_bpffs(&config.pin_dir)?;
-        for (name, key_size, value_size, flags) in MAPS {
+        for (name, key_size, value_size, flags, max) in MAPS {
             let pin = config.pin_dir.join(name);
             if !pin.exists() {
                 continue;
             }
-            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size && info.map_flags() == *flags);
+            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size && info.map_flags() == *flags && info.max_entries() == *max);
             if matches != Some(true) {
                 tracing::warn!(map = name, pin = %pin.display(), "pinned map has another layout (an older Shoal?); replacing it, its flows are lost");
                 std::fs::remove_file(&pin).map_err(|e| Error::BpfFs(pin.clone(), e))?;
@@ -135,12 +192,60 @@ impl Dataplane {
         let maps = Pinned { services, backends, ct };
         let stats = PerCpuArray::try_from(take(&mut ebpf, "shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
         let maglev = Array::try_from(take(&mut ebpf, "shoal_maglev")).map_err(|e| Error::Map("shoal_maglev", e))?;
+        // the filters from what the maps hold (an upgrade from a Shoal without them, or a
+        // restart): every frontend's bit, and every backend's and reply entry's in natted
+        let mut frontends = FrontendFilter { words: Array::try_from(take(&mut ebpf, "shoal_frontends")).map_err(|e| Error::Map("shoal_frontends", e))?, masters: Default::default(), counts: Default::default() };
+        let mut want = vec![0u64; 1024];
+        for (k, _) in maps.services().into_iter().filter(|(k, _)| k.slot == 0) {
+            let bit = filter_bit(k.addr);
+            want[(bit / 64) as usize] |= 1 << (bit % 64);
+            frontends.masters.insert(k);
+            *frontends.counts.entry(bit).or_insert(0) += 1;
+        }
+        for (i, w) in want.iter().enumerate() {
+            frontends.words.set(i as u32, *w, 0).map_err(|e| Error::Map("shoal_frontends", e))?;
+        }
+        let mut natted: Array<MapData, u64> = Array::try_from(take(&mut ebpf, "shoal_natted")).map_err(|e| Error::Map("shoal_natted", e))?;
+        let mut bits = vec![0u64; 1024];
+        for addr in maps.backends().iter().map(|(_, b)| b.addr).chain(maps.conntrack().iter().filter(|(k, _)| k.dir == crate::abi::CT_REVERSE).map(|(k, _)| k.saddr)) {
+            let bit = filter_bit(addr);
+            bits[(bit / 64) as usize] |= 1 << (bit % 64);
+        }
+        for (i, w) in bits.iter().enumerate().filter(|(_, w)| **w != 0) {
+            let cur = natted.get(&(i as u32), 0).unwrap_or(0);
+            natted.set(i as u32, cur | *w, 0).map_err(|e| Error::Map("shoal_natted", e))?;
+        }
         let policy = PolicyMaps {
             ipcache: LpmTrie::try_from(take(&mut ebpf, "shoal_ipcache")).map_err(|e| Error::Map("shoal_ipcache", e))?,
             endpoints: BpfHashMap::try_from(take(&mut ebpf, "shoal_endpoints")).map_err(|e| Error::Map("shoal_endpoints", e))?,
             rules: LpmTrie::try_from(take(&mut ebpf, "shoal_policy")).map_err(|e| Error::Map("shoal_policy", e))?,
         };
-        Ok(Dataplane { ebpf, maps, stats, maglev, policy, pin_dir: config.pin_dir.clone() })
+        // the socket programs share the pinned maps (by name); failing to load them costs
+        // speed, not function
+        let sock = match EbpfLoader::new().default_map_pin_directory(&config.pin_dir).load(SOCK_LB) {
+            Ok(mut sock) => {
+                let mut ok = true;
+                for name in SOCK_PROGRAMS {
+                    let loaded = sock.program_mut(name).ok_or(aya::programs::ProgramError::NotLoaded).and_then(|p| match p {
+                        aya::programs::Program::CgroupSock(p) => p.load(),
+                        p => {
+                            let p: &mut CgroupSockAddr = p.try_into()?;
+                            p.load()
+                        }
+                    });
+                    if let Err(e) = loaded {
+                        tracing::warn!(program = name, error = %e, "socket-level translation is off: the tc programs translate every connection");
+                        ok = false;
+                    }
+                }
+                ok.then_some(sock)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "socket-level translation is off: the tc programs translate every connection");
+                None
+            }
+        };
+        Ok(Dataplane { ebpf, maps, stats, maglev, frontends, policy, sock, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -179,6 +284,39 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Attaches the socket-level programs to the cgroup holding the pods (v2 hierarchy):
+    /// their TCP connects to ClusterIPs go straight to a backend. The links are pinned in
+    /// the bpffs directory, so they outlive the agent; an earlier run's are replaced.
+    /// Returns false when the programs did not load (tc translates everything then).
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<bool, Error> {
+        let Some(sock) = self.sock.as_mut() else { return Ok(false) };
+        let attach_err = |e: &dyn std::fmt::Display| Error::Attach(cgroup.display().to_string(), e.to_string());
+        std::fs::create_dir_all(cgroup).map_err(|e| attach_err(&e))?;
+        let dir = std::fs::File::open(cgroup).map_err(|e| attach_err(&e))?;
+        for name in SOCK_PROGRAMS {
+            let pin = self.pin_dir.join(format!("link_{name}"));
+            // the pin holds the earlier run's link: removing it detaches that program
+            match std::fs::remove_file(&pin) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(attach_err(&e)),
+                _ => {}
+            }
+            // (a bpf_link: always multi-attach, and the kernel wants no flags for it)
+            let link: FdLink = match sock.program_mut(name).expect("program in object") {
+                aya::programs::Program::CgroupSock(prog) => {
+                    let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+                    prog.take_link(id).map_err(|e| Error::Program(name, e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+                }
+                p => {
+                    let prog: &mut CgroupSockAddr = p.try_into().map_err(|e| Error::Program(name, e))?;
+                    let id = prog.attach(&dir, CgroupAttachMode::Single).map_err(|e| attach_err(&e))?;
+                    prog.take_link(id).map_err(|e| Error::Program(name, e))?.try_into().map_err(|e: aya::programs::links::LinkError| attach_err(&e))?
+                }
+            };
+            link.pin(&pin).map_err(|e| attach_err(&e))?;
+        }
+        Ok(true)
+    }
+
     /// Removes Shoal's filters from an interface (a deleted interface loses them anyway).
     pub fn detach(&mut self, ifname: &str) -> Result<(), Error> {
         detach_filters(ifname)
@@ -186,7 +324,7 @@ impl Dataplane {
 
     /// The writer `table::Table::sync` uses.
     pub fn maps(&mut self) -> Maps<'_> {
-        Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev }
+        Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev, frontends: &mut self.frontends }
     }
 
     /// The writer `policy::Policies::sync` uses.
@@ -230,9 +368,19 @@ impl Dataplane {
         test_run(fd, packet)
     }
 
-    /// Removes every pinned map (the programs stay attached until their interfaces go).
+    /// Runs a program `repeat` times on a packet (BPF_PROG_TEST_RUN): the mean time per run
+    /// in nanoseconds, as the kernel measured it. For profiling the programs' paths.
+    pub fn time_run(&self, program: &str, packet: &[u8], repeat: u32) -> io::Result<u32> {
+        let prog: &SchedClassifier = self.ebpf.program(program).and_then(|p| p.try_into().ok()).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, program.to_string()))?;
+        let fd = prog.fd().map_err(io::Error::other)?.as_fd().as_raw_fd();
+        test_run_n(fd, packet, repeat).map(|(_, _, d)| d)
+    }
+
+    /// Removes every pinned map and link (the tc programs stay attached until their
+    /// interfaces go; the socket programs are detached).
     pub fn unpin(self) -> io::Result<()> {
-        for (name, _, _, _) in MAPS {
+        detach_cgroup_links(&self.pin_dir)?;
+        for (name, _, _, _, _) in MAPS {
             match std::fs::remove_file(self.pin_dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
                 _ => {}
@@ -243,6 +391,24 @@ impl Dataplane {
             _ => Ok(()),
         }
     }
+}
+
+/// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`
+/// on a hybrid one (v1 controllers beside it), None without one.
+pub fn cgroup2_root() -> Option<PathBuf> {
+    [Path::new("/sys/fs/cgroup"), Path::new("/sys/fs/cgroup/unified")].into_iter().find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.controllers").exists()).map(Path::to_path_buf)
+}
+
+/// Detaches the socket-level programs an agent attached (their links are pinned in
+/// `pin_dir`): a node falling back to nftables must not translate with frozen maps.
+pub fn detach_cgroup_links(pin_dir: &Path) -> io::Result<()> {
+    for name in SOCK_PROGRAMS {
+        match std::fs::remove_file(pin_dir.join(format!("link_{name}"))) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Removes Shoal's tc filters from an interface, loaded or not (a node that falls back to
@@ -304,6 +470,7 @@ pub struct Maps<'a> {
     services: &'a mut BpfHashMap<MapData, SvcKey, SvcValue>,
     backends: &'a mut BpfHashMap<MapData, u32, Backend>,
     maglev: &'a mut Array<MapData, u32>,
+    frontends: &'a mut FrontendFilter,
 }
 
 fn map_err(name: &'static str, max: u32, e: MapError) -> Error {
@@ -325,10 +492,17 @@ fn removed(name: &'static str, r: Result<(), MapError>) -> Result<(), Error> {
 impl table::Maps for Maps<'_> {
     type Error = Error;
     fn put_service(&mut self, key: &SvcKey, value: &SvcValue) -> Result<(), Error> {
+        if key.slot == 0 {
+            self.frontends.add(key).map_err(|e| Error::Map("shoal_frontends", e))?;
+        }
         self.services.insert(key, value, 0).map_err(|e| map_err("shoal_services", 262144, e))
     }
     fn del_service(&mut self, key: &SvcKey) -> Result<(), Error> {
-        removed("shoal_services", self.services.remove(key))
+        removed("shoal_services", self.services.remove(key))?;
+        if key.slot == 0 {
+            self.frontends.remove(key).map_err(|e| Error::Map("shoal_frontends", e))?;
+        }
+        Ok(())
     }
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
         self.backends.insert(id, backend, 0).map_err(|e| map_err("shoal_backends", 262144, e))
@@ -415,6 +589,11 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
 
 /// BPF_PROG_TEST_RUN on a program fd.
 fn test_run(fd: i32, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
+    test_run_n(fd, packet, 1).map(|(r, out, _)| (r, out))
+}
+
+/// BPF_PROG_TEST_RUN `repeat` times: return code, packet out, mean ns per run.
+fn test_run_n(fd: i32, packet: &[u8], repeat: u32) -> io::Result<(u32, Vec<u8>, u32)> {
     #[repr(C)]
     #[derive(Default)]
     struct TestAttr {
@@ -437,12 +616,12 @@ fn test_run(fd: i32, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
     }
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     let mut out = vec![0u8; packet.len() + 256];
-    let mut attr = TestAttr { prog_fd: fd as u32, data_size_in: packet.len() as u32, data_size_out: out.len() as u32, data_in: packet.as_ptr() as u64, data_out: out.as_mut_ptr() as u64, repeat: 1, ..Default::default() };
+    let mut attr = TestAttr { prog_fd: fd as u32, data_size_in: packet.len() as u32, data_size_out: out.len() as u32, data_in: packet.as_ptr() as u64, data_out: out.as_mut_ptr() as u64, repeat, ..Default::default() };
     // SAFETY: attr points at a bpf_attr-compatible struct whose buffers outlive the call
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, size_of::<TestAttr>()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out))
+    Ok((attr.retval, out, attr.duration))
 }

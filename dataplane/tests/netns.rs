@@ -441,3 +441,48 @@ fn a_node_port_answers_from_outside_the_node() {
     let inside: Vec<String> = node.in_pod(1, || vec![ask_tcp(80).unwrap(), ask_at(&format!("{NODE}:30080"), "who").unwrap()]);
     assert!(inside.iter().all(|a| a == "b2" || a == "b3"), "{inside:?}");
 }
+
+/// TCP connects to a ClusterIP from a process in the pods' cgroup go straight to a backend
+/// (socket-level translation): no conntrack entry, getpeername() still says the service,
+/// a pod reaches itself, and a backend taken out gets no new connection.
+#[test]
+fn socket_level_translation_connects_pods_straight_to_backends() {
+    let mut node = Node::new();
+    node.pod(1);
+    let backends: Vec<Ipv4Addr> = (2..=3).map(|i| node.pod(i)).collect();
+    node.serve(2, "b2");
+    node.serve(3, "b3");
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true), (backends[1], true)], 0);
+    let root = shoal_dataplane::loader::cgroup2_root().expect("a cgroup v2 hierarchy");
+    let cgroup = root.join(&node.prefix);
+    assert!(node.dp.as_mut().unwrap().attach_cgroup(&cgroup).unwrap(), "the socket programs did not load");
+    // a process in the cgroup, in pod `i`: n connections, each "<answer> <peer>"
+    let run = |node: &Node, i: u8, n: u32| -> Vec<String> {
+        let script = format!("import socket\nfor _ in range({n}):\n    s = socket.create_connection(('{VIP}', 80), timeout=3)\n    s.sendall(b'peer\\n')\n    print(s.recv(100).decode().split()[0], s.getpeername()[0])\n    s.close()\n");
+        let cmd = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {}-{i} python3 -c \"$0\"", cgroup.display(), node.prefix);
+        let out = Command::new("sh").args(["-c", &cmd, &script]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+    };
+    let before: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    let answers = run(&node, 1, 30);
+    assert_eq!(answers.len(), 30);
+    assert!(answers.iter().all(|a| a.ends_with(&format!(" {VIP}"))), "getpeername gives the service: {answers:?}");
+    let t = tally(answers.iter().map(|a| a.split(' ').next().unwrap().to_string()).collect());
+    assert!(t.len() == 2 && t.values().all(|n| *n >= 5), "{t:?}");
+    let after: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    assert_eq!(after["sock_translated"] - before["sock_translated"], 30, "{after:?}");
+    assert_eq!(after["ct_created"], before["ct_created"], "no conntrack entry for a connection made at connect(): {after:?}");
+    // a backend reaches its own service (directly to itself)
+    assert_eq!(run(&node, 2, 10).len(), 10);
+    // b3 out: new connections go to b2 only
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true)], 0);
+    assert!(run(&node, 1, 10).iter().all(|a| a.starts_with("b2 ")));
+    // detached (the pins go): tc translates again, conntrack and all
+    shoal_dataplane::loader::detach_cgroup_links(&node.pin_dir).unwrap();
+    assert!(run(&node, 1, 3).iter().all(|a| a == &format!("b2 {VIP}")));
+    let last: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    assert_eq!(last["sock_translated"], after["sock_translated"] + 20);
+    assert!(last["ct_created"] >= after["ct_created"] + 3);
+    let _ = std::fs::remove_dir(&cgroup);
+}

@@ -8,7 +8,9 @@
 //! TIME_WAIT limits the rate) to the last service for `--seconds`:
 //!
 //! - baseline: no rules, straight to one backend address;
-//! - ebpf: Shoal's tc programs on both veths (cold load and one-change cost measured);
+//! - ebpf: Shoal's programs as the agent runs them: tc on both veths and the socket-level
+//!   programs on a cgroup this process joins (`ebpf_tc_only`: tc alone; cold load and
+//!   one-change cost measured);
 //! - nftables: one verdict map from service to a chain per service that DNATs by
 //!   `numgen random` (the best nftables layout);
 //! - iptables: iptables-legacy rules shaped like kube-proxy's (KUBE-SERVICES ->
@@ -289,8 +291,14 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
         }
         out.insert("update_ms".into(), json!(total.as_secs_f64() * 1000.0 / a.changes.max(1) as f64));
         out.insert("update_map_writes".into(), json!(change_writes as f64 / a.changes.max(1) as f64));
+        // tc alone, then with the socket-level programs on a cgroup holding this process
+        // (as the agent attaches them to the pods' cgroup)
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
-        out.insert("ebpf".into(), r);
+        out.insert("ebpf_tc_only".into(), r);
+        let joined = SockCgroup::join(&mut dp)?;
+        let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds);
+        drop(joined);
+        out.insert("ebpf".into(), r?);
         if a.iperf_seconds > 0 {
             let one = ServicePort { frontends: vec![Frontend { addr: IPERF_VIP, port: IPERF_PORT, flags: 0 }], endpoints: vec![Endpoint { addr: backend(0), port: IPERF_PORT, ready: true, serving: true, terminating: false }], ..ports[0].clone() };
             table.sync("bench/iperf:5201/TCP", Some(&one), &mut dp.maps())?;
@@ -321,6 +329,37 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
     let _ = dp.detach("be0");
     let _ = dp.unpin();
     result
+}
+
+/// This process in a cgroup of its own with the socket-level programs attached; back in
+/// its own cgroup (and the programs detached) on drop.
+struct SockCgroup {
+    cgroup: PathBuf,
+    home: PathBuf,
+    pin_dir: PathBuf,
+}
+
+impl SockCgroup {
+    fn join(dp: &mut Dataplane) -> Result<SockCgroup> {
+        let root = shoal_dataplane::loader::cgroup2_root().context("no cgroup v2 hierarchy for the socket-level programs")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let rel = own.lines().find_map(|l| l.strip_prefix("0::")).context("this process has no cgroup v2 path")?;
+        let home = root.join(rel.trim_start_matches('/'));
+        let cgroup = root.join(format!("shoal-bench-{}", std::process::id()));
+        if !dp.attach_cgroup(&cgroup)? {
+            bail!("the socket-level programs did not load");
+        }
+        std::fs::write(cgroup.join("cgroup.procs"), std::process::id().to_string())?;
+        Ok(SockCgroup { cgroup, home, pin_dir: PathBuf::from(format!("/sys/fs/bpf/shoal-bench-{}", std::process::id())) })
+    }
+}
+
+impl Drop for SockCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), std::process::id().to_string());
+        let _ = shoal_dataplane::loader::detach_cgroup_links(&self.pin_dir);
+        let _ = std::fs::remove_dir(&self.cgroup);
+    }
 }
 
 /// NetworkPolicy at cluster scale on this node's maps, and its cost per connection.
@@ -396,8 +435,10 @@ fn policy(a: &DataplaneArgs, topo: &Topology, dp: &mut Dataplane, out: &mut Map<
     }
     out["policy"]["policy_change_ms"] = json!(total.as_secs_f64() * 1000.0 / n.max(1) as f64);
     out["policy"]["policy_change_map_writes"] = json!(writes as f64 / n.max(1) as f64);
-    let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
-    out.insert("ebpf_policy".into(), r);
+    let joined = SockCgroup::join(dp)?;
+    let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds);
+    drop(joined);
+    out.insert("ebpf_policy".into(), r?);
     // the maps emptied again for the modes after this one
     p.reset();
     p.sync(dp.policy_maps());

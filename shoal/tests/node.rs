@@ -747,6 +747,9 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
     assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
     if bpf {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
+        // the pods' connects were translated at connect() (socket level)
+        let sock = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("sock_translated")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
+        assert!(sock.is_some_and(|n| n >= 30.0), "sock_translated: {sock:?}");
     }
     network_policy(&k, &agent, &ip, left.trim(), bpf);
 }
