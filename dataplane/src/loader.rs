@@ -167,16 +167,10 @@ impl Dataplane {
     /// their layout matches (a pin of another layout is replaced, with a warning).
     pub fn load(config: &Config) -> Result<Dataplane, Error> {
         ensure_bpffs(&config.pin_dir)?;
-        for (name, key_size, value_size, flags, max) in MAPS {
+        for name in stale_pins(&config.pin_dir) {
             let pin = config.pin_dir.join(name);
-            if !pin.exists() {
-                continue;
-            }
-            let matches = MapData::from_pin(&pin).ok().and_then(|m| m.info().ok()).map(|info| info.key_size() as usize == *key_size && info.value_size() as usize == *value_size && info.map_flags() == *flags && info.max_entries() == *max);
-            if matches != Some(true) {
-                tracing::warn!(map = name, pin = %pin.display(), "pinned map has another layout (an older Shoal?); replacing it, its flows are lost");
-                std::fs::remove_file(&pin).map_err(|e| Error::BpfFs(pin.clone(), e))?;
-            }
+            tracing::warn!(map = name, pin = %pin.display(), "pinned map has another layout (an older Shoal?); replacing it, its flows are lost");
+            std::fs::remove_file(&pin).map_err(|e| Error::BpfFs(pin.clone(), e))?;
         }
         let hairpin = config.hairpin_addr.map(be_addr).unwrap_or(0);
         let node = config.node_addr.map(be_addr).unwrap_or(0);
@@ -391,6 +385,20 @@ impl Dataplane {
             _ => Ok(()),
         }
     }
+}
+
+/// Maps pinned in `dir` whose layout (key, value, flags, size) is not the programs' own:
+/// an upgrade replaces them. Empty right after a load (tested: a wrong size in `MAPS`
+/// would replace a map, and lose its flows, on every restart).
+pub fn stale_pins(dir: &Path) -> Vec<&'static str> {
+    MAPS.iter()
+        .filter(|(name, ..)| dir.join(name).exists())
+        .filter(|(name, key_size, value_size, flags, max)| {
+            let info = MapData::from_pin(dir.join(name)).ok().and_then(|m| m.info().ok());
+            info.is_none_or(|info| !(info.key_size() as usize == *key_size && info.value_size() as usize == *value_size && info.map_flags() == *flags && info.max_entries() == *max))
+        })
+        .map(|(name, ..)| *name)
+        .collect()
 }
 
 /// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`

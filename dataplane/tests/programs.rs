@@ -27,14 +27,15 @@ fn ip(s: &str) -> Ipv4Addr {
 struct Loaded {
     dp: Option<Dataplane>,
     table: Table,
+    pin_dir: PathBuf,
 }
 
 impl Loaded {
     fn new() -> Loaded {
         static N: AtomicU32 = AtomicU32::new(0);
         let pin_dir = PathBuf::from(format!("/sys/fs/bpf/shoal-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
-        let dp = Dataplane::load(&Config { pin_dir, ..Config::default() }).expect("load (needs root)");
-        Loaded { dp: Some(dp), table: Table::new() }
+        let dp = Dataplane::load(&Config { pin_dir: pin_dir.clone(), ..Config::default() }).expect("load (needs root)");
+        Loaded { dp: Some(dp), table: Table::new(), pin_dir }
     }
     fn dp(&mut self) -> &mut Dataplane {
         self.dp.as_mut().unwrap()
@@ -127,6 +128,13 @@ fn tuple(p: &[u8]) -> ((Ipv4Addr, u16), (Ipv4Addr, u16)) {
     assert_eq!(checksum(&p[34..34 + l4_len], pseudo(s, d, p[23], l4_len)), 0, "L4 checksum");
     let port = |at: usize| u16::from_be_bytes([p[at], p[at + 1]]);
     ((Ipv4Addr::from(s), port(34)), (Ipv4Addr::from(d), port(36)))
+}
+
+#[test]
+fn pinned_maps_match_the_layouts_the_loader_checks() {
+    let l = Loaded::new();
+    assert!(l.pin_dir.join("shoal_stats").exists());
+    assert_eq!(shoal_dataplane::loader::stale_pins(&l.pin_dir), Vec::<&str>::new());
 }
 
 #[test]
