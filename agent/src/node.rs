@@ -51,6 +51,8 @@ pub struct NodeOptions {
     pub proxy_mode: ProxyMode,
     /// bpffs directory of the service proxy's pinned maps.
     pub bpf_dir: PathBuf,
+    /// Socket-level translation of pods' TCP connects to ClusterIPs (`--socket-lb`).
+    pub socket_lb: bool,
 }
 
 /// `--proxy-mode`.
@@ -96,6 +98,11 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
         let loaded = shoal_dataplane::Dataplane::load(&cfg).and_then(|mut dp| {
             // pods' TCP connects to ClusterIPs go straight to a backend (the tc programs
             // translate the rest, and everything when this is not possible)
+            // without it, an earlier run's links must not translate with frozen maps
+            if !o.socket_lb {
+                let _ = shoal_dataplane::loader::detach_cgroup_links(&o.bpf_dir);
+                return shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone());
+            }
             match shoal_dataplane::loader::cgroup2_root().map(|root| root.join("shoal").join(&o.node_name)) {
                 Some(cgroup) => match dp.attach_cgroup(&cgroup) {
                     Ok(true) => tracing::info!(cgroup = %cgroup.display(), "socket-level service translation on the pods' cgroup"),

@@ -143,6 +143,13 @@ struct AgentArgs {
     /// so established connections survive them).
     #[arg(long, default_value = "/sys/fs/bpf/shoal")]
     bpf_dir: PathBuf,
+    /// eBPF mode: also translate pods' TCP connects to ClusterIPs at connect() (cgroup
+    /// programs on the pods' cgroup): no per-packet translation for those connections.
+    /// Off by default: a connection made this way keeps its backend's address when that
+    /// backend is removed (as with kube-proxy's conntrack), where the tc path moves the
+    /// flow off the removed backend, so no packet of it reaches a dead backend.
+    #[arg(long)]
+    socket_lb: bool,
 }
 
 #[derive(Parser, Debug)]
@@ -411,7 +418,7 @@ fn agent(a: AgentArgs) -> anyhow::Result<()> {
     if housekeeping.is_zero() {
         bail!("--housekeeping-interval must be at least 1s");
     }
-    let opts = shoal_agent::node::NodeOptions { eviction_hard, housekeeping, metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods, proxy_mode: a.proxy_mode, bpf_dir: a.bpf_dir };
+    let opts = shoal_agent::node::NodeOptions { eviction_hard, housekeeping, metrics_addr, log_max_bytes, log_max_files: a.container_log_max_files, server: a.server, token: a.token, ca_file: a.ca_file, node_name, data_dir: a.data_dir, node_ip: a.node_ip, cluster_cidr: a.cluster_cidr, insecure_registries: a.insecure_registries, runc: a.runc, labels, cpu: a.cpu, memory_bytes: a.memory_bytes, max_pods: a.max_pods, proxy_mode: a.proxy_mode, bpf_dir: a.bpf_dir, socket_lb: a.socket_lb };
     opts.validate()?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("while starting the runtime")?;
     rt.block_on(async move {

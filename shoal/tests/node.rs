@@ -682,6 +682,11 @@ fn pods_reach_services_through_the_ebpf_proxy() {
 }
 
 #[test]
+fn pods_reach_services_with_socket_level_translation() {
+    services_on_one_node("svcsock", &["--socket-lb"], true);
+}
+
+#[test]
 fn pods_reach_services_through_the_nftables_proxy() {
     services_on_one_node("svcnft", &["--proxy-mode", "nftables"], false);
 }
@@ -747,9 +752,13 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
     assert!(value("shoal_proxy_service_ports ") >= 2.0, "{m}");
     if bpf {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
-        // the pods' connects were translated at connect() (socket level)
+        // with --socket-lb the pods' connects were translated at connect(), else by tc
         let sock = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("sock_translated")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
-        assert!(sock.is_some_and(|n| n >= 30.0), "sock_translated: {sock:?}");
+        if flags.contains(&"--socket-lb") {
+            assert!(sock.is_some_and(|n| n >= 30.0), "sock_translated: {sock:?}");
+        } else {
+            assert_eq!(sock, Some(0.0), "no socket-level translation without --socket-lb");
+        }
     }
     network_policy(&k, &agent, &ip, left.trim(), bpf);
 }
