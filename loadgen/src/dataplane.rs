@@ -8,9 +8,9 @@
 //! TIME_WAIT limits the rate) to the last service for `--seconds`:
 //!
 //! - baseline: no rules, straight to one backend address;
-//! - ebpf: Shoal's programs as the agent runs them: tc on both veths and the socket-level
-//!   programs on a cgroup this process joins (`ebpf_tc_only`: tc alone; cold load and
-//!   one-change cost measured);
+//! - ebpf: Shoal's tc programs on both veths, as the agent runs them by default (cold load
+//!   and one-change cost measured); `ebpf_socket_lb`: with the socket-level programs
+//!   (`--socket-lb`) on a cgroup this process joins;
 //! - nftables: one verdict map from service to a chain per service that DNATs by
 //!   `numgen random` (the best nftables layout);
 //! - iptables: iptables-legacy rules shaped like kube-proxy's (KUBE-SERVICES ->
@@ -294,11 +294,11 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
         // tc alone, then with the socket-level programs on a cgroup holding this process
         // (as the agent attaches them to the pods' cgroup)
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
-        out.insert("ebpf_tc_only".into(), r);
+        out.insert("ebpf".into(), r);
         let joined = SockCgroup::join(&mut dp)?;
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds);
         drop(joined);
-        out.insert("ebpf".into(), r?);
+        out.insert("ebpf_socket_lb".into(), r?);
         if a.iperf_seconds > 0 {
             let one = ServicePort { frontends: vec![Frontend { addr: IPERF_VIP, port: IPERF_PORT, flags: 0 }], endpoints: vec![Endpoint { addr: backend(0), port: IPERF_PORT, ready: true, serving: true, terminating: false }], ..ports[0].clone() };
             table.sync("bench/iperf:5201/TCP", Some(&one), &mut dp.maps())?;
@@ -555,9 +555,12 @@ pub fn run(a: DataplaneArgs) -> Result<Value> {
         (Some(x), Some(y)) => Some(x.max(y)),
         (x, y) => x.or(y),
     };
-    let (e, i) = (rate("ebpf"), rate("iptables"));
+    let (e, i, sock) = (rate("ebpf"), rate("iptables"), rate("ebpf_socket_lb"));
     if let (Some(e), Some(b)) = (e, b) {
         out.insert("ebpf_vs_baseline".into(), json!(e / b));
+    }
+    if let (Some(e), Some(b)) = (sock, b) {
+        out.insert("ebpf_socket_lb_vs_baseline".into(), json!(e / b));
     }
     if let (Some(e), Some(i)) = (e, i) {
         out.insert("ebpf_vs_iptables".into(), json!(e / i));
