@@ -388,6 +388,10 @@ impl Policies {
         }
         if ours {
             self.unset_address(prefix);
+            // a policy CIDR that is this very address holds it again
+            if self.prefixes.contains(&prefix) {
+                self.set_address(prefix, Kind::Cidr);
+            }
         }
     }
 
@@ -944,6 +948,22 @@ mod tests {
         assert!(m.allows(abi::POL_EGRESS, "10.0.1.2", "1.1.1.1", 17, 53));
         assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "1.1.1.1", 6, 53));
         assert!(m.allows(abi::POL_INGRESS, "10.0.1.2", "1.1.1.1", 6, 53), "ingress is not isolated");
+    }
+
+    #[test]
+    fn a_policy_cidr_that_is_a_pods_address_outlives_the_pod() {
+        let mut p = setup();
+        let mut m = Rec::default();
+        p.hold("NetworkPolicy", "default", "out", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "10.0.9.9/32"}}]}]}})));
+        p.sync(&mut m);
+        assert!(m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.9.9", 6, 80));
+        p.hold("Pod", "default", "p99", Some(&pod("default", "p99", "n2", "10.0.9.9", json!({"x": "y"}))));
+        p.sync(&mut m);
+        assert!(m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.9.9", 6, 80), "the pod's identity names the CIDR");
+        p.hold("Pod", "default", "p99", None);
+        p.sync(&mut m);
+        assert!(m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.9.9", 6, 80), "the CIDR entry is back");
+        assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.9.8", 6, 80));
     }
 
     #[test]
