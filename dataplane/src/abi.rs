@@ -230,6 +230,7 @@ unsafe impl aya::Pod for AffinityValue {}
 unsafe impl aya::Pod for IpcacheValue {}
 unsafe impl aya::Pod for EndpointValue {}
 unsafe impl aya::Pod for PolicyData {}
+unsafe impl aya::Pod for SockLb {}
 
 /// The programs' counters (`enum stat` in common.h), in order.
 pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed", "sock_translated"];

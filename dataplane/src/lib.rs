@@ -5,6 +5,7 @@ pub mod loader;
 pub mod nft;
 pub mod proxy;
 pub mod policy;
+pub mod sockdiag;
 pub mod table;
 
 pub use loader::{Config, Dataplane, Error};

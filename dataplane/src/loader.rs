@@ -82,6 +82,7 @@ pub struct Dataplane {
     maglev: Array<MapData, u32>,
     /// The frontend filter (`shoal_frontends`) and what sets its bits.
     frontends: FrontendFilter,
+    backend_addrs: BackendAddrs,
     policy: PolicyMaps,
     /// The socket-level programs, when they loaded (else tc translates everything).
     sock: Option<Ebpf>,
@@ -131,6 +132,40 @@ impl FrontendFilter {
             self.words.set(bit / 64, w & !(1u64 << (bit % 64)), 0)?;
         }
         Ok(())
+    }
+}
+
+/// Which backend addresses (address, port) the backend entries name, with counts: an
+/// address whose last entry goes is gone (sockets connected to it at connect() are
+/// closed, see `sockdiag`).
+#[derive(Default)]
+struct BackendAddrs {
+    of: std::collections::HashMap<u32, (u32, u16)>,
+    count: std::collections::HashMap<(u32, u16), u32>,
+    gone: std::collections::HashSet<(u32, u16)>,
+}
+
+impl BackendAddrs {
+    fn set(&mut self, id: u32, to: Option<(u32, u16)>) {
+        let old = match to {
+            Some(a) => self.of.insert(id, a),
+            None => self.of.remove(&id),
+        };
+        if old == to {
+            return;
+        }
+        if let Some(a) = to {
+            *self.count.entry(a).or_insert(0) += 1;
+            self.gone.remove(&a);
+        }
+        if let Some(a) = old {
+            let n = self.count.entry(a).or_insert(1);
+            *n -= 1;
+            if *n == 0 {
+                self.count.remove(&a);
+                self.gone.insert(a);
+            }
+        }
     }
 }
 
@@ -239,7 +274,11 @@ impl Dataplane {
                 None
             }
         };
-        Ok(Dataplane { ebpf, maps, stats, maglev, frontends, policy, sock, pin_dir: config.pin_dir.clone() })
+        let mut backend_addrs = BackendAddrs::default();
+        for (id, b) in maps.backends() {
+            backend_addrs.set(id, Some((b.addr, b.port)));
+        }
+        Ok(Dataplane { ebpf, maps, stats, maglev, frontends, backend_addrs, policy, sock, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -311,6 +350,38 @@ impl Dataplane {
         Ok(true)
     }
 
+    /// Backend addresses whose last entry went since the last call.
+    pub fn take_gone_backends(&mut self) -> Vec<(std::net::Ipv4Addr, u16)> {
+        std::mem::take(&mut self.backend_addrs.gone).into_iter().map(|(a, p)| (addr_of(a), u16::from_be(p))).collect()
+    }
+
+    /// Closes the TCP sockets socket-level translation connected to one of `gone`, in
+    /// each network namespace of `netns` (the node's pods): their applications see the
+    /// connection aborted instead of talking to an address no backend holds. Returns how
+    /// many were closed.
+    pub fn close_sockets_to(&mut self, gone: &[(std::net::Ipv4Addr, u16)], netns: &[PathBuf]) -> io::Result<usize> {
+        let Some(sock) = self.sock.as_ref() else { return Ok(0) };
+        if gone.is_empty() || !self.pin_dir.join("link_sock_connect4").exists() {
+            return Ok(0);
+        }
+        let map = sock.map("shoal_sock_lb").ok_or_else(|| io::Error::other("no shoal_sock_lb map"))?;
+        let map: BpfHashMap<&MapData, u64, crate::abi::SockLb> = BpfHashMap::try_from(map).map_err(io::Error::other)?;
+        let gone_be: std::collections::HashSet<(u32, u16)> = gone.iter().map(|(a, p)| (be_addr(*a), p.to_be())).collect();
+        let cookies: std::collections::HashSet<u64> = map.iter().filter_map(Result::ok).filter(|(_, v)| gone_be.contains(&(v.backend_addr, v.backend_port))).map(|(k, _)| k).collect();
+        if cookies.is_empty() {
+            return Ok(0);
+        }
+        let gone: std::collections::HashSet<(std::net::Ipv4Addr, u16)> = gone.iter().copied().collect();
+        let mut closed = 0;
+        for ns in netns {
+            match crate::sockdiag::destroy_in(ns, &gone, &cookies) {
+                Ok(n) => closed += n,
+                Err(e) => tracing::warn!(netns = %ns.display(), error = %e, "closing sockets connected to a removed backend"),
+            }
+        }
+        Ok(closed)
+    }
+
     /// Removes Shoal's filters from an interface (a deleted interface loses them anyway).
     pub fn detach(&mut self, ifname: &str) -> Result<(), Error> {
         detach_filters(ifname)
@@ -318,7 +389,7 @@ impl Dataplane {
 
     /// The writer `table::Table::sync` uses.
     pub fn maps(&mut self) -> Maps<'_> {
-        Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev, frontends: &mut self.frontends }
+        Maps { services: &mut self.maps.services, backends: &mut self.maps.backends, maglev: &mut self.maglev, frontends: &mut self.frontends, backend_addrs: &mut self.backend_addrs }
     }
 
     /// The writer `policy::Policies::sync` uses.
@@ -479,6 +550,7 @@ pub struct Maps<'a> {
     backends: &'a mut BpfHashMap<MapData, u32, Backend>,
     maglev: &'a mut Array<MapData, u32>,
     frontends: &'a mut FrontendFilter,
+    backend_addrs: &'a mut BackendAddrs,
 }
 
 fn map_err(name: &'static str, max: u32, e: MapError) -> Error {
@@ -513,10 +585,14 @@ impl table::Maps for Maps<'_> {
         Ok(())
     }
     fn put_backend(&mut self, id: u32, backend: &Backend) -> Result<(), Error> {
-        self.backends.insert(id, backend, 0).map_err(|e| map_err("shoal_backends", 262144, e))
+        self.backends.insert(id, backend, 0).map_err(|e| map_err("shoal_backends", 262144, e))?;
+        self.backend_addrs.set(id, Some((backend.addr, backend.port)));
+        Ok(())
     }
     fn del_backend(&mut self, id: u32) -> Result<(), Error> {
-        removed("shoal_backends", self.backends.remove(&id))
+        removed("shoal_backends", self.backends.remove(&id))?;
+        self.backend_addrs.set(id, None);
+        Ok(())
     }
     fn put_maglev(&mut self, index: u32, backend_id: u32) -> Result<(), Error> {
         self.maglev.set(index, backend_id, 0).map_err(|e| Error::Map("shoal_maglev", e))

@@ -127,6 +127,7 @@ pub struct ProxyMetrics {
     pub map_entries: Family<Vec<(String, String)>, Gauge>,
     pub packets: Family<Vec<(String, String)>, Gauge>,
     pub attach_errors: Counter,
+    pub sockets_closed: Counter,
 }
 
 impl ProxyMetrics {
@@ -139,6 +140,7 @@ impl ProxyMetrics {
             map_entries: Family::default(),
             packets: Family::default(),
             attach_errors: Counter::default(),
+            sockets_closed: Counter::default(),
         }
     }
 
@@ -150,6 +152,7 @@ impl ProxyMetrics {
         r.register("shoal_proxy_map_entries", "Entries in each BPF map (services and backends as written; conntrack counted every 30 s)", self.map_entries.clone());
         r.register("shoal_proxy_packets", "Packets by what the service programs did with them", self.packets.clone());
         r.register("shoal_proxy_attach_errors", "Pod interfaces the service programs could not be attached to", self.attach_errors.clone());
+        r.register("shoal_proxy_sockets_closed", "Pods' TCP sockets closed because the backend socket-level translation connected them to was removed", self.sockets_closed.clone());
     }
 }
 
@@ -159,6 +162,10 @@ enum Engine {
     Bpf { dp: Dataplane, table: Table },
     Nft(Nft),
 }
+
+/// The agent names each pod's network namespace `shoal-<uid>` under /run/netns (only
+/// sockets the programs recorded are ever closed, whatever namespace they are in).
+const POD_NETNS_PREFIX: &str = "shoal-";
 
 /// Services, EndpointSlices and the table derived from them.
 pub struct Proxy {
@@ -266,6 +273,7 @@ impl Proxy {
             }
         }
         self.sync_policy();
+        self.close_gone();
         if let Engine::Nft(nft) = &mut self.engine {
             if let Err(e) = nft.commit() {
                 self.metrics.sync_errors.inc();
@@ -315,6 +323,25 @@ impl Proxy {
                 self.policies.hold(kind, &o.namespace, &o.name, value.as_ref());
                 None
             }
+        }
+    }
+
+    /// Closes pods' sockets that socket-level translation connected to a backend address
+    /// no backend entry names any more (the tc path moves such flows itself).
+    fn close_gone(&mut self) {
+        let Engine::Bpf { dp, .. } = &mut self.engine else { return };
+        let gone = dp.take_gone_backends();
+        if gone.is_empty() {
+            return;
+        }
+        let netns: Vec<std::path::PathBuf> = std::fs::read_dir("/run/netns").into_iter().flatten().filter_map(|e| e.ok()).filter(|e| e.file_name().to_string_lossy().starts_with(POD_NETNS_PREFIX)).map(|e| e.path()).collect();
+        match dp.close_sockets_to(&gone, &netns) {
+            Ok(0) => {}
+            Ok(n) => {
+                self.metrics.sockets_closed.inc_by(n as u64);
+                tracing::info!(sockets = n, backends = gone.len(), "closed pods' connections to removed backends");
+            }
+            Err(e) => tracing::warn!(error = %e, "closing pods' connections to removed backends"),
         }
     }
 
@@ -439,6 +466,7 @@ impl Proxy {
             self.resync(&svc);
         }
         self.sync_policy();
+        self.close_gone();
         if let Engine::Nft(nft) = &mut self.engine {
             if let Err(e) = nft.commit() {
                 tracing::error!(error = %e, "programming nftables failed again; services stay unproxied until the next change");

@@ -478,11 +478,30 @@ fn socket_level_translation_connects_pods_straight_to_backends() {
     // b3 out: new connections go to b2 only
     node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true)], 0);
     assert!(run(&node, 1, 10).iter().all(|a| a.starts_with("b2 ")));
+    // a connection held open to b2, then b2 goes (b3 back): the node closes the socket
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true)], 0);
+    let _ = node.dp.as_mut().unwrap().take_gone_backends();
+    let script = format!("import socket, sys\ns = socket.create_connection(('{VIP}', 80), timeout=5)\ns.sendall(b'peer\\n')\nprint(s.recv(100).decode().split()[0], flush=True)\nsys.stdin.readline()\ntry:\n    s.sendall(b'peer\\n')\n    print('answer', s.recv(100).decode().strip(), flush=True)\nexcept OSError as e:\n    print(type(e).__name__, flush=True)\n");
+    let cmd = format!("echo $$ > {}/cgroup.procs && exec ip netns exec {}-1 python3 -c \"$0\"", cgroup.display(), node.prefix);
+    let mut held = Command::new("sh").args(["-c", &cmd, &script]).stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = BufReader::new(held.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "b2");
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[1], true)], 0);
+    let dp = node.dp.as_mut().unwrap();
+    let gone = dp.take_gone_backends();
+    assert_eq!(gone, vec![(backends[0], 8080)]);
+    let netns: Vec<PathBuf> = (1..=3).map(|i| PathBuf::from(format!("/run/netns/{}-{i}", node.prefix))).collect();
+    assert_eq!(dp.close_sockets_to(&gone, &netns).unwrap(), 1, "the held connection, and only it");
+    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let outcome = lines.next().unwrap().unwrap();
+    assert!(outcome.contains("ConnectionAborted") || outcome.contains("ConnectionReset") || outcome.contains("BrokenPipe"), "the socket to the removed backend was closed: {outcome}");
+    let _ = held.wait();
+    node.service("default/web:http", Proto::Tcp, 80, &[(backends[0], true)], 0);
     // detached (the pins go): tc translates again, conntrack and all
     shoal_dataplane::loader::detach_cgroup_links(&node.pin_dir).unwrap();
     assert!(run(&node, 1, 3).iter().all(|a| a == &format!("b2 {VIP}")));
     let last: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
-    assert_eq!(last["sock_translated"], after["sock_translated"] + 20);
+    assert_eq!(last["sock_translated"], after["sock_translated"] + 21);
     assert!(last["ct_created"] >= after["ct_created"] + 3);
     let _ = std::fs::remove_dir(&cgroup);
 }

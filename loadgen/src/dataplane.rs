@@ -8,9 +8,9 @@
 //! TIME_WAIT limits the rate) to the last service for `--seconds`:
 //!
 //! - baseline: no rules, straight to one backend address;
-//! - ebpf: Shoal's tc programs on both veths, as the agent runs them by default (cold load
-//!   and one-change cost measured); `ebpf_socket_lb`: with the socket-level programs
-//!   (`--socket-lb`) on a cgroup this process joins;
+//! - ebpf: Shoal's tc programs on both veths (`--socket-lb=false`; cold load and one-change
+//!   cost measured); `ebpf_socket_lb`: with the socket-level programs on a cgroup this
+//!   process joins, as the agent runs by default;
 //! - nftables: one verdict map from service to a chain per service that DNATs by
 //!   `numgen random` (the best nftables layout);
 //! - iptables: iptables-legacy rules shaped like kube-proxy's (KUBE-SERVICES ->
@@ -331,7 +331,8 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
     result
 }
 
-/// This process in a cgroup of its own with the socket-level programs attached; back in
+/// This process in a cgroup of its own with the socket-level programs attached (the
+/// agent's default); back in
 /// its own cgroup (and the programs detached) on drop.
 struct SockCgroup {
     cgroup: PathBuf,

@@ -143,12 +143,11 @@ struct AgentArgs {
     /// so established connections survive them).
     #[arg(long, default_value = "/sys/fs/bpf/shoal")]
     bpf_dir: PathBuf,
-    /// eBPF mode: also translate pods' TCP connects to ClusterIPs at connect() (cgroup
-    /// programs on the pods' cgroup): no per-packet translation for those connections.
-    /// Off by default: a connection made this way keeps its backend's address when that
-    /// backend is removed (as with kube-proxy's conntrack), where the tc path moves the
-    /// flow off the removed backend, so no packet of it reaches a dead backend.
-    #[arg(long)]
+    /// eBPF mode: translate pods' TCP connects to ClusterIPs at connect() (cgroup programs
+    /// on the pods' cgroup): those connections need no conntrack and no per-packet
+    /// rewriting. When a backend is removed, the pods' sockets connected to it are closed
+    /// (SOCK_DESTROY). `--socket-lb=false` leaves every connection to the tc programs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     socket_lb: bool,
 }
 

@@ -678,12 +678,12 @@ spec:
 
 #[test]
 fn pods_reach_services_through_the_ebpf_proxy() {
-    services_on_one_node("svc", &[], true);
+    services_on_one_node("svc", &["--socket-lb=false"], true);
 }
 
 #[test]
 fn pods_reach_services_with_socket_level_translation() {
-    services_on_one_node("svcsock", &["--socket-lb"], true);
+    services_on_one_node("svcsock", &[], true);
 }
 
 #[test]
@@ -754,10 +754,10 @@ fn services_on_one_node(prefix: &str, flags: &[&str], bpf: bool) {
         assert!(value("shoal_proxy_map_writes_total") > 0.0, "{m}");
         // with --socket-lb the pods' connects were translated at connect(), else by tc
         let sock = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("sock_translated")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
-        if flags.contains(&"--socket-lb") {
+        if !flags.contains(&"--socket-lb=false") {
             assert!(sock.is_some_and(|n| n >= 30.0), "sock_translated: {sock:?}");
         } else {
-            assert_eq!(sock, Some(0.0), "no socket-level translation without --socket-lb");
+            assert_eq!(sock, Some(0.0), "no socket-level translation with --socket-lb=false");
         }
     }
     network_policy(&k, &agent, &ip, left.trim(), bpf);
