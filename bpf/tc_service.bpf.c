@@ -22,6 +22,7 @@
  * from_pod, from another node in from_net), replies straight to the client in to_net. */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
@@ -231,6 +232,56 @@ static __always_inline void drop_stale_reverse(const struct tuple *t, __u64 now)
 	bpf_map_delete_elem(&shoal_ct, &rk);
 }
 
+/* Writes the conntrack entries of a new flow of service port `svc_id` to backend `b`
+ * (its source translated to `snat`:`sport` when set); returns the forward entry. */
+static __always_inline struct ct_entry record_flow(const struct tuple *t, __u32 svc_id,
+						  const struct backend *b, __u32 backend_id,
+						  __be32 snat, __be16 sport, __u16 flags, __u64 now)
+{
+	struct ct_entry fwd = {
+		.nat_addr = b->addr,
+		.nat_port = b->port,
+		.flags = flags,
+		.orig_addr = snat,
+		.orig_port = sport,
+		.backend_id = backend_id,
+		.svc_id = svc_id,
+	};
+	ct_touch(&fwd, t->proto, t->tcp_flags, now);
+	struct ct_entry rev = {
+		.expires = fwd.expires,
+		.nat_addr = t->daddr,
+		.nat_port = t->dport,
+		.flags = fwd.flags,
+		.orig_addr = t->saddr,
+		.orig_port = t->sport,
+		.backend_id = backend_id,
+		.svc_id = svc_id,
+	};
+	struct ct_key fk = {
+		.saddr = t->saddr,
+		.daddr = t->daddr,
+		.sport = t->sport,
+		.dport = t->dport,
+		.proto = t->proto,
+		.dir = CT_FORWARD,
+	};
+	struct ct_key rk = {
+		.saddr = b->addr,
+		.daddr = snat ? snat : t->saddr,
+		.sport = b->port,
+		.dport = sport ? sport : t->sport,
+		.proto = t->proto,
+		.dir = CT_REVERSE,
+	};
+	filter_set(&shoal_natted, b->addr);
+	if (bpf_map_update_elem(&shoal_ct, &rk, &rev, BPF_ANY) ||
+	    bpf_map_update_elem(&shoal_ct, &fk, &fwd, BPF_ANY))
+		stat_inc(STAT_CT_UPDATE_FAILED);
+	stat_inc(STAT_CT_CREATED);
+	return fwd;
+}
+
 /* A new flow to a service frontend; `outside`: it came in on the uplink. */
 static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t, __u64 now,
 				    int outside)
@@ -270,47 +321,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 		snat = HAIRPIN_ADDR;
 		flags = CT_F_HAIRPIN;
 	}
-	struct ct_entry fwd = {
-		.nat_addr = b->addr,
-		.nat_port = b->port,
-		.flags = flags,
-		.orig_addr = snat,
-		.orig_port = sport,
-		.backend_id = backend_id,
-		.svc_id = svc->svc_id,
-	};
-	ct_touch(&fwd, t->proto, t->tcp_flags, now);
-	struct ct_entry rev = {
-		.expires = fwd.expires,
-		.nat_addr = t->daddr,
-		.nat_port = t->dport,
-		.flags = fwd.flags,
-		.orig_addr = t->saddr,
-		.orig_port = t->sport,
-		.backend_id = backend_id,
-		.svc_id = svc->svc_id,
-	};
-	struct ct_key fk = {
-		.saddr = t->saddr,
-		.daddr = t->daddr,
-		.sport = t->sport,
-		.dport = t->dport,
-		.proto = t->proto,
-		.dir = CT_FORWARD,
-	};
-	struct ct_key rk = {
-		.saddr = b->addr,
-		.daddr = snat ? snat : t->saddr,
-		.sport = b->port,
-		.dport = sport ? sport : t->sport,
-		.proto = t->proto,
-		.dir = CT_REVERSE,
-	};
-	filter_set(&shoal_natted, b->addr);
-	if (bpf_map_update_elem(&shoal_ct, &rk, &rev, BPF_ANY) ||
-	    bpf_map_update_elem(&shoal_ct, &fk, &fwd, BPF_ANY))
-		stat_inc(STAT_CT_UPDATE_FAILED);
-	stat_inc(STAT_CT_CREATED);
+	struct ct_entry fwd = record_flow(t, svc->svc_id, b, backend_id, snat, sport, flags, now);
 	return to_backend(skb, t, &fwd);
 }
 
@@ -417,6 +428,203 @@ int to_net(struct __sk_buff *skb)
 	if (parse_tuple(skb, &t))
 		return TC_ACT_OK;
 	return reverse(skb, &t);
+}
+
+/* --- XDP on the uplink ---------------------------------------------------------------
+ *
+ * xdp_net sees traffic from outside before the kernel builds an skb. A packet to a NodePort,
+ * ExternalIP or LoadBalancer frontend whose backend is on another node (the route to it
+ * leaves through the uplink again) is translated here, source to the node's address as in
+ * from_net, and sent straight back out (XDP_TX); so are that backend's replies, back to the
+ * client. Everything else passes to the stack and the tc programs unchanged: local
+ * backends (the pod's veth is not reachable from XDP without costing pods GSO),
+ * externalTrafficPolicy Local, rejects, and whatever the program is unsure of. It shares
+ * conntrack with the tc programs, so a flow may move between them. */
+
+struct xdp_pkt {
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	__be16 *ports; /* source, destination */
+	__sum16 *l4csum; /* NULL: UDP without checksum */
+};
+
+static __always_inline int xdp_parse(struct xdp_md *ctx, struct tuple *t, struct xdp_pkt *p)
+{
+	void *data = (void *)(long)ctx->data;
+	void *end = (void *)(long)ctx->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+		return -1;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->proto = ip->protocol;
+	t->tcp_flags = 0;
+	if (ip->protocol == IPPROTO_TCP) {
+		struct tcphdr *tcp = (void *)(ip + 1);
+		if ((void *)(tcp + 1) > end)
+			return -1;
+		t->tcp_flags = ((__u8 *)tcp)[13];
+		p->l4csum = &tcp->check;
+		p->ports = (__be16 *)tcp;
+	} else if (ip->protocol == IPPROTO_UDP) {
+		struct udphdr *udp = (void *)(ip + 1);
+		if ((void *)(udp + 1) > end)
+			return -1;
+		p->l4csum = udp->check ? &udp->check : 0;
+		p->ports = (__be16 *)udp;
+	} else {
+		return -1;
+	}
+	t->sport = p->ports[0];
+	t->dport = p->ports[1];
+	p->eth = eth;
+	p->ip = ip;
+	return 0;
+}
+
+/* Incremental checksum updates (RFC 1624), on the words as they sit in the packet. */
+static __always_inline __sum16 csum_swap16(__sum16 check, __u16 old, __u16 new)
+{
+	__u32 sum = (__u16)~check;
+	sum += (__u16)~old;
+	sum += new;
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__sum16)~sum;
+}
+
+static __always_inline __sum16 csum_swap32(__sum16 check, __u32 old, __u32 new)
+{
+	check = csum_swap16(check, old & 0xffff, new & 0xffff);
+	return csum_swap16(check, old >> 16, new >> 16);
+}
+
+/* Rewrites addresses and ports, fixes both checksums and takes one from the TTL. */
+static __always_inline void xdp_rewrite(struct xdp_pkt *p, __u8 proto, __be32 saddr, __be16 sport,
+					__be32 daddr, __be16 dport)
+{
+	struct iphdr *ip = p->ip;
+	__sum16 ic = ip->check;
+	ic = csum_swap32(ic, ip->saddr, saddr);
+	ic = csum_swap32(ic, ip->daddr, daddr);
+	__u16 *ttl_word = (__u16 *)&ip->ttl;
+	__u16 old_ttl = *ttl_word;
+	ip->ttl -= 1;
+	ic = csum_swap16(ic, old_ttl, *ttl_word);
+	ip->check = ic;
+	if (p->l4csum) {
+		__sum16 c = *p->l4csum;
+		c = csum_swap32(c, ip->saddr, saddr);
+		c = csum_swap32(c, ip->daddr, daddr);
+		c = csum_swap16(c, p->ports[0], sport);
+		c = csum_swap16(c, p->ports[1], dport);
+		if (proto == IPPROTO_UDP && c == 0)
+			c = 0xffff;
+		*p->l4csum = c;
+	}
+	ip->saddr = saddr;
+	ip->daddr = daddr;
+	p->ports[0] = sport;
+	p->ports[1] = dport;
+}
+
+/* When the route from `saddr` to `daddr` leaves through the interface the packet came in
+ * on: its next hop's Ethernet addresses written, 1. Else 0 (the stack takes it). */
+static __always_inline int xdp_next_hop(struct xdp_md *ctx, struct xdp_pkt *p, __u8 proto,
+					__be32 saddr, __be32 daddr)
+{
+	struct bpf_fib_lookup f = {};
+	f.family = 2; /* AF_INET */
+	f.l4_protocol = proto;
+	f.ipv4_src = saddr;
+	f.ipv4_dst = daddr;
+	f.tot_len = bpf_ntohs(p->ip->tot_len);
+	f.ifindex = ctx->ingress_ifindex;
+	if (bpf_fib_lookup(ctx, &f, sizeof(f), 0) != BPF_FIB_LKUP_RET_SUCCESS ||
+	    f.ifindex != ctx->ingress_ifindex)
+		return 0;
+	__builtin_memcpy(p->eth->h_source, f.smac, ETH_ALEN);
+	__builtin_memcpy(p->eth->h_dest, f.dmac, ETH_ALEN);
+	return 1;
+}
+
+SEC("xdp")
+int xdp_net(struct xdp_md *ctx)
+{
+	struct tuple t;
+	struct xdp_pkt p;
+	if (!NODE_ADDR || xdp_parse(ctx, &t, &p) || p.ip->ttl <= 1)
+		return XDP_PASS;
+	if (filter_has(&shoal_frontends, t.daddr)) {
+		__u64 now = bpf_ktime_get_ns();
+		struct ct_key k = {
+			.saddr = t.saddr,
+			.daddr = t.daddr,
+			.sport = t.sport,
+			.dport = t.dport,
+			.proto = t.proto,
+			.dir = CT_FORWARD,
+		};
+		struct ct_entry *e = bpf_map_lookup_elem(&shoal_ct, &k);
+		if (e) {
+			/* a live source-translated flow whose backend stands; else tc decides */
+			if (e->expires <= now || !(e->flags & CT_F_SNAT) ||
+			    (is_syn_only(&t) && (e->flags & CT_F_CLOSING)))
+				return XDP_PASS;
+			__u32 id = e->backend_id;
+			struct backend *b = bpf_map_lookup_elem(&shoal_backends, &id);
+			if (!backend_matches(b, e) ||
+			    !xdp_next_hop(ctx, &p, t.proto, e->orig_addr, e->nat_addr))
+				return XDP_PASS;
+			ct_touch(e, t.proto, t.tcp_flags, now);
+			xdp_rewrite(&p, t.proto, e->orig_addr, e->orig_port, e->nat_addr, e->nat_port);
+			stat_inc(STAT_XDP_TX);
+			return XDP_TX;
+		}
+		struct svc_key sk = { .addr = t.daddr, .port = t.dport, .proto = t.proto };
+		struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
+		if (!svc || !(svc->flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL)) ||
+		    (svc->flags & SVC_F_LOCAL) || svc->count == 0 || !is_syn_only_or_udp(&t))
+			return XDP_PASS;
+		__u32 backend_id = 0;
+		struct backend *b = choose(&sk, svc, &t, now, &backend_id);
+		if (!b || !xdp_next_hop(ctx, &p, t.proto, NODE_ADDR, b->addr))
+			return XDP_PASS;
+		__be16 sport = snat_port(&t, b);
+		if (!sport)
+			return XDP_PASS;
+		struct ct_entry fwd = record_flow(&t, svc->svc_id, b, backend_id, NODE_ADDR, sport, CT_F_SNAT, now);
+		xdp_rewrite(&p, t.proto, NODE_ADDR, sport, fwd.nat_addr, fwd.nat_port);
+		stat_inc(STAT_XDP_TX);
+		return XDP_TX;
+	}
+	if (t.daddr == NODE_ADDR && filter_has(&shoal_natted, t.saddr)) {
+		/* a reply of another node's backend to a source-translated flow */
+		__u64 now = bpf_ktime_get_ns();
+		struct ct_entry *rev = reverse_entry(&t, now);
+		if (!rev || !(rev->flags & CT_F_SNAT))
+			return XDP_PASS;
+		__be32 svc_addr = rev->nat_addr;
+		__be16 svc_port = rev->nat_port;
+		__be32 client = rev->orig_addr;
+		__be16 client_port = rev->orig_port;
+		if (!xdp_next_hop(ctx, &p, t.proto, svc_addr, client))
+			return XDP_PASS;
+		ct_touch(rev, t.proto, t.tcp_flags, now);
+		if (t.tcp_flags & (TCP_FIN | TCP_RST)) {
+			struct ct_key fk = ct_forward_key(rev, t.proto);
+			struct ct_entry *fe = bpf_map_lookup_elem(&shoal_ct, &fk);
+			if (fe)
+				ct_touch(fe, t.proto, t.tcp_flags, now);
+		}
+		xdp_rewrite(&p, t.proto, svc_addr, svc_port, client, client_port);
+		stat_inc(STAT_XDP_TX);
+		return XDP_TX;
+	}
+	return XDP_PASS;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

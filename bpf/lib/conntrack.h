@@ -50,6 +50,12 @@ static __always_inline int is_syn_only(const struct tuple *t)
 	return t->proto == IPPROTO_TCP && (t->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
 }
 
+/* A packet that may open a flow: a TCP SYN, or any UDP datagram. */
+static __always_inline int is_syn_only_or_udp(const struct tuple *t)
+{
+	return t->proto == IPPROTO_UDP || is_syn_only(t);
+}
+
 /* The forward key of the flow a reverse entry belongs to. */
 static __always_inline struct ct_key ct_forward_key(const struct ct_entry *rev, __u8 proto)
 {

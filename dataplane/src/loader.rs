@@ -16,7 +16,7 @@ use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use aya::programs::tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcAttachType, TcHandle};
 use aya::programs::links::{CgroupAttachMode, FdLink};
-use aya::programs::{CgroupSockAddr, Link, SchedClassifier};
+use aya::programs::{CgroupSockAddr, Link, SchedClassifier, Xdp, XdpMode};
 use aya::{Ebpf, EbpfLoader};
 
 use crate::abi::{addr_of, be_addr, Backend, CtEntry, CtKey, EndpointValue, IpcacheValue, PolicyData, SvcKey, SvcValue, STATS};
@@ -34,6 +34,7 @@ const SOCK_PROGRAMS: [&str; 3] = ["sock_connect4", "sock_getpeername4", "sock_re
 const TC_PRIORITY: u16 = 1;
 const PROGRAMS: [&str; 4] = ["from_pod", "to_pod", "from_net", "to_net"];
 const TC_HANDLE: TcHandle = TcHandle::new(0, 1);
+const XDP_PROGRAM: &str = "xdp_net";
 
 const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 
@@ -86,6 +87,8 @@ pub struct Dataplane {
     policy: PolicyMaps,
     /// The socket-level programs, when they loaded (else tc translates everything).
     sock: Option<Ebpf>,
+    /// Whether the uplink's XDP program loaded.
+    xdp_loaded: bool,
     pin_dir: PathBuf,
 }
 
@@ -214,6 +217,11 @@ impl Dataplane {
             let prog: &mut SchedClassifier = ebpf.program_mut(name).expect("program in object").try_into().map_err(|e| Error::Program(name, e))?;
             prog.load().map_err(|e| Error::Program(name, e))?;
         }
+        // XDP on the uplink is a fast path beside from_net: without it tc does the work
+        let xdp_loaded = match ebpf.program_mut(XDP_PROGRAM).map(<&mut Xdp>::try_from) {
+            Some(Ok(x)) => x.load().map_err(|e| tracing::warn!(error = %e, "the uplink's XDP program did not load: tc translates traffic from outside alone")).is_ok(),
+            _ => false,
+        };
         let take = |ebpf: &mut Ebpf, name: &'static str| ebpf.take_map(name).unwrap_or_else(|| panic!("map {name} in object"));
         let services = BpfHashMap::try_from(take(&mut ebpf, "shoal_services")).map_err(|e| Error::Map("shoal_services", e))?;
         let backends = BpfHashMap::try_from(take(&mut ebpf, "shoal_backends")).map_err(|e| Error::Map("shoal_backends", e))?;
@@ -278,7 +286,7 @@ impl Dataplane {
         for (id, b) in maps.backends() {
             backend_addrs.set(id, Some((b.addr, b.port)));
         }
-        Ok(Dataplane { ebpf, maps, stats, maglev, frontends, backend_addrs, policy, sock, pin_dir: config.pin_dir.clone() })
+        Ok(Dataplane { ebpf, maps, stats, maglev, frontends, backend_addrs, policy, sock, xdp_loaded, pin_dir: config.pin_dir.clone() })
     }
 
     /// Attaches `from_pod` (ingress) and `to_pod` (egress) to the host side of a pod's
@@ -290,7 +298,29 @@ impl Dataplane {
     /// Attaches `from_net` (ingress) and `to_net` (egress) to the node's uplink, for
     /// NodePort, ExternalIP and LoadBalancer traffic from outside the node.
     pub fn attach_uplink(&mut self, ifname: &str) -> Result<(), Error> {
-        self.attach_pair(ifname, "from_net", "to_net")
+        self.attach_pair(ifname, "from_net", "to_net")?;
+        if self.xdp_loaded {
+            if let Err(e) = self.attach_xdp(ifname) {
+                tracing::warn!(interface = ifname, error = %e, "XDP on the uplink is off: tc translates traffic from outside alone");
+            }
+        }
+        Ok(())
+    }
+
+    /// `xdp_net` on the uplink: native on a device with a driver, generic on a virtual one
+    /// (a veth sends XDP_TX frames only to a peer that runs XDP itself). The link is
+    /// pinned, so it outlives the agent; an earlier run's is replaced. Returns the mode.
+    pub fn attach_xdp(&mut self, ifname: &str) -> Result<&'static str, Error> {
+        let err = |e: &dyn std::fmt::Display| Error::Attach(ifname.to_string(), e.to_string());
+        detach_xdp(&self.pin_dir).map_err(|e| err(&e))?;
+        let physical = Path::new("/sys/class/net").join(ifname).join("device").exists();
+        let (mode, name) = if physical { (XdpMode::Driver, "native") } else { (XdpMode::Skb, "generic") };
+        let prog: &mut Xdp = self.ebpf.program_mut(XDP_PROGRAM).expect("program in object").try_into().map_err(|e| Error::Program(XDP_PROGRAM, e))?;
+        let id = prog.attach(ifname, mode).map_err(|e| err(&e))?;
+        let link: FdLink = prog.take_link(id).map_err(|e| Error::Program(XDP_PROGRAM, e))?.try_into().map_err(|e: aya::programs::links::LinkError| err(&e))?;
+        link.pin(self.pin_dir.join(format!("link_{XDP_PROGRAM}"))).map_err(|e| err(&e))?;
+        tracing::info!(interface = ifname, mode = name, "XDP on the uplink: traffic from outside to other nodes' backends turns around there");
+        Ok(name)
     }
 
     fn attach_pair(&mut self, ifname: &str, ingress: &'static str, egress: &'static str) -> Result<(), Error> {
@@ -445,6 +475,7 @@ impl Dataplane {
     /// interfaces go; the socket programs are detached).
     pub fn unpin(self) -> io::Result<()> {
         detach_cgroup_links(&self.pin_dir)?;
+        detach_xdp(&self.pin_dir)?;
         for (name, _, _, _, _) in MAPS {
             match std::fs::remove_file(self.pin_dir.join(name)) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
@@ -488,6 +519,14 @@ pub fn detach_cgroup_links(pin_dir: &Path) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Detaches the uplink's XDP program (its link is pinned in `pin_dir`).
+pub fn detach_xdp(pin_dir: &Path) -> io::Result<()> {
+    match std::fs::remove_file(pin_dir.join(format!("link_{XDP_PROGRAM}"))) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// Removes Shoal's tc filters from an interface, loaded or not (a node that falls back to

@@ -26,6 +26,8 @@ const VIP: &str = "10.96.0.10";
 /// The node's address on its uplink, and an outside client's.
 const NODE: &str = "192.168.50.1";
 const OUTSIDE: &str = "192.168.50.2";
+/// Another node on the uplink's LAN.
+const NODE2: &str = "192.168.50.3";
 
 fn sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
@@ -112,6 +114,33 @@ impl Node {
         sh(&["ip", "-n", &ns, "addr", "add", &format!("{OUTSIDE}/24"), "dev", "eth0"]);
         sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
         sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        self.dp.as_mut().unwrap().attach_uplink("up0").unwrap();
+    }
+
+    /// The uplink on a LAN (a bridge in `<prefix>-lan`) with the outside client (OUTSIDE, in
+    /// `<prefix>-out`) and another node (NODE2, in `<prefix>-9`, as pod 9 for `serve`) on
+    /// it; the uplink programs, tc and XDP, on up0.
+    fn lan(&mut self) {
+        let (lan, out, other) = (format!("{}-lan", self.prefix), format!("{}-out", self.prefix), format!("{}-9", self.prefix));
+        for ns in [&lan, &out, &other] {
+            sh(&["ip", "netns", "add", ns]);
+            self.pods.push(ns.clone());
+        }
+        sh(&["ip", "-n", &lan, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &lan, "link", "set", "br0", "up"]);
+        sh(&["ip", "link", "add", "up0", "type", "veth", "peer", "name", "n1", "netns", &lan]);
+        sh(&["ip", "addr", "add", &format!("{NODE}/24"), "dev", "up0"]);
+        sh(&["ip", "link", "set", "up0", "up"]);
+        for (port, ns, addr) in [("n1", None, None), ("c1", Some(&out), Some(OUTSIDE)), ("n2", Some(&other), Some(NODE2))] {
+            if let (Some(ns), Some(addr)) = (ns, addr) {
+                sh(&["ip", "-n", &lan, "link", "add", port, "type", "veth", "peer", "name", "eth0", "netns", ns]);
+                sh(&["ip", "-n", ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+                sh(&["ip", "-n", ns, "link", "set", "eth0", "up"]);
+                sh(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+            }
+            sh(&["ip", "-n", &lan, "link", "set", port, "master", "br0"]);
+            sh(&["ip", "-n", &lan, "link", "set", port, "up"]);
+        }
         self.dp.as_mut().unwrap().attach_uplink("up0").unwrap();
     }
 
@@ -504,4 +533,31 @@ fn socket_level_translation_connects_pods_straight_to_backends() {
     assert_eq!(last["sock_translated"], after["sock_translated"] + 21);
     assert!(last["ct_created"] >= after["ct_created"] + 3);
     let _ = std::fs::remove_dir(&cgroup);
+}
+
+/// A NodePort whose backend is on another node: XDP on the uplink turns the client's
+/// packets around towards that node (source translated to this node) and the replies back
+/// to the client, without the stack.
+#[test]
+fn xdp_turns_node_port_traffic_for_another_node_around_on_the_uplink() {
+    let mut node = Node::new();
+    node.lan();
+    node.serve(9, "n2");
+    let want = ServicePort {
+        proto: Proto::Tcp,
+        frontends: vec![Frontend { addr: NODE.parse().unwrap(), port: 30080, flags: shoal_dataplane::abi::SVC_F_NODEPORT }],
+        endpoints: vec![Endpoint { addr: NODE2.parse().unwrap(), port: 8080, ready: true, serving: true, terminating: false }],
+        affinity_timeout: 0,
+        external_local: false,
+        maglev: false,
+    };
+    let dp = node.dp.as_mut().unwrap();
+    node.table.sync("default/np:80/TCP", Some(&want), &mut dp.maps()).unwrap();
+    let before: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    let answers: Vec<String> = node.from_outside(|| (0..20).map(|_| ask_at(&format!("{NODE}:30080"), "peer").unwrap()).collect());
+    assert!(answers.iter().all(|a| a == &format!("n2 {NODE}")), "the other node answers, seeing this node's address: {answers:?}");
+    let after: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    // each connection: SYN, ACK, data, FIN... both ways
+    assert!(after["xdp_tx"] - before["xdp_tx"] >= 20 * 4, "{after:?}");
+    assert!(after["translated"] - before["translated"] < 20, "tc did not carry these flows: {after:?}");
 }
