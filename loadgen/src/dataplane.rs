@@ -291,14 +291,16 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
         }
         out.insert("update_ms".into(), json!(total.as_secs_f64() * 1000.0 / a.changes.max(1) as f64));
         out.insert("update_map_writes".into(), json!(change_writes as f64 / a.changes.max(1) as f64));
-        // tc alone, then with the socket-level programs on a cgroup holding this process
-        // (as the agent attaches them to the pods' cgroup)
-        let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
-        out.insert("ebpf".into(), r);
+        // with the socket-level programs on a cgroup holding this process (as the agent
+        // attaches them to the pods' cgroup), then tc alone: in this order the socket
+        // phase meets no backend that had translated flows (whose replies would each cost
+        // a conntrack lookup, as on a node where UDP or affinity flows reach them too)
         let joined = SockCgroup::join(&mut dp)?;
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds);
         drop(joined);
         out.insert("ebpf_socket_lb".into(), r?);
+        let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
+        out.insert("ebpf".into(), r);
         if a.iperf_seconds > 0 {
             let one = ServicePort { frontends: vec![Frontend { addr: IPERF_VIP, port: IPERF_PORT, flags: 0 }], endpoints: vec![Endpoint { addr: backend(0), port: IPERF_PORT, ready: true, serving: true, terminating: false }], ..ports[0].clone() };
             table.sync("bench/iperf:5201/TCP", Some(&one), &mut dp.maps())?;
