@@ -30,6 +30,7 @@ struct {
 	__type(key, __u64);
 	__type(value, struct sock_lb);
 	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME); /* sockets outlive an agent restart */
 } shoal_sock_lb SEC(".maps");
 
 SEC("cgroup/connect4")

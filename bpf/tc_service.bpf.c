@@ -551,6 +551,31 @@ static __always_inline int xdp_next_hop(struct xdp_md *ctx, struct xdp_pkt *p, _
 	return 1;
 }
 
+/* A reply of another node's backend to a source-translated flow, back to the client. */
+static __always_inline int xdp_reply(struct xdp_md *ctx, const struct tuple *t,
+				     struct xdp_pkt *p, __u64 now)
+{
+	struct ct_entry *rev = reverse_entry(t, now);
+	if (!rev || !(rev->flags & CT_F_SNAT))
+		return XDP_PASS;
+	__be32 svc_addr = rev->nat_addr;
+	__be16 svc_port = rev->nat_port;
+	__be32 client = rev->orig_addr;
+	__be16 client_port = rev->orig_port;
+	if (!xdp_next_hop(ctx, p, t->proto, svc_addr, client))
+		return XDP_PASS;
+	ct_touch(rev, t->proto, t->tcp_flags, now);
+	if (t->tcp_flags & (TCP_FIN | TCP_RST)) {
+		struct ct_key fk = ct_forward_key(rev, t->proto);
+		struct ct_entry *fe = bpf_map_lookup_elem(&shoal_ct, &fk);
+		if (fe)
+			ct_touch(fe, t->proto, t->tcp_flags, now);
+	}
+	xdp_rewrite(p, t->proto, svc_addr, svc_port, client, client_port);
+	stat_inc(STAT_XDP_TX);
+	return XDP_TX;
+}
+
 SEC("xdp")
 int xdp_net(struct xdp_md *ctx)
 {
@@ -584,6 +609,10 @@ int xdp_net(struct xdp_md *ctx)
 			stat_inc(STAT_XDP_TX);
 			return XDP_TX;
 		}
+		/* the node's address is a NodePort frontend too: a reply to a translated source
+		 * port comes first (as in forward()) */
+		if (t.daddr == NODE_ADDR && filter_has(&shoal_natted, t.saddr) && reverse_entry(&t, now))
+			return xdp_reply(ctx, &t, &p, now);
 		struct svc_key sk = { .addr = t.daddr, .port = t.dport, .proto = t.proto };
 		struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
 		if (!svc || !(svc->flags & (SVC_F_NODEPORT | SVC_F_EXTERNAL)) ||
@@ -591,39 +620,19 @@ int xdp_net(struct xdp_md *ctx)
 			return XDP_PASS;
 		__u32 backend_id = 0;
 		struct backend *b = choose(&sk, svc, &t, now, &backend_id);
-		if (!b || !xdp_next_hop(ctx, &p, t.proto, NODE_ADDR, b->addr))
+		if (!b)
 			return XDP_PASS;
+		/* the port first: the next hop lookup writes the packet's MACs */
 		__be16 sport = snat_port(&t, b);
-		if (!sport)
+		if (!sport || !xdp_next_hop(ctx, &p, t.proto, NODE_ADDR, b->addr))
 			return XDP_PASS;
 		struct ct_entry fwd = record_flow(&t, svc->svc_id, b, backend_id, NODE_ADDR, sport, CT_F_SNAT, now);
 		xdp_rewrite(&p, t.proto, NODE_ADDR, sport, fwd.nat_addr, fwd.nat_port);
 		stat_inc(STAT_XDP_TX);
 		return XDP_TX;
 	}
-	if (t.daddr == NODE_ADDR && filter_has(&shoal_natted, t.saddr)) {
-		/* a reply of another node's backend to a source-translated flow */
-		__u64 now = bpf_ktime_get_ns();
-		struct ct_entry *rev = reverse_entry(&t, now);
-		if (!rev || !(rev->flags & CT_F_SNAT))
-			return XDP_PASS;
-		__be32 svc_addr = rev->nat_addr;
-		__be16 svc_port = rev->nat_port;
-		__be32 client = rev->orig_addr;
-		__be16 client_port = rev->orig_port;
-		if (!xdp_next_hop(ctx, &p, t.proto, svc_addr, client))
-			return XDP_PASS;
-		ct_touch(rev, t.proto, t.tcp_flags, now);
-		if (t.tcp_flags & (TCP_FIN | TCP_RST)) {
-			struct ct_key fk = ct_forward_key(rev, t.proto);
-			struct ct_entry *fe = bpf_map_lookup_elem(&shoal_ct, &fk);
-			if (fe)
-				ct_touch(fe, t.proto, t.tcp_flags, now);
-		}
-		xdp_rewrite(&p, t.proto, svc_addr, svc_port, client, client_port);
-		stat_inc(STAT_XDP_TX);
-		return XDP_TX;
-	}
+	if (t.daddr == NODE_ADDR && filter_has(&shoal_natted, t.saddr))
+		return xdp_reply(ctx, &t, &p, bpf_ktime_get_ns());
 	return XDP_PASS;
 }
 

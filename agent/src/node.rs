@@ -101,7 +101,6 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
             // without it, an earlier run's links must not translate with frozen maps
             if !o.socket_lb {
                 let _ = shoal_dataplane::loader::detach_cgroup_links(&o.bpf_dir);
-    let _ = shoal_dataplane::loader::detach_xdp(&o.bpf_dir);
                 return shoal_dataplane::Proxy::new(dp, node.clone(), pm.clone());
             }
             match shoal_dataplane::loader::cgroup2_root().map(|root| root.join("shoal").join(&o.node_name)) {
@@ -125,6 +124,7 @@ fn start_proxy(o: &NodeOptions, metrics: &crate::metrics::NodeMetrics) -> Option
     }
     // filters of an earlier eBPF run would keep translating with frozen maps
     let _ = shoal_dataplane::loader::detach_cgroup_links(&o.bpf_dir);
+    let _ = shoal_dataplane::loader::detach_xdp(&o.bpf_dir);
     for ifname in shoal_dataplane::proxy::bridge_ports("shoal0").into_iter().chain(uplink) {
         if shoal_dataplane::loader::detach_filters(&ifname).is_ok() {
             tracing::info!(interface = %ifname, "removed the eBPF service filters of an earlier run");

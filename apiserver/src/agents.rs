@@ -848,8 +848,10 @@ impl HubState {
                         self.pod_changed(&ev.key, cur, ev.rev);
                         if !self.proxying.is_empty() {
                             let slim = cur.map(policy_pod).unwrap_or_default();
+                            // a delete always goes (a snapshot to another node may have
+                            // rebuilt what was sent meanwhile); a change only when policy sees it
                             let known = if slim.is_empty() { self.policy_pods.remove(&ev.key) } else { self.policy_pods.insert(ev.key.clone(), slim.clone()) };
-                            if known.as_ref() != Some(&slim) && !(slim.is_empty() && known.is_none()) {
+                            if slim.is_empty() || known.as_ref() != Some(&slim) {
                                 let mut o = object(&ev.key, None, ev.rev);
                                 o.json = slim.into();
                                 self.pending_services.push(o);

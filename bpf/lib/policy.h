@@ -12,7 +12,12 @@
  *   pod's side), whose packets in either direction pass.
  * Traffic from the node's own addresses (probes, source-translated NodePort traffic)
  * always enters, as upstream; a pod reaching itself always passes. Non-first fragments
- * pass: without their first fragment (judged with the ports) they cannot be reassembled. */
+ * pass: without their first fragment (judged with the ports) they cannot be reassembled.
+ * ICMP errors pass (conntrack's RELATED: they concern a flow already judged).
+ *
+ * The pod is found by its packets' address: a pod that forges another local pod's source
+ * address (raw sockets) is judged as that pod, and segments without SYN are not judged;
+ * anti-spoofing per interface is not done yet. */
 #ifndef SHOAL_POLICY_H
 #define SHOAL_POLICY_H
 
@@ -27,7 +32,12 @@ struct pol_tuple {
 	__be16 dport;
 	__u8 proto;
 	__u8 tcp_flags;
+	__u8 icmp_type;
 };
+
+#define ICMP_DEST_UNREACH 3
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
 
 #define PARSE_PASS 1 /* not judged: not IPv4, a non-first fragment, or truncated */
 
@@ -47,7 +57,10 @@ static __always_inline int parse_policy(struct __sk_buff *skb, struct pol_tuple 
 	t->sport = 0;
 	t->dport = 0;
 	t->tcp_flags = 0;
+	t->icmp_type = 0;
 	__u32 l4 = IP_OFF + (ip.ihl & 0xf) * 4;
+	if (ip.protocol == IPPROTO_ICMP && bpf_skb_load_bytes(skb, l4, &t->icmp_type, 1))
+		return PARSE_PASS;
 	if (ip.protocol == IPPROTO_TCP || ip.protocol == IPPROTO_UDP || ip.protocol == 132) {
 		__be16 ports[2];
 		/* truncated: the stack drops it as malformed */
@@ -91,6 +104,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir)
 {
 	struct pol_tuple t;
 	if (parse_policy(skb, &t))
+		return TC_ACT_OK;
+	/* ICMP errors belong to a flow already judged (path MTU discovery needs "fragmentation
+	 * needed" to reach an isolated pod): as conntrack's RELATED, they pass */
+	if (t.proto == IPPROTO_ICMP && (t.icmp_type == ICMP_DEST_UNREACH ||
+					t.icmp_type == ICMP_TIME_EXCEEDED || t.icmp_type == ICMP_PARAMETERPROB))
 		return TC_ACT_OK;
 	__be32 local = dir == POL_INGRESS ? t.daddr : t.saddr;
 	__be32 peer = dir == POL_INGRESS ? t.saddr : t.daddr;

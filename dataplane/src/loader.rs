@@ -198,6 +198,7 @@ const MAPS: &[(&str, usize, usize, u32, u32)] = &[
     ("shoal_policy", size_of::<LpmKey<PolicyData>>(), size_of::<u32>(), NO_PREALLOC, 262144),
     ("shoal_frontends", size_of::<u32>(), size_of::<u64>(), 0, 1024),
     ("shoal_natted", size_of::<u32>(), size_of::<u64>(), 0, 1024),
+    ("shoal_sock_lb", size_of::<u64>(), size_of::<crate::abi::SockLb>(), 0, 262144),
 ];
 
 impl Dataplane {
@@ -249,8 +250,12 @@ impl Dataplane {
             bits[(bit / 64) as usize] |= 1 << (bit % 64);
         }
         for (i, w) in bits.iter().enumerate().filter(|(_, w)| **w != 0) {
+            // (the programs of an earlier run may set bits meanwhile: write only when a
+            // bit is missing, and as seldom as possible)
             let cur = natted.get(&(i as u32), 0).unwrap_or(0);
-            natted.set(i as u32, cur | *w, 0).map_err(|e| Error::Map("shoal_natted", e))?;
+            if cur & *w != *w {
+                natted.set(i as u32, cur | *w, 0).map_err(|e| Error::Map("shoal_natted", e))?;
+            }
         }
         let policy = PolicyMaps {
             ipcache: LpmTrie::try_from(take(&mut ebpf, "shoal_ipcache")).map_err(|e| Error::Map("shoal_ipcache", e))?,
@@ -445,7 +450,9 @@ impl Dataplane {
         let backends = self.backends();
         let table = table::Table::restore(self.services(), backends.iter().copied());
         for id in table.stale_backends(backends.iter().map(|(id, _)| *id)) {
-            let _ = self.maps.backends.remove(&id);
+            if self.maps.backends.remove(&id).is_ok() {
+                self.backend_addrs.set(id, None);
+            }
         }
         Ok(table)
     }

@@ -124,6 +124,9 @@ struct Rule {
     peers: Vec<Peer>,
     /// Empty: every protocol and port.
     ports: Vec<(u8, Port)>,
+    /// Peers or ports were given but none can match here (IPv6 ipBlocks only, say): the
+    /// rule allows nothing (an empty list would mean everything).
+    nothing: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -142,8 +145,10 @@ impl NetPol {
         // the server defaults policyTypes; without it, as upstream's defaulting
         let (ingress, egress) = if types.is_empty() { (true, has_egress) } else { (types.contains(&"Ingress"), types.contains(&"Egress")) };
         let rules = |dir: &str, peers_key: &str| -> Vec<Rule> {
-            spec.get(dir).and_then(Value::as_array).into_iter().flatten().map(|r| Rule {
-                peers: r.get(peers_key).and_then(Value::as_array).into_iter().flatten().filter_map(|p| {
+            spec.get(dir).and_then(Value::as_array).into_iter().flatten().map(|r| {
+                let given_peers = r.get(peers_key).and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+                let given_ports = r.get("ports").and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+                let peers: Vec<Peer> = r.get(peers_key).and_then(Value::as_array).into_iter().flatten().filter_map(|p| {
                     if let Some(b) = p.get("ipBlock").filter(|b| !b.is_null()) {
                         // IPv6 blocks select nothing here (the programs are IPv4)
                         let cidr = Prefix::parse(b.get("cidr")?.as_str()?)?;
@@ -152,8 +157,8 @@ impl NetPol {
                     }
                     let get = |k: &str| p.get(k).filter(|v| !v.is_null()).cloned();
                     Some(Peer::Pods { pods: get("podSelector"), namespaces: get("namespaceSelector") })
-                }).collect(),
-                ports: r.get("ports").and_then(Value::as_array).into_iter().flatten().filter_map(|p| {
+                }).collect();
+                let ports: Vec<(u8, Port)> = r.get("ports").and_then(Value::as_array).into_iter().flatten().filter_map(|p| {
                     let proto = proto_num(p.get("protocol").and_then(Value::as_str).unwrap_or("TCP"))?;
                     let port = match p.get("port") {
                         None | Some(Value::Null) => Port::Any,
@@ -165,7 +170,9 @@ impl NetPol {
                         }
                     };
                     Some((proto, port))
-                }).collect(),
+                }).collect();
+                let nothing = (given_peers && peers.is_empty()) || (given_ports && ports.is_empty());
+                Rule { peers, ports, nothing }
             }).collect()
         };
         NetPol { selector: spec.get("podSelector").cloned().unwrap_or(Value::Null), ingress: ingress.then(|| rules("ingress", "from")), egress: egress.then(|| rules("egress", "to")) }
@@ -243,6 +250,10 @@ pub struct Policies {
     ids_dirty: bool,
     /// Whether any local pod is isolated: without one, the maps stay empty.
     active: bool,
+    /// The last sync left writes undone.
+    pending: bool,
+    /// The pod whose address each pod entry of the ipcache is (an address may be reused).
+    owners: HashMap<Prefix, (String, String)>,
 }
 
 /// Map writes of one sync, and a failed one.
@@ -303,7 +314,7 @@ impl Policies {
                         self.rules_dirty = true;
                         self.local.insert(key.clone());
                     }
-                    self.pod_added(&new, ns);
+                    self.pod_added(&new, &key);
                     self.pods.insert(key, new);
                 }
             }
@@ -356,13 +367,19 @@ impl Policies {
         self.prefixes.iter().filter(|c| c.contains(p)).copied().collect()
     }
 
-    fn pod_added(&mut self, pod: &PodInfo, ns: &str) {
+    fn pod_added(&mut self, pod: &PodInfo, key: &(String, String)) {
         if let Some(ip) = pod.ip {
-            let key = self.set_address(Prefix::host(ip), Kind::Pod { ns: ns.to_string(), labels: pod.labels.clone() });
-            let id = self.identities.get_mut(&key).expect("set_address made it");
+            let id_key = self.set_address(Prefix::host(ip), Kind::Pod { ns: key.0.clone(), labels: pod.labels.clone() });
+            self.owners.insert(Prefix::host(ip), key.clone());
+            let id = self.identities.get_mut(&id_key).expect("set_address made it");
+            let mut new_port = false;
             for p in &pod.ports {
-                *id.ports.entry(p.clone()).or_default() += 1;
+                let n = id.ports.entry(p.clone()).or_default();
+                *n += 1;
+                new_port |= *n == 1;
             }
+            // egress rules naming a port resolve it over the identity's pods
+            self.rules_dirty |= new_port;
         }
     }
 
@@ -373,7 +390,7 @@ impl Policies {
         let Some(ip) = pod.ip else { return };
         let prefix = Prefix::host(ip);
         // another pod may hold the address by now (a reused IP): only its own entry goes
-        let ours = self.wanted_ipcache.get(&prefix).is_some_and(|k| matches!(&k.kind, Kind::Pod { ns, labels } if *ns == key.0 && *labels == pod.labels));
+        let ours = self.owners.get(&prefix) == Some(key);
         if let Some(id) = self.wanted_ipcache.get(&prefix).and_then(|k| self.identities.get_mut(k)) {
             if ours {
                 for p in &pod.ports {
@@ -381,12 +398,14 @@ impl Policies {
                         *n -= 1;
                         if *n == 0 {
                             id.ports.remove(p);
+                            self.rules_dirty = true;
                         }
                     }
                 }
             }
         }
         if ours {
+            self.owners.remove(&prefix);
             self.unset_address(prefix);
             // a policy CIDR that is this very address holds it again
             if self.prefixes.contains(&prefix) {
@@ -443,7 +462,7 @@ impl Policies {
             self.unset_address(p);
         }
         for (k, p) in &pods {
-            self.pod_added(p, &k.0);
+            self.pod_added(p, k);
         }
         for a in self.host.clone() {
             self.set_address(Prefix::host(a), Kind::Host);
@@ -513,6 +532,9 @@ impl Policies {
     }
 
     fn rule_entries(&self, subject: u32, dir: u8, rule: &Rule, ns: &str, pod: &PodInfo, out: &mut BTreeSet<RuleKey>) {
+        if rule.nothing {
+            return;
+        }
         // (peer identity, named ports it has): ID_ANY for a rule without peers
         let peers: Vec<(u32, Option<&BTreeMap<(String, u8, u16), usize>>)> = if rule.peers.is_empty() {
             vec![(abi::ID_ANY, None)]
@@ -624,7 +646,7 @@ impl Policies {
                 let pod = PodInfo { ip: None, node: String::new(), labels: labels.clone(), ports: ports.clone() };
                 for p in self.selecting(ns, labels) {
                     let rules = if dir == abi::POL_INGRESS { &p.ingress } else { &p.egress };
-                    for rule in rules.iter().flatten() {
+                    for rule in rules.iter().flatten().filter(|r| !r.nothing) {
                         // (peer match, the pods' named ports behind it)
                         let mut peers: Vec<(String, Vec<(String, u8, u16)>)> = Vec::new();
                         if rule.peers.is_empty() {
@@ -734,31 +756,73 @@ impl Policies {
         }
         // allow before deny: new rules and identities first, stale ones last, so that a
         // flow is never refused in between by a half-written change
-        for r in rules.difference(&self.rules) {
-            note(maps.put_rule(r.0, r.1), &mut out);
+        // what the maps hold is updated write by write: a failed write is retried by the
+        // next sync (everything is recomputed and diffed again)
+        let mut failed = false;
+        for r in rules.difference(&self.rules).copied().collect::<Vec<_>>() {
+            let w = maps.put_rule(r.0, r.1);
+            failed |= w.is_err();
+            if w.is_ok() {
+                self.rules.insert(r);
+            }
+            note(w, &mut out);
         }
         for (p, v) in &ipcache_puts {
-            note(maps.put_ipcache(*p, *v), &mut out);
-            self.ipcache.insert(*p, *v);
+            let w = maps.put_ipcache(*p, *v);
+            if w.is_ok() {
+                self.ipcache.insert(*p, *v);
+            } else {
+                failed = true;
+                self.changed.insert(*p);
+            }
+            note(w, &mut out);
         }
         for (a, v) in &endpoints {
             if self.endpoints.get(a) != Some(v) {
-                note(maps.put_endpoint(*a, *v), &mut out);
+                let w = maps.put_endpoint(*a, *v);
+                failed |= w.is_err();
+                if w.is_ok() {
+                    self.endpoints.insert(*a, *v);
+                }
+                note(w, &mut out);
             }
         }
-        for a in self.endpoints.keys().filter(|a| !endpoints.contains_key(a)) {
-            note(maps.del_endpoint(*a), &mut out);
+        for a in self.endpoints.keys().filter(|a| !endpoints.contains_key(a)).copied().collect::<Vec<_>>() {
+            let w = maps.del_endpoint(a);
+            failed |= w.is_err();
+            if w.is_ok() {
+                self.endpoints.remove(&a);
+            }
+            note(w, &mut out);
         }
         for p in &ipcache_dels {
-            note(maps.del_ipcache(*p), &mut out);
-            self.ipcache.remove(p);
+            let w = maps.del_ipcache(*p);
+            if w.is_ok() {
+                self.ipcache.remove(p);
+            } else {
+                failed = true;
+                self.changed.insert(*p);
+            }
+            note(w, &mut out);
         }
-        for r in self.rules.difference(&rules) {
-            note(maps.del_rule(r.0, r.1), &mut out);
+        for r in self.rules.difference(&rules).copied().collect::<Vec<_>>() {
+            let w = maps.del_rule(r.0, r.1);
+            failed |= w.is_err();
+            if w.is_ok() {
+                self.rules.remove(&r);
+            }
+            note(w, &mut out);
         }
-        self.endpoints = endpoints;
-        self.rules = rules;
+        if failed {
+            self.rules_dirty = true;
+        }
+        self.pending = failed;
         out
+    }
+
+    /// Whether the last sync left writes undone (the proxy retries on its timer).
+    pub fn pending(&self) -> bool {
+        self.pending
     }
 
     /// Makes the state believe the maps hold these entries (read back after a restart),
@@ -948,6 +1012,60 @@ mod tests {
         assert!(m.allows(abi::POL_EGRESS, "10.0.1.2", "1.1.1.1", 17, 53));
         assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "1.1.1.1", 6, 53));
         assert!(m.allows(abi::POL_INGRESS, "10.0.1.2", "1.1.1.1", 6, 53), "ingress is not isolated");
+    }
+
+    #[test]
+    fn a_rule_whose_peers_cannot_match_here_allows_nothing() {
+        // an IPv6-only ipBlock must not turn into "every peer"
+        let mut p = setup();
+        let mut m = Rec::default();
+        p.hold("NetworkPolicy", "default", "v6", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "web"}}, "policyTypes": ["Egress"], "egress": [{"to": [{"ipBlock": {"cidr": "2001:db8::/32"}}]}]}})));
+        p.sync(&mut m);
+        assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "8.8.8.8", 6, 443));
+        assert!(!m.allows(abi::POL_EGRESS, "10.0.1.2", "10.0.2.3", 6, 80));
+        assert!(!p.nft_script("pol").lines().any(|l| l.trim() == "return"));
+    }
+
+    #[test]
+    fn a_failed_write_is_retried_by_the_next_sync() {
+        struct Flaky(Rec, bool);
+        impl Maps for Flaky {
+            type Error = String;
+            fn put_ipcache(&mut self, p: Prefix, v: IpcacheValue) -> Result<(), String> {
+                self.0.put_ipcache(p, v)
+            }
+            fn del_ipcache(&mut self, p: Prefix) -> Result<(), String> {
+                self.0.del_ipcache(p)
+            }
+            fn put_endpoint(&mut self, a: Ipv4Addr, v: EndpointValue) -> Result<(), String> {
+                if self.1 {
+                    return Err("full".into());
+                }
+                self.0.put_endpoint(a, v)
+            }
+            fn del_endpoint(&mut self, a: Ipv4Addr) -> Result<(), String> {
+                self.0.del_endpoint(a)
+            }
+            fn put_rule(&mut self, l: u32, k: PolicyData) -> Result<(), String> {
+                if self.1 {
+                    return Err("full".into());
+                }
+                self.0.put_rule(l, k)
+            }
+            fn del_rule(&mut self, l: u32, k: PolicyData) -> Result<(), String> {
+                self.0.del_rule(l, k)
+            }
+        }
+        let mut p = setup();
+        let mut m = Flaky(Rec::default(), true);
+        p.hold("NetworkPolicy", "default", "web", Some(&json!({"spec": {"podSelector": {"matchLabels": {"app": "web"}}, "ingress": [{"from": [{"podSelector": {"matchLabels": {"role": "client"}}}]}]}})));
+        let s = p.sync(&mut m);
+        assert!(!s.errors.is_empty() && p.pending());
+        m.1 = false;
+        let s = p.sync(&mut m);
+        assert!(s.errors.is_empty() && !p.pending(), "{s:?}");
+        assert!(m.0.allows(abi::POL_INGRESS, "10.0.1.2", "10.0.2.3", 6, 80));
+        assert!(!m.0.allows(abi::POL_INGRESS, "10.0.1.2", "10.0.1.4", 6, 80));
     }
 
     #[test]

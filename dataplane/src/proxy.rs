@@ -443,6 +443,9 @@ impl Proxy {
 
     /// Syncs again the ports whose writes failed (a full map may have room now).
     pub fn retry_failed(&mut self) {
+        if self.policies.pending() {
+            self.sync_policy();
+        }
         let Engine::Bpf { table, .. } = &self.engine else { return };
         let dirty = table.dirty_ports();
         if dirty.is_empty() {

@@ -447,10 +447,20 @@ fn policy_judges_new_flows_and_lets_their_replies_through() {
     assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 6000), ("10.96.0.10", 53), 0, b"q")).0, shot);
     l.service("dns", "10.96.0.10", 53, Proto::Udp, &[("10.0.2.7", 53)], 0);
     assert_eq!(l.run("from_pod", &packet(UDP, ("10.0.1.2", 6001), ("10.96.0.10", 53), 0, b"q")).0, TC_ACT_OK);
+    // ICMP errors (fragmentation needed) reach the isolated pod; an echo request does not
+    let icmp = |ty: u8| {
+        let mut p = packet(UDP, ("10.0.2.3", 1), ("10.0.1.2", 2), 0, &[0; 20]);
+        p[23] = 1; // protocol ICMP
+        p[34] = ty;
+        p[35] = if ty == 3 { 4 } else { 0 };
+        p
+    };
+    assert_eq!(l.run("to_pod", &icmp(3)).0, TC_ACT_OK);
+    assert_eq!(l.run("to_pod", &icmp(8)).0, shot);
     // a pod no policy selects is not judged
     assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.9", 22), SYN, b"")).0, TC_ACT_OK);
     let stats: HashMap<&str, u64> = l.dp().stats().into_iter().collect();
-    assert_eq!(stats["policy_denied"], 6, "{stats:?}");
+    assert_eq!(stats["policy_denied"], 7, "{stats:?}");
     // the policy goes: everything enters
     p.hold("NetworkPolicy", "default", "web", None);
     p.sync(l.dp().policy_maps());
