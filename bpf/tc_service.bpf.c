@@ -370,9 +370,26 @@ static __always_inline int forward(struct __sk_buff *skb, struct tuple *t, int o
 	return new_flow(skb, t, now, outside);
 }
 
+/* Whether an IPv4 packet from a pod carries a source address other than the pod's. */
+static __always_inline int spoofed(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	__be32 *own = bpf_map_lookup_elem(&shoal_ifaddrs, &ifindex);
+	if (!own || skb->protocol != bpf_htons(ETH_P_IP))
+		return 0;
+	__be32 saddr;
+	if (bpf_skb_load_bytes(skb, SADDR_OFF, &saddr, sizeof(saddr)))
+		return 0;
+	return saddr != *own;
+}
+
 SEC("classifier")
 int from_pod(struct __sk_buff *skb)
 {
+	if (spoofed(skb)) {
+		stat_inc(STAT_SPOOFED);
+		return TC_ACT_SHOT;
+	}
 	struct tuple t;
 	if (parse_tuple(skb, &t))
 		return enforce(skb, POL_EGRESS); /* not TCP/UDP over plain IPv4: policy only */

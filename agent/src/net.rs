@@ -254,7 +254,7 @@ impl PodNetwork {
             // before the pod runs: its first packet to a service must be translated
             let proxy = proxy.clone();
             let name = veth.clone();
-            tokio::task::spawn_blocking(move || proxy.attach(&name)).await.map_err(|e| e.to_string())?.map_err(|e| format!("attaching the service proxy to {veth}: {e}"))?;
+            tokio::task::spawn_blocking(move || proxy.attach(&name, Some(ip))).await.map_err(|e| e.to_string())?.map_err(|e| format!("attaching the service proxy to {veth}: {e}"))?;
         }
         Ok(PathBuf::from("/run/netns").join(ns))
     }

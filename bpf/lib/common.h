@@ -179,6 +179,7 @@ enum stat {
 	STAT_POLICY_ALLOWED, /* new flows a policy rule allowed to an isolated pod */
 	STAT_SOCK_TRANSLATED, /* connect()s sent straight to a backend (socket-level) */
 	STAT_XDP_TX,          /* packets from outside turned around on the uplink by XDP */
+	STAT_SPOOFED,         /* packets a pod sent with another source address: dropped */
 	STAT_MAX,
 };
 

@@ -87,6 +87,17 @@ static __always_inline void filter_set(void *map, __be32 addr)
 		__sync_fetch_and_or(w, 1ULL << (bit % 64));
 }
 
+/* A pod interface's (host side) ifindex -> the pod's address: from_pod drops packets with
+ * another source address, so that a pod cannot pass for another (network policy finds a
+ * pod by its address). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __be32);
+	__uint(max_entries, 4096);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} shoal_ifaddrs SEC(".maps");
+
 /* Network policy (common.h). LPM tries must not be preallocated. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

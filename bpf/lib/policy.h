@@ -15,9 +15,8 @@
  * pass: without their first fragment (judged with the ports) they cannot be reassembled.
  * ICMP errors pass (conntrack's RELATED: they concern a flow already judged).
  *
- * The pod is found by its packets' address: a pod that forges another local pod's source
- * address (raw sockets) is judged as that pod, and segments without SYN are not judged;
- * anti-spoofing per interface is not done yet. */
+ * The pod is found by its packets' address; from_pod drops a pod's packets with any other
+ * source address first (shoal_ifaddrs), so no pod passes for another. */
 #ifndef SHOAL_POLICY_H
 #define SHOAL_POLICY_H
 

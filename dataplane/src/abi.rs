@@ -233,7 +233,7 @@ unsafe impl aya::Pod for PolicyData {}
 unsafe impl aya::Pod for SockLb {}
 
 /// The programs' counters (`enum stat` in common.h), in order.
-pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed", "sock_translated", "xdp_tx"];
+pub const STATS: &[&str] = &["translated", "reversed", "ct_created", "rejected", "no_slot", "ct_update_failed", "policy_denied", "policy_allowed", "sock_translated", "xdp_tx", "spoofed"];
 
 /// Struct layouts as (C name, size, [(member, offset)]), for the BTF comparison.
 pub fn layouts() -> Vec<(&'static str, usize, Vec<(&'static str, usize)>)> {

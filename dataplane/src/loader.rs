@@ -199,6 +199,7 @@ const MAPS: &[(&str, usize, usize, u32, u32)] = &[
     ("shoal_frontends", size_of::<u32>(), size_of::<u64>(), 0, 1024),
     ("shoal_natted", size_of::<u32>(), size_of::<u64>(), 0, 1024),
     ("shoal_sock_lb", size_of::<u64>(), size_of::<crate::abi::SockLb>(), 0, 262144),
+    ("shoal_ifaddrs", size_of::<u32>(), size_of::<u32>(), 0, 4096),
 ];
 
 impl Dataplane {
@@ -298,6 +299,34 @@ impl Dataplane {
     /// interface, replacing Shoal's filters if they are there already.
     pub fn attach(&mut self, ifname: &str) -> Result<(), Error> {
         self.attach_pair(ifname, "from_pod", "to_pod")
+    }
+
+    /// Attaches the programs to a pod's interface and records the pod's address: its
+    /// packets with another source address are dropped (a pod must not pass for another).
+    pub fn attach_pod(&mut self, ifname: &str, addr: Option<std::net::Ipv4Addr>) -> Result<(), Error> {
+        self.attach(ifname)?;
+        let Some(addr) = addr else { return Ok(()) };
+        let name = std::ffi::CString::new(ifname).map_err(|e| Error::Attach(ifname.to_string(), e.to_string()))?;
+        // SAFETY: a valid C string
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        if ifindex == 0 {
+            return Err(Error::Attach(ifname.to_string(), io::Error::last_os_error().to_string()));
+        }
+        let map = self.ebpf.map_mut("shoal_ifaddrs").expect("map in object");
+        let mut m: BpfHashMap<&mut MapData, u32, u32> = BpfHashMap::try_from(map).map_err(|e| Error::Map("shoal_ifaddrs", e))?;
+        if m.insert(ifindex, be_addr(addr), 0).is_ok() {
+            return Ok(());
+        }
+        // full: entries of interfaces that are gone (pods deleted) make room
+        let gone: Vec<u32> = m.keys().filter_map(Result::ok).filter(|i| {
+            let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+            // SAFETY: a buffer of IF_NAMESIZE bytes, as if_indextoname wants
+            unsafe { libc::if_indextoname(*i, buf.as_mut_ptr()) }.is_null()
+        }).collect();
+        for i in gone {
+            let _ = m.remove(&i);
+        }
+        m.insert(ifindex, be_addr(addr), 0).map_err(|e| map_err("shoal_ifaddrs", 4096, e))
     }
 
     /// Attaches `from_net` (ingress) and `to_net` (egress) to the node's uplink, for

@@ -223,9 +223,9 @@ impl Proxy {
     }
 
     /// Attaches the BPF programs to a pod's interface (nothing to do for nftables).
-    fn attach(&mut self, ifname: &str) -> Result<(), Error> {
+    fn attach(&mut self, ifname: &str, addr: Option<Ipv4Addr>) -> Result<(), Error> {
         match &mut self.engine {
-            Engine::Bpf { dp, .. } => dp.attach(ifname),
+            Engine::Bpf { dp, .. } => dp.attach_pod(ifname, addr),
             Engine::Nft(_) => Ok(()),
         }
     }
@@ -500,7 +500,7 @@ impl Proxy {
 
 enum Msg {
     Objects(Vec<Object>, bool, bool),
-    Attach(String, mpsc::SyncSender<Result<(), String>>),
+    Attach(String, Option<Ipv4Addr>, mpsc::SyncSender<Result<(), String>>),
 }
 
 /// How the agent talks to the proxy thread.
@@ -533,8 +533,9 @@ impl ProxyHandle {
                 }
             }
         }
+        // (their addresses are in the pinned shoal_ifaddrs from when they were set up)
         for port in bridge_ports(bridge) {
-            if let Err(e) = proxy.attach(&port) {
+            if let Err(e) = proxy.attach(&port, None) {
                 proxy.metrics.attach_errors.inc();
                 tracing::error!(interface = %port, error = %e, "attaching the service programs");
             }
@@ -547,8 +548,8 @@ impl ProxyHandle {
                 loop {
                     match rx.recv_timeout(Duration::from_secs(5)) {
                         Ok(Msg::Objects(objs, reset, synced)) => proxy.apply(objs, reset, synced),
-                        Ok(Msg::Attach(ifname, reply)) => {
-                            let r = proxy.attach(&ifname).map_err(|e| e.to_string());
+                        Ok(Msg::Attach(ifname, addr, reply)) => {
+                            let r = proxy.attach(&ifname, addr).map_err(|e| e.to_string());
                             if r.is_err() {
                                 proxy.metrics.attach_errors.inc();
                             }
@@ -573,10 +574,11 @@ impl ProxyHandle {
     }
 
     /// Attaches the programs to a new pod's host-side interface (before the pod runs, so
-    /// its first packet to a service is translated).
-    pub fn attach(&self, ifname: &str) -> Result<(), String> {
+    /// its first packet to a service is translated); `addr`: the pod's address, the only
+    /// source its packets may carry.
+    pub fn attach(&self, ifname: &str, addr: Option<Ipv4Addr>) -> Result<(), String> {
         let (tx, rx) = mpsc::sync_channel(1);
-        self.tx.send(Msg::Attach(ifname.to_string(), tx)).map_err(|_| "the service proxy thread is gone".to_string())?;
+        self.tx.send(Msg::Attach(ifname.to_string(), addr, tx)).map_err(|_| "the service proxy thread is gone".to_string())?;
         rx.recv().map_err(|_| "the service proxy thread is gone".to_string())?
     }
 }

@@ -97,7 +97,7 @@ impl Node {
             sh(&args);
         }
         if let Some(dp) = self.dp.as_mut() {
-            dp.attach(&host).unwrap();
+            dp.attach_pod(&host, Some(Ipv4Addr::new(10, 0, i, 2))).unwrap();
         }
         Ipv4Addr::new(10, 0, i, 2)
     }
@@ -560,4 +560,58 @@ fn xdp_turns_node_port_traffic_for_another_node_around_on_the_uplink() {
     // each connection: SYN, ACK, data, FIN... both ways
     assert!(after["xdp_tx"] - before["xdp_tx"] >= 20 * 4, "{after:?}");
     assert!(after["translated"] - before["translated"] < 20, "tc did not carry these flows: {after:?}");
+}
+
+/// A pod's packets with a source address other than its own are dropped where they leave
+/// it (network policy finds a pod by its address: no pod may pass for another).
+#[test]
+fn a_pod_cannot_send_with_another_source_address() {
+    let mut node = Node::new();
+    node.pod(1);
+    let b2 = node.pod(2);
+    node.serve(2, "b2");
+    let ns = format!("{}-1", node.prefix);
+    sh(&["ip", "-n", &ns, "addr", "add", "10.0.1.77/24", "dev", "eth0"]);
+    let (own, forged) = node.in_pod(1, move || {
+        let own = ask_at(&format!("{b2}:8080"), "who").ok();
+        // bound to the extra address: the SYN leaves with it
+        let s = socket2_connect("10.0.1.77", &format!("{b2}:8080"));
+        (own, s)
+    });
+    assert_eq!(own.as_deref(), Some("b2"));
+    assert!(forged.is_err(), "a connection from a forged source went through: {forged:?}");
+    let stats: std::collections::HashMap<&str, u64> = node.dp.as_ref().unwrap().stats().into_iter().collect();
+    assert!(stats["spoofed"] >= 1, "{stats:?}");
+}
+
+/// A TCP connection from `local` (bound first) to `to`, 1 s at most.
+fn socket2_connect(local: &str, to: &str) -> std::io::Result<()> {
+    let local: std::net::SocketAddrV4 = format!("{local}:0").parse().unwrap();
+    let to: std::net::SocketAddrV4 = to.parse().unwrap();
+    // SAFETY: plain socket calls on a socket this function owns and closes
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+        let sa = |a: std::net::SocketAddrV4| libc::sockaddr_in { sin_family: libc::AF_INET as u16, sin_port: a.port().to_be(), sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) }, sin_zero: [0; 8] };
+        let (l, t) = (sa(local), sa(to));
+        let len = size_of::<libc::sockaddr_in>() as u32;
+        if libc::bind(fd, &l as *const _ as *const libc::sockaddr, len) != 0 {
+            let e = std::io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        libc::connect(fd, &t as *const _ as *const libc::sockaddr, len);
+        let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+        let n = libc::poll(&mut pfd, 1, 1000);
+        let mut err: i32 = 0;
+        let mut elen = size_of::<i32>() as u32;
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_ERROR, &mut err as *mut _ as *mut libc::c_void, &mut elen);
+        libc::close(fd);
+        if n == 1 && err == 0 {
+            Ok(())
+        } else if n == 0 {
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))
+        } else {
+            Err(std::io::Error::from_raw_os_error(err))
+        }
+    }
 }
