@@ -8,9 +8,9 @@
 //! TIME_WAIT limits the rate) to the last service for `--seconds`:
 //!
 //! - baseline: no rules, straight to one backend address;
-//! - ebpf: Shoal's tc programs on both veths (`--socket-lb=false`; cold load and one-change
-//!   cost measured); `ebpf_socket_lb`: with the socket-level programs on a cgroup this
-//!   process joins, as the agent runs by default;
+//! - ebpf: Shoal's programs as the agent runs them by default: tc on both veths and the
+//!   socket-level programs on a cgroup this process joins (cold load and one-change cost
+//!   measured); `ebpf_tc_only`: tc alone (`--socket-lb=false`);
 //! - nftables: one verdict map from service to a chain per service that DNATs by
 //!   `numgen random` (the best nftables layout);
 //! - iptables: iptables-legacy rules shaped like kube-proxy's (KUBE-SERVICES ->
@@ -298,9 +298,9 @@ fn ebpf(a: &DataplaneArgs, topo: &Topology, out: &mut Map<String, Value>) -> Res
         let joined = SockCgroup::join(&mut dp)?;
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds);
         drop(joined);
-        out.insert("ebpf_socket_lb".into(), r?);
+        out.insert("ebpf".into(), r?);
         let r = connect_loop(&topo.client, SocketAddr::from((vip(a.services - 1), 80)), a.seconds)?;
-        out.insert("ebpf".into(), r);
+        out.insert("ebpf_tc_only".into(), r);
         if a.iperf_seconds > 0 {
             let one = ServicePort { frontends: vec![Frontend { addr: IPERF_VIP, port: IPERF_PORT, flags: 0 }], endpoints: vec![Endpoint { addr: backend(0), port: IPERF_PORT, ready: true, serving: true, terminating: false }], ..ports[0].clone() };
             table.sync("bench/iperf:5201/TCP", Some(&one), &mut dp.maps())?;
@@ -558,12 +558,12 @@ pub fn run(a: DataplaneArgs) -> Result<Value> {
         (Some(x), Some(y)) => Some(x.max(y)),
         (x, y) => x.or(y),
     };
-    let (e, i, sock) = (rate("ebpf"), rate("iptables"), rate("ebpf_socket_lb"));
+    let (e, i, tc) = (rate("ebpf"), rate("iptables"), rate("ebpf_tc_only"));
     if let (Some(e), Some(b)) = (e, b) {
         out.insert("ebpf_vs_baseline".into(), json!(e / b));
     }
-    if let (Some(e), Some(b)) = (sock, b) {
-        out.insert("ebpf_socket_lb_vs_baseline".into(), json!(e / b));
+    if let (Some(e), Some(b)) = (tc, b) {
+        out.insert("ebpf_tc_only_vs_baseline".into(), json!(e / b));
     }
     if let (Some(e), Some(i)) = (e, i) {
         out.insert("ebpf_vs_iptables".into(), json!(e / i));
