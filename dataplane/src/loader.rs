@@ -539,6 +539,14 @@ pub fn stale_pins(dir: &Path) -> Vec<&'static str> {
         .collect()
 }
 
+/// The programs' counters from the pinned `shoal_stats` (summed over CPUs), by name.
+pub fn pinned_stats(dir: &Path) -> Result<Vec<(&'static str, u64)>, Error> {
+    let md = MapData::from_pin(dir.join("shoal_stats")).map_err(|e| Error::Map("shoal_stats", e))?;
+    let map = aya::maps::Map::from_map_data(md).map_err(|e| Error::Map("shoal_stats", e))?;
+    let stats: PerCpuArray<MapData, u64> = PerCpuArray::try_from(map).map_err(|e| Error::Map("shoal_stats", e))?;
+    Ok(STATS.iter().enumerate().map(|(i, name)| (*name, stats.get(&(i as u32), 0).map(|v| v.iter().sum()).unwrap_or(0))).collect())
+}
+
 /// The cgroup v2 hierarchy: `/sys/fs/cgroup` on a unified system, `/sys/fs/cgroup/unified`
 /// on a hybrid one (v1 controllers beside it), None without one.
 pub fn cgroup2_root() -> Option<PathBuf> {

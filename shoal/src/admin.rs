@@ -62,6 +62,9 @@ enum DataplaneCmd {
     Policy,
     /// The policy identities of addresses and CIDRs (longest prefix wins).
     Ipcache,
+    /// The programs' packet counters, summed over CPUs (translated, reversed, rejected,
+    /// dropped by policy, spoofed, turned around by XDP, connects translated at socket level).
+    Stats,
 }
 
 #[derive(Subcommand, Debug)]
@@ -295,6 +298,19 @@ fn dataplane(dir: &std::path::Path, cmd: &DataplaneCmd, out: Output) -> Result<S
                     }
                     s.push_str(&format!("{} entries", rows.len()));
                     s
+                }
+            })
+        }
+        DataplaneCmd::Stats => {
+            let stats = shoal_dataplane::loader::pinned_stats(dir).map_err(|e| Failure(3, format!("{e} (root is needed to read BPF maps)")))?;
+            Ok(match out {
+                Output::Json => Value::Object(stats.iter().map(|(k, v)| (k.to_string(), json!(v))).collect()).to_string(),
+                Output::Human => {
+                    let mut s = format!("{:<18} PACKETS\n", "COUNTER");
+                    for (k, v) in &stats {
+                        s.push_str(&format!("{k:<18} {v}\n"));
+                    }
+                    s.trim_end().to_string()
                 }
             })
         }

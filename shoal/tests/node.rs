@@ -812,6 +812,11 @@ fn network_policy(k: &K, agent: &AgentProc, ip: &str, web: &str, bpf: bool) {
     let m = String::from_utf8_lossy(&m.stdout);
     let denied = m.lines().find(|l| l.starts_with("shoal_proxy_packets{") && l.contains("policy_denied")).and_then(|l| l.rsplit(' ').next()).and_then(|v| v.parse::<f64>().ok());
     assert!(denied.is_some_and(|d| d >= 2.0), "policy_denied: {denied:?}\nagent log:\n{}", tail(&agent.log_text(), 30));
+    // the same counter as an operator reads it from the node's pinned maps
+    let o = Command::new(env!("CARGO_BIN_EXE_shoal")).args(["admin", "-o", "json", "dataplane", "--bpf-dir"]).arg(bpf_dir(&agent.node)).arg("stats").output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stats: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(stats["policy_denied"].as_u64().is_some_and(|d| d >= 2), "{stats}");
 }
 
 /// Reads a child's stdout lines on a thread of their own.
