@@ -28,7 +28,7 @@ pub static TC_SERVICE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR
 
 /// The socket-level programs built from `bpf/sock_lb.bpf.c`.
 pub static SOCK_LB: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sock_lb.o"));
-const SOCK_PROGRAMS: [&str; 3] = ["sock_connect4", "sock_getpeername4", "sock_release"];
+const SOCK_PROGRAMS: [&str; 5] = ["sock_connect4", "sock_sendmsg4", "sock_recvmsg4", "sock_getpeername4", "sock_release"];
 
 /// tc filter priority and handle of Shoal's programs on every pod interface.
 const TC_PRIORITY: u16 = 1;

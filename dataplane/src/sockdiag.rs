@@ -1,4 +1,4 @@
-//! Closing pods' TCP sockets that socket-level translation connected to a backend that is
+//! Closing pods' TCP and UDP sockets that socket-level translation connected to a backend that is
 //! gone, with the kernel's sock_diag netlink interface (`SOCK_DESTROY`, as `ss -K`; needs
 //! CONFIG_INET_DIAG_DESTROY): the application sees ECONNABORTED at once instead of sending
 //! to an address no backend holds. Only sockets whose cookie the programs recorded
@@ -35,7 +35,7 @@ struct Found {
     cookie: u64,
 }
 
-fn request(kind: u16, flags: u16, id: Option<&[u8; ID_LEN]>) -> Vec<u8> {
+fn request(kind: u16, flags: u16, proto: u8, id: Option<&[u8; ID_LEN]>) -> Vec<u8> {
     let len = NLMSG_HDRLEN + REQ_LEN;
     let mut m = Vec::with_capacity(len);
     m.extend_from_slice(&(len as u32).to_ne_bytes());
@@ -43,7 +43,7 @@ fn request(kind: u16, flags: u16, id: Option<&[u8; ID_LEN]>) -> Vec<u8> {
     m.extend_from_slice(&flags.to_ne_bytes());
     m.extend_from_slice(&1u32.to_ne_bytes()); // seq
     m.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel
-    m.extend_from_slice(&[libc::AF_INET as u8, libc::IPPROTO_TCP as u8, 0, 0]);
+    m.extend_from_slice(&[libc::AF_INET as u8, proto, 0, 0]);
     m.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
     match id {
         Some(id) => m.extend_from_slice(id),
@@ -102,9 +102,9 @@ fn receive(fd: &OwnedFd, mut each: impl FnMut(&[u8])) -> io::Result<i32> {
     }
 }
 
-/// Every IPv4 TCP socket of the current network namespace.
-fn dump(fd: &OwnedFd) -> io::Result<Vec<Found>> {
-    send(fd, &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, None))?;
+/// Every IPv4 socket of protocol `proto` in the current network namespace.
+fn dump(fd: &OwnedFd, proto: u8) -> io::Result<Vec<Found>> {
+    send(fd, &request(SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, proto, None))?;
     let mut out = Vec::new();
     let code = receive(fd, |p| {
         if p.len() < MSG_MIN {
@@ -136,13 +136,17 @@ pub fn destroy_in(netns: &Path, gone: &HashSet<(Ipv4Addr, u16)>, cookies: &HashS
         }
         let fd = open()?;
         let mut destroyed = 0;
-        for s in dump(&fd)?.into_iter().filter(|s| cookies.contains(&s.cookie) && gone.contains(&(s.dst, s.dport))) {
-            send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, Some(&s.id)))?;
-            match receive(&fd, |_| {})? {
-                0 => destroyed += 1,
-                // gone meanwhile
-                code if -code == libc::ENOENT => {}
-                code => return Err(io::Error::from_raw_os_error(-code)),
+        // TCP connections, and UDP sockets connected to a backend (an unconnected one
+        // chooses again with its next datagram)
+        for proto in [libc::IPPROTO_TCP as u8, libc::IPPROTO_UDP as u8] {
+            for s in dump(&fd, proto)?.into_iter().filter(|s| cookies.contains(&s.cookie) && gone.contains(&(s.dst, s.dport))) {
+                send(&fd, &request(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, proto, Some(&s.id)))?;
+                match receive(&fd, |_| {})? {
+                    0 => destroyed += 1,
+                    // gone meanwhile
+                    code if -code == libc::ENOENT => {}
+                    code => return Err(io::Error::from_raw_os_error(-code)),
+                }
             }
         }
         Ok(destroyed)
