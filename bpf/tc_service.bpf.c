@@ -287,7 +287,8 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct tuple *t
 				    int outside)
 {
 	struct svc_key sk = { .addr = t->daddr, .port = t->dport, .proto = t->proto };
-	struct svc_value *svc = filter_has(&shoal_frontends, t->daddr) ? bpf_map_lookup_elem(&shoal_services, &sk) : NULL;
+	/* (forward() only calls here for an address the frontend filter holds) */
+	struct svc_value *svc = bpf_map_lookup_elem(&shoal_services, &sk);
 	if (!svc) {
 		if (!outside && is_syn_only(t) && filter_has(&shoal_natted, t->daddr))
 			drop_stale_reverse(t, now);

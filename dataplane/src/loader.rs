@@ -499,14 +499,6 @@ impl Dataplane {
         test_run(fd, packet)
     }
 
-    /// Runs a program `repeat` times on a packet (BPF_PROG_TEST_RUN): the mean time per run
-    /// in nanoseconds, as the kernel measured it. For profiling the programs' paths.
-    pub fn time_run(&self, program: &str, packet: &[u8], repeat: u32) -> io::Result<u32> {
-        let prog: &SchedClassifier = self.ebpf.program(program).and_then(|p| p.try_into().ok()).ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, program.to_string()))?;
-        let fd = prog.fd().map_err(io::Error::other)?.as_fd().as_raw_fd();
-        test_run_n(fd, packet, repeat).map(|(_, _, d)| d)
-    }
-
     /// Removes every pinned map and link (the tc programs stay attached until their
     /// interfaces go; the socket programs are detached).
     pub fn unpin(self) -> io::Result<()> {
@@ -756,11 +748,6 @@ fn ensure_bpffs(dir: &Path) -> Result<(), Error> {
 
 /// BPF_PROG_TEST_RUN on a program fd.
 fn test_run(fd: i32, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
-    test_run_n(fd, packet, 1).map(|(r, out, _)| (r, out))
-}
-
-/// BPF_PROG_TEST_RUN `repeat` times: return code, packet out, mean ns per run.
-fn test_run_n(fd: i32, packet: &[u8], repeat: u32) -> io::Result<(u32, Vec<u8>, u32)> {
     #[repr(C)]
     #[derive(Default)]
     struct TestAttr {
@@ -783,12 +770,12 @@ fn test_run_n(fd: i32, packet: &[u8], repeat: u32) -> io::Result<(u32, Vec<u8>, 
     }
     const BPF_PROG_TEST_RUN: libc::c_long = 10;
     let mut out = vec![0u8; packet.len() + 256];
-    let mut attr = TestAttr { prog_fd: fd as u32, data_size_in: packet.len() as u32, data_size_out: out.len() as u32, data_in: packet.as_ptr() as u64, data_out: out.as_mut_ptr() as u64, repeat, ..Default::default() };
+    let mut attr = TestAttr { prog_fd: fd as u32, data_size_in: packet.len() as u32, data_size_out: out.len() as u32, data_in: packet.as_ptr() as u64, data_out: out.as_mut_ptr() as u64, repeat: 1, ..Default::default() };
     // SAFETY: attr points at a bpf_attr-compatible struct whose buffers outlive the call
     let rc = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_TEST_RUN, &mut attr as *mut TestAttr, size_of::<TestAttr>()) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
     out.truncate(attr.data_size_out as usize);
-    Ok((attr.retval, out, attr.duration))
+    Ok((attr.retval, out))
 }

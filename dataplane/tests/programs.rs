@@ -466,29 +466,3 @@ fn policy_judges_new_flows_and_lets_their_replies_through() {
     p.sync(l.dp().policy_maps());
     assert_eq!(l.run("to_pod", &packet(TCP, ("10.0.2.3", 40000), ("10.0.1.2", 22), SYN, b"")).0, TC_ACT_OK);
 }
-
-/// Nanoseconds per run of each path of the programs (`cargo test --release -p
-/// shoal-dataplane --test programs path_costs -- --ignored --nocapture`): not a test, a
-/// profile.
-#[test]
-#[ignore]
-fn path_costs() {
-    let mut l = Loaded::new();
-    for i in 0..10000u32 {
-        let vip = Ipv4Addr::from(u32::from(ip("10.96.0.0")) + i + 1);
-        l.service(&format!("s{i}"), &vip.to_string(), 80, Proto::Tcp, &[("10.1.0.2", 8080), ("10.1.0.3", 8080)], 0);
-    }
-    let dp = l.dp.as_ref().unwrap();
-    let n = 200_000;
-    let cases: Vec<(&str, &str, Vec<u8>)> = vec![
-        ("from_pod", "ACK to a non-service address", packet(TCP, ("10.0.1.2", 40000), ("10.1.0.2", 8080), ACK, b"")),
-        ("from_pod", "SYN to a non-service address", packet(TCP, ("10.0.1.2", 40000), ("10.1.0.2", 8080), SYN, b"")),
-        ("from_pod", "SYN to a service (new flow, repeated: CT hit after the first)", packet(TCP, ("10.0.1.2", 40001), ("10.96.39.16", 80), SYN, b"")),
-        ("from_pod", "ACK of an established service flow", packet(TCP, ("10.0.1.2", 40001), ("10.96.39.16", 80), ACK, b"")),
-        ("to_pod", "a reply not from a service", packet(TCP, ("10.1.0.2", 8080), ("10.0.1.2", 40000), ACK, b"")),
-    ];
-    for (prog, what, pkt) in cases {
-        let ns = dp.time_run(prog, &pkt, n).unwrap();
-        eprintln!("{prog:<9} {what:<60} {ns:>5} ns");
-    }
-}
